@@ -1,0 +1,474 @@
+//! Loading, attaching and pinning the BPF data path, plus typed access to its
+//! maps. Only `crate::writer` and `crate::admin` use the map handles.
+
+use std::{
+    collections::VecDeque,
+    fs,
+    mem::MaybeUninit,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use libbpf_rs::{
+    skel::{OpenSkel, SkelBuilder},
+    Link, MapCore, MapMut, OpenObject, PrintLevel,
+};
+use thiserror::Error;
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    unused_imports,
+    unsafe_op_in_unsafe_fn
+)]
+pub mod skel {
+    include!(concat!(env!("OUT_DIR"), "/connect.skel.rs"));
+}
+
+pub use skel::types::{
+    backend_value, endpoint_key, endpoint_value, frontend_key, frontend_value, kmesh_addr,
+    manage_value, service_value,
+};
+
+/// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
+/// the skeleton, so their values are restated here and checked by tests that
+/// drive the programs).
+pub const MAX_PRIO: usize = 7;
+pub const MAX_PORTS: usize = 10;
+pub const UPSTREAM_SERVICE: u32 = 1;
+pub const UPSTREAM_WORKLOAD: u32 = 2;
+pub const STAT_NAMES: [&str; 7] = [
+    "enrolled_connect",
+    "service_redirect",
+    "workload_direct",
+    "no_endpoint",
+    "strict_reject",
+    "family_mismatch",
+    "port_miss",
+];
+
+#[derive(Debug, Error)]
+pub enum BpfError {
+    #[error("loading BPF object: {source}{}", verifier_tail())]
+    Load { source: libbpf_rs::Error },
+    #[error("setting max_entries of {map} to {value}: {source}")]
+    Size {
+        map: &'static str,
+        value: u32,
+        source: libbpf_rs::Error,
+    },
+    #[error("cgroup {path}: {source}")]
+    Cgroup { path: PathBuf, source: std::io::Error },
+    #[error("attaching {prog} to cgroup {path}: {source}")]
+    Attach {
+        prog: &'static str,
+        path: PathBuf,
+        source: libbpf_rs::Error,
+    },
+    #[error("{path} is not on a bpf filesystem (mount one with: mount -t bpf bpf {path})")]
+    NotBpffs { path: PathBuf },
+    #[error("pinning under {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+}
+
+/// Sizes of the data-path maps. Hash maps are created without preallocation,
+/// so these are limits, not memory spent up front.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub frontends: u32,
+    pub services: u32,
+    pub endpoints: u32,
+    pub backends: u32,
+    pub enrolled_netns: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes {
+            frontends: 262_144,
+            services: 65_536,
+            endpoints: 262_144,
+            backends: 131_072,
+            enrolled_netns: 8_192,
+        }
+    }
+}
+
+/// Which data-path map a handle refers to; used in errors and dumps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MapId {
+    Frontend,
+    Service,
+    Endpoint,
+    Backend,
+    Manage,
+}
+
+impl MapId {
+    pub const ALL: [MapId; 5] = [
+        MapId::Frontend,
+        MapId::Service,
+        MapId::Endpoint,
+        MapId::Backend,
+        MapId::Manage,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            MapId::Frontend => "km_frontend",
+            MapId::Service => "km_service",
+            MapId::Endpoint => "km_endpoint",
+            MapId::Backend => "km_backend",
+            MapId::Manage => "km_manage",
+        }
+    }
+}
+
+/// Loaded (not necessarily attached) data path.
+pub struct Datapath {
+    skel: skel::ConnectSkel<'static>,
+    links: Vec<(&'static str, Link)>,
+    pin_dir: Option<PathBuf>,
+    sizes: MapSizes,
+}
+
+// libbpf logs arrive through a C callback; the tail is kept so a verifier
+// rejection (EACCES/EINVAL from load) carries the log in its error message.
+static LOG_TAIL: Mutex<VecDeque<String>> = Mutex::new(VecDeque::new());
+const LOG_TAIL_LINES: usize = 40;
+
+fn libbpf_print(level: PrintLevel, msg: String) {
+    let msg = msg.trim_end().to_string();
+    match level {
+        PrintLevel::Warn => tracing::warn!(target: "libbpf", "{msg}"),
+        PrintLevel::Info => tracing::debug!(target: "libbpf", "{msg}"),
+        PrintLevel::Debug => tracing::trace!(target: "libbpf", "{msg}"),
+    }
+    let mut tail = LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner());
+    if tail.len() == LOG_TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(msg);
+}
+
+fn verifier_tail() -> String {
+    let tail = LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner());
+    if tail.is_empty() {
+        return String::new();
+    }
+    let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+    format!("\nlibbpf/verifier log (last lines):\n{}", lines.join("\n"))
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> BpfError {
+    BpfError::Pin {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// BPF_FS_MAGIC from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+pub fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+impl Datapath {
+    /// Opens and loads the programs with the given map sizes. Nothing is
+    /// attached yet.
+    pub fn load(sizes: MapSizes) -> Result<Self, BpfError> {
+        libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
+        LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // The skeleton borrows its OpenObject for its whole life; the daemon
+        // holds one data path for the process lifetime, so the few words of
+        // storage are leaked rather than tied into a self-referential struct.
+        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = skel::ConnectSkelBuilder::default()
+            .open(storage)
+            .map_err(|source| BpfError::Load { source })?;
+        let m = &mut open.maps;
+        for (map, name, value) in [
+            (&mut m.km_frontend, "km_frontend", sizes.frontends),
+            (&mut m.km_service, "km_service", sizes.services),
+            (&mut m.km_endpoint, "km_endpoint", sizes.endpoints),
+            (&mut m.km_backend, "km_backend", sizes.backends),
+            (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
+        ] {
+            map.set_max_entries(value).map_err(|source| BpfError::Size {
+                map: name,
+                value,
+                source,
+            })?;
+        }
+        let skel = open.load().map_err(|source| BpfError::Load { source })?;
+        Ok(Datapath {
+            skel,
+            links: Vec::new(),
+            pin_dir: None,
+            sizes,
+        })
+    }
+
+    pub fn sizes(&self) -> MapSizes {
+        self.sizes
+    }
+
+    /// Attaches connect4/connect6 to the cgroup2 directory `cgroup` with
+    /// bpf_links (other programs on the cgroup keep running).
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
+        let dir = fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        let fd = dir.as_raw_fd();
+        let progs = &self.skel.progs;
+        for (name, prog) in [
+            ("connect4", &progs.kmesh_connect4),
+            ("connect6", &progs.kmesh_connect6),
+        ] {
+            let link = prog.attach_cgroup(fd).map_err(|source| BpfError::Attach {
+                prog: name,
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
+            self.links.push((name, link));
+        }
+        Ok(())
+    }
+
+    pub fn attached(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Pins maps and links under `dir` (created if missing; must be on bpffs).
+    /// Stale pins from an earlier run are replaced.
+    pub fn pin(&mut self, dir: &Path) -> Result<(), BpfError> {
+        fs::create_dir_all(dir).map_err(|e| pin_err(dir, e))?;
+        if !is_bpffs(dir) {
+            return Err(BpfError::NotBpffs {
+                path: dir.to_path_buf(),
+            });
+        }
+        for id in MapId::ALL {
+            let path = dir.join(id.name());
+            let _ = fs::remove_file(&path);
+            self.map_mut(id).pin(&path).map_err(|e| pin_err(&path, e))?;
+        }
+        for (name, link) in &mut self.links {
+            let path = dir.join(format!("link_{name}"));
+            let _ = fs::remove_file(&path);
+            link.pin(&path).map_err(|e| pin_err(&path, e))?;
+        }
+        self.pin_dir = Some(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Detaches from the cgroup and removes the pins. With `keep_attached`
+    /// the pinned links stay, so the programs keep redirecting (with the
+    /// last map contents) until a new daemon replaces them.
+    pub fn shutdown(mut self, keep_attached: bool) {
+        let Some(dir) = self.pin_dir.take() else {
+            return;
+        };
+        if keep_attached {
+            return;
+        }
+        for (name, mut link) in self.links.drain(..) {
+            let _ = link.unpin();
+            if let Err(e) = link.detach() {
+                tracing::warn!("detaching {name}: {e}");
+            }
+        }
+        for id in MapId::ALL {
+            let _ = fs::remove_file(dir.join(id.name()));
+        }
+        let _ = fs::remove_dir(&dir);
+    }
+
+    pub fn map(&self, id: MapId) -> &MapMut<'static> {
+        let m = &self.skel.maps;
+        match id {
+            MapId::Frontend => &m.km_frontend,
+            MapId::Service => &m.km_service,
+            MapId::Endpoint => &m.km_endpoint,
+            MapId::Backend => &m.km_backend,
+            MapId::Manage => &m.km_manage,
+        }
+    }
+
+    fn map_mut(&mut self, id: MapId) -> &mut MapMut<'static> {
+        let m = &mut self.skel.maps;
+        match id {
+            MapId::Frontend => &mut m.km_frontend,
+            MapId::Service => &mut m.km_service,
+            MapId::Endpoint => &mut m.km_endpoint,
+            MapId::Backend => &mut m.km_backend,
+            MapId::Manage => &mut m.km_manage,
+        }
+    }
+
+    pub fn capacity(&self, id: MapId) -> u32 {
+        self.map(id).max_entries()
+    }
+
+    /// Per-counter sums over CPUs of the data path's stats array.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        let map = &self.skel.maps.km_stats;
+        STAT_NAMES
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let key = (i as u32).to_ne_bytes();
+                let sum = map
+                    .lookup_percpu(&key, libbpf_rs::MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .map(|cpus| {
+                        cpus.iter()
+                            .filter_map(|v| v.get(..8).map(|b| u64::from_ne_bytes(b.try_into().unwrap())))
+                            .sum()
+                    })
+                    .unwrap_or(0);
+                (*name, sum)
+            })
+            .collect()
+    }
+
+    /// File descriptors of the connect programs, for run-time statistics.
+    pub fn prog_fds(&self) -> [(&'static str, i32); 2] {
+        use std::os::fd::AsFd;
+        let p = &self.skel.progs;
+        [
+            ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
+            ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
+        ]
+    }
+}
+
+impl Drop for Datapath {
+    fn drop(&mut self) {
+        // Links not pinned detach when their fd closes; pinned ones persist
+        // by design (keep_attached).
+        for (_, link) in self.links.drain(..) {
+            drop(link);
+        }
+    }
+}
+
+/// Plain-old-data view of the skeleton's shared types. Implemented only for
+/// the generated structs, which consist of u32 fields (no padding).
+pub trait Pod: Copy + Default + 'static {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: implementors are repr(C) structs of u32/u64 fields without
+        // padding, generated from bpf/include/kmesh.h.
+        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), std::mem::size_of::<Self>()) }
+    }
+    fn from_bytes(b: &[u8]) -> Option<Self> {
+        if b.len() != std::mem::size_of::<Self>() {
+            return None;
+        }
+        // SAFETY: length checked; every bit pattern is a valid u32.
+        Some(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<Self>()) })
+    }
+}
+
+impl Pod for frontend_key {}
+impl Pod for frontend_value {}
+impl Pod for service_value {}
+impl Pod for endpoint_key {}
+impl Pod for endpoint_value {}
+impl Pod for backend_value {}
+impl Pod for manage_value {}
+impl Pod for u32 {}
+impl Pod for u64 {}
+
+impl kmesh_addr {
+    /// 16-byte form used by the maps: IPv4 becomes ::ffff:a.b.c.d.
+    pub fn from_ip(ip: std::net::IpAddr) -> Self {
+        let v6 = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            std::net::IpAddr::V6(v6) => v6,
+        };
+        let o = v6.octets();
+        let mut ip6 = [0u32; 4];
+        for (i, w) in ip6.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes(o[i * 4..i * 4 + 4].try_into().unwrap());
+        }
+        kmesh_addr { ip6 }
+    }
+
+    pub fn to_ip(&self) -> std::net::IpAddr {
+        let mut o = [0u8; 16];
+        for (i, w) in self.ip6.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let v6 = std::net::Ipv6Addr::from(o);
+        match v6.to_ipv4_mapped() {
+            Some(v4) => std::net::IpAddr::V4(v4),
+            None => std::net::IpAddr::V6(v6),
+        }
+    }
+}
+
+/// Port as stored in the maps: network order in the low 16 bits.
+pub fn port_to_map(port: u16) -> u32 {
+    u32::from(port.to_be())
+}
+
+pub fn port_from_map(v: u32) -> u16 {
+    u16::from_be(v as u16)
+}
+
+/// IPv4 as stored in backend_value.ip4 (network order in memory).
+pub fn ip4_to_map(ip: std::net::Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(ip.octets())
+}
+
+pub fn ip4_from_map(v: u32) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(v.to_ne_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addr_round_trip_maps_v4() {
+        let v4: std::net::IpAddr = "10.96.0.10".parse().unwrap();
+        let a = kmesh_addr::from_ip(v4);
+        assert_eq!(a.ip6[0], 0);
+        assert_eq!(a.ip6[2], 0x0000ffffu32.to_be());
+        assert_eq!(a.ip6[3], ip4_to_map("10.96.0.10".parse().unwrap()));
+        assert_eq!(a.to_ip(), v4);
+        let v6: std::net::IpAddr = "fd00:96::10".parse().unwrap();
+        assert_eq!(kmesh_addr::from_ip(v6).to_ip(), v6);
+    }
+
+    #[test]
+    fn port_is_network_order_in_low_bits() {
+        let p = port_to_map(8080);
+        assert_eq!((p as u16).to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(port_from_map(p), 8080);
+    }
+
+    #[test]
+    fn loads_and_sizes_maps() {
+        let sizes = MapSizes {
+            frontends: 100,
+            services: 10,
+            endpoints: 50,
+            backends: 20,
+            enrolled_netns: 5,
+        };
+        let dp = Datapath::load(sizes).expect("BPF programs pass the verifier");
+        assert_eq!(dp.capacity(MapId::Frontend), 100);
+        assert_eq!(dp.capacity(MapId::Manage), 5);
+        assert!(dp.stats().iter().all(|(_, v)| *v == 0));
+    }
+}

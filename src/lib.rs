@@ -1,0 +1,6 @@
+//! kmesh-rs: service-mesh data plane in Rust and eBPF.
+//!
+//! Data flows one way: a source (`config`, later xDS) produces a
+//! `model::Model`; `writer::MapWriter` turns it into BPF map contents; the
+//! programs in bpf/ act on them at connect() time.
+pub mod bpf;
