@@ -4,3 +4,5 @@
 //! `model::Model`; `writer::MapWriter` turns it into BPF map contents; the
 //! programs in bpf/ act on them at connect() time.
 pub mod bpf;
+pub mod model;
+pub mod writer;

@@ -1,0 +1,270 @@
+//! The data plane's view of the mesh as plain Rust types. Every source (the
+//! standalone config file, xDS) converts into these at its boundary; the map
+//! writer consumes them. The shape follows Istio's workload API
+//! (istio.workload.Service / Workload) so both sources fill the same fields.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fmt,
+    net::IpAddr,
+};
+
+use serde::Serialize;
+use thiserror::Error;
+
+/// Limits the kernel side imposes (bpf/include/kmesh.h).
+pub const MAX_SERVICE_PORTS: usize = crate::bpf::MAX_PORTS;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ModelError {
+    #[error("service {service}: {reason}")]
+    Service { service: String, reason: String },
+    #[error("workload {uid}: {reason}")]
+    Workload { uid: String, reason: String },
+    #[error("address {address} is claimed by both {first} and {second}")]
+    AddressConflict {
+        address: IpAddr,
+        first: String,
+        second: String,
+    },
+}
+
+/// Istio's NetworkAddress: an IP qualified by the network it lives on.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct NetworkAddress {
+    pub network: String,
+    pub address: IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct PortMapping {
+    pub service_port: u16,
+    /// 0 means "same as service_port".
+    pub target_port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum LbMode {
+    /// Istio's UNSPECIFIED_MODE: no locality preference, any endpoint.
+    #[default]
+    Random,
+    /// Only endpoints matching every routing-preference scope.
+    Strict,
+    /// Prefer the best locality match, fall back level by level.
+    Failover,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct LoadBalancing {
+    pub mode: LbMode,
+    /// Istio's routing_preference scopes (REGION, ZONE, …), in order.
+    pub routing_preference: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub hostname: String,
+    pub addresses: Vec<NetworkAddress>,
+    pub ports: Vec<PortMapping>,
+    pub load_balancing: LoadBalancing,
+}
+
+impl Service {
+    /// Istio's key for a service: "namespace/hostname".
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.hostname)
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let err = |reason: String| ModelError::Service {
+            service: self.key(),
+            reason,
+        };
+        if self.hostname.is_empty() {
+            return Err(err("hostname is empty".into()));
+        }
+        if self.ports.len() > MAX_SERVICE_PORTS {
+            return Err(err(format!(
+                "{} ports, the data path holds at most {MAX_SERVICE_PORTS}",
+                self.ports.len()
+            )));
+        }
+        let mut seen = Vec::new();
+        for p in &self.ports {
+            if p.service_port == 0 {
+                return Err(err("service_port 0 is not a port".into()));
+            }
+            if seen.contains(&p.service_port) {
+                return Err(err(format!("service_port {} listed twice", p.service_port)));
+            }
+            seen.push(p.service_port);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub network: String,
+    pub addresses: Vec<IpAddr>,
+    /// Services this workload backs, by service key ("namespace/hostname"),
+    /// with per-workload port overrides (empty = the service's ports).
+    pub services: BTreeMap<String, Vec<PortMapping>>,
+    pub status: HealthStatus,
+}
+
+impl Workload {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let err = |reason: String| ModelError::Workload {
+            uid: self.uid.clone(),
+            reason,
+        };
+        if self.uid.is_empty() {
+            return Err(ModelError::Workload {
+                uid: format!("{}/{}", self.namespace, self.name),
+                reason: "uid is empty".into(),
+            });
+        }
+        let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = self.addresses.len() - v4;
+        // The backend entry holds one address per family.
+        if v4 > 1 || v6 > 1 {
+            return Err(err(format!(
+                "{} IPv4 and {} IPv6 addresses, at most one of each",
+                v4, v6
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A network namespace whose sockets the data path acts on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Enrollment {
+    /// Where it came from (a netns path), for dumps and logs.
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Model {
+    pub services: BTreeMap<String, Service>,
+    pub workloads: BTreeMap<String, Workload>,
+    /// netns cookie → enrollment.
+    pub enrolled: BTreeMap<u64, Enrollment>,
+}
+
+impl fmt::Display for Model {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} services, {} workloads, {} enrolled netns",
+            self.services.len(),
+            self.workloads.len(),
+            self.enrolled.len()
+        )
+    }
+}
+
+impl Model {
+    /// Checks each entry and the cross-entry invariants the data path relies
+    /// on: one owner per frontend address.
+    pub fn validate(&self) -> Result<(), ModelError> {
+        for s in self.services.values() {
+            s.validate()?;
+        }
+        for w in self.workloads.values() {
+            w.validate()?;
+        }
+        let mut owner: HashMap<IpAddr, String> = HashMap::new();
+        let mut claim = |ip: IpAddr, who: String| match owner.get(&ip) {
+            Some(first) if *first != who => Err(ModelError::AddressConflict {
+                address: ip,
+                first: first.clone(),
+                second: who,
+            }),
+            _ => {
+                owner.insert(ip, who);
+                Ok(())
+            }
+        };
+        for s in self.services.values() {
+            for a in &s.addresses {
+                claim(a.address, format!("service {}", s.key()))?;
+            }
+        }
+        for w in self.workloads.values() {
+            for a in &w.addresses {
+                claim(*a, format!("workload {}", w.uid))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn svc(ns: &str, host: &str, vip: &str, ports: &[(u16, u16)]) -> Service {
+        Service {
+            name: host.split('.').next().unwrap().to_string(),
+            namespace: ns.into(),
+            hostname: host.into(),
+            addresses: vec![NetworkAddress {
+                network: String::new(),
+                address: vip.parse().unwrap(),
+            }],
+            ports: ports
+                .iter()
+                .map(|&(service_port, target_port)| PortMapping {
+                    service_port,
+                    target_port,
+                })
+                .collect(),
+            load_balancing: LoadBalancing::default(),
+        }
+    }
+
+    #[test]
+    fn too_many_ports_is_named() {
+        let ports: Vec<(u16, u16)> = (1..=11).map(|p| (p, 0)).collect();
+        let s = svc("default", "web.default.svc", "10.96.0.1", &ports);
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("default/web.default.svc") && e.contains("11 ports"), "{e}");
+    }
+
+    #[test]
+    fn vip_shared_with_workload_address_conflicts() {
+        let mut m = Model::default();
+        let s = svc("default", "web.default.svc", "10.96.0.1", &[(80, 8080)]);
+        m.services.insert(s.key(), s);
+        m.workloads.insert(
+            "w1".into(),
+            Workload {
+                uid: "w1".into(),
+                name: "w1".into(),
+                namespace: "default".into(),
+                network: String::new(),
+                addresses: vec!["10.96.0.1".parse().unwrap()],
+                services: BTreeMap::new(),
+                status: HealthStatus::Healthy,
+            },
+        );
+        let e = m.validate().unwrap_err();
+        assert!(matches!(e, ModelError::AddressConflict { .. }), "{e}");
+    }
+}

@@ -1,0 +1,173 @@
+//! Writer tests against real kernel maps (programs loaded, not attached).
+
+use std::collections::BTreeMap;
+
+use libbpf_rs::MapCore;
+
+use super::*;
+use crate::{
+    bpf::MapSizes,
+    model::{LoadBalancing, NetworkAddress, PortMapping, Service, Workload},
+};
+
+fn writer(sizes: MapSizes) -> MapWriter {
+    MapWriter::new(Datapath::load(sizes).expect("load BPF"))
+}
+
+fn service(name: &str, vip: &str) -> Service {
+    Service {
+        name: name.into(),
+        namespace: "default".into(),
+        hostname: format!("{name}.default.svc.cluster.local"),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: vip.parse().unwrap(),
+        }],
+        ports: vec![PortMapping {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        load_balancing: LoadBalancing::default(),
+    }
+}
+
+fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
+    Workload {
+        uid: uid.into(),
+        name: uid.into(),
+        namespace: "default".into(),
+        network: String::new(),
+        addresses: vec![ip.parse().unwrap()],
+        services: BTreeMap::from([(svc.key(), vec![])]),
+        status: HealthStatus::Healthy,
+    }
+}
+
+fn model(services: &[Service], workloads: &[Workload]) -> Model {
+    Model {
+        services: services.iter().map(|s| (s.key(), s.clone())).collect(),
+        workloads: workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
+        enrolled: BTreeMap::new(),
+    }
+}
+
+/// Endpoint map contents for the one service in the dump, by index.
+fn kernel_endpoints(w: &MapWriter) -> BTreeMap<u32, String> {
+    let map = w.datapath().map(MapId::Endpoint);
+    map.keys()
+        .map(|k| {
+            let key = endpoint_key::from_bytes(&k).unwrap();
+            let v = map.lookup(&k, MapFlags::ANY).unwrap().unwrap();
+            let b = endpoint_value::from_bytes(&v).unwrap().backend_id;
+            (key.index, w.upstream(b).unwrap().label().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn apply_is_idempotent_and_dump_matches() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let m = model(
+        &[web.clone()],
+        &[workload("w1", "10.244.0.11", &web), workload("w2", "10.244.0.12", &web)],
+    );
+    let first = w.apply(&m).unwrap();
+    assert!(first.updates >= 2 + 2 + 1 + 3, "{first:?}");
+    assert_eq!(w.apply(&m).unwrap(), ApplyStats::default());
+
+    let d = w.dump();
+    assert_eq!(d.services.len(), 1);
+    let s = &d.services[0];
+    assert_eq!(s.name, "default/web.default.svc.cluster.local");
+    assert_eq!(s.addresses, vec!["10.96.0.10"]);
+    assert_eq!((s.ports[0].service_port, s.ports[0].target_port), (80, 8080));
+    let mut eps = s.endpoints[&0].clone();
+    eps.sort();
+    assert_eq!(eps, vec!["w1", "w2"]);
+    assert_eq!(d.maps["km_frontend"].entries, 3);
+}
+
+#[test]
+fn removing_a_middle_endpoint_keeps_indices_dense() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let ws: Vec<Workload> = (1..=4)
+        .map(|i| workload(&format!("w{i}"), &format!("10.244.0.{i}"), &web))
+        .collect();
+    w.apply(&model(&[web.clone()], &ws)).unwrap();
+    let before = kernel_endpoints(&w);
+    assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+
+    let victim = before[&2].clone();
+    let rest: Vec<Workload> = ws.iter().filter(|x| x.uid != victim).cloned().collect();
+    w.apply(&model(&[web.clone()], &rest)).unwrap();
+    let after = kernel_endpoints(&w);
+    assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+    // The last entry moved into the hole; the others kept their index.
+    assert_eq!(after[&2], before[&4]);
+    assert_eq!(after[&1], before[&1]);
+    assert_eq!(after[&3], before[&3]);
+    assert!(!after.values().any(|u| *u == victim));
+    assert_eq!(w.dump().services[0].endpoints[&0].len(), 3);
+}
+
+#[test]
+fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let mut sick = workload("w2", "10.244.0.12", &web);
+    sick.status = HealthStatus::Unhealthy;
+    w.apply(&model(&[web.clone()], &[workload("w1", "10.244.0.11", &web), sick]))
+        .unwrap();
+    let d = w.dump();
+    assert_eq!(d.services[0].endpoints[&0], vec!["w1"]);
+    assert_eq!(d.workloads.len(), 2);
+    assert_eq!(d.maps["km_frontend"].entries, 3);
+}
+
+#[test]
+fn removing_everything_empties_every_map() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    w.apply(&model(&[web.clone()], &[workload("w1", "10.244.0.11", &web)]))
+        .unwrap();
+    w.apply(&Model::default()).unwrap();
+    for id in MapId::ALL {
+        assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
+    }
+}
+
+#[test]
+fn full_map_is_an_error_naming_it_and_changes_nothing() {
+    let mut w = writer(MapSizes {
+        backends: 2,
+        ..MapSizes::default()
+    });
+    let web = service("web", "10.96.0.10");
+    let two = model(&[web.clone()], &[workload("w1", "10.244.0.1", &web), workload("w2", "10.244.0.2", &web)]);
+    w.apply(&two).unwrap();
+    let mut three = two.clone();
+    let w3 = workload("w3", "10.244.0.3", &web);
+    three.workloads.insert(w3.uid.clone(), w3);
+    let err = w.apply(&three).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, WriterError::Capacity { needed: 3, capacity: 2, .. }), "{msg}");
+    assert!(msg.contains("km_backend") && msg.contains("max-backends"), "{msg}");
+    // Still exactly the previous state, and re-applying it is a no-op.
+    assert_eq!(w.datapath().map(MapId::Backend).keys().count(), 2);
+    assert_eq!(w.dump().services[0].endpoints[&0].len(), 2);
+    assert_eq!(w.apply(&two).unwrap(), ApplyStats::default());
+}
+
+#[test]
+fn invalid_model_is_rejected_before_any_write() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let clash = workload("w1", "10.96.0.10", &web);
+    let err = w.apply(&model(&[web], &[clash])).unwrap_err();
+    assert!(err.to_string().contains("10.96.0.10"), "{err}");
+    for id in MapId::ALL {
+        assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
+    }
+}
