@@ -3,6 +3,10 @@
 //! Data flows one way: a source (`config`, later xDS) produces a
 //! `model::Model`; `writer::MapWriter` turns it into BPF map contents; the
 //! programs in bpf/ act on them at connect() time.
+pub mod admin;
 pub mod bpf;
+pub mod config;
+pub mod daemon;
 pub mod model;
+pub mod sys;
 pub mod writer;

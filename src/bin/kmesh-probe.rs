@@ -1,1 +1,194 @@
-fn main(){}
+//! kmesh-probe: acts as a pod's process for tests, the demo and operators.
+//!
+//! It first enters the given network namespace and cgroup (so its sockets
+//! are subject to the data path exactly like an application's), then either
+//! serves (greets each connection with its name, then echoes) or connects
+//! and reports, one JSON line per connection, which server answered.
+
+use std::{
+    io::{self, BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(
+    name = "kmesh-probe",
+    about = "Connectivity probe that runs inside a netns + cgroup"
+)]
+struct Cli {
+    /// Network namespace to enter first (e.g. /run/netns/NAME).
+    #[arg(long)]
+    netns: Option<PathBuf>,
+    /// cgroup2 directory to join first.
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Accept connections, greet each with NAME + "\n", then echo.
+    Serve {
+        #[arg(long, required = true)]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        name: String,
+    },
+    /// Connect COUNT times; print {"ok","name","peer"} per connection.
+    Connect {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+        /// Keep the (last) connection open: each stdin line is sent and its
+        /// echo printed, until stdin closes.
+        #[arg(long)]
+        hold: bool,
+    },
+}
+
+fn serve(listen: Vec<SocketAddr>, name: String) -> io::Result<()> {
+    let mut listeners = Vec::new();
+    for a in &listen {
+        listeners.push(
+            TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?,
+        );
+    }
+    println!(
+        "{}",
+        json!({"listening": listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(), "name": name})
+    );
+    io::stdout().flush()?;
+    let mut threads = Vec::new();
+    for l in listeners {
+        let name = name.clone();
+        threads.push(std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let greeting = format!("{name}\n");
+                std::thread::spawn(move || {
+                    if c.write_all(greeting.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    Ok(())
+}
+
+fn connect_once(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_read_timeout(Some(timeout))?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "closed before greeting",
+        ));
+    }
+    Ok((s, line.trim_end().to_string()))
+}
+
+fn connect(addr: SocketAddr, count: u32, timeout: Duration, hold: bool) -> io::Result<bool> {
+    let mut all_ok = true;
+    let mut last = None;
+    for i in 0..count {
+        match connect_once(addr, timeout) {
+            Ok((s, name)) => {
+                let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                println!(
+                    "{}",
+                    json!({"i": i, "ok": true, "name": name, "peer": peer})
+                );
+                last = Some(s);
+            }
+            Err(e) => {
+                all_ok = false;
+                println!(
+                    "{}",
+                    json!({"i": i, "ok": false, "error": e.to_string(), "errno": e.raw_os_error()})
+                );
+            }
+        }
+    }
+    io::stdout().flush()?;
+    if hold {
+        let Some(s) = last else { return Ok(false) };
+        let mut reader = BufReader::new(s.try_clone()?);
+        let mut w = s;
+        for line in io::stdin().lock().lines() {
+            let line = line?;
+            let mut echo = String::new();
+            let res = w
+                .write_all(format!("{line}\n").as_bytes())
+                .and_then(|()| reader.read_line(&mut echo));
+            match res {
+                Ok(n) if n > 0 => println!("{}", json!({"ok": true, "echo": echo.trim_end()})),
+                Ok(_) => println!("{}", json!({"ok": false, "error": "connection closed"})),
+                Err(e) => println!("{}", json!({"ok": false, "error": e.to_string()})),
+            }
+            io::stdout().flush()?;
+        }
+    }
+    Ok(all_ok)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Namespace and cgroup first, before any thread exists, so every socket
+    // this process opens belongs to them.
+    if let Some(ns) = &cli.netns {
+        if let Err(e) = kmesh::sys::enter_netns(ns) {
+            eprintln!("kmesh-probe: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    if let Some(cg) = &cli.cgroup {
+        if let Err(e) = kmesh::sys::join_cgroup(cg) {
+            eprintln!("kmesh-probe: {e}");
+            return ExitCode::from(2);
+        }
+    }
+    let r = match cli.cmd {
+        Cmd::Serve { listen, name } => serve(listen, name).map(|()| true),
+        Cmd::Connect {
+            addr,
+            count,
+            timeout_ms,
+            hold,
+        } => connect(addr, count, Duration::from_millis(timeout_ms), hold),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("kmesh-probe: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

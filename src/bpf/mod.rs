@@ -62,7 +62,10 @@ pub enum BpfError {
         source: libbpf_rs::Error,
     },
     #[error("cgroup {path}: {source}")]
-    Cgroup { path: PathBuf, source: std::io::Error },
+    Cgroup {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("attaching {prog} to cgroup {path}: {source}")]
     Attach {
         prog: &'static str,
@@ -188,7 +191,8 @@ impl Datapath {
         // The skeleton borrows its OpenObject for its whole life; the daemon
         // holds one data path for the process lifetime, so the few words of
         // storage are leaked rather than tied into a self-referential struct.
-        let storage: &'static mut MaybeUninit<OpenObject> = Box::leak(Box::new(MaybeUninit::uninit()));
+        let storage: &'static mut MaybeUninit<OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
         let mut open = skel::ConnectSkelBuilder::default()
             .open(storage)
             .map_err(|source| BpfError::Load { source })?;
@@ -200,11 +204,12 @@ impl Datapath {
             (&mut m.km_backend, "km_backend", sizes.backends),
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
         ] {
-            map.set_max_entries(value).map_err(|source| BpfError::Size {
-                map: name,
-                value,
-                source,
-            })?;
+            map.set_max_entries(value)
+                .map_err(|source| BpfError::Size {
+                    map: name,
+                    value,
+                    source,
+                })?;
         }
         let skel = open.load().map_err(|source| BpfError::Load { source })?;
         Ok(Datapath {
@@ -272,7 +277,7 @@ impl Datapath {
     /// Detaches from the cgroup and removes the pins. With `keep_attached`
     /// the pinned links stay, so the programs keep redirecting (with the
     /// last map contents) until a new daemon replaces them.
-    pub fn shutdown(mut self, keep_attached: bool) {
+    pub fn shutdown(&mut self, keep_attached: bool) {
         let Some(dir) = self.pin_dir.take() else {
             return;
         };
@@ -331,7 +336,10 @@ impl Datapath {
                     .flatten()
                     .map(|cpus| {
                         cpus.iter()
-                            .filter_map(|v| v.get(..8).map(|b| u64::from_ne_bytes(b.try_into().unwrap())))
+                            .filter_map(|v| {
+                                v.get(..8)
+                                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+                            })
                             .sum()
                     })
                     .unwrap_or(0);
@@ -367,7 +375,12 @@ pub trait Pod: Copy + Default + 'static {
     fn as_bytes(&self) -> &[u8] {
         // SAFETY: implementors are repr(C) structs of u32/u64 fields without
         // padding, generated from bpf/include/kmesh.h.
-        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), std::mem::size_of::<Self>()) }
+        unsafe {
+            std::slice::from_raw_parts(
+                (self as *const Self).cast::<u8>(),
+                std::mem::size_of::<Self>(),
+            )
+        }
     }
     fn from_bytes(b: &[u8]) -> Option<Self> {
         if b.len() != std::mem::size_of::<Self>() {

@@ -244,7 +244,10 @@ mod tests {
         let ports: Vec<(u16, u16)> = (1..=11).map(|p| (p, 0)).collect();
         let s = svc("default", "web.default.svc", "10.96.0.1", &ports);
         let e = s.validate().unwrap_err().to_string();
-        assert!(e.contains("default/web.default.svc") && e.contains("11 ports"), "{e}");
+        assert!(
+            e.contains("default/web.default.svc") && e.contains("11 ports"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -79,7 +79,9 @@ impl MapWriter {
         // Frontends naming a workload are direct-access entries; their
         // addresses already appear under workloads.
         for (k, v) in frontends.iter().filter(|(_, v)| v.kind == UPSTREAM_SERVICE) {
-            vips.entry(v.upstream_id).or_default().push(k.addr.to_ip().to_string());
+            vips.entry(v.upstream_id)
+                .or_default()
+                .push(k.addr.to_ip().to_string());
         }
         let mut endpoints: BTreeMap<(u32, u32), BTreeMap<u32, u32>> = BTreeMap::new();
         for (k, v) in entries::<endpoint_key, endpoint_value>(self, MapId::Endpoint) {
@@ -154,7 +156,10 @@ impl MapWriter {
             .filter_map(|k| u64::from_bytes(&k))
             .map(|cookie| EnrolledDump {
                 cookie,
-                source: self.enroll_source(cookie).unwrap_or("<unknown>").to_string(),
+                source: self
+                    .enroll_source(cookie)
+                    .unwrap_or("<unknown>")
+                    .to_string(),
             })
             .collect();
         enrolled_netns.sort_by_key(|e| e.cookie);

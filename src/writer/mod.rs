@@ -151,8 +151,9 @@ impl MapWriter {
         &mut self.dp
     }
 
-    pub fn into_datapath(self) -> Datapath {
-        self.dp
+    /// Detaches (unless `keep_attached`) and unpins; see Datapath::shutdown.
+    pub fn shutdown(&mut self, keep_attached: bool) {
+        self.dp.shutdown(keep_attached);
     }
 
     fn desired(&mut self, model: &Model) -> Desired {
@@ -236,11 +237,17 @@ impl MapWriter {
         let union = |new: usize, old_only: usize| new + old_only;
         let backends = union(
             d.backends.len(),
-            w.backends.keys().filter(|k| !d.backends.contains_key(k)).count(),
+            w.backends
+                .keys()
+                .filter(|k| !d.backends.contains_key(k))
+                .count(),
         );
         let services = union(
             d.services.len(),
-            w.services.keys().filter(|k| !d.services.contains_key(k)).count(),
+            w.services
+                .keys()
+                .filter(|k| !d.services.contains_key(k))
+                .count(),
         );
         // Lists shrink after they grow, and lists of removed services go last.
         let mut endpoints = 0;
@@ -311,7 +318,9 @@ impl MapWriter {
             .ids
             .names
             .keys()
-            .filter(|id| !live.contains(id) && !d.services.contains_key(id) && !d.backends.contains_key(id))
+            .filter(|id| {
+                !live.contains(id) && !d.services.contains_key(id) && !d.backends.contains_key(id)
+            })
             .copied()
             .collect();
         for id in dead {
@@ -330,16 +339,34 @@ impl MapWriter {
             .copied()
             .collect();
         for ip in stale {
-            self.delete(MapId::Frontend, &frontend_key { addr: kmesh_addr::from_ip(ip) }, &ip.to_string(), st)?;
+            self.delete(
+                MapId::Frontend,
+                &frontend_key {
+                    addr: kmesh_addr::from_ip(ip),
+                },
+                &ip.to_string(),
+                st,
+            )?;
             self.written.frontends.remove(&ip);
         }
         // 2. Enrollment and backends.
         for cookie in d.manage.difference(&self.written.manage.clone()) {
-            self.update(MapId::Manage, cookie, &manage_value { enrolled: 1 }, &format!("netns cookie {cookie}"), st)?;
+            self.update(
+                MapId::Manage,
+                cookie,
+                &manage_value { enrolled: 1 },
+                &format!("netns cookie {cookie}"),
+                st,
+            )?;
             self.written.manage.insert(*cookie);
         }
         for (id, b) in &d.backends {
-            if self.written.backends.get(id).is_some_and(|old| same(old, b)) {
+            if self
+                .written
+                .backends
+                .get(id)
+                .is_some_and(|old| same(old, b))
+            {
                 continue;
             }
             self.update(MapId::Backend, id, b, &self.name(*id), st)?;
@@ -347,7 +374,12 @@ impl MapWriter {
         }
         // 3. Endpoint lists and services (counts follow the lists).
         let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
-        keys.extend(self.written.endpoints.keys().filter(|(s, _)| d.services.contains_key(s)));
+        keys.extend(
+            self.written
+                .endpoints
+                .keys()
+                .filter(|(s, _)| d.services.contains_key(s)),
+        );
         let mut counts: HashMap<u32, [u32; crate::bpf::MAX_PRIO]> = HashMap::new();
         for key in keys {
             let want = d.endpoints.get(&key).cloned().unwrap_or_default();
@@ -357,7 +389,12 @@ impl MapWriter {
         for (id, v) in &d.services {
             let mut v = *v;
             v.prio_endpoint_count = counts.get(id).copied().unwrap_or_default();
-            if !self.written.services.get(id).is_some_and(|old| same(old, &v)) {
+            if !self
+                .written
+                .services
+                .get(id)
+                .is_some_and(|old| same(old, &v))
+            {
                 self.update(MapId::Service, id, &v, &self.name(*id), st)?;
                 self.written.services.insert(*id, v);
             }
@@ -367,36 +404,81 @@ impl MapWriter {
         }
         // 4. New and changed frontends, now that their targets exist.
         for (ip, v) in &d.frontends {
-            if self.written.frontends.get(ip).is_some_and(|old| same(old, v)) {
+            if self
+                .written
+                .frontends
+                .get(ip)
+                .is_some_and(|old| same(old, v))
+            {
                 continue;
             }
-            self.update(MapId::Frontend, &frontend_key { addr: kmesh_addr::from_ip(*ip) }, v, &ip.to_string(), st)?;
+            self.update(
+                MapId::Frontend,
+                &frontend_key {
+                    addr: kmesh_addr::from_ip(*ip),
+                },
+                v,
+                &ip.to_string(),
+                st,
+            )?;
             self.written.frontends.insert(*ip, *v);
         }
         // 5. Removed services (with their endpoints), backends, enrollments.
-        let gone: Vec<u32> = self.written.services.keys().filter(|id| !d.services.contains_key(id)).copied().collect();
+        let gone: Vec<u32> = self
+            .written
+            .services
+            .keys()
+            .filter(|id| !d.services.contains_key(id))
+            .copied()
+            .collect();
         for id in gone {
             let what = self.name(id);
             self.delete(MapId::Service, &id, &what, st)?;
             self.written.services.remove(&id);
-            let lists: Vec<(u32, u32)> = self.written.endpoints.keys().filter(|(s, _)| *s == id).copied().collect();
+            let lists: Vec<(u32, u32)> = self
+                .written
+                .endpoints
+                .keys()
+                .filter(|(s, _)| *s == id)
+                .copied()
+                .collect();
             for key in lists {
                 let n = self.written.endpoints[&key].len() as u32;
                 for index in (1..=n).rev() {
-                    self.delete(MapId::Endpoint, &endpoint_key { service_id: key.0, prio: key.1, index }, &what, st)?;
+                    self.delete(
+                        MapId::Endpoint,
+                        &endpoint_key {
+                            service_id: key.0,
+                            prio: key.1,
+                            index,
+                        },
+                        &what,
+                        st,
+                    )?;
                     self.written.endpoints.get_mut(&key).expect("listed").pop();
                 }
                 self.written.endpoints.remove(&key);
             }
         }
-        let gone: Vec<u32> = self.written.backends.keys().filter(|id| !d.backends.contains_key(id)).copied().collect();
+        let gone: Vec<u32> = self
+            .written
+            .backends
+            .keys()
+            .filter(|id| !d.backends.contains_key(id))
+            .copied()
+            .collect();
         for id in gone {
             self.delete(MapId::Backend, &id, &self.name(id), st)?;
             self.written.backends.remove(&id);
         }
         let gone: Vec<u64> = self.written.manage.difference(&d.manage).copied().collect();
         for cookie in gone {
-            self.delete(MapId::Manage, &cookie, &format!("netns cookie {cookie}"), st)?;
+            self.delete(
+                MapId::Manage,
+                &cookie,
+                &format!("netns cookie {cookie}"),
+                st,
+            )?;
             self.written.manage.remove(&cookie);
         }
         Ok(())
@@ -412,7 +494,12 @@ impl MapWriter {
         want: &BTreeSet<u32>,
         st: &mut ApplyStats,
     ) -> Result<u32, WriterError> {
-        let old = self.written.endpoints.get(&key).cloned().unwrap_or_default();
+        let old = self
+            .written
+            .endpoints
+            .get(&key)
+            .cloned()
+            .unwrap_or_default();
         let mut list = old.clone();
         let mut i = 0;
         while i < list.len() {
@@ -434,7 +521,15 @@ impl MapWriter {
                 prio: key.1,
                 index: pos as u32 + 1,
             };
-            self.update(MapId::Endpoint, &k, &endpoint_value { backend_id: *backend }, &what, st)?;
+            self.update(
+                MapId::Endpoint,
+                &k,
+                &endpoint_value {
+                    backend_id: *backend,
+                },
+                &what,
+                st,
+            )?;
         }
         // Remember the longer of the two: indices beyond the new length are
         // still in the map until trimmed.
@@ -506,7 +601,13 @@ impl MapWriter {
         Ok(())
     }
 
-    fn delete<K: Pod>(&self, map: MapId, key: &K, what: &str, st: &mut ApplyStats) -> Result<(), WriterError> {
+    fn delete<K: Pod>(
+        &self,
+        map: MapId,
+        key: &K,
+        what: &str,
+        st: &mut ApplyStats,
+    ) -> Result<(), WriterError> {
         match self.dp.map(map).delete(key.as_bytes()) {
             Ok(()) => {}
             // Already gone (e.g. a retry after a partial failure): fine.

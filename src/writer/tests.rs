@@ -46,7 +46,10 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
 fn model(services: &[Service], workloads: &[Workload]) -> Model {
     Model {
         services: services.iter().map(|s| (s.key(), s.clone())).collect(),
-        workloads: workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
+        workloads: workloads
+            .iter()
+            .map(|w| (w.uid.clone(), w.clone()))
+            .collect(),
         enrolled: BTreeMap::new(),
     }
 }
@@ -70,7 +73,10 @@ fn apply_is_idempotent_and_dump_matches() {
     let web = service("web", "10.96.0.10");
     let m = model(
         &[web.clone()],
-        &[workload("w1", "10.244.0.11", &web), workload("w2", "10.244.0.12", &web)],
+        &[
+            workload("w1", "10.244.0.11", &web),
+            workload("w2", "10.244.0.12", &web),
+        ],
     );
     let first = w.apply(&m).unwrap();
     assert!(first.updates >= 2 + 2 + 1 + 3, "{first:?}");
@@ -81,7 +87,10 @@ fn apply_is_idempotent_and_dump_matches() {
     let s = &d.services[0];
     assert_eq!(s.name, "default/web.default.svc.cluster.local");
     assert_eq!(s.addresses, vec!["10.96.0.10"]);
-    assert_eq!((s.ports[0].service_port, s.ports[0].target_port), (80, 8080));
+    assert_eq!(
+        (s.ports[0].service_port, s.ports[0].target_port),
+        (80, 8080)
+    );
     let mut eps = s.endpoints[&0].clone();
     eps.sort();
     assert_eq!(eps, vec!["w1", "w2"]);
@@ -118,8 +127,11 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
     let web = service("web", "10.96.0.10");
     let mut sick = workload("w2", "10.244.0.12", &web);
     sick.status = HealthStatus::Unhealthy;
-    w.apply(&model(&[web.clone()], &[workload("w1", "10.244.0.11", &web), sick]))
-        .unwrap();
+    w.apply(&model(
+        &[web.clone()],
+        &[workload("w1", "10.244.0.11", &web), sick],
+    ))
+    .unwrap();
     let d = w.dump();
     assert_eq!(d.services[0].endpoints[&0], vec!["w1"]);
     assert_eq!(d.workloads.len(), 2);
@@ -130,8 +142,11 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
 fn removing_everything_empties_every_map() {
     let mut w = writer(MapSizes::default());
     let web = service("web", "10.96.0.10");
-    w.apply(&model(&[web.clone()], &[workload("w1", "10.244.0.11", &web)]))
-        .unwrap();
+    w.apply(&model(
+        &[web.clone()],
+        &[workload("w1", "10.244.0.11", &web)],
+    ))
+    .unwrap();
     w.apply(&Model::default()).unwrap();
     for id in MapId::ALL {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
@@ -145,15 +160,34 @@ fn full_map_is_an_error_naming_it_and_changes_nothing() {
         ..MapSizes::default()
     });
     let web = service("web", "10.96.0.10");
-    let two = model(&[web.clone()], &[workload("w1", "10.244.0.1", &web), workload("w2", "10.244.0.2", &web)]);
+    let two = model(
+        &[web.clone()],
+        &[
+            workload("w1", "10.244.0.1", &web),
+            workload("w2", "10.244.0.2", &web),
+        ],
+    );
     w.apply(&two).unwrap();
     let mut three = two.clone();
     let w3 = workload("w3", "10.244.0.3", &web);
     three.workloads.insert(w3.uid.clone(), w3);
     let err = w.apply(&three).unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, WriterError::Capacity { needed: 3, capacity: 2, .. }), "{msg}");
-    assert!(msg.contains("km_backend") && msg.contains("max-backends"), "{msg}");
+    assert!(
+        matches!(
+            err,
+            WriterError::Capacity {
+                needed: 3,
+                capacity: 2,
+                ..
+            }
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("km_backend") && msg.contains("max-backends"),
+        "{msg}"
+    );
     // Still exactly the previous state, and re-applying it is a no-op.
     assert_eq!(w.datapath().map(MapId::Backend).keys().count(), 2);
     assert_eq!(w.dump().services[0].endpoints[&0].len(), 2);

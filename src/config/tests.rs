@@ -1,0 +1,105 @@
+use std::path::Path;
+
+use super::*;
+
+const GOOD: &str = r#"{
+  "services": [{
+    "name": "web", "namespace": "shop", "hostname": "web.shop.svc.cluster.local",
+    "addresses": ["10.96.0.10", "net1/fd00:96::10"],
+    "ports": [{"service_port": 80, "target_port": 8080}, {"service_port": 443}],
+    "load_balancing": {"mode": "FAILOVER", "routing_preference": ["REGION", "ZONE"]}
+  }],
+  "workloads": [{
+    "uid": "Kubernetes//Pod/shop/web-1", "name": "web-1", "namespace": "shop",
+    "addresses": ["10.244.0.11"],
+    "services": {"shop/web.shop.svc.cluster.local": {"ports": [{"service_port": 80, "target_port": 8080}]}},
+    "status": "UNHEALTHY"
+  }]
+}"#;
+
+fn err(text: &str) -> String {
+    parse(Path::new("t.json"), text).unwrap_err().to_string()
+}
+
+#[test]
+fn parses_the_istio_shaped_file() {
+    let (m, netns) = parse(Path::new("t.json"), GOOD).unwrap();
+    assert!(netns.is_empty());
+    let s = &m.services["shop/web.shop.svc.cluster.local"];
+    assert_eq!(s.addresses[1].network, "net1");
+    assert_eq!(
+        s.addresses[1].address,
+        "fd00:96::10".parse::<IpAddr>().unwrap()
+    );
+    assert_eq!(s.ports[1].target_port, 0);
+    assert_eq!(s.load_balancing.mode, LbMode::Failover);
+    let w = &m.workloads["Kubernetes//Pod/shop/web-1"];
+    assert_eq!(w.status, HealthStatus::Unhealthy);
+    assert_eq!(w.services.len(), 1);
+}
+
+#[test]
+fn bad_ip_names_the_field() {
+    let e = err(&GOOD.replace("10.96.0.10", "10.96.0.300"));
+    assert!(
+        e.contains("services[0].addresses[0]") && e.contains("10.96.0.300"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unknown_field_names_the_field() {
+    let e = err(&GOOD.replace("\"target_port\": 8080}, {", "\"targetport\": 8080}, {"));
+    assert!(
+        e.contains("services[0].ports[0]") && e.contains("targetport"),
+        "{e}"
+    );
+}
+
+#[test]
+fn port_out_of_range_names_the_field() {
+    let e = err(&GOOD.replace("\"service_port\": 443", "\"service_port\": 70000"));
+    assert!(e.contains("services[0].ports[1].service_port"), "{e}");
+}
+
+#[test]
+fn undefined_service_reference_is_rejected() {
+    let e = err(&GOOD.replace("\"shop/web.shop.svc.cluster.local\": {", "\"shop/nope\": {"));
+    assert!(
+        e.contains("workloads[0].services") && e.contains("shop/nope"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_vip_is_rejected() {
+    let e = err(&GOOD.replace("\"10.244.0.11\"", "\"10.96.0.10\""));
+    assert!(
+        e.contains("10.96.0.10") && e.contains("claimed by both"),
+        "{e}"
+    );
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let e = err("{\n \"services\": [\n");
+    assert!(e.contains("line") || e.contains("EOF"), "{e}");
+}
+
+#[test]
+fn missing_netns_names_the_enroll_entry() {
+    let dir = std::env::temp_dir().join(format!("kmesh-cfg-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("c.json");
+    fs::write(
+        &f,
+        r#"{"enroll": {"netns": ["/run/netns/kmesh-definitely-missing"]}}"#,
+    )
+    .unwrap();
+    let e = load(&f).unwrap_err().to_string();
+    fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        e.contains("enroll.netns[0]") && e.contains("kmesh-definitely-missing"),
+        "{e}"
+    );
+}

@@ -1,0 +1,97 @@
+//! Small OS helpers: network namespaces, cgroup2, netns cookies.
+
+use std::{
+    fs, io,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use nix::sched::{setns, CloneFlags};
+
+/// The cgroup2 mount point from /proc/mounts (the production attach point).
+pub fn cgroup2_mount() -> io::Result<PathBuf> {
+    let mounts = fs::read_to_string("/proc/mounts")?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/mounts"))
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+pub fn enter_netns(path: &Path) -> io::Result<()> {
+    let f = fs::File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET)
+        .map_err(|e| io::Error::other(format!("setns {}: {e}", path.display())))
+}
+
+/// Moves the calling process into the cgroup2 directory `dir`.
+pub fn join_cgroup(dir: &Path) -> io::Result<()> {
+    fs::write(dir.join("cgroup.procs"), std::process::id().to_string())
+        .map_err(|e| io::Error::new(e.kind(), format!("joining cgroup {}: {e}", dir.display())))
+}
+
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// Cookie of the calling thread's current network namespace. An unbound
+/// socket suffices, so this works in a namespace whose loopback is down.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let fd = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out-pointer sized for the u64 the kernel writes.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// Cookie of the network namespace at `path` (e.g. /run/netns/NAME or
+/// /proc/PID/ns/net), read from a short-lived thread so the caller's own
+/// namespace never changes.
+pub fn netns_cookie(path: &Path) -> io::Result<u64> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        enter_netns(&path)?;
+        current_netns_cookie()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_netns_cookie_is_stable() {
+        let a = netns_cookie(Path::new("/proc/self/ns/net")).unwrap();
+        let b = current_netns_cookie().unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, 0);
+    }
+
+    #[test]
+    fn cgroup2_is_mounted() {
+        assert!(cgroup2_mount().unwrap().join("cgroup.procs").exists());
+    }
+}
