@@ -2,7 +2,7 @@
 //! the data path, and reacts to SIGHUP, file changes and shutdown signals.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -48,13 +48,13 @@ pub struct Options {
 }
 
 /// Identity of the config file's current content, to notice edits.
-fn file_stamp(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-fn reload(path: &PathBuf, writer: &Mutex<MapWriter>, why: &str) {
+fn reload(path: &Path, writer: &Mutex<MapWriter>, why: &str) {
     let model = match config::load(path) {
         Ok(m) => m,
         Err(e) => {
@@ -74,6 +74,11 @@ fn reload(path: &PathBuf, writer: &Mutex<MapWriter>, why: &str) {
 }
 
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
+    // Handlers first: a SIGTERM that arrives while starting up must still
+    // go through the orderly shutdown below, not the default kill.
+    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
+    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     // Validate the config before touching the kernel: a bad file at start
     // is an error with nothing attached.
     let model = match &opts.config {
@@ -105,11 +110,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let writer = Arc::new(Mutex::new(w));
     let admin = admin::serve(&opts.admin_socket, writer.clone())?;
 
-    let mut hup = signal(SignalKind::hangup()).map_err(DaemonError::Signal)?;
-    let mut term = signal(SignalKind::terminate()).map_err(DaemonError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     let mut tick = tokio::time::interval(opts.watch_interval);
-    let mut stamp = opts.config.as_ref().and_then(file_stamp);
+    let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
         tokio::select! {
             _ = hup.recv() => {

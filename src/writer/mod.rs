@@ -8,6 +8,7 @@
 //! - endpoint indices 1..count always exist: additions are written before
 //!   the count grows, and a removal moves the last entry into the hole before
 //!   the count shrinks (the programs never see a gap).
+//!
 //! Re-applying the same model writes nothing.
 
 mod dump;

@@ -43,9 +43,9 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
     }
 }
 
-fn model(services: &[Service], workloads: &[Workload]) -> Model {
+fn model(services: &[&Service], workloads: &[Workload]) -> Model {
     Model {
-        services: services.iter().map(|s| (s.key(), s.clone())).collect(),
+        services: services.iter().map(|s| (s.key(), (*s).clone())).collect(),
         workloads: workloads
             .iter()
             .map(|w| (w.uid.clone(), w.clone()))
@@ -72,7 +72,7 @@ fn apply_is_idempotent_and_dump_matches() {
     let mut w = writer(MapSizes::default());
     let web = service("web", "10.96.0.10");
     let m = model(
-        &[web.clone()],
+        &[&web],
         &[
             workload("w1", "10.244.0.11", &web),
             workload("w2", "10.244.0.12", &web),
@@ -104,13 +104,13 @@ fn removing_a_middle_endpoint_keeps_indices_dense() {
     let ws: Vec<Workload> = (1..=4)
         .map(|i| workload(&format!("w{i}"), &format!("10.244.0.{i}"), &web))
         .collect();
-    w.apply(&model(&[web.clone()], &ws)).unwrap();
+    w.apply(&model(&[&web], &ws)).unwrap();
     let before = kernel_endpoints(&w);
     assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
 
     let victim = before[&2].clone();
     let rest: Vec<Workload> = ws.iter().filter(|x| x.uid != victim).cloned().collect();
-    w.apply(&model(&[web.clone()], &rest)).unwrap();
+    w.apply(&model(&[&web], &rest)).unwrap();
     let after = kernel_endpoints(&w);
     assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     // The last entry moved into the hole; the others kept their index.
@@ -128,7 +128,7 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
     let mut sick = workload("w2", "10.244.0.12", &web);
     sick.status = HealthStatus::Unhealthy;
     w.apply(&model(
-        &[web.clone()],
+        &[&web],
         &[workload("w1", "10.244.0.11", &web), sick],
     ))
     .unwrap();
@@ -142,11 +142,8 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
 fn removing_everything_empties_every_map() {
     let mut w = writer(MapSizes::default());
     let web = service("web", "10.96.0.10");
-    w.apply(&model(
-        &[web.clone()],
-        &[workload("w1", "10.244.0.11", &web)],
-    ))
-    .unwrap();
+    w.apply(&model(&[&web], &[workload("w1", "10.244.0.11", &web)]))
+        .unwrap();
     w.apply(&Model::default()).unwrap();
     for id in MapId::ALL {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
@@ -161,7 +158,7 @@ fn full_map_is_an_error_naming_it_and_changes_nothing() {
     });
     let web = service("web", "10.96.0.10");
     let two = model(
-        &[web.clone()],
+        &[&web],
         &[
             workload("w1", "10.244.0.1", &web),
             workload("w2", "10.244.0.2", &web),
@@ -199,7 +196,7 @@ fn invalid_model_is_rejected_before_any_write() {
     let mut w = writer(MapSizes::default());
     let web = service("web", "10.96.0.10");
     let clash = workload("w1", "10.96.0.10", &web);
-    let err = w.apply(&model(&[web], &[clash])).unwrap_err();
+    let err = w.apply(&model(&[&web], &[clash])).unwrap_err();
     assert!(err.to_string().contains("10.96.0.10"), "{err}");
     for id in MapId::ALL {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());

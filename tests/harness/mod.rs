@@ -1,0 +1,581 @@
+//! Shared harness for system tests: real namespaces, cgroups, BPF and
+//! sockets. Everything created is named `kmt<pid>x<n>…` and removed by Drop
+//! guards; leftovers of test processes that died are swept at start.
+#![allow(dead_code)]
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Once,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
+pub const KMESH: &str = env!("CARGO_BIN_EXE_kmesh");
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+static SWEEP: Once = Once::new();
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("spawn");
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn cgroup_root() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .expect("cgroup2 mounted")
+}
+
+/// Pid encoded in a harness name `kmt<pid>x…`, if any.
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("kmt")?;
+    rest.split('x').next()?.parse().ok()
+}
+
+fn dead(pid: u32) -> bool {
+    !Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn remove_cgroup(dir: &Path) {
+    // cgroup.kill ends every process a dead run left in its own cgroup.
+    let _ = fs::write(dir.join("cgroup.kill"), "1");
+    for _ in 0..50 {
+        if fs::remove_dir(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Removes namespaces, cgroups and bpffs mounts left by dead test runs.
+fn sweep() {
+    if let Ok(rd) = fs::read_dir("/run/netns") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if owner_pid(&name).is_some_and(dead) {
+                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(cgroup_root()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if owner_pid(&name).is_some_and(dead) {
+                remove_cgroup(&e.path());
+            }
+        }
+    }
+    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if owner_pid(&name).is_some_and(dead) {
+                let _ = nix::mount::umount(&e.path().join("bpffs"));
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// A pod: its own netns with `eth0` on the node bridge.
+#[derive(Clone, Debug)]
+pub struct Pod {
+    pub netns: String,
+    pub v4: IpAddr,
+    pub v6: IpAddr,
+}
+
+impl Pod {
+    pub fn path(&self) -> String {
+        format!("/run/netns/{}", self.netns)
+    }
+}
+
+/// Result of one probe connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub ok: bool,
+    pub name: String,
+    pub peer: String,
+    pub error: String,
+    pub errno: Option<i64>,
+}
+
+/// One test's world. Drop order: processes, namespaces, cgroups, mounts.
+pub struct Env {
+    pub tag: String,
+    pub dir: PathBuf,
+    /// Child cgroup the data path attaches to; clients run in it.
+    pub cgroup: PathBuf,
+    /// Child cgroup holding the test's servers (nothing attached).
+    servers_cgroup: PathBuf,
+    pub bpffs: PathBuf,
+    netns: Vec<String>,
+    node: String,
+    children: Vec<Child>,
+    pods: u32,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        SWEEP.call_once(sweep);
+        let tag = format!(
+            "kmt{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let dir = std::env::temp_dir().join(&tag);
+        fs::create_dir_all(&dir).unwrap();
+        let root = cgroup_root();
+        let cgroup = root.join(format!("{tag}c"));
+        let servers_cgroup = root.join(format!("{tag}s"));
+        let bpffs = dir.join("bpffs");
+        let mut env = Env {
+            tag: tag.clone(),
+            dir,
+            cgroup: cgroup.clone(),
+            servers_cgroup: servers_cgroup.clone(),
+            bpffs: bpffs.clone(),
+            netns: Vec::new(),
+            node: format!("{tag}node"),
+            children: Vec::new(),
+            pods: 0,
+        };
+        fs::create_dir(&cgroup).unwrap();
+        fs::create_dir(&servers_cgroup).unwrap();
+        fs::create_dir(&bpffs).unwrap();
+        nix::mount::mount(
+            Some("bpf"),
+            &bpffs,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        let node = env.node.clone();
+        sh(&["ip", "netns", "add", &node]);
+        env.netns.push(node.clone());
+        sh(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &node, "link", "set", "br0", "up"]);
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        env
+    }
+
+    /// Adds a pod netns with 10.244.0.<n>/24 and fd00:244::<n>/64 on the
+    /// node bridge, plus any `extra` addresses (e.g. a decoy owning a VIP).
+    pub fn pod(&mut self, n: u8, extra: &[&str]) -> Pod {
+        self.pods += 1;
+        let ns = format!("{}p{}", self.tag, n);
+        sh(&["ip", "netns", "add", &ns]);
+        self.netns.push(ns.clone());
+        let peer = format!("v{n}");
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer,
+            "netns", &self.node,
+        ]);
+        sh(&[
+            "ip", "-n", &self.node, "link", "set", &peer, "master", "br0", "up",
+        ]);
+        let v4 = format!("10.244.0.{n}");
+        let v6 = format!("fd00:244::{n}");
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{v4}/24"),
+            "dev",
+            "eth0",
+        ]);
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        for a in extra {
+            if a.contains(':') {
+                sh(&[
+                    "ip",
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{a}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+            } else {
+                sh(&[
+                    "ip",
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{a}/32"),
+                    "dev",
+                    "eth0",
+                ]);
+            }
+        }
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        // Everything else is on-link, so an unredirected VIP reaches a decoy
+        // that owns it, and nothing can leave the test's namespaces.
+        sh(&["ip", "-n", &ns, "route", "add", "default", "dev", "eth0"]);
+        sh(&[
+            "ip", "-n", &ns, "-6", "route", "add", "default", "dev", "eth0",
+        ]);
+        Pod {
+            netns: ns,
+            v4: v4.parse().unwrap(),
+            v6: v6.parse().unwrap(),
+        }
+    }
+
+    /// Starts a probe server in `pod` on `listen` addresses, named `name`.
+    pub fn serve(&mut self, pod: &Pod, listen: &[String], name: &str) {
+        let mut cmd = Command::new(PROBE);
+        cmd.args([
+            "--netns",
+            &pod.path(),
+            "--cgroup",
+            self.servers_cgroup.to_str().unwrap(),
+            "serve",
+            "--name",
+            name,
+        ]);
+        for l in listen {
+            cmd.args(["--listen", l]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("listening"),
+            "server {name} did not start: {line:?}"
+        );
+        self.children.push(child);
+    }
+
+    fn probe_cmd(&self, pod: &Pod, in_cgroup: bool) -> Command {
+        let mut cmd = Command::new(PROBE);
+        cmd.args(["--netns", &pod.path()]);
+        if in_cgroup {
+            cmd.args(["--cgroup", self.cgroup.to_str().unwrap()]);
+        }
+        cmd
+    }
+
+    /// `count` connections from `pod` (inside the attached cgroup) to `addr`.
+    pub fn connect(&self, pod: &Pod, addr: &str, count: u32) -> Vec<Conn> {
+        self.connect_opts(pod, addr, count, true)
+    }
+
+    pub fn connect_opts(&self, pod: &Pod, addr: &str, count: u32, in_cgroup: bool) -> Vec<Conn> {
+        let out = self
+            .probe_cmd(pod, in_cgroup)
+            .args([
+                "connect",
+                addr,
+                "--count",
+                &count.to_string(),
+                "--timeout-ms",
+                "1000",
+            ])
+            .output()
+            .expect("run probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let conns: Vec<Conn> = text.lines().map(parse_conn).collect();
+        assert_eq!(
+            conns.len(),
+            count as usize,
+            "probe output: {text} stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        conns
+    }
+
+    /// Opens one connection and keeps it for `Held::echo`.
+    pub fn hold(&mut self, pod: &Pod, addr: &str) -> Held {
+        let mut child = self
+            .probe_cmd(pod, true)
+            .args(["connect", addr, "--hold", "--timeout-ms", "2000"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn probe");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let conn = parse_conn(&line);
+        Held {
+            child,
+            stdin,
+            stdout,
+            conn,
+        }
+    }
+
+    /// Starts `kmesh daemon` on this env's cgroup and bpffs with `config`.
+    pub fn daemon(&mut self, config: &Value) -> Daemon {
+        self.daemon_args(config, &[]).expect("daemon starts")
+    }
+
+    /// Starts the daemon; Err(stderr) if it exits before serving.
+    pub fn daemon_args(&mut self, config: &Value, extra: &[&str]) -> Result<Daemon, String> {
+        let cfg = self.dir.join("config.json");
+        fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        let sock = self.dir.join("admin.sock");
+        let log = self.dir.join("daemon.log");
+        let _ = fs::remove_file(&sock);
+        let mut child = Command::new(KMESH)
+            .args(["daemon", "--config", cfg.to_str().unwrap()])
+            .args(["--cgroup", self.cgroup.to_str().unwrap()])
+            .args(["--bpffs", self.bpffs.join("kmesh").to_str().unwrap()])
+            .args([
+                "--admin-socket",
+                sock.to_str().unwrap(),
+                "--watch-interval",
+                "0.2",
+            ])
+            .args(extra)
+            .env("KMESH_LOG", "info")
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn daemon");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            if let Some(status) = child.try_wait().unwrap() {
+                return Err(format!(
+                    "{status}: {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                ));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start: {}",
+                fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Daemon {
+            child: Some(child),
+            config: cfg,
+            sock,
+            log,
+        })
+    }
+
+    /// Client netns: a pod enrolled via the config's enroll list.
+    pub fn enroll_list(pods: &[&Pod]) -> Value {
+        Value::Array(pods.iter().map(|p| Value::String(p.path())).collect())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in self.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        remove_cgroup(&self.cgroup);
+        remove_cgroup(&self.servers_cgroup);
+        let _ = nix::mount::umount(&self.bpffs);
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn parse_conn(line: &str) -> Conn {
+    let v: Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("probe line {line:?}: {e}"));
+    let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    Conn {
+        ok: v["ok"].as_bool().unwrap_or(false),
+        name: s("name"),
+        peer: s("peer"),
+        error: s("error"),
+        errno: v["errno"].as_i64(),
+    }
+}
+
+pub struct Held {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub conn: Conn,
+}
+
+impl Held {
+    /// Sends a line on the held connection; returns the echoed line.
+    pub fn echo(&mut self, msg: &str) -> Result<String, String> {
+        writeln!(self.stdin, "{msg}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{line:?}: {e}"))?;
+        if v["ok"].as_bool() == Some(true) {
+            Ok(v["echo"].as_str().unwrap_or_default().to_string())
+        } else {
+            Err(v["error"].to_string())
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub config: PathBuf,
+    pub sock: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn dump(&self) -> Value {
+        let out = Command::new(KMESH)
+            .args(["ctl", "dump", "--admin-socket", self.sock.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ctl dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump is JSON")
+    }
+
+    pub fn stat(&self, name: &str) -> u64 {
+        self.dump()["stats"][name].as_u64().unwrap()
+    }
+
+    pub fn write_config(&self, config: &Value) {
+        // Write-then-rename so the daemon never reads a half-written file.
+        let tmp = self.config.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).unwrap();
+        fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub fn write_raw_config(&self, text: &str) {
+        let tmp = self.config.with_extension("tmp");
+        fs::write(&tmp, text).unwrap();
+        fs::rename(&tmp, &self.config).unwrap();
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = self.child.as_ref().expect("running").id();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Polls `cond` on the dump until true or `timeout`.
+    pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let d = self.dump();
+            if cond(&d) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition not reached; last dump: {d:#}\nlog:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+    }
+}
+
+/// Endpoint names of the first service in a dump, sorted.
+pub fn endpoints(dump: &Value) -> Vec<String> {
+    let mut v: Vec<String> = dump["services"][0]["endpoints"]["0"]
+        .as_array()
+        .map(|a| a.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Count of connections per server name; panics on any failed connection.
+pub fn tally(conns: &[Conn]) -> std::collections::BTreeMap<String, u32> {
+    let mut m = std::collections::BTreeMap::new();
+    for c in conns {
+        assert!(c.ok, "connection failed: {c:?}");
+        *m.entry(c.name.clone()).or_insert(0) += 1;
+    }
+    m
+}
