@@ -1,1 +1,287 @@
-fn main() {}
+//! Connect-path benchmark (root; real kernel, netns and cgroup).
+//!
+//! In one run, from one enrolled network namespace and a child cgroup with
+//! the data path attached and 10k services loaded:
+//! - criterion: one connect+close to a backend directly, and to a service
+//!   VIP that connect4 rewrites to that backend;
+//! - rate rounds: alternating batches of each, median connects/s, and the
+//!   ratio VIP / direct (target >= 0.97);
+//! - the connect4 program's own run time per call from the kernel's BPF
+//!   run-time statistics, for the redirect and for the miss path (target
+//!   <= 300 ns).
+//!
+//! Run: `cargo bench --bench connect` (as root). Set KMESH_BENCH_QUICK=1
+//! for a short smoke run.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::{
+    collections::BTreeMap,
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use criterion::Criterion;
+use kmesh::{
+    bpf::{Datapath, MapSizes, RunStatsGuard},
+    model::{
+        Enrollment, HealthStatus, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
+        Workload,
+    },
+    writer::MapWriter,
+};
+
+const SERVICES: u32 = 10_000;
+const ENDPOINTS_PER_SERVICE: u32 = 3;
+
+fn synthetic_service(i: u32) -> Service {
+    Service {
+        name: format!("svc-{i}"),
+        namespace: "bench".into(),
+        hostname: format!("svc-{i}.bench.svc.cluster.local"),
+        addresses: vec![NetworkAddress {
+            network: String::new(),
+            address: std::net::Ipv4Addr::from(0x0a60_0000 + 0x100 + i).into(), // 10.96.1.0 + i
+        }],
+        ports: vec![PortMapping {
+            service_port: 80,
+            target_port: 8080,
+        }],
+        load_balancing: LoadBalancing::default(),
+    }
+}
+
+/// 10k services with 3 endpoints each (addresses in 10.128.0.0/10, never
+/// connected to), plus the one service the bench connects through.
+fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
+    let mut m = Model::default();
+    for i in 0..SERVICES {
+        let s = synthetic_service(i);
+        for e in 0..ENDPOINTS_PER_SERVICE {
+            let n = i * ENDPOINTS_PER_SERVICE + e;
+            let uid = format!("bench/pod-{n}");
+            m.workloads.insert(
+                uid.clone(),
+                Workload {
+                    uid,
+                    name: format!("pod-{n}"),
+                    namespace: "bench".into(),
+                    network: String::new(),
+                    addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
+                    services: BTreeMap::from([(s.key(), vec![])]),
+                    status: HealthStatus::Healthy,
+                },
+            );
+        }
+        m.services.insert(s.key(), s);
+    }
+    let mut web = synthetic_service(SERVICES);
+    web.name = "web".into();
+    web.hostname = "web.bench.svc.cluster.local".into();
+    web.addresses[0].address = "10.96.0.10".parse().unwrap();
+    m.workloads.insert(
+        "bench/web-0".into(),
+        Workload {
+            uid: "bench/web-0".into(),
+            name: "web-0".into(),
+            namespace: "bench".into(),
+            network: String::new(),
+            addresses: vec![backend],
+            services: BTreeMap::from([(web.key(), vec![])]),
+            status: HealthStatus::Healthy,
+        },
+    );
+    m.services.insert(web.key(), web);
+    m.enrolled.insert(
+        cookie,
+        Enrollment {
+            source: "bench netns".into(),
+        },
+    );
+    m
+}
+
+/// One connect + immediate RST close (SO_LINGER 0), so no TIME_WAIT builds
+/// up across hundreds of thousands of connects.
+fn connect_once(addr: &SocketAddr) {
+    let s = TcpStream::connect(addr).expect("connect");
+    let l = nix::libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l).expect("SO_LINGER");
+}
+
+fn rate(addr: &SocketAddr, n: u32) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        connect_once(addr);
+    }
+    f64::from(n) / t.elapsed().as_secs_f64()
+}
+
+/// std's listener has a backlog of 128: when the accept thread falls behind
+/// a connect burst, SYNs are dropped and the client waits out a 1 s
+/// retransmit. Use the netns' somaxconn instead.
+fn listen(addr: SocketAddr) -> TcpListener {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
+    bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(addr),
+    )
+    .unwrap();
+    listen(&fd, Backlog::new(4096).unwrap()).unwrap();
+    TcpListener::from(fd)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Moves this process into a cgroup and back out on drop, so the harness
+/// can remove the cgroup afterwards.
+struct InCgroup(String);
+
+impl InCgroup {
+    fn join(dir: &std::path::Path) -> InCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap()
+            .to_string();
+        kmesh::sys::join_cgroup(dir).unwrap();
+        InCgroup(rel)
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let root = kmesh::sys::cgroup2_mount().unwrap();
+        let back = root.join(self.0.trim_start_matches('/'));
+        kmesh::sys::join_cgroup(&back).unwrap();
+    }
+}
+
+fn main() {
+    let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
+    // Before entering the test netns: under cargo, Criterion runs
+    // `cargo metadata`, which must not run in a namespace without network.
+    let mut c = Criterion::default()
+        .sample_size(if quick { 10 } else { 50 })
+        .warm_up_time(Duration::from_millis(if quick { 200 } else { 1000 }))
+        .measurement_time(Duration::from_secs(if quick { 1 } else { 4 }))
+        .configure_from_args();
+    let mut env = harness::Env::new();
+    let pod = env.pod(2, &[]);
+
+    // Everything below runs inside the pod's netns; threads spawned from
+    // here on (the server) inherit it.
+    kmesh::sys::enter_netns(std::path::Path::new(&pod.path())).unwrap();
+    let cookie = kmesh::sys::current_netns_cookie().unwrap();
+    let backend: SocketAddr = SocketAddr::new(pod.v4, 8080);
+    let vip: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let listener = listen(backend);
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+
+    let mut dp = Datapath::load(MapSizes::default()).expect("load BPF");
+    dp.attach(&env.cgroup).expect("attach to the bench cgroup");
+    let mut w = MapWriter::new(dp);
+    let m = model(pod.v4, cookie);
+    let t = Instant::now();
+    w.apply(&m).expect("apply synthetic model");
+    println!(
+        "loaded {} services, {} workloads into the maps in {:.0} ms",
+        m.services.len(),
+        m.workloads.len(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let cg = InCgroup::join(&env.cgroup);
+
+    // Both paths must work before anything is timed.
+    for a in [&backend, &vip] {
+        let s = TcpStream::connect(a).unwrap();
+        assert_eq!(
+            s.peer_addr().unwrap(),
+            backend,
+            "{a} must reach the backend"
+        );
+    }
+
+    let mut g = c.benchmark_group("connect");
+    g.bench_function("direct", |b| b.iter(|| connect_once(&backend)));
+    g.bench_function("vip_redirect", |b| b.iter(|| connect_once(&vip)));
+    g.finish();
+
+    // Rate rounds, alternating which path goes first.
+    let (rounds, batch) = if quick { (3, 500) } else { (9, 4000) };
+    let (mut direct, mut via) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            direct.push(rate(&backend, batch));
+            via.push(rate(&vip, batch));
+        } else {
+            via.push(rate(&vip, batch));
+            direct.push(rate(&backend, batch));
+        }
+    }
+    let (d, v) = (median(direct), median(via));
+    println!("\nconnect rate, median of {rounds} rounds x {batch} connects:");
+    println!("  direct to backend : {d:>9.0} /s");
+    println!("  VIP via redirect  : {v:>9.0} /s");
+    println!("  ratio VIP/direct  : {:>9.3}   (target >= 0.97)", v / d);
+
+    // Program run time, from the kernel's own accounting.
+    let n = if quick { 2000 } else { 20000 };
+    let per_call = |w: &MapWriter, addr: &SocketAddr| {
+        let _stats = RunStatsGuard::enable().expect("BPF_STATS_RUN_TIME");
+        let before = w.datapath().run_stats()[0];
+        for _ in 0..n {
+            connect_once(addr);
+        }
+        let after = w.datapath().run_stats()[0];
+        (after.run_time_ns - before.run_time_ns) as f64 / (after.runs - before.runs).max(1) as f64
+    };
+    let mut hit = Vec::new();
+    let mut miss = Vec::new();
+    for _ in 0..7 {
+        hit.push(per_call(&w, &vip));
+        miss.push(per_call(&w, &backend));
+    }
+    // The same connects with this netns no longer enrolled: what every other
+    // socket in the cgroup pays for kmesh being attached.
+    let mut unenrolled = m.clone();
+    unenrolled.enrolled.clear();
+    w.apply(&unenrolled).unwrap();
+    let idle: Vec<f64> = (0..7).map(|_| per_call(&w, &backend)).collect();
+    println!(
+        "\nconnect4 run time per call ({} services loaded, median of 7 x {n}):",
+        m.services.len()
+    );
+    println!(
+        "  VIP redirect      : {:>7.1} ns   (target <= 300 ns)",
+        median(hit)
+    );
+    println!("  miss (direct IP)  : {:>7.1} ns", median(miss));
+    println!("  netns not enrolled: {:>7.1} ns", median(idle));
+
+    drop(cg);
+    drop(w);
+}

@@ -15,18 +15,18 @@
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct frontend_key);
-	__type(value, struct frontend_value);
+	__type(key, struct addr_key);
+	__type(value, struct service_value);
 	__uint(max_entries, 1024);
-} km_frontend SEC(".maps");
+} km_vip SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
-	__type(value, struct service_value);
+	__type(key, struct addr_key);
+	__type(value, struct workload_value);
 	__uint(max_entries, 1024);
-} km_service SEC(".maps");
+} km_workload SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -35,14 +35,6 @@ struct {
 	__type(value, struct endpoint_value);
 	__uint(max_entries, 1024);
 } km_endpoint SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, __u32);
-	__type(value, struct backend_value);
-	__uint(max_entries, 1024);
-} km_backend SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -72,7 +64,7 @@ static __always_inline bool enrolled(struct bpf_sock_addr *ctx)
 	return bpf_map_lookup_elem(&km_manage, &cookie) != NULL;
 }
 
-/* Returns the index of the endpoint priority level to draw from, or -1. */
+/* Returns the endpoint priority level to draw from, or -1. */
 static __always_inline int pick_prio(const struct service_value *svc)
 {
 	if (svc->lb_policy == KMESH_LB_FAILOVER) {
@@ -87,33 +79,27 @@ static __always_inline int pick_prio(const struct service_value *svc)
 }
 
 enum verdict {
-	V_PASS,     /* leave the connection alone */
-	V_REWRITE,  /* destination rewritten in *addr / *port */
-	V_REJECT,   /* refuse the connect (EPERM) */
+	V_PASS,    /* leave the connection alone */
+	V_REWRITE, /* destination rewritten in *addr / *port */
+	V_REJECT,  /* refuse the connect (EPERM) */
 };
 
 /*
  * Core lookup shared by both families. addr/port are in/out, in the
  * socket's representation (network order). want_v4: the socket can only
- * reach an IPv4 backend (connect4 or a v4-mapped connect6).
+ * reach an IPv4 backend (connect4 or a v4-mapped connect6). The caller has
+ * checked enrollment.
  */
 static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *port, bool want_v4)
 {
-	struct frontend_key fk = { .addr = *addr };
-	struct frontend_value *fv = bpf_map_lookup_elem(&km_frontend, &fk);
-	if (!fv)
-		return V_PASS;
-
-	if (fv->kind == KMESH_UPSTREAM_WORKLOAD) {
+	struct addr_key key = { .addr = *addr };
+	struct service_value *svc = bpf_map_lookup_elem(&km_vip, &key);
+	if (!svc) {
 		/* Direct pod access: the address is already the backend. */
-		stat_inc(KMESH_STAT_WORKLOAD_DIRECT);
+		if (bpf_map_lookup_elem(&km_workload, &key))
+			stat_inc(KMESH_STAT_WORKLOAD_DIRECT);
 		return V_PASS;
 	}
-
-	__u32 svc_id = fv->upstream_id;
-	struct service_value *svc = bpf_map_lookup_elem(&km_service, &svc_id);
-	if (!svc)
-		return V_PASS;
 
 	__u32 target = 0;
 	bool port_found = false;
@@ -145,7 +131,7 @@ static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *por
 	}
 
 	struct endpoint_key ek = {
-		.service_id = svc_id,
+		.service_id = svc->service_id,
 		.prio = prio,
 		.index = bpf_get_prandom_u32() % count + 1,
 	};
@@ -154,28 +140,22 @@ static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *por
 		stat_inc(KMESH_STAT_NO_ENDPOINT);
 		return V_PASS;
 	}
-	__u32 backend_id = ev->backend_id;
-	struct backend_value *be = bpf_map_lookup_elem(&km_backend, &backend_id);
-	if (!be) {
-		stat_inc(KMESH_STAT_NO_ENDPOINT);
-		return V_PASS;
-	}
 
 	if (want_v4) {
-		if (!be->has_ip4) {
+		if (!ev->addr.has_ip4) {
 			stat_inc(KMESH_STAT_FAMILY_MISMATCH);
 			return V_PASS;
 		}
 		addr->ip6[0] = 0;
 		addr->ip6[1] = 0;
 		addr->ip6[2] = bpf_htonl(0x0000ffff);
-		addr->ip6[3] = be->ip4;
+		addr->ip6[3] = ev->addr.ip4;
 	} else {
-		if (!be->has_ip6) {
+		if (!ev->addr.has_ip6) {
 			stat_inc(KMESH_STAT_FAMILY_MISMATCH);
 			return V_PASS;
 		}
-		*addr = be->ip6;
+		*addr = ev->addr.ip6;
 	}
 	if (target != 0)
 		*port = target;
@@ -186,6 +166,10 @@ static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *por
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
 {
+	/*
+	 * Enrollment first: attached at the cgroup2 root, most sockets on a node
+	 * are not enrolled, and they then pay one lookup.
+	 */
 	if (ctx->type != SOCK_STREAM || !enrolled(ctx))
 		return 1;
 	stat_inc(KMESH_STAT_ENROLLED_CONNECT);

@@ -47,14 +47,15 @@ struct DaemonArgs {
     /// Seconds between checks of the config file for changes.
     #[arg(long, default_value_t = 1.0)]
     watch_interval: f64,
-    #[arg(long, default_value_t = MapSizes::default().frontends)]
-    max_frontends: u32,
-    #[arg(long, default_value_t = MapSizes::default().services)]
-    max_services: u32,
+    /// Capacity of the service VIP map.
+    #[arg(long, default_value_t = MapSizes::default().vips)]
+    max_vips: u32,
+    /// Capacity of the workload address map.
+    #[arg(long, default_value_t = MapSizes::default().workload_ips)]
+    max_workload_ips: u32,
+    /// Capacity of the endpoint map (all services, all priorities).
     #[arg(long, default_value_t = MapSizes::default().endpoints)]
     max_endpoints: u32,
-    #[arg(long, default_value_t = MapSizes::default().backends)]
-    max_backends: u32,
     #[arg(long, default_value_t = MapSizes::default().enrolled_netns)]
     max_enrolled_netns: u32,
 }
@@ -110,10 +111,9 @@ fn main() -> ExitCode {
                     admin_socket: a.admin_socket,
                     keep_attached: a.keep_attached,
                     sizes: MapSizes {
-                        frontends: a.max_frontends,
-                        services: a.max_services,
+                        vips: a.max_vips,
+                        workload_ips: a.max_workload_ips,
                         endpoints: a.max_endpoints,
-                        backends: a.max_backends,
                         enrolled_netns: a.max_enrolled_netns,
                     },
                     watch_interval: Duration::from_secs_f64(a.watch_interval.max(0.05)),

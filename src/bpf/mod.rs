@@ -30,8 +30,8 @@ pub mod skel {
 }
 
 pub use skel::types::{
-    backend_value, endpoint_key, endpoint_value, frontend_key, frontend_value, kmesh_addr,
-    manage_value, service_value,
+    addr_key, backend_addr, endpoint_key, endpoint_value, kmesh_addr, manage_value, service_value,
+    workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -39,8 +39,6 @@ pub use skel::types::{
 /// drive the programs).
 pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
-pub const UPSTREAM_SERVICE: u32 = 1;
-pub const UPSTREAM_WORKLOAD: u32 = 2;
 pub const STAT_NAMES: [&str; 7] = [
     "enrolled_connect",
     "service_redirect",
@@ -82,20 +80,21 @@ pub enum BpfError {
 /// so these are limits, not memory spent up front.
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
-    pub frontends: u32,
-    pub services: u32,
+    /// Service VIPs (km_vip).
+    pub vips: u32,
+    /// Workload addresses (km_workload).
+    pub workload_ips: u32,
+    /// Service endpoints, summed over services and priorities (km_endpoint).
     pub endpoints: u32,
-    pub backends: u32,
     pub enrolled_netns: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
         MapSizes {
-            frontends: 262_144,
-            services: 65_536,
+            vips: 65_536,
+            workload_ips: 262_144,
             endpoints: 262_144,
-            backends: 131_072,
             enrolled_netns: 8_192,
         }
     }
@@ -104,27 +103,20 @@ impl Default for MapSizes {
 /// Which data-path map a handle refers to; used in errors and dumps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MapId {
-    Frontend,
-    Service,
+    Vip,
+    Workload,
     Endpoint,
-    Backend,
     Manage,
 }
 
 impl MapId {
-    pub const ALL: [MapId; 5] = [
-        MapId::Frontend,
-        MapId::Service,
-        MapId::Endpoint,
-        MapId::Backend,
-        MapId::Manage,
-    ];
+    pub const ALL: [MapId; 4] = [MapId::Vip, MapId::Workload, MapId::Endpoint, MapId::Manage];
+
     pub fn name(self) -> &'static str {
         match self {
-            MapId::Frontend => "km_frontend",
-            MapId::Service => "km_service",
+            MapId::Vip => "km_vip",
+            MapId::Workload => "km_workload",
             MapId::Endpoint => "km_endpoint",
-            MapId::Backend => "km_backend",
             MapId::Manage => "km_manage",
         }
     }
@@ -198,10 +190,9 @@ impl Datapath {
             .map_err(|source| BpfError::Load { source })?;
         let m = &mut open.maps;
         for (map, name, value) in [
-            (&mut m.km_frontend, "km_frontend", sizes.frontends),
-            (&mut m.km_service, "km_service", sizes.services),
+            (&mut m.km_vip, "km_vip", sizes.vips),
+            (&mut m.km_workload, "km_workload", sizes.workload_ips),
             (&mut m.km_endpoint, "km_endpoint", sizes.endpoints),
-            (&mut m.km_backend, "km_backend", sizes.backends),
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
         ] {
             map.set_max_entries(value)
@@ -299,10 +290,9 @@ impl Datapath {
     pub fn map(&self, id: MapId) -> &MapMut<'static> {
         let m = &self.skel.maps;
         match id {
-            MapId::Frontend => &m.km_frontend,
-            MapId::Service => &m.km_service,
+            MapId::Vip => &m.km_vip,
+            MapId::Workload => &m.km_workload,
             MapId::Endpoint => &m.km_endpoint,
-            MapId::Backend => &m.km_backend,
             MapId::Manage => &m.km_manage,
         }
     }
@@ -310,10 +300,9 @@ impl Datapath {
     fn map_mut(&mut self, id: MapId) -> &mut MapMut<'static> {
         let m = &mut self.skel.maps;
         match id {
-            MapId::Frontend => &mut m.km_frontend,
-            MapId::Service => &mut m.km_service,
+            MapId::Vip => &mut m.km_vip,
+            MapId::Workload => &mut m.km_workload,
             MapId::Endpoint => &mut m.km_endpoint,
-            MapId::Backend => &mut m.km_backend,
             MapId::Manage => &mut m.km_manage,
         }
     }
@@ -348,14 +337,28 @@ impl Datapath {
             .collect()
     }
 
-    /// File descriptors of the connect programs, for run-time statistics.
-    pub fn prog_fds(&self) -> [(&'static str, i32); 2] {
+    /// Kernel-side run statistics of each program: (name, runs, total ns).
+    /// Counted only while a `RunStatsGuard` is alive somewhere on the host.
+    pub fn run_stats(&self) -> Vec<ProgRunStats> {
         use std::os::fd::AsFd;
         let p = &self.skel.progs;
         [
             ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
             ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
         ]
+        .into_iter()
+        .filter_map(|(name, fd)| {
+            let mut info = libbpf_sys::bpf_prog_info::default();
+            let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
+            // SAFETY: fd is a live program fd; info/len describe a valid buffer.
+            let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
+            (rc == 0).then_some(ProgRunStats {
+                prog: name,
+                runs: info.run_cnt,
+                run_time_ns: info.run_time_ns,
+            })
+        })
+        .collect()
     }
 }
 
@@ -366,6 +369,34 @@ impl Drop for Datapath {
         for (_, link) in self.links.drain(..) {
             drop(link);
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgRunStats {
+    pub prog: &'static str,
+    pub runs: u64,
+    pub run_time_ns: u64,
+}
+
+/// Keeps the kernel's BPF run-time accounting (BPF_STATS_RUN_TIME) on while
+/// alive. It costs two clock reads per program run, so it is off by default.
+pub struct RunStatsGuard {
+    _fd: std::os::fd::OwnedFd,
+}
+
+impl RunStatsGuard {
+    pub fn enable() -> std::io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain syscall wrapper; a non-negative result is a new fd we own.
+        let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
+        if fd < 0 {
+            return Err(std::io::Error::from_raw_os_error(-fd));
+        }
+        // SAFETY: fd was just returned to us and is owned by nobody else.
+        Ok(RunStatsGuard {
+            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
+        })
     }
 }
 
@@ -391,15 +422,54 @@ pub trait Pod: Copy + Default + 'static {
     }
 }
 
-impl Pod for frontend_key {}
-impl Pod for frontend_value {}
+impl Pod for addr_key {}
 impl Pod for service_value {}
+impl Pod for workload_value {}
 impl Pod for endpoint_key {}
 impl Pod for endpoint_value {}
-impl Pod for backend_value {}
+impl Pod for backend_addr {}
 impl Pod for manage_value {}
 impl Pod for u32 {}
 impl Pod for u64 {}
+
+impl backend_addr {
+    /// One address per family (the model allows at most one of each).
+    pub fn from_ips(ips: &[std::net::IpAddr]) -> Self {
+        let mut b = backend_addr::default();
+        for ip in ips {
+            match ip {
+                std::net::IpAddr::V4(v4) => {
+                    b.has_ip4 = 1;
+                    b.ip4 = ip4_to_map(*v4);
+                }
+                std::net::IpAddr::V6(_) => {
+                    b.has_ip6 = 1;
+                    b.ip6 = kmesh_addr::from_ip(*ip);
+                }
+            }
+        }
+        b
+    }
+
+    pub fn to_ips(&self) -> Vec<std::net::IpAddr> {
+        let mut v = Vec::new();
+        if self.has_ip4 != 0 {
+            v.push(ip4_from_map(self.ip4).into());
+        }
+        if self.has_ip6 != 0 {
+            v.push(self.ip6.to_ip());
+        }
+        v
+    }
+}
+
+impl addr_key {
+    pub fn from_ip(ip: std::net::IpAddr) -> Self {
+        addr_key {
+            addr: kmesh_addr::from_ip(ip),
+        }
+    }
+}
 
 impl kmesh_addr {
     /// 16-byte form used by the maps: IPv4 becomes ::ffff:a.b.c.d.
@@ -473,14 +543,13 @@ mod tests {
     #[test]
     fn loads_and_sizes_maps() {
         let sizes = MapSizes {
-            frontends: 100,
-            services: 10,
+            vips: 100,
+            workload_ips: 20,
             endpoints: 50,
-            backends: 20,
             enrolled_netns: 5,
         };
         let dp = Datapath::load(sizes).expect("BPF programs pass the verifier");
-        assert_eq!(dp.capacity(MapId::Frontend), 100);
+        assert_eq!(dp.capacity(MapId::Vip), 100);
         assert_eq!(dp.capacity(MapId::Manage), 5);
         assert!(dp.stats().iter().all(|(_, v)| *v == 0));
     }

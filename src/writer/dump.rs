@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::MapWriter;
 use crate::bpf::{
-    backend_value, endpoint_key, endpoint_value, frontend_key, frontend_value, ip4_from_map,
-    port_from_map, service_value, MapId, Pod, MAX_PORTS, UPSTREAM_SERVICE,
+    addr_key, endpoint_key, endpoint_value, port_from_map, service_value, workload_value, MapId,
+    Pod, MAX_PORTS,
 };
 
 #[derive(Debug, Serialize)]
@@ -29,8 +29,10 @@ pub struct ServiceDump {
     pub addresses: Vec<String>,
     pub lb_policy: &'static str,
     pub ports: Vec<PortDump>,
-    /// Endpoint lists by priority, in index order (index = position + 1).
+    /// Endpoint lists by priority, in index order (index = position + 1),
+    /// as workload uid and the backend address the entry carries.
     pub endpoints: BTreeMap<u32, Vec<String>>,
+    pub endpoint_addresses: BTreeMap<u32, Vec<Vec<String>>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,29 +72,32 @@ fn entries<K: Pod, V: Pod>(w: &MapWriter, id: MapId) -> Vec<(K, V)> {
 
 impl MapWriter {
     pub fn dump(&self) -> Dump {
-        let name = |id: u32| match self.upstream(id) {
-            Some(u) => u.label().to_string(),
-            None => format!("<unknown id {id}>"),
+        let svc_name = |id: u32| match self.service_key(id) {
+            Some(k) => k.to_string(),
+            None => format!("<unknown service id {id}>"),
         };
-        let frontends: Vec<(frontend_key, frontend_value)> = entries(self, MapId::Frontend);
-        let mut vips: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        // Frontends naming a workload are direct-access entries; their
-        // addresses already appear under workloads.
-        for (k, v) in frontends.iter().filter(|(_, v)| v.kind == UPSTREAM_SERVICE) {
-            vips.entry(v.upstream_id)
-                .or_default()
-                .push(k.addr.to_ip().to_string());
+        let wl_name = |id: u32| match self.workload_uid(id) {
+            Some(u) => u.to_string(),
+            None => format!("<unknown workload id {id}>"),
+        };
+
+        // Every VIP of a service carries the same value; group by id.
+        let mut by_service: BTreeMap<u32, (service_value, Vec<String>)> = BTreeMap::new();
+        for (k, v) in entries::<addr_key, service_value>(self, MapId::Vip) {
+            let e = by_service.entry(v.service_id).or_insert((v, Vec::new()));
+            e.1.push(k.addr.to_ip().to_string());
         }
-        let mut endpoints: BTreeMap<(u32, u32), BTreeMap<u32, u32>> = BTreeMap::new();
+        let mut lists: BTreeMap<(u32, u32), BTreeMap<u32, endpoint_value>> = BTreeMap::new();
         for (k, v) in entries::<endpoint_key, endpoint_value>(self, MapId::Endpoint) {
-            endpoints
+            lists
                 .entry((k.service_id, k.prio))
                 .or_default()
-                .insert(k.index, v.backend_id);
+                .insert(k.index, v);
         }
-        let mut services: Vec<ServiceDump> = entries::<u32, service_value>(self, MapId::Service)
+        let mut services: Vec<ServiceDump> = by_service
             .into_iter()
-            .map(|(id, v)| {
+            .map(|(id, (v, mut addresses))| {
+                addresses.sort();
                 let ports = (0..MAX_PORTS)
                     .filter(|&i| v.service_port[i] != 0)
                     .map(|i| PortDump {
@@ -100,25 +105,28 @@ impl MapWriter {
                         target_port: port_from_map(v.target_port[i]),
                     })
                     .collect();
-                let mut eps = BTreeMap::new();
+                let mut endpoints = BTreeMap::new();
+                let mut endpoint_addresses = BTreeMap::new();
                 for (prio, &count) in v.prio_endpoint_count.iter().enumerate() {
                     if count == 0 {
                         continue;
                     }
-                    let list = endpoints.get(&(id, prio as u32));
-                    let names = (1..=count)
+                    let list = lists.get(&(id, prio as u32));
+                    let (names, addrs) = (1..=count)
                         .map(|i| match list.and_then(|l| l.get(&i)) {
-                            Some(b) => name(*b),
-                            None => format!("<missing index {i}>"),
+                            Some(e) => (
+                                wl_name(e.workload_id),
+                                e.addr.to_ips().iter().map(ToString::to_string).collect(),
+                            ),
+                            None => (format!("<missing index {i}>"), Vec::new()),
                         })
-                        .collect();
-                    eps.insert(prio as u32, names);
+                        .unzip();
+                    endpoints.insert(prio as u32, names);
+                    endpoint_addresses.insert(prio as u32, addrs);
                 }
-                let mut addresses = vips.get(&id).cloned().unwrap_or_default();
-                addresses.sort();
                 ServiceDump {
                     id,
-                    name: name(id),
+                    name: svc_name(id),
                     addresses,
                     lb_policy: match v.lb_policy {
                         0 => "RANDOM",
@@ -127,31 +135,36 @@ impl MapWriter {
                         _ => "UNKNOWN",
                     },
                     ports,
-                    endpoints: eps,
+                    endpoints,
+                    endpoint_addresses,
                 }
             })
             .collect();
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        let mut workloads: Vec<WorkloadDump> = entries::<u32, backend_value>(self, MapId::Backend)
+
+        let mut by_workload: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (k, v) in entries::<addr_key, workload_value>(self, MapId::Workload) {
+            by_workload
+                .entry(v.workload_id)
+                .or_default()
+                .push(k.addr.to_ip().to_string());
+        }
+        let mut workloads: Vec<WorkloadDump> = by_workload
             .into_iter()
-            .map(|(id, b)| {
-                let mut addresses = Vec::new();
-                if b.has_ip4 != 0 {
-                    addresses.push(ip4_from_map(b.ip4).to_string());
-                }
-                if b.has_ip6 != 0 {
-                    addresses.push(b.ip6.to_ip().to_string());
-                }
+            .map(|(id, mut addresses)| {
+                addresses.sort();
                 WorkloadDump {
                     id,
-                    uid: name(id),
+                    uid: wl_name(id),
                     addresses,
                 }
             })
             .collect();
         workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
-        let map = self.dp.map(MapId::Manage);
-        let mut enrolled_netns: Vec<EnrolledDump> = map
+
+        let mut enrolled_netns: Vec<EnrolledDump> = self
+            .dp
+            .map(MapId::Manage)
             .keys()
             .filter_map(|k| u64::from_bytes(&k))
             .map(|cookie| EnrolledDump {
@@ -163,16 +176,15 @@ impl MapWriter {
             })
             .collect();
         enrolled_netns.sort_by_key(|e| e.cookie);
+
         let maps = MapId::ALL
             .iter()
             .map(|&id| {
-                (
-                    id.name(),
-                    MapUsage {
-                        entries: self.dp.map(id).keys().count(),
-                        capacity: self.dp.capacity(id),
-                    },
-                )
+                let usage = MapUsage {
+                    entries: self.dp.map(id).keys().count(),
+                    capacity: self.dp.capacity(id),
+                };
+                (id.name(), usage)
             })
             .collect();
         Dump {

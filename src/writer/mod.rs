@@ -3,11 +3,14 @@
 //! `apply` takes a whole desired `Model`, diffs it against what this writer
 //! last wrote, and issues the minimal updates in an order that keeps every
 //! state the BPF programs can observe consistent:
-//! - a frontend is removed before the service/workload it points at;
-//! - backends exist before an endpoint references them;
+//! - a VIP or workload address is removed before anything it leads to;
 //! - endpoint indices 1..count always exist: additions are written before
-//!   the count grows, and a removal moves the last entry into the hole before
-//!   the count shrinks (the programs never see a gap).
+//!   the count grows, and a removal moves the last entry into the hole
+//!   before the count shrinks (the programs never see a gap);
+//! - the layout is denormalized (see bpf/include/kmesh.h): every VIP entry
+//!   carries its whole service, every endpoint entry its backend's
+//!   addresses, so a service change rewrites all its VIPs and a workload
+//!   address change rewrites all its endpoint entries.
 //!
 //! Re-applying the same model writes nothing.
 
@@ -23,9 +26,8 @@ use thiserror::Error;
 
 use crate::{
     bpf::{
-        backend_value, endpoint_key, endpoint_value, frontend_key, frontend_value, ip4_to_map,
-        kmesh_addr, manage_value, port_to_map, service_value, Datapath, MapId, Pod,
-        UPSTREAM_SERVICE, UPSTREAM_WORKLOAD,
+        addr_key, backend_addr, endpoint_key, endpoint_value, manage_value, port_to_map,
+        service_value, workload_value, Datapath, MapId, Pod, MAX_PRIO,
     },
     model::{HealthStatus, LbMode, Model, ModelError},
 };
@@ -59,45 +61,33 @@ pub struct ApplyStats {
     pub deletes: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum Upstream {
-    Service(String),
-    Workload(String),
-}
-
-impl Upstream {
-    pub(crate) fn label(&self) -> &str {
-        match self {
-            Upstream::Service(k) | Upstream::Workload(k) => k,
-        }
-    }
-}
-
-/// Stable u32 ids for services and workloads (one id space: a frontend
-/// entry names either). Ids are never reused within a process, so a stale
-/// reference can only miss, never alias another upstream.
+/// Stable u32 ids, one space per kind. Never reused within a process, so a
+/// program still holding an old id can only miss, never alias another.
 #[derive(Default)]
-struct Ids {
-    by_upstream: HashMap<Upstream, u32>,
-    names: HashMap<u32, Upstream>,
+struct IdSpace {
+    by_key: HashMap<String, u32>,
+    keys: HashMap<u32, String>,
     next: u32,
 }
 
-impl Ids {
-    fn get_or_alloc(&mut self, u: Upstream) -> u32 {
-        if let Some(id) = self.by_upstream.get(&u) {
+impl IdSpace {
+    fn get_or_alloc(&mut self, key: &str) -> u32 {
+        if let Some(id) = self.by_key.get(key) {
             return *id;
         }
         self.next += 1;
         let id = self.next;
-        self.by_upstream.insert(u.clone(), id);
-        self.names.insert(id, u);
+        self.by_key.insert(key.to_string(), id);
+        self.keys.insert(id, key.to_string());
         id
     }
 
-    fn release(&mut self, id: u32) {
-        if let Some(u) = self.names.remove(&id) {
-            self.by_upstream.remove(&u);
+    fn retain(&mut self, keep: impl Fn(u32) -> bool) {
+        let dead: Vec<u32> = self.keys.keys().copied().filter(|id| !keep(*id)).collect();
+        for id in dead {
+            if let Some(k) = self.keys.remove(&id) {
+                self.by_key.remove(&k);
+            }
         }
     }
 }
@@ -105,27 +95,36 @@ impl Ids {
 /// What the maps hold, as last written by this writer.
 #[derive(Default)]
 struct Written {
-    frontends: HashMap<IpAddr, frontend_value>,
-    services: HashMap<u32, service_value>,
-    /// (service id, priority) → backend ids; position i is index i+1.
+    vips: HashMap<IpAddr, service_value>,
+    workload_ips: HashMap<IpAddr, workload_value>,
+    /// (service id, priority) → workload ids; position i is index i+1.
+    /// Longer than the service's count until the tail is trimmed.
     endpoints: HashMap<(u32, u32), Vec<u32>>,
-    backends: HashMap<u32, backend_value>,
+    /// Backend addresses as carried by the endpoint entries.
+    backend_addrs: HashMap<u32, backend_addr>,
     manage: BTreeSet<u64>,
 }
 
 /// The desired map contents for a model, before endpoint ordering.
 struct Desired {
-    frontends: HashMap<IpAddr, frontend_value>,
-    /// Service values without endpoint counts (filled in during apply).
-    services: HashMap<u32, service_value>,
+    /// Service id → (value without endpoint counts, VIPs).
+    services: HashMap<u32, (service_value, Vec<IpAddr>)>,
+    workload_ips: HashMap<IpAddr, workload_value>,
     endpoints: HashMap<(u32, u32), BTreeSet<u32>>,
-    backends: HashMap<u32, backend_value>,
+    backend_addrs: HashMap<u32, backend_addr>,
     manage: BTreeSet<u64>,
+}
+
+impl Desired {
+    fn vips(&self) -> impl Iterator<Item = &IpAddr> {
+        self.services.values().flat_map(|(_, vips)| vips)
+    }
 }
 
 pub struct MapWriter {
     dp: Datapath,
-    ids: Ids,
+    service_ids: IdSpace,
+    workload_ids: IdSpace,
     written: Written,
     enroll_sources: HashMap<u64, String>,
 }
@@ -138,7 +137,8 @@ impl MapWriter {
     pub fn new(dp: Datapath) -> Self {
         MapWriter {
             dp,
-            ids: Ids::default(),
+            service_ids: IdSpace::default(),
+            workload_ids: IdSpace::default(),
             written: Written::default(),
             enroll_sources: HashMap::new(),
         }
@@ -159,15 +159,22 @@ impl MapWriter {
 
     fn desired(&mut self, model: &Model) -> Desired {
         let mut d = Desired {
-            frontends: HashMap::new(),
             services: HashMap::new(),
+            workload_ips: HashMap::new(),
             endpoints: HashMap::new(),
-            backends: HashMap::new(),
+            backend_addrs: HashMap::new(),
             manage: model.enrolled.keys().copied().collect(),
         };
+        // A service without a VIP cannot be connected to: nothing to write.
+        let mut routable: HashMap<&str, u32> = HashMap::new();
         for (key, svc) in &model.services {
-            let id = self.ids.get_or_alloc(Upstream::Service(key.clone()));
+            if svc.addresses.is_empty() {
+                continue;
+            }
+            let id = self.service_ids.get_or_alloc(key);
+            routable.insert(key, id);
             let mut v = service_value {
+                service_id: id,
                 lb_policy: match svc.load_balancing.mode {
                     LbMode::Random => 0,
                     LbMode::Strict => 1,
@@ -177,57 +184,31 @@ impl MapWriter {
             };
             for (i, p) in svc.ports.iter().enumerate() {
                 v.service_port[i] = port_to_map(p.service_port);
-                v.target_port[i] = if p.target_port == 0 {
-                    0
-                } else {
-                    port_to_map(p.target_port)
-                };
+                if p.target_port != 0 {
+                    v.target_port[i] = port_to_map(p.target_port);
+                }
             }
-            d.services.insert(id, v);
-            for a in &svc.addresses {
-                d.frontends.insert(
-                    a.address,
-                    frontend_value {
-                        upstream_id: id,
-                        kind: UPSTREAM_SERVICE,
-                    },
-                );
-            }
+            let vips = svc.addresses.iter().map(|a| a.address).collect();
+            d.services.insert(id, (v, vips));
         }
         for (uid, w) in &model.workloads {
-            let id = self.ids.get_or_alloc(Upstream::Workload(uid.clone()));
-            let mut b = backend_value::default();
+            let id = self.workload_ids.get_or_alloc(uid);
             for a in &w.addresses {
-                match a {
-                    IpAddr::V4(v4) => {
-                        b.has_ip4 = 1;
-                        b.ip4 = ip4_to_map(*v4);
-                    }
-                    IpAddr::V6(_) => {
-                        b.has_ip6 = 1;
-                        b.ip6 = kmesh_addr::from_ip(*a);
-                    }
-                }
-                d.frontends.insert(
-                    *a,
-                    frontend_value {
-                        upstream_id: id,
-                        kind: UPSTREAM_WORKLOAD,
-                    },
-                );
+                d.workload_ips
+                    .insert(*a, workload_value { workload_id: id });
             }
-            d.backends.insert(id, b);
+            d.backend_addrs
+                .insert(id, backend_addr::from_ips(&w.addresses));
             // Unhealthy workloads stay reachable directly but take no new
             // service traffic.
             if w.status != HealthStatus::Healthy {
                 continue;
             }
             for skey in w.services.keys() {
-                if !model.services.contains_key(skey) {
-                    continue; // xDS may send a workload before its service
+                // xDS may send a workload before its service.
+                if let Some(sid) = routable.get(skey.as_str()) {
+                    d.endpoints.entry((*sid, 0)).or_default().insert(id);
                 }
-                let sid = self.ids.get_or_alloc(Upstream::Service(skey.clone()));
-                d.endpoints.entry((sid, 0)).or_default().insert(id);
             }
         }
         d
@@ -235,40 +216,22 @@ impl MapWriter {
 
     fn check_capacity(&self, d: &Desired) -> Result<(), WriterError> {
         let w = &self.written;
-        let union = |new: usize, old_only: usize| new + old_only;
-        let backends = union(
-            d.backends.len(),
-            w.backends
-                .keys()
-                .filter(|k| !d.backends.contains_key(k))
-                .count(),
-        );
-        let services = union(
-            d.services.len(),
-            w.services
-                .keys()
-                .filter(|k| !d.services.contains_key(k))
-                .count(),
-        );
-        // Lists shrink after they grow, and lists of removed services go last.
-        let mut endpoints = 0;
-        for (k, new) in &d.endpoints {
-            endpoints += new.len().max(w.endpoints.get(k).map_or(0, Vec::len));
-        }
-        for (k, old) in &w.endpoints {
-            if !d.endpoints.contains_key(k) {
-                endpoints += old.len();
-            }
-        }
-        let manage = union(
-            d.manage.len(),
-            w.manage.iter().filter(|k| !d.manage.contains(k)).count(),
-        );
+        // Lists grow before they shrink, so each needs its larger length.
+        let mut keys: HashSet<(u32, u32)> = d.endpoints.keys().copied().collect();
+        keys.extend(w.endpoints.keys().copied());
+        let endpoints: usize = keys
+            .iter()
+            .map(|k| {
+                let new = d.endpoints.get(k).map_or(0, BTreeSet::len);
+                new.max(w.endpoints.get(k).map_or(0, Vec::len))
+            })
+            .sum();
+        let manage = d.manage.len() + w.manage.difference(&d.manage).count();
+        // Stale VIPs and workload addresses are deleted before new ones go in.
         for (id, needed, flag) in [
-            (MapId::Frontend, d.frontends.len(), "max-frontends"),
-            (MapId::Service, services, "max-services"),
+            (MapId::Vip, d.vips().count(), "max-vips"),
+            (MapId::Workload, d.workload_ips.len(), "max-workload-ips"),
             (MapId::Endpoint, endpoints, "max-endpoints"),
-            (MapId::Backend, backends, "max-backends"),
             (MapId::Manage, manage, "max-enrolled-netns"),
         ] {
             let capacity = self.dp.capacity(id);
@@ -289,68 +252,66 @@ impl MapWriter {
     /// consistent (the ordering above) and the next apply converges.
     pub fn apply(&mut self, model: &Model) -> Result<ApplyStats, WriterError> {
         model.validate()?;
-        let known_before: HashSet<u32> = self.ids.names.keys().copied().collect();
         let d = self.desired(model);
-        if let Err(e) = self.check_capacity(&d) {
-            // Forget ids allocated for entries that were never written.
-            for id in self.ids.names.keys().copied().collect::<Vec<_>>() {
-                if !known_before.contains(&id) {
-                    self.ids.release(id);
-                }
-            }
-            return Err(e);
-        }
-        self.enroll_sources = model
-            .enrolled
-            .iter()
-            .map(|(c, e)| (*c, e.source.clone()))
-            .collect();
-        let mut st = ApplyStats::default();
-        let r = self.write(&d, &mut st);
-        // Ids no longer referenced anywhere can go.
-        let live: HashSet<u32> = self
-            .written
-            .services
+        let result = self.check_capacity(&d).and_then(|()| {
+            self.enroll_sources = model
+                .enrolled
+                .iter()
+                .map(|(c, e)| (*c, e.source.clone()))
+                .collect();
+            let mut st = ApplyStats::default();
+            self.write(&d, &mut st).map(|()| st)
+        });
+        // Ids neither wanted nor still referenced by a map entry go.
+        let w = &self.written;
+        let svc_live: HashSet<u32> = w
+            .endpoints
             .keys()
-            .chain(self.written.backends.keys())
-            .copied()
+            .map(|k| k.0)
+            .chain(w.vips.values().map(|v| v.service_id))
             .collect();
-        let dead: Vec<u32> = self
-            .ids
-            .names
-            .keys()
-            .filter(|id| {
-                !live.contains(id) && !d.services.contains_key(id) && !d.backends.contains_key(id)
-            })
+        let wl_live: HashSet<u32> = w
+            .endpoints
+            .values()
+            .flatten()
             .copied()
+            .chain(w.workload_ips.values().map(|v| v.workload_id))
             .collect();
-        for id in dead {
-            self.ids.release(id);
-        }
-        r.map(|()| st)
+        self.service_ids.retain(|id| {
+            svc_live.contains(&id) || (result.is_ok() && d.services.contains_key(&id))
+        });
+        self.workload_ids.retain(|id| {
+            wl_live.contains(&id) || (result.is_ok() && d.backend_addrs.contains_key(&id))
+        });
+        result
     }
 
     fn write(&mut self, d: &Desired, st: &mut ApplyStats) -> Result<(), WriterError> {
         // 1. Stop routing to anything going away.
+        let wanted_vips: HashSet<&IpAddr> = d.vips().collect();
         let stale: Vec<IpAddr> = self
             .written
-            .frontends
+            .vips
             .keys()
-            .filter(|ip| !d.frontends.contains_key(ip))
+            .filter(|ip| !wanted_vips.contains(ip))
             .copied()
             .collect();
         for ip in stale {
-            self.delete(
-                MapId::Frontend,
-                &frontend_key {
-                    addr: kmesh_addr::from_ip(ip),
-                },
-                &ip.to_string(),
-                st,
-            )?;
-            self.written.frontends.remove(&ip);
+            self.delete(MapId::Vip, &addr_key::from_ip(ip), &ip.to_string(), st)?;
+            self.written.vips.remove(&ip);
         }
-        // 2. Enrollment and backends.
+        let stale: Vec<IpAddr> = self
+            .written
+            .workload_ips
+            .keys()
+            .filter(|ip| !d.workload_ips.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in stale {
+            self.delete(MapId::Workload, &addr_key::from_ip(ip), &ip.to_string(), st)?;
+            self.written.workload_ips.remove(&ip);
+        }
+        // 2. Enrollment.
         for cookie in d.manage.difference(&self.written.manage.clone()) {
             self.update(
                 MapId::Manage,
@@ -361,19 +322,18 @@ impl MapWriter {
             )?;
             self.written.manage.insert(*cookie);
         }
-        for (id, b) in &d.backends {
-            if self
-                .written
-                .backends
-                .get(id)
-                .is_some_and(|old| same(old, b))
-            {
-                continue;
-            }
-            self.update(MapId::Backend, id, b, &self.name(*id), st)?;
-            self.written.backends.insert(*id, *b);
-        }
-        // 3. Endpoint lists and services (counts follow the lists).
+        // 3. Endpoint lists, including entries whose backend moved.
+        let moved: HashSet<u32> = d
+            .backend_addrs
+            .iter()
+            .filter(|(id, a)| {
+                self.written
+                    .backend_addrs
+                    .get(id)
+                    .is_some_and(|old| !same(old, *a))
+            })
+            .map(|(id, _)| *id)
+            .collect();
         let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
         keys.extend(
             self.written
@@ -381,96 +341,61 @@ impl MapWriter {
                 .keys()
                 .filter(|(s, _)| d.services.contains_key(s)),
         );
-        let mut counts: HashMap<u32, [u32; crate::bpf::MAX_PRIO]> = HashMap::new();
+        let mut counts: HashMap<u32, [u32; MAX_PRIO]> = HashMap::new();
         for key in keys {
             let want = d.endpoints.get(&key).cloned().unwrap_or_default();
-            let len = self.sync_endpoints(key, &want, st)?;
+            let len = self.sync_endpoints(key, &want, &moved, d, st)?;
             counts.entry(key.0).or_default()[key.1 as usize] = len;
         }
-        for (id, v) in &d.services {
-            let mut v = *v;
+        self.written.backend_addrs.clone_from(&d.backend_addrs);
+        // 4. Services: every VIP carries the full value, counts included.
+        for (id, (template, vips)) in &d.services {
+            let mut v = *template;
             v.prio_endpoint_count = counts.get(id).copied().unwrap_or_default();
-            if !self
-                .written
-                .services
-                .get(id)
-                .is_some_and(|old| same(old, &v))
-            {
-                self.update(MapId::Service, id, &v, &self.name(*id), st)?;
-                self.written.services.insert(*id, v);
+            for ip in vips {
+                if self.written.vips.get(ip).is_some_and(|old| same(old, &v)) {
+                    continue;
+                }
+                self.update(
+                    MapId::Vip,
+                    &addr_key::from_ip(*ip),
+                    &v,
+                    &self.service_name(*id),
+                    st,
+                )?;
+                self.written.vips.insert(*ip, v);
             }
-            if let Some(c) = counts.get(id) {
-                self.trim_endpoints(*id, c, st)?;
-            }
+            self.trim_endpoints(*id, &v.prio_endpoint_count, st)?;
         }
-        // 4. New and changed frontends, now that their targets exist.
-        for (ip, v) in &d.frontends {
+        // 5. Workload addresses.
+        for (ip, v) in &d.workload_ips {
             if self
                 .written
-                .frontends
+                .workload_ips
                 .get(ip)
                 .is_some_and(|old| same(old, v))
             {
                 continue;
             }
             self.update(
-                MapId::Frontend,
-                &frontend_key {
-                    addr: kmesh_addr::from_ip(*ip),
-                },
+                MapId::Workload,
+                &addr_key::from_ip(*ip),
                 v,
-                &ip.to_string(),
+                &self.workload_name(v.workload_id),
                 st,
             )?;
-            self.written.frontends.insert(*ip, *v);
+            self.written.workload_ips.insert(*ip, *v);
         }
-        // 5. Removed services (with their endpoints), backends, enrollments.
-        let gone: Vec<u32> = self
+        // 6. Endpoint lists of removed services, and removed enrollments.
+        let gone: Vec<(u32, u32)> = self
             .written
-            .services
+            .endpoints
             .keys()
-            .filter(|id| !d.services.contains_key(id))
+            .filter(|(s, _)| !d.services.contains_key(s))
             .copied()
             .collect();
-        for id in gone {
-            let what = self.name(id);
-            self.delete(MapId::Service, &id, &what, st)?;
-            self.written.services.remove(&id);
-            let lists: Vec<(u32, u32)> = self
-                .written
-                .endpoints
-                .keys()
-                .filter(|(s, _)| *s == id)
-                .copied()
-                .collect();
-            for key in lists {
-                let n = self.written.endpoints[&key].len() as u32;
-                for index in (1..=n).rev() {
-                    self.delete(
-                        MapId::Endpoint,
-                        &endpoint_key {
-                            service_id: key.0,
-                            prio: key.1,
-                            index,
-                        },
-                        &what,
-                        st,
-                    )?;
-                    self.written.endpoints.get_mut(&key).expect("listed").pop();
-                }
-                self.written.endpoints.remove(&key);
-            }
-        }
-        let gone: Vec<u32> = self
-            .written
-            .backends
-            .keys()
-            .filter(|id| !d.backends.contains_key(id))
-            .copied()
-            .collect();
-        for id in gone {
-            self.delete(MapId::Backend, &id, &self.name(id), st)?;
-            self.written.backends.remove(&id);
+        for key in gone {
+            self.trim_endpoints(key.0, &[0; MAX_PRIO], st)?;
         }
         let gone: Vec<u64> = self.written.manage.difference(&d.manage).copied().collect();
         for cookie in gone {
@@ -486,13 +411,16 @@ impl MapWriter {
     }
 
     /// Brings one (service, priority) list to the set `want` without gaps:
-    /// removals swap the last entry into the hole, additions append. Entries
-    /// past the new length are deleted later by `trim_endpoints`, after the
+    /// removals swap the last entry into the hole, additions append, and
+    /// entries of `moved` workloads are rewritten with their new addresses.
+    /// Entries past the new length are deleted by `trim_endpoints` once the
     /// service's count has shrunk. Returns the new length.
     fn sync_endpoints(
         &mut self,
         key: (u32, u32),
         want: &BTreeSet<u32>,
+        moved: &HashSet<u32>,
+        d: &Desired,
         st: &mut ApplyStats,
     ) -> Result<u32, WriterError> {
         let old = self
@@ -512,9 +440,9 @@ impl MapWriter {
         }
         let present: HashSet<u32> = list.iter().copied().collect();
         list.extend(want.iter().filter(|b| !present.contains(b)));
-        let what = self.name(key.0);
-        for (pos, backend) in list.iter().enumerate() {
-            if old.get(pos) == Some(backend) {
+        let what = self.service_name(key.0);
+        for (pos, wid) in list.iter().enumerate() {
+            if old.get(pos) == Some(wid) && !moved.contains(wid) {
                 continue;
             }
             let k = endpoint_key {
@@ -522,43 +450,36 @@ impl MapWriter {
                 prio: key.1,
                 index: pos as u32 + 1,
             };
-            self.update(
-                MapId::Endpoint,
-                &k,
-                &endpoint_value {
-                    backend_id: *backend,
-                },
-                &what,
-                st,
-            )?;
+            let v = endpoint_value {
+                workload_id: *wid,
+                addr: d.backend_addrs.get(wid).copied().unwrap_or_default(),
+            };
+            self.update(MapId::Endpoint, &k, &v, &what, st)?;
         }
-        // Remember the longer of the two: indices beyond the new length are
-        // still in the map until trimmed.
-        let mut tracked = list.clone();
-        if old.len() > list.len() {
-            tracked.extend_from_slice(&old[list.len()..]);
-        }
+        // Indices beyond the new length stay in the map until trimmed.
         let len = list.len() as u32;
-        self.written.endpoints.insert(key, tracked);
+        if old.len() > list.len() {
+            list.extend_from_slice(&old[list.len()..]);
+        }
+        self.written.endpoints.insert(key, list);
         Ok(len)
     }
 
-    /// Deletes endpoint indices beyond each list's count, once the service
-    /// value no longer covers them.
+    /// Deletes endpoint indices beyond each list's count, once no VIP entry
+    /// covers them any more.
     fn trim_endpoints(
         &mut self,
         service: u32,
-        counts: &[u32; crate::bpf::MAX_PRIO],
+        counts: &[u32; MAX_PRIO],
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        let what = self.name(service);
+        let what = self.service_name(service);
         for (prio, &count) in counts.iter().enumerate() {
             let key = (service, prio as u32);
             let Some(tracked) = self.written.endpoints.get(&key) else {
                 continue;
             };
-            let tracked_len = tracked.len() as u32;
-            for index in (count + 1..=tracked_len).rev() {
+            for index in (count + 1..=tracked.len() as u32).rev() {
                 let k = endpoint_key {
                     service_id: service,
                     prio: prio as u32,
@@ -574,11 +495,28 @@ impl MapWriter {
         Ok(())
     }
 
-    fn name(&self, id: u32) -> String {
-        self.ids
-            .names
-            .get(&id)
-            .map_or_else(|| format!("id {id}"), |u| u.label().to_string())
+    /// Name of a service id, if this writer allocated it.
+    pub(crate) fn service_key(&self, id: u32) -> Option<&str> {
+        self.service_ids.keys.get(&id).map(String::as_str)
+    }
+
+    /// Uid of a workload id, if this writer allocated it.
+    pub(crate) fn workload_uid(&self, id: u32) -> Option<&str> {
+        self.workload_ids.keys.get(&id).map(String::as_str)
+    }
+
+    fn service_name(&self, id: u32) -> String {
+        self.service_key(id)
+            .map_or_else(|| format!("service id {id}"), str::to_string)
+    }
+
+    fn workload_name(&self, id: u32) -> String {
+        self.workload_uid(id)
+            .map_or_else(|| format!("workload id {id}"), str::to_string)
+    }
+
+    pub(crate) fn enroll_source(&self, cookie: u64) -> Option<&str> {
+        self.enroll_sources.get(&cookie).map(String::as_str)
     }
 
     fn update<K: Pod, V: Pod>(
@@ -624,15 +562,6 @@ impl MapWriter {
         }
         st.deletes += 1;
         Ok(())
-    }
-
-    /// Name of an upstream id, if this writer allocated it.
-    pub(crate) fn upstream(&self, id: u32) -> Option<&Upstream> {
-        self.ids.names.get(&id)
-    }
-
-    pub(crate) fn enroll_source(&self, cookie: u64) -> Option<&str> {
-        self.enroll_sources.get(&cookie).map(String::as_str)
     }
 }
 

@@ -61,8 +61,8 @@ fn kernel_endpoints(w: &MapWriter) -> BTreeMap<u32, String> {
         .map(|k| {
             let key = endpoint_key::from_bytes(&k).unwrap();
             let v = map.lookup(&k, MapFlags::ANY).unwrap().unwrap();
-            let b = endpoint_value::from_bytes(&v).unwrap().backend_id;
-            (key.index, w.upstream(b).unwrap().label().to_string())
+            let b = endpoint_value::from_bytes(&v).unwrap().workload_id;
+            (key.index, w.workload_uid(b).unwrap().to_string())
         })
         .collect()
 }
@@ -79,7 +79,14 @@ fn apply_is_idempotent_and_dump_matches() {
         ],
     );
     let first = w.apply(&m).unwrap();
-    assert!(first.updates >= 2 + 2 + 1 + 3, "{first:?}");
+    // 1 VIP, 2 workload addresses, 2 endpoints.
+    assert_eq!(
+        first,
+        ApplyStats {
+            updates: 5,
+            deletes: 0
+        }
+    );
     assert_eq!(w.apply(&m).unwrap(), ApplyStats::default());
 
     let d = w.dump();
@@ -94,7 +101,8 @@ fn apply_is_idempotent_and_dump_matches() {
     let mut eps = s.endpoints[&0].clone();
     eps.sort();
     assert_eq!(eps, vec!["w1", "w2"]);
-    assert_eq!(d.maps["km_frontend"].entries, 3);
+    assert_eq!(d.maps["km_vip"].entries, 1);
+    assert_eq!(d.maps["km_workload"].entries, 2);
 }
 
 #[test]
@@ -135,7 +143,8 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
     let d = w.dump();
     assert_eq!(d.services[0].endpoints[&0], vec!["w1"]);
     assert_eq!(d.workloads.len(), 2);
-    assert_eq!(d.maps["km_frontend"].entries, 3);
+    assert_eq!(d.maps["km_vip"].entries, 1);
+    assert_eq!(d.maps["km_workload"].entries, 2);
 }
 
 #[test]
@@ -153,7 +162,7 @@ fn removing_everything_empties_every_map() {
 #[test]
 fn full_map_is_an_error_naming_it_and_changes_nothing() {
     let mut w = writer(MapSizes {
-        backends: 2,
+        workload_ips: 2,
         ..MapSizes::default()
     });
     let web = service("web", "10.96.0.10");
@@ -182,11 +191,11 @@ fn full_map_is_an_error_naming_it_and_changes_nothing() {
         "{msg}"
     );
     assert!(
-        msg.contains("km_backend") && msg.contains("max-backends"),
+        msg.contains("km_workload") && msg.contains("max-workload-ips"),
         "{msg}"
     );
     // Still exactly the previous state, and re-applying it is a no-op.
-    assert_eq!(w.datapath().map(MapId::Backend).keys().count(), 2);
+    assert_eq!(w.datapath().map(MapId::Workload).keys().count(), 2);
     assert_eq!(w.dump().services[0].endpoints[&0].len(), 2);
     assert_eq!(w.apply(&two).unwrap(), ApplyStats::default());
 }
@@ -200,5 +209,64 @@ fn invalid_model_is_rejected_before_any_write() {
     assert!(err.to_string().contains("10.96.0.10"), "{err}");
     for id in MapId::ALL {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
+    }
+}
+
+#[test]
+fn workload_address_change_rewrites_its_endpoint_entries() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let api = service("api", "10.96.0.11");
+    let mut w1 = workload("w1", "10.244.0.1", &web);
+    w1.services.insert(api.key(), vec![]);
+    w.apply(&model(&[&web, &api], &[w1.clone()])).unwrap();
+
+    w1.addresses = vec!["10.244.0.99".parse().unwrap()];
+    let st = w.apply(&model(&[&web, &api], &[w1])).unwrap();
+    // One endpoint entry per service, plus the workload address swap.
+    assert_eq!(
+        st,
+        ApplyStats {
+            updates: 3,
+            deletes: 1
+        }
+    );
+    let d = w.dump();
+    for s in &d.services {
+        assert_eq!(
+            s.endpoint_addresses[&0],
+            vec![vec!["10.244.0.99".to_string()]],
+            "{}",
+            s.name
+        );
+    }
+    assert_eq!(d.workloads[0].addresses, vec!["10.244.0.99"]);
+}
+
+#[test]
+fn service_change_rewrites_every_vip() {
+    let mut w = writer(MapSizes::default());
+    let mut web = service("web", "10.96.0.10");
+    web.addresses.push(NetworkAddress {
+        network: String::new(),
+        address: "fd00:96::10".parse().unwrap(),
+    });
+    let w1 = workload("w1", "10.244.0.1", &web);
+    w.apply(&model(&[&web], std::slice::from_ref(&w1))).unwrap();
+    web.ports[0].target_port = 9090;
+    let st = w.apply(&model(&[&web], &[w1])).unwrap();
+    assert_eq!(
+        st,
+        ApplyStats {
+            updates: 2,
+            deletes: 0
+        }
+    );
+    let map = w.datapath().map(MapId::Vip);
+    for k in map.keys() {
+        let v =
+            service_value::from_bytes(&map.lookup(&k, MapFlags::ANY).unwrap().unwrap()).unwrap();
+        assert_eq!(crate::bpf::port_from_map(v.target_port[0]), 9090);
+        assert_eq!(v.prio_endpoint_count[0], 1);
     }
 }

@@ -58,9 +58,13 @@ fn dead(pid: u32) -> bool {
     !Path::new(&format!("/proc/{pid}")).exists()
 }
 
-fn remove_cgroup(dir: &Path) {
-    // cgroup.kill ends every process a dead run left in its own cgroup.
-    let _ = fs::write(dir.join("cgroup.kill"), "1");
+/// Removes a harness cgroup. Only for a dead run's cgroup does it first end
+/// the processes left in it (cgroup.kill): a live run reaps its own children,
+/// and a bench process may still be inside its cgroup by mistake.
+fn remove_cgroup(dir: &Path, kill_leftovers: bool) {
+    if kill_leftovers {
+        let _ = fs::write(dir.join("cgroup.kill"), "1");
+    }
     for _ in 0..50 {
         if fs::remove_dir(dir).is_ok() || !dir.exists() {
             return;
@@ -83,7 +87,7 @@ fn sweep() {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if owner_pid(&name).is_some_and(dead) {
-                remove_cgroup(&e.path());
+                remove_cgroup(&e.path(), true);
             }
         }
     }
@@ -416,8 +420,8 @@ impl Drop for Env {
         for ns in self.netns.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        remove_cgroup(&self.cgroup);
-        remove_cgroup(&self.servers_cgroup);
+        remove_cgroup(&self.cgroup, false);
+        remove_cgroup(&self.servers_cgroup, false);
         let _ = nix::mount::umount(&self.bpffs);
         let _ = fs::remove_dir_all(&self.dir);
     }
