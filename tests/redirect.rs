@@ -39,6 +39,17 @@ fn config(enrolled: &[&Pod], services: Vec<Value>, workloads: Vec<Value>) -> Val
     })
 }
 
+/// Service web with `vips`, backed by `pods` as web-1..web-n, with
+/// `enrolled` as the only enrolled netns.
+fn web(enrolled: &Pod, vips: &[&str], pods: &[Pod], with_v6: bool) -> Value {
+    let wls = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| workload(&format!("web-{}", i + 1), p, with_v6))
+        .collect();
+    config(&[enrolled], vec![service(vips)], wls)
+}
+
 /// `n` backend pods serving on :8080 (v4 and v6), named web-1..web-n.
 fn backends(env: &mut Env, n: u8) -> Vec<Pod> {
     (1..=n)
@@ -59,11 +70,7 @@ fn vip_connect_is_redirected_with_port_rewrite() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 1);
-    let d = env.daemon(&config(
-        &[&client],
-        vec![service(&["10.96.0.10"])],
-        vec![workload("web-1", &pods[0], false)],
-    ));
+    let d = env.daemon(&web(&client, &["10.96.0.10"], &pods[..1], false));
 
     let conns = env.connect(&client, "10.96.0.10:80", 5);
     for c in &conns {
@@ -81,12 +88,7 @@ fn random_choice_spreads_over_three_endpoints() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 3);
-    let wls = pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| workload(&format!("web-{}", i + 1), p, false))
-        .collect();
-    let _d = env.daemon(&config(&[&client], vec![service(&["10.96.0.10"])], wls));
+    let _d = env.daemon(&web(&client, &["10.96.0.10"], &pods, false));
 
     let t = tally(&env.connect(&client, "10.96.0.10:80", 300));
     // Uniform choice: 100 each, sd ≈ 8.2; [60, 140] is about ±5 sd.
@@ -101,12 +103,7 @@ fn direct_pod_ip_access_is_not_rebalanced() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 3);
-    let wls = pods
-        .iter()
-        .enumerate()
-        .map(|(i, p)| workload(&format!("web-{}", i + 1), p, false))
-        .collect();
-    let d = env.daemon(&config(&[&client], vec![service(&["10.96.0.10"])], wls));
+    let d = env.daemon(&web(&client, &["10.96.0.10"], &pods, false));
 
     let t = tally(&env.connect(&client, "10.244.0.12:8080", 20));
     assert_eq!(t.get("web-2"), Some(&20), "{t:?}");
@@ -123,11 +120,7 @@ fn sockets_of_non_enrolled_netns_are_untouched() {
     let decoy = env.pod(9, &["10.96.0.10"]);
     env.serve(&decoy, &["10.96.0.10:80".to_string()], "decoy");
     let pods = backends(&mut env, 1);
-    let d = env.daemon(&config(
-        &[&enrolled],
-        vec![service(&["10.96.0.10"])],
-        vec![workload("web-1", &pods[0], false)],
-    ));
+    let d = env.daemon(&web(&enrolled, &["10.96.0.10"], &pods[..1], false));
 
     assert_eq!(
         tally(&env.connect(&enrolled, "10.96.0.10:80", 10)).get("web-1"),
@@ -144,14 +137,7 @@ fn removed_endpoint_gets_no_new_connections_and_existing_ones_survive() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
-    let both = config(
-        &[&client],
-        vec![service(&["10.96.0.10"])],
-        vec![
-            workload("web-1", &pods[0], false),
-            workload("web-2", &pods[1], false),
-        ],
-    );
+    let both = web(&client, &["10.96.0.10"], &pods, false);
     let d = env.daemon(&both);
 
     // Hold a connection that landed on web-2.
@@ -167,11 +153,7 @@ fn removed_endpoint_gets_no_new_connections_and_existing_ones_survive() {
     let mut held = held.expect("a connection landed on web-2 in 50 tries");
     assert_eq!(held.echo("before").unwrap(), "before");
 
-    let only_one = config(
-        &[&client],
-        vec![service(&["10.96.0.10"])],
-        vec![workload("web-1", &pods[0], false)],
-    );
+    let only_one = web(&client, &["10.96.0.10"], &pods[..1], false);
     d.write_config(&only_one);
     d.signal(Signal::SIGHUP);
     d.wait_dump(Duration::from_secs(5), |v| {
@@ -194,10 +176,11 @@ fn ipv6_vip_and_v4_mapped_vip_are_redirected() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 1);
-    let d = env.daemon(&config(
-        &[&client],
-        vec![service(&["10.96.0.10", "fd00:96::10"])],
-        vec![workload("web-1", &pods[0], true)],
+    let d = env.daemon(&web(
+        &client,
+        &["10.96.0.10", "fd00:96::10"],
+        &pods[..1],
+        true,
     ));
 
     for c in env.connect(&client, "[fd00:96::10]:80", 5) {
@@ -224,23 +207,12 @@ fn invalid_config_is_rejected_and_nothing_changes() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
-    let good = config(
-        &[&client],
-        vec![service(&["10.96.0.10"])],
-        vec![
-            workload("web-1", &pods[0], false),
-            workload("web-2", &pods[1], false),
-        ],
-    );
+    let good = web(&client, &["10.96.0.10"], &pods, false);
     let d = env.daemon(&good);
     let before = d.dump();
 
     // A bad address in an otherwise plausible edit: the whole file is refused.
-    let mut bad = config(
-        &[&client],
-        vec![service(&["10.96.0.300"])],
-        vec![workload("web-1", &pods[0], false)],
-    );
+    let mut bad = web(&client, &["10.96.0.300"], &pods[..1], false);
     d.write_config(&bad);
     d.signal(Signal::SIGHUP);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -287,11 +259,7 @@ fn shutdown_detaches_unless_asked_to_keep_attached() {
     let decoy = env.pod(9, &["10.96.0.10"]);
     env.serve(&decoy, &["10.96.0.10:80".to_string()], "decoy");
     let pods = backends(&mut env, 1);
-    let cfg = config(
-        &[&client],
-        vec![service(&["10.96.0.10"])],
-        vec![workload("web-1", &pods[0], false)],
-    );
+    let cfg = web(&client, &["10.96.0.10"], &pods[..1], false);
 
     let mut d = env.daemon(&cfg);
     assert_eq!(

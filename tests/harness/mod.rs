@@ -48,6 +48,13 @@ fn cgroup_root() -> PathBuf {
         .expect("cgroup2 mounted")
 }
 
+/// `ip -n NS ARGS…`, panicking with ip's message on failure.
+fn ip(ns: &str, args: &str) {
+    let mut v = vec!["ip", "-n", ns];
+    v.extend(args.split_whitespace());
+    sh(&v);
+}
+
 /// Pid encoded in a harness name `kmt<pid>x…`, if any.
 fn owner_pid(name: &str) -> Option<u32> {
     let rest = name.strip_prefix("kmt")?;
@@ -138,7 +145,6 @@ pub struct Env {
     netns: Vec<String>,
     node: String,
     children: Vec<Child>,
-    pods: u32,
 }
 
 impl Env {
@@ -164,7 +170,6 @@ impl Env {
             netns: Vec::new(),
             node: format!("{tag}node"),
             children: Vec::new(),
-            pods: 0,
         };
         fs::create_dir(&cgroup).unwrap();
         fs::create_dir(&servers_cgroup).unwrap();
@@ -180,84 +185,41 @@ impl Env {
         let node = env.node.clone();
         sh(&["ip", "netns", "add", &node]);
         env.netns.push(node.clone());
-        sh(&["ip", "-n", &node, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &node, "link", "set", "br0", "up"]);
-        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        ip(&node, "link add br0 type bridge");
+        ip(&node, "link set br0 up");
+        ip(&node, "link set lo up");
         env
     }
 
     /// Adds a pod netns with 10.244.0.<n>/24 and fd00:244::<n>/64 on the
     /// node bridge, plus any `extra` addresses (e.g. a decoy owning a VIP).
     pub fn pod(&mut self, n: u8, extra: &[&str]) -> Pod {
-        self.pods += 1;
         let ns = format!("{}p{}", self.tag, n);
         sh(&["ip", "netns", "add", &ns]);
         self.netns.push(ns.clone());
-        let peer = format!("v{n}");
-        sh(&[
-            "ip", "link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &peer,
-            "netns", &self.node,
-        ]);
-        sh(&[
-            "ip", "-n", &self.node, "link", "set", &peer, "master", "br0", "up",
-        ]);
+        let (node, peer) = (self.node.clone(), format!("v{n}"));
+        ip(
+            &node,
+            &format!("link add eth0 netns {ns} type veth peer name {peer}"),
+        );
+        ip(&node, &format!("link set {peer} master br0 up"));
         let v4 = format!("10.244.0.{n}");
         let v6 = format!("fd00:244::{n}");
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{v4}/24"),
-            "dev",
-            "eth0",
-        ]);
-        sh(&[
-            "ip",
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{v6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ]);
+        ip(&ns, &format!("addr add {v4}/24 dev eth0"));
+        ip(&ns, &format!("addr add {v6}/64 dev eth0 nodad"));
         for a in extra {
             if a.contains(':') {
-                sh(&[
-                    "ip",
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{a}/128"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ]);
+                ip(&ns, &format!("addr add {a}/128 dev eth0 nodad"));
             } else {
-                sh(&[
-                    "ip",
-                    "-n",
-                    &ns,
-                    "addr",
-                    "add",
-                    &format!("{a}/32"),
-                    "dev",
-                    "eth0",
-                ]);
+                ip(&ns, &format!("addr add {a}/32 dev eth0"));
             }
         }
-        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&ns, "link set lo up");
+        ip(&ns, "link set eth0 up");
         // Everything else is on-link, so an unredirected VIP reaches a decoy
         // that owns it, and nothing can leave the test's namespaces.
-        sh(&["ip", "-n", &ns, "route", "add", "default", "dev", "eth0"]);
-        sh(&[
-            "ip", "-n", &ns, "-6", "route", "add", "default", "dev", "eth0",
-        ]);
+        ip(&ns, "route add default dev eth0");
+        ip(&ns, "-6 route add default dev eth0");
         Pod {
             netns: ns,
             v4: v4.parse().unwrap(),
