@@ -85,23 +85,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Some(p) => Some(config::load(p)?),
         None => None,
     };
-    let mut dp = Datapath::load(opts.sizes)?;
-    dp.attach(&opts.cgroup)?;
-    dp.pin(&opts.bpffs)?;
-    let mut w = MapWriter::new(dp);
+    // Fill the maps before attaching: the programs go live complete, and
+    // pinning then replaces (and so detaches) a previous daemon's kept
+    // links, so a restart never leaves a window without redirects.
+    let mut w = MapWriter::new(Datapath::load(opts.sizes)?);
     if let (Some(model), Some(path)) = (&model, &opts.config) {
         let st = w.apply(model).map_err(|source| DaemonError::Apply {
             config: path.display().to_string(),
             source,
-        });
-        match st {
-            Ok(st) => tracing::info!("applied {model} ({} map updates)", st.updates),
-            Err(e) => {
-                w.shutdown(false);
-                return Err(e);
-            }
-        }
+        })?;
+        tracing::info!("applied {model} ({} map updates)", st.updates);
     }
+    w.datapath_mut().attach(&opts.cgroup)?;
+    w.datapath_mut().pin(&opts.bpffs)?;
     tracing::info!(
         "attached to cgroup {}, maps pinned under {}",
         opts.cgroup.display(),

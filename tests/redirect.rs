@@ -304,3 +304,31 @@ fn strict_service_without_local_endpoints_fails_fast() {
     );
     assert_eq!(d.stat("strict_reject"), 1);
 }
+
+#[test]
+fn restart_with_kept_links_hands_over_without_a_gap() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let vip = &["10.96.0.10"];
+    let mut old = env
+        .daemon_args(&web(&client, vip, &pods[..1], false), &["--keep-attached"])
+        .unwrap();
+    assert!(old.stop().success());
+    // The old programs still redirect with nobody running.
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 5)).get("web-1"),
+        Some(&5)
+    );
+
+    // The new daemon only knows web-2. Multi-attached cgroup programs run in
+    // attach order, so had the old link survived, it would win every time.
+    let to_web2 = config(
+        &[&client],
+        vec![service(vip)],
+        vec![workload("web-2", &pods[1], false)],
+    );
+    let _new = env.daemon(&to_web2);
+    let t = tally(&env.connect(&client, "10.96.0.10:80", 30));
+    assert_eq!(t.get("web-2"), Some(&30), "{t:?}");
+}
