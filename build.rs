@@ -11,6 +11,7 @@ fn main() {
         Ok(other) => panic!("unsupported target arch for BPF: {other}"),
         Err(e) => panic!("CARGO_CFG_TARGET_ARCH: {e}"),
     };
+    compile_protos();
     println!("cargo:rerun-if-changed=bpf");
     let mut sources: Vec<PathBuf> = fs::read_dir("bpf")
         .expect("read bpf/")
@@ -40,4 +41,20 @@ fn main() {
             .build_and_generate(out.join(format!("{stem}.skel.rs")))
             .unwrap_or_else(|e| panic!("building {}: {e:#}", src.display()));
     }
+}
+
+/// Istio workload API + delta ADS, compiled with protox (no protoc needed).
+fn compile_protos() {
+    println!("cargo:rerun-if-changed=proto");
+    let files = [
+        "proto/workload.proto",
+        "proto/authorization.proto",
+        "proto/xds.proto",
+    ];
+    let fds = protox::compile(files, ["proto"]).unwrap_or_else(|e| panic!("compiling protos: {e}"));
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("generating gRPC code: {e}"));
 }

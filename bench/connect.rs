@@ -71,6 +71,7 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
                     addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
                     services: BTreeMap::from([(s.key(), vec![])]),
                     status: HealthStatus::Healthy,
+                    host_network: false,
                 },
             );
         }
@@ -90,6 +91,7 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
             addresses: vec![backend],
             services: BTreeMap::from([(web.key(), vec![])]),
             status: HealthStatus::Healthy,
+            host_network: false,
         },
     );
     m.services.insert(web.key(), web);

@@ -10,3 +10,4 @@ pub mod daemon;
 pub mod model;
 pub mod sys;
 pub mod writer;
+pub mod xds;

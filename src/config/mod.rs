@@ -100,6 +100,8 @@ enum LbModeEntry {
     Strict,
     #[serde(rename = "FAILOVER")]
     Failover,
+    #[serde(rename = "PASSTHROUGH")]
+    Passthrough,
 }
 
 #[derive(Debug, Deserialize)]
@@ -118,6 +120,9 @@ struct WorkloadEntry {
     services: BTreeMap<String, PortList>,
     #[serde(default)]
     status: StatusEntry,
+    /// Istio's network_mode HOST_NETWORK.
+    #[serde(default)]
+    host_network: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -221,6 +226,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
                         LbModeEntry::Unspecified => LbMode::Random,
                         LbModeEntry::Strict => LbMode::Strict,
                         LbModeEntry::Failover => LbMode::Failover,
+                        LbModeEntry::Passthrough => LbMode::Passthrough,
                     },
                     routing_preference: lb.routing_preference.clone(),
                 })
@@ -257,6 +263,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
                 StatusEntry::Healthy => HealthStatus::Healthy,
                 StatusEntry::Unhealthy => HealthStatus::Unhealthy,
             },
+            host_network: w.host_network,
         };
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;

@@ -53,6 +53,9 @@ pub enum LbMode {
     Strict,
     /// Prefer the best locality match, fall back level by level.
     Failover,
+    /// Istio's PASSTHROUGH: connections go to their original destination;
+    /// the data path gets no VIP entry for the service.
+    Passthrough,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -125,6 +128,9 @@ pub struct Workload {
     /// with per-workload port overrides (empty = the service's ports).
     pub services: BTreeMap<String, Vec<PortMapping>>,
     pub status: HealthStatus,
+    /// hostNetwork pods share the node's address: they serve as endpoints
+    /// but get no direct-access entry (the address is not theirs alone).
+    pub host_network: bool,
 }
 
 impl Workload {
@@ -206,7 +212,7 @@ impl Model {
                 claim(a.address, format!("service {}", s.key()))?;
             }
         }
-        for w in self.workloads.values() {
+        for w in self.workloads.values().filter(|w| !w.host_network) {
             for a in &w.addresses {
                 claim(*a, format!("workload {}", w.uid))?;
             }
@@ -265,6 +271,7 @@ mod tests {
                 addresses: vec!["10.96.0.1".parse().unwrap()],
                 services: BTreeMap::new(),
                 status: HealthStatus::Healthy,
+                host_network: false,
             },
         );
         let e = m.validate().unwrap_err();

@@ -168,7 +168,7 @@ impl MapWriter {
         // A service without a VIP cannot be connected to: nothing to write.
         let mut routable: HashMap<&str, u32> = HashMap::new();
         for (key, svc) in &model.services {
-            if svc.addresses.is_empty() {
+            if svc.addresses.is_empty() || svc.load_balancing.mode == LbMode::Passthrough {
                 continue;
             }
             let id = self.service_ids.get_or_alloc(key);
@@ -179,6 +179,7 @@ impl MapWriter {
                     LbMode::Random => 0,
                     LbMode::Strict => 1,
                     LbMode::Failover => 2,
+                    LbMode::Passthrough => unreachable!("passthrough services get no VIP entry"),
                 },
                 ..Default::default()
             };
@@ -193,9 +194,11 @@ impl MapWriter {
         }
         for (uid, w) in &model.workloads {
             let id = self.workload_ids.get_or_alloc(uid);
-            for a in &w.addresses {
-                d.workload_ips
-                    .insert(*a, workload_value { workload_id: id });
+            if !w.host_network {
+                for a in &w.addresses {
+                    d.workload_ips
+                        .insert(*a, workload_value { workload_id: id });
+                }
             }
             d.backend_addrs
                 .insert(id, backend_addr::from_ips(&w.addresses));

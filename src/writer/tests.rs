@@ -40,6 +40,7 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
         addresses: vec![ip.parse().unwrap()],
         services: BTreeMap::from([(svc.key(), vec![])]),
         status: HealthStatus::Healthy,
+        host_network: false,
     }
 }
 
