@@ -1,5 +1,6 @@
-//! The daemon: wires a source (the config file) to the map writer, attaches
-//! the data path, and reacts to SIGHUP, file changes and shutdown signals.
+//! The daemon: wires the sources (config file, xDS) to the map writer,
+//! attaches the data path, and reacts to SIGHUP, file changes, xDS updates
+//! and shutdown signals.
 
 use std::{
     path::{Path, PathBuf},
@@ -8,13 +9,18 @@ use std::{
 };
 
 use thiserror::Error;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::watch,
+};
 
 use crate::{
     admin::{self, AdminError},
     bpf::{BpfError, Datapath, MapSizes},
     config::{self, ConfigError},
+    model::Model,
     writer::{MapWriter, WriterError},
+    xds::client::{self as xds, XdsOptions, XdsState},
 };
 
 #[derive(Debug, Error)]
@@ -33,8 +39,10 @@ pub enum DaemonError {
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Standalone config file; without it the maps start empty.
+    /// Standalone config file (services, workloads, enrolled netns).
     pub config: Option<PathBuf>,
+    /// Istio control plane to take services and workloads from.
+    pub xds: Option<XdsOptions>,
     /// cgroup2 directory whose sockets are subject to redirect.
     pub cgroup: PathBuf,
     /// Directory on a bpf filesystem for pinned maps and links.
@@ -54,22 +62,32 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-fn reload(path: &Path, writer: &Mutex<MapWriter>, why: &str) {
-    let model = match config::load(path) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::error!("{why}: config rejected, previous state kept: {e}");
-            return;
+/// The model the maps should hold: the file's, with xDS services and
+/// workloads added (xDS wins where both define the same key).
+fn merge(file: &Model, xds: &XdsState) -> Model {
+    let mut m = file.clone();
+    for (k, s) in &xds.services {
+        if m.services.insert(k.clone(), s.clone()).is_some() {
+            tracing::warn!("service {k} is defined by the config file and by xDS; using xDS");
         }
-    };
+    }
+    for (k, w) in &xds.workloads {
+        if m.workloads.insert(k.clone(), w.clone()).is_some() {
+            tracing::warn!("workload {k} is defined by the config file and by xDS; using xDS");
+        }
+    }
+    m
+}
+
+fn apply(writer: &Mutex<MapWriter>, model: &Model, why: &str) {
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    match w.apply(&model) {
+    match w.apply(model) {
         Ok(st) => tracing::info!(
             "{why}: applied {model} ({} map updates, {} deletes)",
             st.updates,
             st.deletes
         ),
-        Err(e) => tracing::error!("{why}: apply failed: {e}"),
+        Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
     }
 }
 
@@ -81,21 +99,22 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     // Validate the config before touching the kernel: a bad file at start
     // is an error with nothing attached.
-    let model = match &opts.config {
-        Some(p) => Some(config::load(p)?),
-        None => None,
+    let mut file_model = match &opts.config {
+        Some(p) => config::load(p)?,
+        None => Model::default(),
     };
     // Fill the maps before attaching: the programs go live complete, and
     // pinning then replaces (and so detaches) a previous daemon's kept
     // links, so a restart never leaves a window without redirects.
     let mut w = MapWriter::new(Datapath::load(opts.sizes)?);
-    if let (Some(model), Some(path)) = (&model, &opts.config) {
-        let st = w.apply(model).map_err(|source| DaemonError::Apply {
-            config: path.display().to_string(),
-            source,
-        })?;
-        tracing::info!("applied {model} ({} map updates)", st.updates);
-    }
+    let st = w.apply(&file_model).map_err(|source| DaemonError::Apply {
+        config: opts
+            .config
+            .as_ref()
+            .map_or("(no config)".into(), |p| p.display().to_string()),
+        source,
+    })?;
+    tracing::info!("applied {file_model} ({} map updates)", st.updates);
     w.datapath_mut().attach(&opts.cgroup)?;
     w.datapath_mut().pin(&opts.bpffs)?;
     tracing::info!(
@@ -106,28 +125,47 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let writer = Arc::new(Mutex::new(w));
     let admin = admin::serve(&opts.admin_socket, writer.clone())?;
 
+    let (xds_tx, mut xds_rx) = watch::channel(XdsState::default());
+    let xds_task = opts.xds.clone().map(|o| {
+        tracing::info!("xDS: subscribing to {} as {}", o.address, o.node_id);
+        tokio::spawn(xds::run(o, xds_tx))
+    });
+
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
-        tokio::select! {
-            _ = hup.recv() => {
-                if let Some(p) = &opts.config {
-                    stamp = file_stamp(p);
-                    reload(p, &writer, "SIGHUP");
-                }
-            }
+        let why = tokio::select! {
+            _ = hup.recv() => "SIGHUP",
             _ = tick.tick() => {
-                if let Some(p) = &opts.config {
-                    let now = file_stamp(p);
-                    if now.is_some() && now != stamp {
-                        stamp = now;
-                        reload(p, &writer, "config file changed");
-                    }
+                let now = opts.config.as_deref().and_then(file_stamp);
+                if now.is_none() || now == stamp {
+                    continue;
                 }
+                "config file changed"
+            }
+            r = xds_rx.changed(), if xds_task.is_some() => {
+                if r.is_err() { continue }
+                "xDS update"
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
+        };
+        if why != "xDS update" {
+            let Some(p) = &opts.config else { continue };
+            stamp = file_stamp(p);
+            match config::load(p) {
+                Ok(m) => file_model = m,
+                Err(e) => {
+                    tracing::error!("{why}: config rejected, previous state kept: {e}");
+                    continue;
+                }
+            }
         }
+        let merged = merge(&file_model, &xds_rx.borrow_and_update());
+        apply(&writer, &merged, why);
+    }
+    if let Some(t) = xds_task {
+        t.abort();
     }
     admin.abort();
     let _ = std::fs::remove_file(&opts.admin_socket);

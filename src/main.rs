@@ -1,7 +1,7 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use kmesh::{admin, bpf::MapSizes, config, daemon, sys};
+use kmesh::{admin, bpf::MapSizes, config, daemon, sys, xds::client::XdsOptions};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,29 @@ struct DaemonArgs {
     /// Standalone config file (JSON); reloaded on SIGHUP and when it changes.
     #[arg(long, env = "KMESH_CONFIG")]
     config: Option<PathBuf>,
+    /// Istio control plane (delta ADS): http://host:port or https://host:port.
+    /// Without --config, defaults to istiod's TLS port.
+    #[arg(long, env = "KMESH_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// CA certificate (PEM) for a TLS xDS address.
+    #[arg(
+        long,
+        env = "KMESH_XDS_CA_FILE",
+        default_value = "/var/run/secrets/istio/root-cert.pem"
+    )]
+    xds_ca_file: PathBuf,
+    /// Service-account token sent to the control plane, if the file exists.
+    #[arg(
+        long,
+        env = "KMESH_XDS_TOKEN_FILE",
+        default_value = "/var/run/secrets/tokens/istio-token"
+    )]
+    xds_token_file: PathBuf,
+    /// xDS node id [default: ztunnel~<INSTANCE_IP>~<POD_NAME>.<POD_NAMESPACE>~<POD_NAMESPACE>.svc.cluster.local].
+    #[arg(long, env = "KMESH_NODE_ID")]
+    node_id: Option<String>,
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// cgroup2 directory to attach to [default: the cgroup2 mount root].
     #[arg(long, env = "KMESH_CGROUP")]
     cgroup: Option<PathBuf>,
@@ -71,6 +94,46 @@ enum CtlCmd {
     CheckConfig { file: PathBuf },
 }
 
+const ISTIOD: &str = "https://istiod.istio-system.svc:15012";
+
+/// xDS settings: explicit --xds-address, or istiod when there is no config
+/// file (a DaemonSet next to istiod); none for a bare host with a file.
+fn xds_options(a: &DaemonArgs) -> Option<XdsOptions> {
+    let address = match (&a.xds_address, &a.config) {
+        (Some(addr), _) => addr.clone(),
+        (None, None) => ISTIOD.to_string(),
+        (None, Some(_)) => return None,
+    };
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let ns = env("POD_NAMESPACE");
+    let node_id = a.node_id.clone().unwrap_or_else(|| {
+        format!(
+            "ztunnel~{}~{}.{ns}~{ns}.svc.cluster.local",
+            env("INSTANCE_IP"),
+            env("POD_NAME")
+        )
+    });
+    let metadata = [
+        ("NAMESPACE", ns.clone()),
+        ("CLUSTER_ID", a.cluster_id.clone()),
+        ("NODE_NAME", env("NODE_NAME")),
+        ("INSTANCE_IPS", env("INSTANCE_IP")),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    Some(XdsOptions {
+        address,
+        ca_file: Some(a.xds_ca_file.clone()),
+        token_file: Some(a.xds_token_file.clone()),
+        node_id,
+        metadata,
+        backoff_initial: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(15),
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -98,6 +161,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Cmd::Daemon(a) => {
+                let xds = xds_options(&a);
                 let cgroup = match a.cgroup {
                     Some(c) => c,
                     None => {
@@ -105,6 +169,7 @@ fn main() -> ExitCode {
                     }
                 };
                 let opts = daemon::Options {
+                    xds,
                     config: a.config,
                     cgroup,
                     bpffs: a.bpffs,
