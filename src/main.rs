@@ -18,7 +18,7 @@ struct Cli {
 enum Cmd {
     /// Load the data path, attach it to a cgroup, and keep the maps in sync
     /// with the config source.
-    Daemon(DaemonArgs),
+    Daemon(Box<DaemonArgs>),
     /// Talk to a running daemon, or check files.
     Ctl {
         #[command(subcommand)]

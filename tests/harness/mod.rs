@@ -18,6 +18,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod xds;
+
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
 pub const KMESH: &str = env!("CARGO_BIN_EXE_kmesh");
 

@@ -1,0 +1,265 @@
+//! System tests for the xDS source: the daemon subscribes to the in-repo
+//! control plane (delta ADS), and real connections follow what it pushes.
+
+mod harness;
+
+use std::{net::IpAddr, time::Duration};
+
+use harness::{endpoints, tally, xds::*, Env, Pod};
+use kmesh::xds::{proto::workload as pb, ADDRESS_TYPE};
+use serde_json::{json, Value};
+
+const VIP: &str = "10.96.0.10";
+
+/// `n` backend pods serving on :8080, named web-1..web-n.
+fn backends(env: &mut Env, n: u8) -> Vec<Pod> {
+    (1..=n)
+        .map(|i| {
+            let pod = env.pod(10 + i, &[]);
+            env.serve(&pod, &[format!("{}:8080", pod.v4)], &format!("web-{i}"));
+            pod
+        })
+        .collect()
+}
+
+fn enroll_only(client: &Pod) -> Value {
+    json!({"enroll": {"netns": [client.path()]}})
+}
+
+fn ips(pod: &Pod) -> Vec<IpAddr> {
+    vec![pod.v4]
+}
+
+fn wait_endpoints(d: &harness::Daemon, want: &[&str]) -> Value {
+    let want: Vec<String> = want
+        .iter()
+        .map(|n| format!("Kubernetes//Pod/default/{n}"))
+        .collect();
+    d.wait_dump(Duration::from_secs(10), |v| endpoints(v) == want)
+}
+
+#[test]
+fn pushed_services_and_workloads_carry_traffic() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        for (i, p) in pods.iter().enumerate() {
+            let (n, w) = workload(&format!("web-{}", i + 1), &ips(p), &["web"]);
+            b.set(&n, w);
+        }
+    });
+    let d = env
+        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
+        .unwrap();
+    wait_endpoints(&d, &["web-1", "web-2"]);
+
+    let t = tally(&env.connect(&client, "10.96.0.10:80", 40));
+    assert_eq!(t.len(), 2, "{t:?}");
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
+    assert!(cp.cp.acks() >= 1);
+}
+
+#[test]
+fn updates_and_removals_converge() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        for (i, p) in pods.iter().enumerate() {
+            let (n, w) = workload(&format!("web-{}", i + 1), &ips(p), &["web"]);
+            b.set(&n, w);
+        }
+    });
+    let d = env
+        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
+        .unwrap();
+    wait_endpoints(&d, &["web-1", "web-2"]);
+
+    // web-2 turns unhealthy: it leaves the endpoints but stays addressable.
+    let (n, mut w2) = workload_pb("web-2", &ips(&pods[1]), &["web"]);
+    w2.status = pb::WorkloadStatus::Unhealthy as i32;
+    cp.cp.set(&n, address(pb::address::Type::Workload(w2)));
+    wait_endpoints(&d, &["web-1"]);
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 30)).get("web-1"),
+        Some(&30)
+    );
+    assert_eq!(
+        tally(&env.connect(&client, "10.244.0.12:8080", 3)).get("web-2"),
+        Some(&3)
+    );
+
+    // The service moves to port 81; the old port is no longer redirected.
+    let (n, s) = service("web", &[VIP], &[(81, 8080)]);
+    cp.cp.set(&n, s);
+    d.wait_dump(Duration::from_secs(10), |v| {
+        v["services"][0]["ports"][0]["service_port"] == 81
+    });
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:81", 5)).get("web-1"),
+        Some(&5)
+    );
+
+    // Removals: workload web-1, then the service.
+    cp.cp.remove(ADDRESS_TYPE, "Kubernetes//Pod/default/web-1");
+    d.wait_dump(Duration::from_secs(10), |v| {
+        v["workloads"].as_array().unwrap().len() == 1
+    });
+    cp.cp
+        .remove(ADDRESS_TYPE, "default/web.default.svc.cluster.local");
+    let dump = d.wait_dump(Duration::from_secs(10), |v| {
+        v["services"].as_array().unwrap().is_empty()
+    });
+    assert_eq!(dump["maps"]["km_endpoint"]["entries"], 0);
+    assert_eq!(dump["maps"]["km_vip"]["entries"], 0);
+}
+
+#[test]
+fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 1);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
+        b.set(&n, w);
+        // Five address bytes.
+        let (n, mut bad) = service_pb("badip", &["10.96.0.20"], &[(80, 80)]);
+        bad.addresses[0].address.push(7);
+        b.set(&n, address(pb::address::Type::Service(bad)));
+        // No uid.
+        let (_, mut nouid) = workload_pb("nouid", &["10.244.0.40".parse().unwrap()], &["web"]);
+        nouid.uid.clear();
+        b.set("nouid", address(pb::address::Type::Workload(nouid)));
+        // Eleven ports.
+        let many: Vec<(u32, u32)> = (1..=11).map(|p| (p, p)).collect();
+        let (n, s) = service("manyports", &["10.96.0.30"], &many);
+        b.set(&n, s);
+    });
+    let d = env
+        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
+        .unwrap();
+    wait_endpoints(&d, &["web-1"]);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.cp.nacks().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no NACK");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nack = cp.cp.nacks().join("\n");
+    for want in [
+        "\"default/badip.default.svc.cluster.local\"",
+        "addresses[0] has 5 bytes",
+        "\"nouid\"",
+        "no uid",
+        "\"default/manyports.default.svc.cluster.local\"",
+        "11 ports",
+    ] {
+        assert!(nack.contains(want), "NACK lacks {want:?}: {nack}");
+    }
+    // Only the valid service made it in, and it carries traffic.
+    let dump = d.dump();
+    assert_eq!(dump["services"].as_array().unwrap().len(), 1, "{dump:#}");
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 10)).get("web-1"),
+        Some(&10)
+    );
+}
+
+#[test]
+fn control_plane_restart_keeps_redirects_then_converges() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let mut cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
+        b.set(&n, w);
+    });
+    let d = env
+        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
+        .unwrap();
+    wait_endpoints(&d, &["web-1"]);
+
+    cp.kill();
+    // Last known state stays in force while the control plane is away.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 10)).get("web-1"),
+        Some(&10)
+    );
+    assert!(d.log().contains("keeping last known state"), "{}", d.log());
+
+    // The world changes meanwhile; the client must learn it on reconnect,
+    // including the removal (from its initial_resource_versions).
+    cp.cp.update(|b| {
+        b.remove(ADDRESS_TYPE, "Kubernetes//Pod/default/web-1");
+        let (n, w) = workload("web-2", &ips(&pods[1]), &["web"]);
+        b.set(&n, w);
+    });
+    cp.restart();
+    wait_endpoints(&d, &["web-2"]);
+    assert!(cp.cp.streams() >= 2, "client reconnected");
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 20)).get("web-2"),
+        Some(&20)
+    );
+}
+
+#[test]
+fn tls_control_plane() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 1);
+    let cp = Cp::start(Some((
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+    )));
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
+        b.set(&n, w);
+    });
+    let ca = env.dir.join("ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    let d = env
+        .daemon_args(
+            &enroll_only(&client),
+            &[
+                "--xds-address",
+                &cp.url(),
+                "--xds-ca-file",
+                ca.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    wait_endpoints(&d, &["web-1"]);
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 5)).get("web-1"),
+        Some(&5)
+    );
+}
