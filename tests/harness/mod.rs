@@ -443,6 +443,10 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn dump(&self) -> Value {
         let out = Command::new(KMESH)
             .args(["ctl", "dump", "--admin-socket", self.sock.to_str().unwrap()])

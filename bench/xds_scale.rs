@@ -1,0 +1,151 @@
+//! Scale benchmark for the xDS path (root; real kernel maps).
+//!
+//! 10,000 services (one VIP each) and 100,000 workloads (each backing one
+//! service, so 10 endpoints per service), as istio.workload.Address
+//! resources:
+//! - criterion: decode + convert + apply into fresh maps, in-process;
+//! - end to end: the real daemon subscribed to the in-repo control plane
+//!   holding all of them: time from the daemon's start until its maps hold
+//!   everything, and the daemon's RSS then, against the same daemon idle
+//!   (BPF map memory is kernel memory and not part of RSS).
+//!
+//! Run: `cargo bench --bench xds_scale` (as root). Targets: apply <= 1 s,
+//! RSS <= 30 MB above idle.
+
+#[path = "../tests/harness/mod.rs"]
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use criterion::{BatchSize, Criterion};
+use harness::xds::{service, workload, Cp};
+use kmesh::{
+    bpf::{Datapath, MapSizes},
+    model::Model,
+    writer::MapWriter,
+    xds::convert::{self, Resource},
+};
+use serde_json::json;
+
+const SERVICES: u32 = 10_000;
+const WORKLOADS: u32 = 100_000;
+
+fn resources() -> Vec<(String, prost_types::Any)> {
+    let mut v = Vec::with_capacity((SERVICES + WORKLOADS) as usize);
+    for i in 0..SERVICES {
+        let vip = std::net::Ipv4Addr::from(0x0a60_0000 + i).to_string(); // 10.96.x.y
+        v.push(service(
+            &format!("svc-{i}"),
+            &[&vip],
+            &[(80, 8080), (443, 8443)],
+        ));
+    }
+    for i in 0..WORKLOADS {
+        let ip = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + i)); // 10.128.x.y
+        v.push(workload(
+            &format!("pod-{i}"),
+            &[ip],
+            &[&format!("svc-{}", i % SERVICES)],
+        ));
+    }
+    v
+}
+
+fn to_model(res: &[(String, prost_types::Any)]) -> Model {
+    let mut m = Model::default();
+    for (name, any) in res {
+        match convert::address(name, &any.value).expect("valid synthetic resource") {
+            Resource::Service(s) => {
+                m.services.insert(s.key(), s);
+            }
+            Resource::Workload(w) => {
+                m.workloads.insert(w.uid.clone(), w);
+            }
+        }
+    }
+    m
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn main() {
+    let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(if quick { 5 } else { 20 }))
+        .configure_from_args();
+    let res = resources();
+
+    c.bench_function("xds/convert_and_apply_10k_services_100k_workloads", |b| {
+        b.iter_batched(
+            || MapWriter::new(Datapath::load(MapSizes::default()).unwrap()),
+            |mut w| {
+                let m = to_model(&res);
+                w.apply(&m).unwrap();
+                w
+            },
+            BatchSize::PerIteration,
+        )
+    });
+
+    // End to end through the daemon.
+    let mut env = harness::Env::new();
+    let idle = env.daemon_args(&json!({}), &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let idle_rss = rss_kib(idle.pid());
+    drop(idle);
+
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        for (n, a) in &res {
+            b.set(n, a.clone());
+        }
+    });
+    let started = Instant::now();
+    let d = env
+        .daemon_args(&json!({}), &["--xds-address", &cp.url()])
+        .unwrap();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let log = d.log();
+        if log.contains(&format!(
+            "xDS update: applied {SERVICES} services, {WORKLOADS} workloads"
+        )) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "daemon did not converge:\n{log}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let converged = started.elapsed();
+    let loaded_rss = rss_kib(d.pid());
+    let dump = d.dump();
+    assert_eq!(dump["maps"]["km_vip"]["entries"], SERVICES);
+    assert_eq!(dump["maps"]["km_workload"]["entries"], WORKLOADS);
+    assert_eq!(dump["maps"]["km_endpoint"]["entries"], WORKLOADS);
+    println!("\nend to end, {SERVICES} services + {WORKLOADS} workloads over delta ADS:");
+    println!(
+        "  daemon start -> maps converged : {:>7.0} ms (includes process start and BPF load)",
+        converged.as_secs_f64() * 1e3
+    );
+    println!(
+        "  daemon RSS idle                : {:>7.1} MB",
+        idle_rss as f64 / 1024.0
+    );
+    println!(
+        "  daemon RSS loaded              : {:>7.1} MB",
+        loaded_rss as f64 / 1024.0
+    );
+    println!(
+        "  RSS above idle                 : {:>7.1} MB   (target <= 30 MB)",
+        (loaded_rss - idle_rss) as f64 / 1024.0
+    );
+}
