@@ -6,7 +6,7 @@ mod harness;
 use std::{net::IpAddr, time::Duration};
 
 use harness::{endpoints, tally, xds::*, Env, Pod};
-use kmesh::xds::{proto::workload as pb, ADDRESS_TYPE};
+use kmesh::xds::{control_plane::Batch, proto::workload as pb, ADDRESS_TYPE};
 use serde_json::{json, Value};
 
 const VIP: &str = "10.96.0.10";
@@ -30,6 +30,16 @@ fn ips(pod: &Pod) -> Vec<IpAddr> {
     vec![pod.v4]
 }
 
+/// Service web on VIP:80 → 8080, backed by `pods` as web-1..web-n.
+fn set_web(b: &mut Batch, pods: &[Pod]) {
+    let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+    b.set(&n, s);
+    for (i, p) in pods.iter().enumerate() {
+        let (n, w) = workload(&format!("web-{}", i + 1), &ips(p), &["web"]);
+        b.set(&n, w);
+    }
+}
+
 fn wait_endpoints(d: &harness::Daemon, want: &[&str]) -> Value {
     let want: Vec<String> = want
         .iter()
@@ -44,14 +54,7 @@ fn pushed_services_and_workloads_carry_traffic() {
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
     let cp = Cp::start(None);
-    cp.cp.update(|b| {
-        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
-        b.set(&n, s);
-        for (i, p) in pods.iter().enumerate() {
-            let (n, w) = workload(&format!("web-{}", i + 1), &ips(p), &["web"]);
-            b.set(&n, w);
-        }
-    });
+    cp.cp.update(|b| set_web(b, &pods));
     let d = env
         .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
         .unwrap();
@@ -69,14 +72,7 @@ fn updates_and_removals_converge() {
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
     let cp = Cp::start(None);
-    cp.cp.update(|b| {
-        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
-        b.set(&n, s);
-        for (i, p) in pods.iter().enumerate() {
-            let (n, w) = workload(&format!("web-{}", i + 1), &ips(p), &["web"]);
-            b.set(&n, w);
-        }
-    });
+    cp.cp.update(|b| set_web(b, &pods));
     let d = env
         .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
         .unwrap();
@@ -128,10 +124,7 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
     let pods = backends(&mut env, 1);
     let cp = Cp::start(None);
     cp.cp.update(|b| {
-        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
-        b.set(&n, s);
-        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
-        b.set(&n, w);
+        set_web(b, &pods[..1]);
         // Five address bytes.
         let (n, mut bad) = service_pb("badip", &["10.96.0.20"], &[(80, 80)]);
         bad.addresses[0].address.push(7);
@@ -181,12 +174,7 @@ fn control_plane_restart_keeps_redirects_then_converges() {
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
     let mut cp = Cp::start(None);
-    cp.cp.update(|b| {
-        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
-        b.set(&n, s);
-        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
-        b.set(&n, w);
-    });
+    cp.cp.update(|b| set_web(b, &pods[..1]));
     let d = env
         .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
         .unwrap();
@@ -238,12 +226,7 @@ fn tls_control_plane() {
         cert.pem().into_bytes(),
         key.serialize_pem().into_bytes(),
     )));
-    cp.cp.update(|b| {
-        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
-        b.set(&n, s);
-        let (n, w) = workload("web-1", &ips(&pods[0]), &["web"]);
-        b.set(&n, w);
-    });
+    cp.cp.update(|b| set_web(b, &pods[..1]));
     let ca = env.dir.join("ca.pem");
     std::fs::write(&ca, ca_cert.pem()).unwrap();
     let d = env

@@ -8,7 +8,7 @@
 
 use std::{
     collections::BTreeMap,
-    fmt, fs,
+    fs,
     net::IpAddr,
     path::{Path, PathBuf},
 };
@@ -172,12 +172,6 @@ impl<'de> Deserialize<'de> for IpAddrField {
         s.parse()
             .map(IpAddrField)
             .map_err(|_| de::Error::custom(format!("{s:?} is not an IP address")))
-    }
-}
-
-impl fmt::Display for LbModeEntry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
     }
 }
 
