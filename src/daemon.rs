@@ -134,23 +134,24 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
-        let why = tokio::select! {
-            _ = hup.recv() => "SIGHUP",
+        // (why, whether the config file must be re-read)
+        let (why, reread_file) = tokio::select! {
+            _ = hup.recv() => ("SIGHUP", true),
             _ = tick.tick() => {
                 let now = opts.config.as_deref().and_then(file_stamp);
                 if now.is_none() || now == stamp {
                     continue;
                 }
-                "config file changed"
+                ("config file changed", true)
             }
             r = xds_rx.changed(), if xds_task.is_some() => {
                 if r.is_err() { continue }
-                "xDS update"
+                ("xDS update", false)
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
-        if why != "xDS update" {
+        if reread_file {
             let Some(p) = &opts.config else { continue };
             stamp = file_stamp(p);
             match config::load(p) {

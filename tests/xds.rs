@@ -26,6 +26,12 @@ fn enroll_only(client: &Pod) -> Value {
     json!({"enroll": {"netns": [client.path()]}})
 }
 
+/// The daemon enrolling `client` and taking everything else from `cp`.
+fn xds_daemon(env: &mut Env, client: &Pod, cp: &Cp) -> harness::Daemon {
+    env.daemon_args(&enroll_only(client), &["--xds-address", &cp.url()])
+        .unwrap()
+}
+
 fn ips(pod: &Pod) -> Vec<IpAddr> {
     vec![pod.v4]
 }
@@ -55,9 +61,7 @@ fn pushed_services_and_workloads_carry_traffic() {
     let pods = backends(&mut env, 2);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods));
-    let d = env
-        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
-        .unwrap();
+    let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1", "web-2"]);
 
     let t = tally(&env.connect(&client, "10.96.0.10:80", 40));
@@ -73,9 +77,7 @@ fn updates_and_removals_converge() {
     let pods = backends(&mut env, 2);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods));
-    let d = env
-        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
-        .unwrap();
+    let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1", "web-2"]);
 
     // web-2 turns unhealthy: it leaves the endpoints but stays addressable.
@@ -138,9 +140,7 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
         let (n, s) = service("manyports", &["10.96.0.30"], &many);
         b.set(&n, s);
     });
-    let d = env
-        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
-        .unwrap();
+    let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1"]);
 
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -175,9 +175,7 @@ fn control_plane_restart_keeps_redirects_then_converges() {
     let pods = backends(&mut env, 2);
     let mut cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods[..1]));
-    let d = env
-        .daemon_args(&enroll_only(&client), &["--xds-address", &cp.url()])
-        .unwrap();
+    let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1"]);
 
     cp.kill();

@@ -122,12 +122,12 @@ impl MapId {
     }
 }
 
-/// Loaded (not necessarily attached) data path.
+/// Loaded (not necessarily attached) data path. Dropping it detaches
+/// links that are not pinned; pinned ones stay (see `shutdown`).
 pub struct Datapath {
     skel: skel::ConnectSkel<'static>,
     links: Vec<(&'static str, Link)>,
     pin_dir: Option<PathBuf>,
-    sizes: MapSizes,
 }
 
 // libbpf logs arrive through a C callback; the tail is kept so a verifier
@@ -207,12 +207,7 @@ impl Datapath {
             skel,
             links: Vec::new(),
             pin_dir: None,
-            sizes,
         })
-    }
-
-    pub fn sizes(&self) -> MapSizes {
-        self.sizes
     }
 
     /// Attaches connect4/connect6 to the cgroup2 directory `cgroup` with
@@ -236,10 +231,6 @@ impl Datapath {
             self.links.push((name, link));
         }
         Ok(())
-    }
-
-    pub fn attached(&self) -> bool {
-        !self.links.is_empty()
     }
 
     /// Pins maps and links under `dir` (created if missing; must be on bpffs).
@@ -359,16 +350,6 @@ impl Datapath {
             })
         })
         .collect()
-    }
-}
-
-impl Drop for Datapath {
-    fn drop(&mut self) {
-        // Links not pinned detach when their fd closes; pinned ones persist
-        // by design (keep_attached).
-        for (_, link) in self.links.drain(..) {
-            drop(link);
-        }
     }
 }
 

@@ -40,14 +40,7 @@ fn sh(args: &[&str]) {
 }
 
 fn cgroup_root() -> PathBuf {
-    let mounts = fs::read_to_string("/proc/mounts").unwrap();
-    mounts
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("cgroup2 mounted")
+    kmesh::sys::cgroup2_mount().expect("cgroup2 mounted")
 }
 
 /// `ip -n NS ARGS…`, panicking with ip's message on failure.
