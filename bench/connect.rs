@@ -17,7 +17,6 @@
 mod harness;
 
 use std::{
-    collections::BTreeMap,
     net::{SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
@@ -27,7 +26,7 @@ use kmesh::{
     bpf::{Datapath, MapSizes, RunStatsGuard},
     model::{
         Enrollment, HealthStatus, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
-        Workload,
+        ServiceRef, Workload,
     },
     writer::MapWriter,
 };
@@ -61,40 +60,40 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         for e in 0..ENDPOINTS_PER_SERVICE {
             let n = i * ENDPOINTS_PER_SERVICE + e;
             let uid = format!("bench/pod-{n}");
-            m.workloads.insert(
-                uid.clone(),
-                Workload {
-                    uid,
-                    name: format!("pod-{n}"),
-                    namespace: "bench".into(),
-                    network: String::new(),
-                    addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
-                    services: BTreeMap::from([(s.key(), vec![])]),
-                    status: HealthStatus::Healthy,
-                    host_network: false,
-                },
-            );
+            m.insert_workload(Workload {
+                uid: uid.into(),
+                name: format!("pod-{n}"),
+                namespace: "bench".into(),
+                network: String::new(),
+                addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
+                services: vec![ServiceRef {
+                    key: s.key().into(),
+                    ports: vec![],
+                }],
+                status: HealthStatus::Healthy,
+                host_network: false,
+            });
         }
-        m.services.insert(s.key(), s);
+        m.insert_service(s);
     }
     let mut web = synthetic_service(SERVICES);
     web.name = "web".into();
     web.hostname = "web.bench.svc.cluster.local".into();
     web.addresses[0].address = "10.96.0.10".parse().unwrap();
-    m.workloads.insert(
-        "bench/web-0".into(),
-        Workload {
-            uid: "bench/web-0".into(),
-            name: "web-0".into(),
-            namespace: "bench".into(),
-            network: String::new(),
-            addresses: vec![backend],
-            services: BTreeMap::from([(web.key(), vec![])]),
-            status: HealthStatus::Healthy,
-            host_network: false,
-        },
-    );
-    m.services.insert(web.key(), web);
+    m.insert_workload(Workload {
+        uid: "bench/web-0".into(),
+        name: "web-0".into(),
+        namespace: "bench".into(),
+        network: String::new(),
+        addresses: vec![backend],
+        services: vec![ServiceRef {
+            key: web.key().into(),
+            ports: vec![],
+        }],
+        status: HealthStatus::Healthy,
+        host_network: false,
+    });
+    m.insert_service(web);
     m.enrolled.insert(
         cookie,
         Enrollment {

@@ -56,14 +56,45 @@ fn to_model(res: &[(String, prost_types::Any)]) -> Model {
     for (name, any) in res {
         match convert::address(name, &any.value).expect("valid synthetic resource") {
             Resource::Service(s) => {
-                m.services.insert(s.key(), s);
+                m.insert_service(s);
             }
-            Resource::Workload(w) => {
-                m.workloads.insert(w.uid.clone(), w);
+            Resource::Workload(mut w) => {
+                for r in &mut w.services {
+                    r.key = m.intern_service_key(&r.key);
+                }
+                m.insert_workload(w);
             }
         }
     }
     m
+}
+
+/// Bytes the allocator has handed out and not had back (glibc).
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
+/// Kernel memory of the BPF maps a process holds (fdinfo's memlock).
+fn bpf_map_kib(pid: u32) -> u64 {
+    let mut total = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(info) = std::fs::read_to_string(fd.path()) else {
+            continue;
+        };
+        if !info.contains("map_type:") {
+            continue;
+        }
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("memlock:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    total / 1024
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -84,6 +115,24 @@ fn main() {
         .measurement_time(Duration::from_secs(if quick { 5 } else { 20 }))
         .configure_from_args();
     let res = resources();
+
+    // Where the memory goes, in this process: the model as the daemon
+    // holds it, and the writer's own index of what it wrote.
+    {
+        let before = heap_in_use();
+        let m = to_model(&res);
+        let model = heap_in_use() - before;
+        let mut w = MapWriter::new(Datapath::load(MapSizes::default()).unwrap());
+        let before = heap_in_use();
+        w.apply(&m).unwrap();
+        let writer = heap_in_use() - before;
+        println!(
+            "in-process heap: model {:.1} MB ({} B per resource), writer state {:.1} MB",
+            model as f64 / 1e6,
+            model / res.len(),
+            writer as f64 / 1e6
+        );
+    }
 
     c.bench_function("xds/convert_and_apply_10k_services_100k_workloads", |b| {
         b.iter_batched(
@@ -126,7 +175,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let converged = started.elapsed();
+    // Steady state: the apply's temporaries are freed and trimmed.
+    std::thread::sleep(Duration::from_secs(1));
     let loaded_rss = rss_kib(d.pid());
+    let maps_kib = bpf_map_kib(d.pid());
     let dump = d.dump();
     assert_eq!(dump["maps"]["km_vip"]["entries"], SERVICES);
     assert_eq!(dump["maps"]["km_workload"]["entries"], WORKLOADS);
@@ -147,5 +199,9 @@ fn main() {
     println!(
         "  RSS above idle                 : {:>7.1} MB   (target <= 30 MB)",
         (loaded_rss - idle_rss) as f64 / 1024.0
+    );
+    println!(
+        "  BPF maps (kernel, not in RSS)  : {:>7.1} MB",
+        maps_kib as f64 / 1024.0
     );
 }

@@ -18,9 +18,9 @@ use crate::{
     admin::{self, AdminError},
     bpf::{BpfError, Datapath, MapSizes},
     config::{self, ConfigError},
-    model::Model,
+    model::{Layers, Model},
     writer::{MapWriter, WriterError},
-    xds::client::{self as xds, XdsOptions, XdsState},
+    xds::client::{self as xds, SharedStore, XdsOptions, XdsStatus},
 };
 
 #[derive(Debug, Error)]
@@ -62,32 +62,41 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// The model the maps should hold: the file's, with xDS services and
-/// workloads added (xDS wins where both define the same key).
-fn merge(file: &Model, xds: &XdsState) -> Model {
-    let mut m = file.clone();
-    for (k, s) in &xds.services {
-        if m.services.insert(k.clone(), s.clone()).is_some() {
-            tracing::warn!("service {k} is defined by the config file and by xDS; using xDS");
-        }
+/// Makes the maps hold the file's model with the xDS store's services and
+/// workloads above it (xDS wins where both define a key). The store is
+/// applied in place, under its lock: the process keeps one copy of it.
+fn apply(writer: &Mutex<MapWriter>, file: &Model, xds: Option<&SharedStore>, why: &str) {
+    let guard = xds.map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
+    let empty = Model::default();
+    let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
+    let layers = Layers(&[file, xds_model]);
+    for key in layers.shadowed() {
+        tracing::warn!("{key} is defined by the config file and by xDS; using xDS");
     }
-    for (k, w) in &xds.workloads {
-        if m.workloads.insert(k.clone(), w.clone()).is_some() {
-            tracing::warn!("workload {k} is defined by the config file and by xDS; using xDS");
-        }
-    }
-    m
-}
-
-fn apply(writer: &Mutex<MapWriter>, model: &Model, why: &str) {
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    match w.apply(model) {
+    match w.apply_layers(layers) {
         Ok(st) => tracing::info!(
-            "{why}: applied {model} ({} map updates, {} deletes)",
+            "{why}: applied {} services, {} workloads, {} enrolled netns ({} map updates, {} deletes)",
+            layers.services().count(),
+            layers.workloads().count(),
+            layers.enrolled().len(),
             st.updates,
             st.deletes
         ),
         Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
+    }
+    drop(w);
+    drop(guard);
+    // An apply of 100k workloads frees tens of MB of temporaries; glibc
+    // keeps them mapped unless asked.
+    trim_heap();
+}
+
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -125,11 +134,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let writer = Arc::new(Mutex::new(w));
     let admin = admin::serve(&opts.admin_socket, writer.clone())?;
 
-    let (xds_tx, mut xds_rx) = watch::channel(XdsState::default());
-    let xds_task = opts.xds.clone().map(|o| {
+    let (xds_tx, mut xds_rx) = watch::channel(XdsStatus::default());
+    let xds_store = opts.xds.as_ref().map(|_| SharedStore::default());
+    let xds_task = opts.xds.clone().zip(xds_store.clone()).map(|(o, store)| {
         tracing::info!("xDS: subscribing to {} as {}", o.address, o.node_id);
-        tokio::spawn(xds::run(o, xds_tx))
+        tokio::spawn(xds::run(o, store, xds_tx))
     });
+    let mut applied_generation = 0;
 
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
@@ -145,7 +156,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 ("config file changed", true)
             }
             r = xds_rx.changed(), if xds_task.is_some() => {
-                if r.is_err() { continue }
+                let generation = xds_rx.borrow_and_update().generation;
+                if r.is_err() || generation == applied_generation {
+                    continue;
+                }
+                applied_generation = generation;
                 ("xDS update", false)
             }
             _ = term.recv() => break,
@@ -162,8 +177,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         }
-        let merged = merge(&file_model, &xds_rx.borrow_and_update());
-        apply(&writer, &merged, why);
+        apply(&writer, &file_model, xds_store.as_ref(), why);
     }
     if let Some(t) = xds_task {
         t.abort();

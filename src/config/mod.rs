@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::model::{
     Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress,
-    PortMapping, Service, Workload,
+    PortMapping, Service, ServiceRef, Workload,
 };
 
 #[derive(Debug, Error)]
@@ -228,7 +228,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
         };
         svc.validate()
             .map_err(|e| field_err(format!("services[{i}]"), e.to_string()))?;
-        if model.services.insert(svc.key(), svc).is_some() {
+        if model.insert_service(svc).is_some() {
             return Err(field_err(
                 format!("services[{i}]"),
                 format!("service {}/{} defined twice", s.namespace, s.hostname),
@@ -236,18 +236,21 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
         }
     }
     for (i, w) in file.workloads.iter().enumerate() {
-        let mut services = BTreeMap::new();
+        let mut services = Vec::new();
         for (key, list) in &w.services {
-            if !model.services.contains_key(key) {
+            if !model.services.contains_key(key.as_str()) {
                 return Err(field_err(
                     format!("workloads[{i}].services"),
                     format!("{key:?} is not a defined service (keys are \"namespace/hostname\")"),
                 ));
             }
-            services.insert(key.clone(), ports(&list.ports));
+            services.push(ServiceRef {
+                key: model.intern_service_key(key),
+                ports: ports(&list.ports),
+            });
         }
         let wl = Workload {
-            uid: w.uid.clone(),
+            uid: w.uid.as_str().into(),
             name: w.name.clone(),
             namespace: w.namespace.clone(),
             network: w.network.clone(),
@@ -261,7 +264,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
         };
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;
-        if model.workloads.insert(wl.uid.clone(), wl).is_some() {
+        if model.insert_workload(wl).is_some() {
             return Err(field_err(
                 format!("workloads[{i}].uid"),
                 format!("uid {:?} used twice", w.uid),

@@ -7,6 +7,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fmt,
     net::IpAddr,
+    sync::Arc,
 };
 
 use serde::Serialize;
@@ -117,16 +118,27 @@ pub enum HealthStatus {
     Unhealthy,
 }
 
+/// A workload's membership in a service, with per-workload port overrides
+/// (empty = the service's ports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceRef {
+    /// The service key ("namespace/hostname"); shared with the service's
+    /// own map key where the source could intern it (100k workloads each
+    /// holding their own copy of the key would cost megabytes).
+    pub key: Arc<str>,
+    pub ports: Vec<PortMapping>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
-    pub uid: String,
+    /// Shared with the model's map key and the writer's id index.
+    pub uid: Arc<str>,
     pub name: String,
     pub namespace: String,
     pub network: String,
     pub addresses: Vec<IpAddr>,
-    /// Services this workload backs, by service key ("namespace/hostname"),
-    /// with per-workload port overrides (empty = the service's ports).
-    pub services: BTreeMap<String, Vec<PortMapping>>,
+    /// Services this workload backs, sorted by key, each once.
+    pub services: Vec<ServiceRef>,
     pub status: HealthStatus,
     /// hostNetwork pods share the node's address: they serve as endpoints
     /// but get no direct-access entry (the address is not theirs alone).
@@ -136,7 +148,7 @@ pub struct Workload {
 impl Workload {
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |reason: String| ModelError::Workload {
-            uid: self.uid.clone(),
+            uid: self.uid.to_string(),
             reason,
         };
         if self.uid.is_empty() {
@@ -167,8 +179,11 @@ pub struct Enrollment {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
-    pub services: BTreeMap<String, Service>,
-    pub workloads: BTreeMap<String, Workload>,
+    /// By service key ("namespace/hostname"). Hash maps, not B-trees: at
+    /// 100k workloads the B-tree's half-full nodes cost ~110 B per entry.
+    pub services: HashMap<Arc<str>, Service>,
+    /// By uid (the same allocation as `Workload::uid`).
+    pub workloads: HashMap<Arc<str>, Workload>,
     /// netns cookie → enrollment.
     pub enrolled: BTreeMap<u64, Enrollment>,
 }
@@ -186,35 +201,116 @@ impl fmt::Display for Model {
 }
 
 impl Model {
-    /// Checks each entry and the cross-entry invariants the data path relies
-    /// on: one owner per frontend address.
+    pub fn insert_service(&mut self, svc: Service) -> Option<Service> {
+        self.services.insert(svc.key().into(), svc)
+    }
+
+    pub fn insert_workload(&mut self, w: Workload) -> Option<Workload> {
+        self.workloads.insert(w.uid.clone(), w)
+    }
+
+    /// The key allocation for `key` if the service is known, so that
+    /// references to it can share it.
+    pub fn intern_service_key(&self, key: &str) -> Arc<str> {
+        self.services
+            .get_key_value(key)
+            .map_or_else(|| key.into(), |(k, _)| k.clone())
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
-        for s in self.services.values() {
-            s.validate()?;
+        Layers(&[self]).validate()
+    }
+}
+
+/// Several sources' models seen as one, without copying them: where two
+/// layers define the same service key or workload uid, the later layer
+/// wins (the daemon puts xDS above the config file). Enrolled netns are
+/// the union.
+#[derive(Clone, Copy)]
+pub struct Layers<'a>(pub &'a [&'a Model]);
+
+impl<'a> Layers<'a> {
+    /// Effective services, each key once.
+    pub fn services(self) -> impl Iterator<Item = (&'a Arc<str>, &'a Service)> {
+        let layers = self.0;
+        layers.iter().enumerate().flat_map(move |(i, m)| {
+            m.services
+                .iter()
+                .filter(move |(k, _)| !layers[i + 1..].iter().any(|l| l.services.contains_key(*k)))
+        })
+    }
+
+    /// Effective workloads, each uid once.
+    pub fn workloads(self) -> impl Iterator<Item = (&'a Arc<str>, &'a Workload)> {
+        let layers = self.0;
+        layers.iter().enumerate().flat_map(move |(i, m)| {
+            m.workloads
+                .iter()
+                .filter(move |(k, _)| !layers[i + 1..].iter().any(|l| l.workloads.contains_key(*k)))
+        })
+    }
+
+    pub fn enrolled(self) -> BTreeMap<u64, &'a Enrollment> {
+        self.0
+            .iter()
+            .flat_map(|m| &m.enrolled)
+            .map(|(c, e)| (*c, e))
+            .collect()
+    }
+
+    /// Keys defined by more than one layer (the later one is used).
+    pub fn shadowed(self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, m) in self.0.iter().enumerate() {
+            for l in &self.0[i + 1..] {
+                let s = m.services.keys().filter(|k| l.services.contains_key(*k));
+                let w = m.workloads.keys().filter(|k| l.workloads.contains_key(*k));
+                out.extend(s.chain(w).map(|k| k.to_string()));
+            }
         }
-        for w in self.workloads.values() {
-            w.validate()?;
+        out
+    }
+
+    /// Checks each entry and the cross-entry invariants the data path
+    /// relies on: one owner per frontend address.
+    pub fn validate(self) -> Result<(), ModelError> {
+        #[derive(PartialEq)]
+        enum Owner<'a> {
+            Service(&'a str),
+            Workload(&'a str),
         }
-        let mut owner: HashMap<IpAddr, String> = HashMap::new();
-        let mut claim = |ip: IpAddr, who: String| match owner.get(&ip) {
+        impl fmt::Display for Owner<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    Owner::Service(k) => write!(f, "service {k}"),
+                    Owner::Workload(k) => write!(f, "workload {k}"),
+                }
+            }
+        }
+        let mut owner: HashMap<IpAddr, Owner> = HashMap::new();
+        let mut claim = |ip: IpAddr, who: Owner<'a>| match owner.get(&ip) {
             Some(first) if *first != who => Err(ModelError::AddressConflict {
                 address: ip,
-                first: first.clone(),
-                second: who,
+                first: first.to_string(),
+                second: who.to_string(),
             }),
             _ => {
                 owner.insert(ip, who);
                 Ok(())
             }
         };
-        for s in self.services.values() {
+        for (key, s) in self.services() {
+            s.validate()?;
             for a in &s.addresses {
-                claim(a.address, format!("service {}", s.key()))?;
+                claim(a.address, Owner::Service(key))?;
             }
         }
-        for w in self.workloads.values().filter(|w| !w.host_network) {
-            for a in &w.addresses {
-                claim(*a, format!("workload {}", w.uid))?;
+        for (uid, w) in self.workloads() {
+            w.validate()?;
+            if !w.host_network {
+                for a in &w.addresses {
+                    claim(*a, Owner::Workload(uid))?;
+                }
             }
         }
         Ok(())
@@ -260,20 +356,17 @@ mod tests {
     fn vip_shared_with_workload_address_conflicts() {
         let mut m = Model::default();
         let s = svc("default", "web.default.svc", "10.96.0.1", &[(80, 8080)]);
-        m.services.insert(s.key(), s);
-        m.workloads.insert(
-            "w1".into(),
-            Workload {
-                uid: "w1".into(),
-                name: "w1".into(),
-                namespace: "default".into(),
-                network: String::new(),
-                addresses: vec!["10.96.0.1".parse().unwrap()],
-                services: BTreeMap::new(),
-                status: HealthStatus::Healthy,
-                host_network: false,
-            },
-        );
+        m.insert_service(s);
+        m.insert_workload(Workload {
+            uid: "w1".into(),
+            name: "w1".into(),
+            namespace: "default".into(),
+            network: String::new(),
+            addresses: vec!["10.96.0.1".parse().unwrap()],
+            services: vec![],
+            status: HealthStatus::Healthy,
+            host_network: false,
+        });
         let e = m.validate().unwrap_err();
         assert!(matches!(e, ModelError::AddressConflict { .. }), "{e}");
     }

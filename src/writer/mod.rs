@@ -19,6 +19,7 @@ mod dump;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
+    sync::Arc,
 };
 
 use libbpf_rs::{MapCore, MapFlags};
@@ -29,7 +30,7 @@ use crate::{
         addr_key, backend_addr, endpoint_key, endpoint_value, manage_value, port_to_map,
         service_value, workload_value, Datapath, MapId, Pod, MAX_PRIO,
     },
-    model::{HealthStatus, LbMode, Model, ModelError},
+    model::{HealthStatus, Layers, LbMode, Model, ModelError},
 };
 
 pub use dump::Dump;
@@ -63,22 +64,23 @@ pub struct ApplyStats {
 
 /// Stable u32 ids, one space per kind. Never reused within a process, so a
 /// program still holding an old id can only miss, never alias another.
+/// Keys are the model's own allocations (Arc), not copies.
 #[derive(Default)]
 struct IdSpace {
-    by_key: HashMap<String, u32>,
-    keys: HashMap<u32, String>,
+    by_key: HashMap<Arc<str>, u32>,
+    keys: HashMap<u32, Arc<str>>,
     next: u32,
 }
 
 impl IdSpace {
-    fn get_or_alloc(&mut self, key: &str) -> u32 {
+    fn get_or_alloc(&mut self, key: &Arc<str>) -> u32 {
         if let Some(id) = self.by_key.get(key) {
             return *id;
         }
         self.next += 1;
         let id = self.next;
-        self.by_key.insert(key.to_string(), id);
-        self.keys.insert(id, key.to_string());
+        self.by_key.insert(key.clone(), id);
+        self.keys.insert(id, key.clone());
         id
     }
 
@@ -157,17 +159,17 @@ impl MapWriter {
         self.dp.shutdown(keep_attached);
     }
 
-    fn desired(&mut self, model: &Model) -> Desired {
+    fn desired(&mut self, model: Layers) -> Desired {
         let mut d = Desired {
             services: HashMap::new(),
             workload_ips: HashMap::new(),
             endpoints: HashMap::new(),
             backend_addrs: HashMap::new(),
-            manage: model.enrolled.keys().copied().collect(),
+            manage: model.enrolled().keys().copied().collect(),
         };
         // A service without a VIP cannot be connected to: nothing to write.
         let mut routable: HashMap<&str, u32> = HashMap::new();
-        for (key, svc) in &model.services {
+        for (key, svc) in model.services() {
             if svc.addresses.is_empty() || svc.load_balancing.mode == LbMode::Passthrough {
                 continue;
             }
@@ -192,7 +194,7 @@ impl MapWriter {
             let vips = svc.addresses.iter().map(|a| a.address).collect();
             d.services.insert(id, (v, vips));
         }
-        for (uid, w) in &model.workloads {
+        for (uid, w) in model.workloads() {
             let id = self.workload_ids.get_or_alloc(uid);
             if !w.host_network {
                 for a in &w.addresses {
@@ -207,9 +209,9 @@ impl MapWriter {
             if w.status != HealthStatus::Healthy {
                 continue;
             }
-            for skey in w.services.keys() {
+            for r in &w.services {
                 // xDS may send a workload before its service.
-                if let Some(sid) = routable.get(skey.as_str()) {
+                if let Some(sid) = routable.get(&*r.key) {
                     d.endpoints.entry((*sid, 0)).or_default().insert(id);
                 }
             }
@@ -254,13 +256,18 @@ impl MapWriter {
     /// error nothing is written. A kernel error part-way leaves the maps
     /// consistent (the ordering above) and the next apply converges.
     pub fn apply(&mut self, model: &Model) -> Result<ApplyStats, WriterError> {
+        self.apply_layers(Layers(&[model]))
+    }
+
+    /// `apply` for several sources at once (see model::Layers).
+    pub fn apply_layers(&mut self, model: Layers) -> Result<ApplyStats, WriterError> {
         model.validate()?;
         let d = self.desired(model);
         let result = self.check_capacity(&d).and_then(|()| {
             self.enroll_sources = model
-                .enrolled
-                .iter()
-                .map(|(c, e)| (*c, e.source.clone()))
+                .enrolled()
+                .into_iter()
+                .map(|(c, e)| (c, e.source.clone()))
                 .collect();
             let mut st = ApplyStats::default();
             self.write(&d, &mut st).map(|()| st)
@@ -500,12 +507,12 @@ impl MapWriter {
 
     /// Name of a service id, if this writer allocated it.
     pub(crate) fn service_key(&self, id: u32) -> Option<&str> {
-        self.service_ids.keys.get(&id).map(String::as_str)
+        self.service_ids.keys.get(&id).map(|k| &**k)
     }
 
     /// Uid of a workload id, if this writer allocated it.
     pub(crate) fn workload_uid(&self, id: u32) -> Option<&str> {
-        self.workload_ids.keys.get(&id).map(String::as_str)
+        self.workload_ids.keys.get(&id).map(|k| &**k)
     }
 
     fn service_name(&self, id: u32) -> String {

@@ -7,7 +7,7 @@ use libbpf_rs::MapCore;
 use super::*;
 use crate::{
     bpf::MapSizes,
-    model::{LoadBalancing, NetworkAddress, PortMapping, Service, Workload},
+    model::{LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef, Workload},
 };
 
 fn writer(sizes: MapSizes) -> MapWriter {
@@ -38,7 +38,10 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
         namespace: "default".into(),
         network: String::new(),
         addresses: vec![ip.parse().unwrap()],
-        services: BTreeMap::from([(svc.key(), vec![])]),
+        services: vec![ServiceRef {
+            key: svc.key().into(),
+            ports: vec![],
+        }],
         status: HealthStatus::Healthy,
         host_network: false,
     }
@@ -46,7 +49,10 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
 
 fn model(services: &[&Service], workloads: &[Workload]) -> Model {
     Model {
-        services: services.iter().map(|s| (s.key(), (*s).clone())).collect(),
+        services: services
+            .iter()
+            .map(|s| (s.key().into(), (*s).clone()))
+            .collect(),
         workloads: workloads
             .iter()
             .map(|w| (w.uid.clone(), w.clone()))
@@ -118,7 +124,7 @@ fn removing_a_middle_endpoint_keeps_indices_dense() {
     assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
 
     let victim = before[&2].clone();
-    let rest: Vec<Workload> = ws.iter().filter(|x| x.uid != victim).cloned().collect();
+    let rest: Vec<Workload> = ws.iter().filter(|x| *x.uid != *victim).cloned().collect();
     w.apply(&model(&[&web], &rest)).unwrap();
     let after = kernel_endpoints(&w);
     assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
@@ -219,7 +225,10 @@ fn workload_address_change_rewrites_its_endpoint_entries() {
     let web = service("web", "10.96.0.10");
     let api = service("api", "10.96.0.11");
     let mut w1 = workload("w1", "10.244.0.1", &web);
-    w1.services.insert(api.key(), vec![]);
+    w1.services.push(ServiceRef {
+        key: api.key().into(),
+        ports: vec![],
+    });
     w.apply(&model(&[&web, &api], &[w1.clone()])).unwrap();
 
     w1.addresses = vec!["10.244.0.99".parse().unwrap()];

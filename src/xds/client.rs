@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -32,7 +33,7 @@ use super::{
     },
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
 };
-use crate::model::{Service, Workload};
+use crate::model::Model;
 
 #[derive(Debug, Error)]
 pub enum XdsError {
@@ -70,31 +71,48 @@ pub struct XdsOptions {
     pub backoff_max: Duration,
 }
 
-/// The xDS source's last accepted state, as model types.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct XdsState {
-    /// By service key ("namespace/hostname").
-    pub services: BTreeMap<String, Service>,
-    /// By uid.
-    pub workloads: BTreeMap<String, Workload>,
-    pub authorizations: usize,
+/// What the daemon is told about the xDS source; the state itself is in
+/// the shared `XdsStore`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XdsStatus {
+    /// Bumped whenever the store's model changed.
+    pub generation: u64,
     pub connected: bool,
 }
 
+/// The xDS source's accepted resources: the only copy the process keeps
+/// (the daemon applies it to the maps in place, under the lock).
 #[derive(Default)]
-struct Store {
-    /// Resource name → (version, resource).
-    addresses: HashMap<String, (String, Resource)>,
+pub struct XdsStore {
+    /// Services and workloads, as model types.
+    pub model: Model,
+    /// Address resource name → version, for initial_resource_versions. The
+    /// name is the same allocation as the model key where they are equal.
+    versions: HashMap<Arc<str>, Arc<str>>,
+    /// Address resources whose name is not their model key (istiod names
+    /// them by key, but the protocol does not promise it).
+    aliases: HashMap<Arc<str>, Alias>,
     authorizations: HashMap<String, (String, security::Authorization)>,
 }
 
-impl Store {
+enum Alias {
+    Service(Arc<str>),
+    Workload(Arc<str>),
+}
+
+pub type SharedStore = Arc<Mutex<XdsStore>>;
+
+impl XdsStore {
+    pub fn authorizations(&self) -> usize {
+        self.authorizations.len()
+    }
+
     fn versions(&self, type_url: &str) -> HashMap<String, String> {
         match type_url {
             ADDRESS_TYPE => self
-                .addresses
+                .versions
                 .iter()
-                .map(|(n, (v, _))| (n.clone(), v.clone()))
+                .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
             _ => self
                 .authorizations
@@ -104,18 +122,75 @@ impl Store {
         }
     }
 
-    /// Applies one response; returns the per-resource errors.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> Vec<String> {
+    fn remove_address(&mut self, name: &str) -> bool {
+        if self.versions.remove(name).is_none() {
+            return false;
+        }
+        match self.aliases.remove(name) {
+            Some(Alias::Service(k)) => drop(self.model.services.remove(&k)),
+            Some(Alias::Workload(k)) => drop(self.model.workloads.remove(&k)),
+            None => {
+                if self.model.workloads.remove(name).is_none() {
+                    self.model.services.remove(name);
+                }
+            }
+        }
+        true
+    }
+
+    fn insert_address(&mut self, name: &str, version: Arc<str>, res: Resource) {
+        self.remove_address(name);
+        let key = match res {
+            Resource::Service(svc) => {
+                let key: Arc<str> = svc.key().into();
+                self.model.services.insert(key.clone(), svc);
+                Alias::Service(key)
+            }
+            Resource::Workload(mut w) => {
+                // Share the service's key allocation (see model::ServiceRef).
+                for r in &mut w.services {
+                    r.key = self.model.intern_service_key(&r.key);
+                }
+                let key = w.uid.clone();
+                self.model.workloads.insert(key.clone(), w);
+                Alias::Workload(key)
+            }
+        };
+        let (Alias::Service(k) | Alias::Workload(k)) = &key;
+        let name: Arc<str> = if **k == *name {
+            k.clone()
+        } else {
+            self.aliases.insert(name.into(), key);
+            name.into()
+        };
+        self.versions.insert(name, version);
+    }
+
+    /// Applies one response; returns whether the model changed and the
+    /// per-resource errors.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> (bool, Vec<String>) {
         let mut errors = Vec::new();
+        let mut changed = false;
+        // istiod stamps a push's resources with one version: share it.
+        let mut version: Arc<str> = Arc::from("");
+        // Services go in before workloads so that the workloads' service
+        // references can share the services' key allocations.
+        let mut workloads = Vec::new();
         for r in &resp.resources {
             let Some(any) = &r.resource else {
                 errors.push(format!("resource {:?}: no payload", r.name));
                 continue;
             };
+            if *version != *r.version {
+                version = r.version.as_str().into();
+            }
             let result = match resp.type_url.as_str() {
                 ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
-                    self.addresses
-                        .insert(r.name.clone(), (r.version.clone(), res));
+                    changed = true;
+                    match res {
+                        Resource::Workload(_) => workloads.push((&r.name, version.clone(), res)),
+                        Resource::Service(_) => self.insert_address(&r.name, version.clone(), res),
+                    }
                 }),
                 AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|a| {
                     self.authorizations
@@ -130,32 +205,16 @@ impl Store {
                 errors.push(e.to_string());
             }
         }
+        for (name, version, res) in workloads {
+            self.insert_address(name, version, res);
+        }
         for name in &resp.removed_resources {
             match resp.type_url.as_str() {
-                ADDRESS_TYPE => self.addresses.remove(name).map(drop),
-                _ => self.authorizations.remove(name).map(drop),
+                ADDRESS_TYPE => changed |= self.remove_address(name),
+                _ => drop(self.authorizations.remove(name)),
             };
         }
-        errors
-    }
-
-    fn snapshot(&self, connected: bool) -> XdsState {
-        let mut s = XdsState {
-            authorizations: self.authorizations.len(),
-            connected,
-            ..Default::default()
-        };
-        for (_, r) in self.addresses.values() {
-            match r {
-                Resource::Service(svc) => {
-                    s.services.insert(svc.key(), svc.clone());
-                }
-                Resource::Workload(w) => {
-                    s.workloads.insert(w.uid.clone(), w.clone());
-                }
-            }
-        }
-        s
+        (changed, errors)
     }
 }
 
@@ -208,10 +267,14 @@ async fn channel(opts: &XdsOptions) -> Result<tonic::transport::Channel, XdsErro
 
 /// Runs one stream until it fails. Returns whether any response arrived
 /// (then the reconnect backoff starts over).
+fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, XdsStore> {
+    store.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 async fn session(
     opts: &XdsOptions,
-    store: &mut Store,
-    tx: &watch::Sender<XdsState>,
+    store: &SharedStore,
+    tx: &watch::Sender<XdsStatus>,
 ) -> (bool, XdsError) {
     let mut got_response = false;
     let err = async {
@@ -236,7 +299,7 @@ async fn session(
             let req = DeltaDiscoveryRequest {
                 node: Some(node(opts)),
                 type_url: type_url.to_string(),
-                initial_resource_versions: store.versions(type_url),
+                initial_resource_versions: lock(store).versions(type_url),
                 ..Default::default()
             };
             req_tx.send(req).await.map_err(|_| XdsError::Closed)?;
@@ -250,13 +313,10 @@ async fn session(
         while let Some(resp) = stream.message().await? {
             got_response = true;
             let started = Instant::now();
-            let errors = store.apply(&resp);
-            let snapshot = store.snapshot(true);
-            tx.send_if_modified(|s| {
-                let changed = *s != snapshot;
-                *s = snapshot;
-                changed
-            });
+            let (changed, errors) = lock(store).apply(&resp);
+            if changed {
+                tx.send_modify(|s| s.generation += 1);
+            }
             let error_detail = (!errors.is_empty()).then(|| {
                 let message = errors.join("; ");
                 tracing::warn!("NACK {} nonce {}: {message}", resp.type_url, resp.nonce);
@@ -304,13 +364,13 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
     initial.saturating_mul(1u32 << attempt.min(20)).min(max)
 }
 
-/// Runs the client forever, publishing every accepted state on `tx`.
-pub async fn run(opts: XdsOptions, tx: watch::Sender<XdsState>) {
-    let mut store = Store::default();
+/// Runs the client forever, keeping `store` current and announcing each
+/// change on `tx`.
+pub async fn run(opts: XdsOptions, store: SharedStore, tx: watch::Sender<XdsStatus>) {
     let mut attempt = 0;
     let mut seed = u64::from(std::process::id()) << 32 | 0x9e37_79b9;
     loop {
-        let (got_response, err) = session(&opts, &mut store, &tx).await;
+        let (got_response, err) = session(&opts, &store, &tx).await;
         tx.send_if_modified(|s| std::mem::replace(&mut s.connected, false));
         if got_response {
             attempt = 0;
@@ -320,9 +380,12 @@ pub async fn run(opts: XdsOptions, tx: watch::Sender<XdsState>) {
             &mut seed,
         );
         attempt += 1;
+        let held = {
+            let s = lock(&store);
+            s.versions.len() + s.authorizations.len()
+        };
         tracing::warn!(
-            "xDS: {err}; keeping last known state ({} resources), retrying in {delay:?}",
-            store.addresses.len() + store.authorizations.len()
+            "xDS: {err}; keeping last known state ({held} resources), retrying in {delay:?}"
         );
         tokio::time::sleep(delay).await;
     }

@@ -2,15 +2,15 @@
 //! checked on its own, so one invalid resource is reported by name (and
 //! NACKed) while the others in the same response still apply.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::net::IpAddr;
 
 use prost::Message;
 use thiserror::Error;
 
 use super::proto::{security, workload as pb};
 use crate::model::{
-    HealthStatus, LbMode, LoadBalancing, NetworkAddress, PortMapping, Service, Workload,
-    MAX_SERVICE_PORTS,
+    HealthStatus, LbMode, LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef,
+    Workload, MAX_SERVICE_PORTS,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -120,7 +120,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         .enumerate()
         .map(|(i, a)| ip_from_bytes(a, &format!("addresses[{i}]")))
         .collect::<Result<_, _>>()?;
-    let mut services = BTreeMap::new();
+    let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in &w.services {
         let ports = list
             .ports
@@ -128,10 +128,15 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
             .enumerate()
             .map(|(i, p)| port(p, &format!("services[{key:?}].ports[{i}]")))
             .collect::<Result<_, _>>()?;
-        services.insert(key.clone(), ports);
+        services.push(ServiceRef {
+            key: key.as_str().into(),
+            ports,
+        });
     }
+    // The protobuf map has no order; the model's list is sorted.
+    services.sort_by(|a, b| a.key.cmp(&b.key));
     let wl = Workload {
-        uid: w.uid.clone(),
+        uid: w.uid.as_str().into(),
         name: w.name.clone(),
         namespace: w.namespace.clone(),
         network: w.network.clone(),
@@ -291,10 +296,8 @@ mod tests {
         assert_eq!(w.addresses.len(), 2);
         assert_eq!(w.status, HealthStatus::Unhealthy);
         assert!(w.host_network);
-        assert_eq!(
-            w.services["default/web.default.svc.cluster.local"][0].target_port,
-            9090
-        );
+        assert_eq!(&*w.services[0].key, "default/web.default.svc.cluster.local");
+        assert_eq!(w.services[0].ports[0].target_port, 9090);
     }
 
     #[test]
