@@ -48,6 +48,7 @@ fn synthetic_service(i: u32) -> Service {
             target_port: 8080,
         }],
         load_balancing: LoadBalancing::default(),
+        waypoint: None,
     }
 }
 
@@ -72,6 +73,8 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
                 }],
                 status: HealthStatus::Healthy,
                 host_network: false,
+                waypoint: None,
+                placement: None,
             });
         }
         m.insert_service(s);
@@ -92,12 +95,15 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         }],
         status: HealthStatus::Healthy,
         host_network: false,
+        waypoint: None,
+        placement: None,
     });
     m.insert_service(web);
     m.enrolled.insert(
         cookie,
         Enrollment {
             source: "bench netns".into(),
+            waypoint: false,
         },
     );
     m

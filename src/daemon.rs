@@ -18,7 +18,7 @@ use crate::{
     admin::{self, AdminError},
     bpf::{BpfError, Datapath, MapSizes},
     config::{self, ConfigError},
-    model::{Layers, Model},
+    model::{Layers, LocalNode, Model},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, XdsOptions, XdsStatus},
 };
@@ -51,6 +51,10 @@ pub struct Options {
     /// Leave the programs attached (pinned links) on exit.
     pub keep_attached: bool,
     pub sizes: MapSizes,
+    /// Same-host acceleration, whatever the config file says.
+    pub accelerate: bool,
+    /// This node's placement, for locality-aware load balancing.
+    pub local: LocalNode,
     /// How often the config file is checked for changes.
     pub watch_interval: Duration,
 }
@@ -108,14 +112,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut int = signal(SignalKind::interrupt()).map_err(DaemonError::Signal)?;
     // Validate the config before touching the kernel: a bad file at start
     // is an error with nothing attached.
-    let mut file_model = match &opts.config {
-        Some(p) => config::load(p)?,
-        None => Model::default(),
+    let load_file = |p: Option<&Path>| -> Result<Model, ConfigError> {
+        let mut m = match p {
+            Some(p) => config::load(p)?,
+            None => Model::default(),
+        };
+        m.accelerate |= opts.accelerate;
+        Ok(m)
     };
+    let mut file_model = load_file(opts.config.as_deref())?;
     // Fill the maps before attaching: the programs go live complete, and
     // pinning then replaces (and so detaches) a previous daemon's kept
     // links, so a restart never leaves a window without redirects.
-    let mut w = MapWriter::new(Datapath::load(opts.sizes)?);
+    let mut w = MapWriter::new(Datapath::load_reusing(opts.sizes, Some(&opts.bpffs))?);
+    w.set_local_node(opts.local.clone());
     let st = w.apply(&file_model).map_err(|source| DaemonError::Apply {
         config: opts
             .config
@@ -169,7 +179,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         if reread_file {
             let Some(p) = &opts.config else { continue };
             stamp = file_stamp(p);
-            match config::load(p) {
+            match load_file(Some(p)) {
                 Ok(m) => file_model = m,
                 Err(e) => {
                     tracing::error!("{why}: config rejected, previous state kept: {e}");

@@ -1,7 +1,14 @@
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use kmesh::{admin, bpf::MapSizes, config, daemon, sys, xds::client::XdsOptions};
+use kmesh::{
+    admin,
+    bpf::MapSizes,
+    config, daemon,
+    model::{LocalNode, Placement},
+    sys,
+    xds::client::XdsOptions,
+};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +88,39 @@ struct DaemonArgs {
     max_endpoints: u32,
     #[arg(long, default_value_t = MapSizes::default().enrolled_netns)]
     max_enrolled_netns: u32,
+    /// Capacity of the socket map: two entries per accelerated connection,
+    /// one per connection to a waypoint.
+    #[arg(long, default_value_t = MapSizes::default().sockets)]
+    max_sockets: u32,
+    /// Same-host acceleration: data between two enrolled sockets on this
+    /// host skips the TCP/IP stack (also config key "accelerate").
+    #[arg(long, env = "KMESH_ACCELERATE")]
+    accelerate: bool,
+    /// This node's locality, region/zone/subzone, for locality-aware load
+    /// balancing (Istio's LoadBalancing routing preferences).
+    #[arg(long, env = "KMESH_LOCALITY", default_value = "")]
+    locality: String,
+    /// This node's name (the NODE scope).
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node_name: String,
+    /// This node's network (the NETWORK scope).
+    #[arg(long, env = "KMESH_NETWORK", default_value = "")]
+    network: String,
+}
+
+/// "region/zone/subzone", any part may be missing.
+fn local_node(a: &DaemonArgs) -> LocalNode {
+    let mut parts = a.locality.splitn(3, '/').map(str::to_string);
+    LocalNode {
+        placement: Placement {
+            region: parts.next().unwrap_or_default(),
+            zone: parts.next().unwrap_or_default(),
+            subzone: parts.next().unwrap_or_default(),
+            node: a.node_name.clone(),
+            cluster: a.cluster_id.clone(),
+        },
+        network: a.network.clone(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -162,6 +202,7 @@ fn main() -> ExitCode {
             }
             Cmd::Daemon(a) => {
                 let xds = xds_options(&a);
+                let local = local_node(&a);
                 let cgroup = match a.cgroup {
                     Some(c) => c,
                     None => {
@@ -170,6 +211,8 @@ fn main() -> ExitCode {
                 };
                 let opts = daemon::Options {
                     xds,
+                    local,
+                    accelerate: a.accelerate,
                     config: a.config,
                     cgroup,
                     bpffs: a.bpffs,
@@ -180,6 +223,7 @@ fn main() -> ExitCode {
                         workload_ips: a.max_workload_ips,
                         endpoints: a.max_endpoints,
                         enrolled_netns: a.max_enrolled_netns,
+                        sockets: a.max_sockets,
                     },
                     watch_interval: Duration::from_secs_f64(a.watch_interval.max(0.05)),
                 };

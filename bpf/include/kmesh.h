@@ -39,11 +39,37 @@ enum kmesh_stat {
 	KMESH_STAT_STRICT_REJECT = 4,    /* STRICT service, no local endpoint */
 	KMESH_STAT_FAMILY_MISMATCH = 5,  /* picked backend lacks the family */
 	KMESH_STAT_PORT_MISS = 6,        /* service hit on an unlisted port */
-	KMESH_STAT_MAX = 8,
+	KMESH_STAT_WAYPOINT_REDIRECT = 7, /* sent to a waypoint instead */
+	KMESH_STAT_TLV_SENT = 8,         /* original destination prepended */
+	KMESH_STAT_TLV_FAILED = 9,       /* could not prepend: message dropped */
+	KMESH_STAT_ACCEL_ADDED = 10,     /* socket entered the acceleration map */
+	KMESH_STAT_ACCEL_FULL = 11,      /* acceleration map full: stays plain */
+	KMESH_STAT_ACCEL_ON = 12,        /* direction decided: redirected to peer */
+	KMESH_STAT_ACCEL_OFF = 13,       /* direction decided: plain TCP */
+	KMESH_STAT_MAX = 16,
+};
+
+/* km_manage flags */
+enum kmesh_netns_flag {
+	/* A waypoint's own netns: its connections never go to a waypoint. */
+	KMESH_NETNS_WAYPOINT = 1,
+};
+
+/* sock_state flags */
+enum kmesh_sock_flag {
+	KMESH_SOCK_TLV_PENDING = 1, /* original destination not sent yet */
+	KMESH_SOCK_DECIDED = 2,     /* first send happened: direction fixed */
+	KMESH_SOCK_ACCEL = 4,       /* sends go straight to the peer socket */
 };
 
 struct kmesh_addr {
 	__u32 ip6[4]; /* network order words; IPv4 is ::ffff:a.b.c.d */
+};
+
+/* A waypoint to send connections to instead of their destination. */
+struct waypoint {
+	struct kmesh_addr addr; /* IPv4 as ::ffff:a.b.c.d */
+	__u32 port;             /* network order in low 16 bits; 0 = none */
 };
 
 /* Key of km_vip and km_workload. */
@@ -59,13 +85,13 @@ struct service_value {
 	__u32 prio_endpoint_count[KMESH_MAX_PRIO];
 	__u32 service_port[KMESH_MAX_PORTS]; /* network order in low 16 bits, 0 = unused */
 	__u32 target_port[KMESH_MAX_PORTS];  /* 0 = same as service port */
-	struct kmesh_addr waypoint_addr;
-	__u32 waypoint_port; /* network order; 0 = no waypoint */
+	struct waypoint waypoint;
 };
 
 /* km_workload value: a pod address, for direct access. */
 struct workload_value {
 	__u32 workload_id;
+	struct waypoint waypoint; /* the workload's own waypoint */
 };
 
 /* A backend's addresses, one per family. */
@@ -85,10 +111,36 @@ struct endpoint_key {
 struct endpoint_value {
 	__u32 workload_id;
 	struct backend_addr addr;
+	struct waypoint waypoint; /* the backend workload's waypoint */
 };
 
 struct manage_value {
 	__u32 enrolled;
+	__u32 flags; /* enum kmesh_netns_flag */
+};
+
+/*
+ * km_sock (sockhash) key: a TCP connection seen from one end. Ports in
+ * host order, IPv4 as ::ffff:a.b.c.d, so both ends' keys are each other's
+ * mirror image.
+ */
+struct sock_key {
+	struct kmesh_addr local;
+	struct kmesh_addr remote;
+	__u32 local_port;
+	__u32 remote_port;
+};
+
+/* Per-socket state (sk_storage), freed with the socket. */
+struct sock_state {
+	struct kmesh_addr orig_addr; /* destination before a waypoint redirect */
+	__u32 orig_port;             /* network order in low 16 bits */
+	__u32 flags;                 /* enum kmesh_sock_flag */
+};
+
+/* Settings the daemon writes into km_config[0]. */
+struct config_value {
+	__u32 accelerate; /* same-host sockmap acceleration on */
 };
 
 #endif

@@ -35,6 +35,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_LRU_HASH = 9,
 	BPF_MAP_TYPE_SOCKMAP = 15,
 	BPF_MAP_TYPE_SOCKHASH = 18,
+	BPF_MAP_TYPE_SK_STORAGE = 24,
 	BPF_MAP_TYPE_RINGBUF = 27,
 };
 
@@ -46,6 +47,25 @@ enum {
 
 enum {
 	BPF_F_NO_PREALLOC = 1,
+};
+
+/* bpf_msg_redirect_hash flags */
+#define BPF_F_INGRESS 1
+/* bpf_sk_storage_get flags */
+#define BPF_SK_STORAGE_GET_F_CREATE 1
+
+enum sk_action {
+	SK_DROP = 0,
+	SK_PASS = 1,
+};
+
+enum {
+	BPF_SOCK_OPS_VOID = 0,
+	BPF_SOCK_OPS_TIMEOUT_INIT = 1,
+	BPF_SOCK_OPS_RWND_INIT = 2,
+	BPF_SOCK_OPS_TCP_CONNECT_CB = 3,
+	BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB = 4,
+	BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB = 5,
 };
 
 #define AF_INET 2
@@ -69,6 +89,69 @@ struct bpf_sock_addr {
 		struct bpf_sock *sk;
 		__u64 :64;
 	} __attribute__((aligned(8)));
+};
+
+#define __kmesh_md_ptr(type, name) \
+	union {                     \
+		type name;          \
+		__u64 : 64;         \
+	} __attribute__((aligned(8)))
+
+struct bpf_sock_ops {
+	__u32 op;
+	union {
+		__u32 args[4];
+		__u32 reply;
+		__u32 replylong[4];
+	};
+	__u32 family;
+	__u32 remote_ip4;
+	__u32 local_ip4;
+	__u32 remote_ip6[4];
+	__u32 local_ip6[4];
+	__u32 remote_port; /* network order, in the high 16 bits on little endian */
+	__u32 local_port;  /* host order */
+	__u32 is_fullsock;
+	__u32 snd_cwnd;
+	__u32 srtt_us;
+	__u32 bpf_sock_ops_cb_flags;
+	__u32 state;
+	__u32 rtt_min;
+	__u32 snd_ssthresh;
+	__u32 rcv_nxt;
+	__u32 snd_nxt;
+	__u32 snd_una;
+	__u32 mss_cache;
+	__u32 ecn_flags;
+	__u32 rate_delivered;
+	__u32 rate_interval_us;
+	__u32 packets_out;
+	__u32 retrans_out;
+	__u32 total_retrans;
+	__u32 segs_in;
+	__u32 data_segs_in;
+	__u32 segs_out;
+	__u32 data_segs_out;
+	__u32 lost_out;
+	__u32 sacked_out;
+	__u32 sk_txhash;
+	__u64 bytes_received;
+	__u64 bytes_acked;
+	__kmesh_md_ptr(struct bpf_sock *, sk);
+};
+
+struct sk_msg_md {
+	__kmesh_md_ptr(void *, data);
+	__kmesh_md_ptr(void *, data_end);
+	__u32 family;
+	__u32 remote_ip4;
+	__u32 local_ip4;
+	__u32 remote_ip6[4];
+	__u32 local_ip6[4];
+	__u32 remote_port; /* as in bpf_sock_ops */
+	__u32 local_port;
+	__u32 size;
+	__kmesh_md_ptr(struct bpf_sock *, sk);
 };
 
 #endif

@@ -26,12 +26,12 @@ use thiserror::Error;
     unsafe_op_in_unsafe_fn
 )]
 pub mod skel {
-    include!(concat!(env!("OUT_DIR"), "/connect.skel.rs"));
+    include!(concat!(env!("OUT_DIR"), "/kmesh.skel.rs"));
 }
 
 pub use skel::types::{
-    addr_key, backend_addr, endpoint_key, endpoint_value, kmesh_addr, manage_value, service_value,
-    workload_value,
+    addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr, manage_value,
+    service_value, sock_key, sock_state, waypoint, workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -39,7 +39,8 @@ pub use skel::types::{
 /// drive the programs).
 pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
-pub const STAT_NAMES: [&str; 7] = [
+pub const NETNS_WAYPOINT: u32 = 1;
+pub const STAT_NAMES: [&str; 14] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -47,6 +48,13 @@ pub const STAT_NAMES: [&str; 7] = [
     "strict_reject",
     "family_mismatch",
     "port_miss",
+    "waypoint_redirect",
+    "tlv_sent",
+    "tlv_failed",
+    "accel_added",
+    "accel_full",
+    "accel_on",
+    "accel_off",
 ];
 
 #[derive(Debug, Error)]
@@ -87,6 +95,9 @@ pub struct MapSizes {
     /// Service endpoints, summed over services and priorities (km_endpoint).
     pub endpoints: u32,
     pub enrolled_netns: u32,
+    /// Sockets in km_sock: both ends of each accelerated connection, and
+    /// waypoint connections until they close.
+    pub sockets: u32,
 }
 
 impl Default for MapSizes {
@@ -96,6 +107,7 @@ impl Default for MapSizes {
             workload_ips: 262_144,
             endpoints: 262_144,
             enrolled_netns: 8_192,
+            sockets: 262_144,
         }
     }
 }
@@ -107,10 +119,25 @@ pub enum MapId {
     Workload,
     Endpoint,
     Manage,
+    Config,
+    /// Sockhash of sockets the sk_msg program handles (written by sockops).
+    Sock,
+    /// Per-socket storage (written by the programs).
+    SockState,
 }
 
 impl MapId {
-    pub const ALL: [MapId; 4] = [MapId::Vip, MapId::Workload, MapId::Endpoint, MapId::Manage];
+    /// Maps the writer fills.
+    pub const WRITTEN: [MapId; 5] = [
+        MapId::Vip,
+        MapId::Workload,
+        MapId::Endpoint,
+        MapId::Manage,
+        MapId::Config,
+    ];
+    /// Maps that hold live sockets: they outlive the daemon (see
+    /// `Datapath::shutdown`) and are reused by the next one.
+    pub const SOCKETS: [MapId; 2] = [MapId::Sock, MapId::SockState];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -118,6 +145,9 @@ impl MapId {
             MapId::Workload => "km_workload",
             MapId::Endpoint => "km_endpoint",
             MapId::Manage => "km_manage",
+            MapId::Config => "km_config",
+            MapId::Sock => "km_sock",
+            MapId::SockState => "km_sock_state",
         }
     }
 }
@@ -125,7 +155,7 @@ impl MapId {
 /// Loaded (not necessarily attached) data path. Dropping it detaches
 /// links that are not pinned; pinned ones stay (see `shutdown`).
 pub struct Datapath {
-    skel: skel::ConnectSkel<'static>,
+    skel: skel::KmeshSkel<'static>,
     links: Vec<(&'static str, Link)>,
     pin_dir: Option<PathBuf>,
 }
@@ -178,6 +208,14 @@ impl Datapath {
     /// Opens and loads the programs with the given map sizes. Nothing is
     /// attached yet.
     pub fn load(sizes: MapSizes) -> Result<Self, BpfError> {
+        Self::load_reusing(sizes, None)
+    }
+
+    /// Like `load`, but takes over the socket maps a previous daemon left
+    /// pinned under `pins`, so its accelerated and waypoint connections keep
+    /// their state (a new, empty map would drop them to plain TCP and lose
+    /// bytes queued for a reader).
+    pub fn load_reusing(sizes: MapSizes, pins: Option<&Path>) -> Result<Self, BpfError> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // The skeleton borrows its OpenObject for its whole life; the daemon
@@ -185,7 +223,7 @@ impl Datapath {
         // storage are leaked rather than tied into a self-referential struct.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = skel::ConnectSkelBuilder::default()
+        let mut open = skel::KmeshSkelBuilder::default()
             .open(storage)
             .map_err(|source| BpfError::Load { source })?;
         let m = &mut open.maps;
@@ -194,6 +232,7 @@ impl Datapath {
             (&mut m.km_workload, "km_workload", sizes.workload_ips),
             (&mut m.km_endpoint, "km_endpoint", sizes.endpoints),
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
+            (&mut m.km_sock, "km_sock", sizes.sockets),
         ] {
             map.set_max_entries(value)
                 .map_err(|source| BpfError::Size {
@@ -201,6 +240,24 @@ impl Datapath {
                     value,
                     source,
                 })?;
+        }
+        if let Some(dir) = pins {
+            for (map, name) in [
+                (&mut m.km_sock, "km_sock"),
+                (&mut m.km_sock_state, "km_sock_state"),
+            ] {
+                let path = dir.join(name);
+                if !path.exists() {
+                    continue;
+                }
+                match map.reuse_pinned_map(&path) {
+                    Ok(()) => tracing::info!("reusing {} (live sockets kept)", path.display()),
+                    Err(e) => tracing::warn!(
+                        "{} cannot be reused ({e}); its sockets fall back to plain TCP",
+                        path.display()
+                    ),
+                }
+            }
         }
         let skel = open.load().map_err(|source| BpfError::Load { source })?;
         Ok(Datapath {
@@ -219,9 +276,20 @@ impl Datapath {
         })?;
         let fd = dir.as_raw_fd();
         let progs = &self.skel.progs;
+        // The sk_msg program rides on km_sock; the map holds it, so sockets
+        // already in the map keep being served after this process exits.
+        progs
+            .kmesh_sendmsg
+            .attach_sockmap(std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd())
+            .map_err(|source| BpfError::Attach {
+                prog: "sendmsg",
+                path: cgroup.to_path_buf(),
+                source,
+            })?;
         for (name, prog) in [
             ("connect4", &progs.kmesh_connect4),
             ("connect6", &progs.kmesh_connect6),
+            ("sockops", &progs.kmesh_sockops),
         ] {
             let link = prog.attach_cgroup(fd).map_err(|source| BpfError::Attach {
                 prog: name,
@@ -242,7 +310,7 @@ impl Datapath {
                 path: dir.to_path_buf(),
             });
         }
-        for id in MapId::ALL {
+        for id in MapId::WRITTEN.into_iter().chain(MapId::SOCKETS) {
             let path = dir.join(id.name());
             let _ = fs::remove_file(&path);
             self.map_mut(id).pin(&path).map_err(|e| pin_err(&path, e))?;
@@ -272,10 +340,29 @@ impl Datapath {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
-        for id in MapId::ALL {
+        for id in MapId::WRITTEN {
             let _ = fs::remove_file(dir.join(id.name()));
         }
+        // Connections in km_sock go on being served by the sk_msg program
+        // (plain TCP for new ones, since sockops is detached); dropping the
+        // map now would cut them over mid-stream. It goes once empty.
+        if self.socket_count() == 0 {
+            for id in MapId::SOCKETS {
+                let _ = fs::remove_file(dir.join(id.name()));
+            }
+        } else {
+            tracing::info!(
+                "{} sockets still use {}; its pin stays",
+                self.socket_count(),
+                dir.join(MapId::Sock.name()).display()
+            );
+        }
         let _ = fs::remove_dir(&dir);
+    }
+
+    /// Entries in km_sock (each end of an accelerated connection counts).
+    pub fn socket_count(&self) -> usize {
+        self.skel.maps.km_sock.keys().count()
     }
 
     pub fn map(&self, id: MapId) -> &MapMut<'static> {
@@ -285,6 +372,9 @@ impl Datapath {
             MapId::Workload => &m.km_workload,
             MapId::Endpoint => &m.km_endpoint,
             MapId::Manage => &m.km_manage,
+            MapId::Config => &m.km_config,
+            MapId::Sock => &m.km_sock,
+            MapId::SockState => &m.km_sock_state,
         }
     }
 
@@ -295,6 +385,9 @@ impl Datapath {
             MapId::Workload => &mut m.km_workload,
             MapId::Endpoint => &mut m.km_endpoint,
             MapId::Manage => &mut m.km_manage,
+            MapId::Config => &mut m.km_config,
+            MapId::Sock => &mut m.km_sock,
+            MapId::SockState => &mut m.km_sock_state,
         }
     }
 
@@ -336,6 +429,8 @@ impl Datapath {
         [
             ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
             ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
+            ("sockops", p.kmesh_sockops.as_fd().as_raw_fd()),
+            ("sendmsg", p.kmesh_sendmsg.as_fd().as_raw_fd()),
         ]
         .into_iter()
         .filter_map(|(name, fd)| {
@@ -410,6 +505,9 @@ impl Pod for endpoint_key {}
 impl Pod for endpoint_value {}
 impl Pod for backend_addr {}
 impl Pod for manage_value {}
+impl Pod for config_value {}
+impl Pod for sock_key {}
+impl Pod for waypoint {}
 impl Pod for u32 {}
 impl Pod for u64 {}
 
@@ -528,8 +626,9 @@ mod tests {
             workload_ips: 20,
             endpoints: 50,
             enrolled_netns: 5,
+            sockets: 64,
         };
-        let dp = Datapath::load(sizes).expect("BPF programs pass the verifier");
+        let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(dp.capacity(MapId::Vip), 100);
         assert_eq!(dp.capacity(MapId::Manage), 5);
         assert!(dp.stats().iter().all(|(_, v)| *v == 0));

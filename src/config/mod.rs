@@ -11,14 +11,15 @@ use std::{
     fs,
     net::IpAddr,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::model::{
-    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress,
-    PortMapping, Service, ServiceRef, Workload,
+    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress, Placement,
+    PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload,
 };
 
 #[derive(Debug, Error)]
@@ -43,6 +44,9 @@ pub enum ConfigError {
 struct File {
     #[serde(default)]
     enroll: Enroll,
+    /// Same-host sockmap acceleration (also the daemon's --accelerate).
+    #[serde(default)]
+    accelerate: bool,
     #[serde(default)]
     services: Vec<ServiceEntry>,
     #[serde(default)]
@@ -55,7 +59,55 @@ struct Enroll {
     /// Network namespaces whose sockets are redirected (/run/netns/NAME,
     /// /proc/PID/ns/net, …).
     #[serde(default)]
-    netns: Vec<PathBuf>,
+    netns: Vec<NetnsEntry>,
+}
+
+/// A path, or {"path": …, "waypoint": true} for a waypoint's own netns.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum NetnsEntry {
+    Path(PathBuf),
+    Detailed(NetnsDetail),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetnsDetail {
+    path: PathBuf,
+    #[serde(default)]
+    waypoint: bool,
+}
+
+impl NetnsEntry {
+    fn parts(&self) -> (&Path, bool) {
+        match self {
+            NetnsEntry::Path(p) => (p, false),
+            NetnsEntry::Detailed(d) => (&d.path, d.waypoint),
+        }
+    }
+}
+
+/// Istio's GatewayAddress, flattened: exactly one of address / service.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaypointEntry {
+    #[serde(default)]
+    address: Option<IpAddrField>,
+    /// "namespace/hostname" of the waypoint's service.
+    #[serde(default)]
+    service: Option<String>,
+    port: u16,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LocalityEntry {
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    zone: String,
+    #[serde(default)]
+    subzone: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +123,8 @@ struct ServiceEntry {
     ports: Vec<PortEntry>,
     #[serde(default)]
     load_balancing: Option<LbEntry>,
+    #[serde(default)]
+    waypoint: Option<WaypointEntry>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -123,6 +177,14 @@ struct WorkloadEntry {
     /// Istio's network_mode HOST_NETWORK.
     #[serde(default)]
     host_network: bool,
+    #[serde(default)]
+    waypoint: Option<WaypointEntry>,
+    #[serde(default)]
+    locality: Option<LocalityEntry>,
+    #[serde(default)]
+    node: String,
+    #[serde(default)]
+    cluster_id: String,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -175,6 +237,22 @@ impl<'de> Deserialize<'de> for IpAddrField {
     }
 }
 
+fn waypoint(w: &WaypointEntry) -> Result<Waypoint, String> {
+    let target = match (&w.address, &w.service) {
+        (Some(a), None) => WaypointTarget::Address(a.0),
+        (None, Some(s)) if s.contains('/') => WaypointTarget::Service(s.as_str().into()),
+        (None, Some(s)) => return Err(format!("service {s:?} is not \"namespace/hostname\"")),
+        _ => return Err("give exactly one of address and service".into()),
+    };
+    if w.port == 0 {
+        return Err("port 0 is not a port".into());
+    }
+    Ok(Waypoint {
+        target,
+        port: w.port,
+    })
+}
+
 fn ports(list: &[PortEntry]) -> Vec<PortMapping> {
     list.iter()
         .map(|p| PortMapping {
@@ -186,7 +264,7 @@ fn ports(list: &[PortEntry]) -> Vec<PortMapping> {
 
 /// Parses and validates config text without touching the OS: enrollment
 /// paths are returned unresolved.
-fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> {
+fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigError> {
     let field_err = |field: String, message: String| ConfigError::Field {
         path: path.to_path_buf(),
         field,
@@ -225,6 +303,12 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
                     routing_preference: lb.routing_preference.clone(),
                 })
                 .unwrap_or_default(),
+            waypoint: s
+                .waypoint
+                .as_ref()
+                .map(waypoint)
+                .transpose()
+                .map_err(|e| field_err(format!("services[{i}].waypoint"), e))?,
         };
         svc.validate()
             .map_err(|e| field_err(format!("services[{i}]"), e.to_string()))?;
@@ -261,6 +345,24 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
                 StatusEntry::Unhealthy => HealthStatus::Unhealthy,
             },
             host_network: w.host_network,
+            waypoint: w
+                .waypoint
+                .as_ref()
+                .map(waypoint)
+                .transpose()
+                .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?
+                .map(Box::new),
+            placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
+                .then(|| {
+                    let l = w.locality.as_ref();
+                    Arc::new(Placement {
+                        region: l.map(|l| l.region.clone()).unwrap_or_default(),
+                        zone: l.map(|l| l.zone.clone()).unwrap_or_default(),
+                        subzone: l.map(|l| l.subzone.clone()).unwrap_or_default(),
+                        node: w.node.clone(),
+                        cluster: w.cluster_id.clone(),
+                    })
+                }),
         };
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;
@@ -275,6 +377,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<PathBuf>), ConfigError> 
         path: path.to_path_buf(),
         source,
     })?;
+    model.accelerate = file.accelerate;
     Ok((model, file.enroll.netns))
 }
 
@@ -296,7 +399,8 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
     let text = read(path)?;
     let (mut model, netns) = parse(path, &text)?;
-    for (i, ns) in netns.iter().enumerate() {
+    for (i, entry) in netns.iter().enumerate() {
+        let (ns, waypoint) = entry.parts();
         let cookie = crate::sys::netns_cookie(ns).map_err(|e| ConfigError::Field {
             path: path.to_path_buf(),
             field: format!("enroll.netns[{i}]"),
@@ -306,6 +410,7 @@ pub fn load(path: &Path) -> Result<Model, ConfigError> {
             cookie,
             Enrollment {
                 source: ns.display().to_string(),
+                waypoint,
             },
         );
     }

@@ -74,6 +74,8 @@ pub struct Service {
     pub addresses: Vec<NetworkAddress>,
     pub ports: Vec<PortMapping>,
     pub load_balancing: LoadBalancing,
+    /// Connections to the service go to this waypoint instead.
+    pub waypoint: Option<Waypoint>,
 }
 
 impl Service {
@@ -110,6 +112,74 @@ impl Service {
     }
 }
 
+/// Where a waypoint is: an address, or a service (its VIP, then one of its
+/// pods, chosen by the data path).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum WaypointTarget {
+    Address(IpAddr),
+    /// Service key "namespace/hostname".
+    Service(Arc<str>),
+}
+
+/// Istio's GatewayAddress as used for waypoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Waypoint {
+    pub target: WaypointTarget,
+    /// The port the waypoint accepts redirected connections on.
+    pub port: u16,
+}
+
+/// Where a workload (or this node) runs, for locality-aware load
+/// balancing: Istio's Locality plus the node and cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct Placement {
+    pub region: String,
+    pub zone: String,
+    pub subzone: String,
+    pub node: String,
+    pub cluster: String,
+}
+
+/// This node's placement and network; endpoints are ranked against it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct LocalNode {
+    pub placement: Placement,
+    pub network: String,
+}
+
+/// The endpoint priority level of `w` for a service balanced by `lb`, seen
+/// from `local`: the number of routing-preference scopes minus the number
+/// of leading scopes that match. None: not an endpoint at all (STRICT and
+/// not a full match, or PASSTHROUGH).
+pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) -> Option<u32> {
+    match lb.mode {
+        LbMode::Random => return Some(0),
+        LbMode::Passthrough => return None,
+        LbMode::Strict | LbMode::Failover => {}
+    }
+    let none = Placement::default();
+    let p = w.placement.as_deref().unwrap_or(&none);
+    let l = &local.placement;
+    let matched = lb
+        .routing_preference
+        .iter()
+        .take_while(|scope| match scope.as_str() {
+            "REGION" => p.region == l.region,
+            "ZONE" => p.zone == l.zone,
+            "SUBZONE" => p.subzone == l.subzone,
+            "NODE" => p.node == l.node,
+            "CLUSTER" => p.cluster == l.cluster,
+            "NETWORK" => w.network == local.network,
+            _ => false,
+        })
+        .count();
+    let prio = (lb.routing_preference.len() - matched) as u32;
+    match lb.mode {
+        LbMode::Strict if prio != 0 => None,
+        _ => Some(prio),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum HealthStatus {
@@ -143,6 +213,11 @@ pub struct Workload {
     /// hostNetwork pods share the node's address: they serve as endpoints
     /// but get no direct-access entry (the address is not theirs alone).
     pub host_network: bool,
+    /// Connections to this workload (direct, or picked as a service's
+    /// endpoint) go to this waypoint instead. Boxed: most have none.
+    pub waypoint: Option<Box<Waypoint>>,
+    /// Shared between workloads of one place where the source interns it.
+    pub placement: Option<Arc<Placement>>,
 }
 
 impl Workload {
@@ -175,6 +250,9 @@ impl Workload {
 pub struct Enrollment {
     /// Where it came from (a netns path), for dumps and logs.
     pub source: String,
+    /// A waypoint's netns: its own connections are never sent to a
+    /// waypoint (that would loop).
+    pub waypoint: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -186,6 +264,8 @@ pub struct Model {
     pub workloads: HashMap<Arc<str>, Workload>,
     /// netns cookie → enrollment.
     pub enrolled: BTreeMap<u64, Enrollment>,
+    /// Same-host sockmap acceleration.
+    pub accelerate: bool,
 }
 
 impl fmt::Display for Model {
@@ -248,6 +328,15 @@ impl<'a> Layers<'a> {
                 .iter()
                 .filter(move |(k, _)| !layers[i + 1..].iter().any(|l| l.workloads.contains_key(*k)))
         })
+    }
+
+    /// The effective service for a key.
+    pub fn service(self, key: &str) -> Option<&'a Service> {
+        self.0.iter().rev().find_map(|m| m.services.get(key))
+    }
+
+    pub fn accelerate(self) -> bool {
+        self.0.iter().any(|m| m.accelerate)
     }
 
     pub fn enrolled(self) -> BTreeMap<u64, &'a Enrollment> {
@@ -338,7 +427,53 @@ mod tests {
                 })
                 .collect(),
             load_balancing: LoadBalancing::default(),
+            waypoint: None,
         }
+    }
+
+    #[test]
+    fn priority_counts_leading_matches() {
+        let here = Placement {
+            region: "r1".into(),
+            zone: "z1".into(),
+            subzone: "s1".into(),
+            node: "n1".into(),
+            cluster: "c1".into(),
+        };
+        let local = LocalNode {
+            placement: here.clone(),
+            network: String::new(),
+        };
+        let at = |zone: &str, node: &str| Workload {
+            uid: "w".into(),
+            name: "w".into(),
+            namespace: "default".into(),
+            network: String::new(),
+            addresses: vec![],
+            services: vec![],
+            status: HealthStatus::Healthy,
+            host_network: false,
+            waypoint: None,
+            placement: Some(Arc::new(Placement {
+                zone: zone.into(),
+                node: node.into(),
+                ..here.clone()
+            })),
+        };
+        let prefs = |mode| LoadBalancing {
+            mode,
+            routing_preference: ["REGION", "ZONE", "NODE"].map(String::from).to_vec(),
+        };
+        let f = prefs(LbMode::Failover);
+        assert_eq!(endpoint_priority(&f, &local, &at("z1", "n1")), Some(0));
+        assert_eq!(endpoint_priority(&f, &local, &at("z1", "n2")), Some(1));
+        // A later scope cannot match once an earlier one failed.
+        assert_eq!(endpoint_priority(&f, &local, &at("z2", "n1")), Some(2));
+        let s = prefs(LbMode::Strict);
+        assert_eq!(endpoint_priority(&s, &local, &at("z1", "n1")), Some(0));
+        assert_eq!(endpoint_priority(&s, &local, &at("z1", "n2")), None);
+        let r = prefs(LbMode::Random);
+        assert_eq!(endpoint_priority(&r, &local, &at("z2", "n2")), Some(0));
     }
 
     #[test]
@@ -366,6 +501,8 @@ mod tests {
             services: vec![],
             status: HealthStatus::Healthy,
             host_network: false,
+            waypoint: None,
+            placement: None,
         });
         let e = m.validate().unwrap_err();
         assert!(matches!(e, ModelError::AddressConflict { .. }), "{e}");

@@ -177,8 +177,9 @@ impl MapWriter {
             .collect();
         enrolled_netns.sort_by_key(|e| e.cookie);
 
-        let maps = MapId::ALL
+        let maps = MapId::WRITTEN
             .iter()
+            .chain(&[MapId::Sock])
             .map(|&id| {
                 let usage = MapUsage {
                     entries: self.dp.map(id).keys().count(),

@@ -17,7 +17,7 @@
 mod dump;
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::IpAddr,
     sync::Arc,
 };
@@ -27,10 +27,14 @@ use thiserror::Error;
 
 use crate::{
     bpf::{
-        addr_key, backend_addr, endpoint_key, endpoint_value, manage_value, port_to_map,
-        service_value, workload_value, Datapath, MapId, Pod, MAX_PRIO,
+        addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
+        manage_value, port_to_map, service_value, waypoint, workload_value, Datapath, MapId, Pod,
+        MAX_PRIO, NETNS_WAYPOINT,
     },
-    model::{HealthStatus, Layers, LbMode, Model, ModelError},
+    model::{
+        endpoint_priority, HealthStatus, Layers, LbMode, LocalNode, Model, ModelError, Waypoint,
+        WaypointTarget,
+    },
 };
 
 pub use dump::Dump;
@@ -102,9 +106,10 @@ struct Written {
     /// (service id, priority) → workload ids; position i is index i+1.
     /// Longer than the service's count until the tail is trimmed.
     endpoints: HashMap<(u32, u32), Vec<u32>>,
-    /// Backend addresses as carried by the endpoint entries.
-    backend_addrs: HashMap<u32, backend_addr>,
-    manage: BTreeSet<u64>,
+    /// Endpoint values (addresses, waypoint) as carried by the entries.
+    backends: HashMap<u32, endpoint_value>,
+    manage: BTreeMap<u64, manage_value>,
+    config: Option<config_value>,
 }
 
 /// The desired map contents for a model, before endpoint ordering.
@@ -113,8 +118,9 @@ struct Desired {
     services: HashMap<u32, (service_value, Vec<IpAddr>)>,
     workload_ips: HashMap<IpAddr, workload_value>,
     endpoints: HashMap<(u32, u32), BTreeSet<u32>>,
-    backend_addrs: HashMap<u32, backend_addr>,
-    manage: BTreeSet<u64>,
+    backends: HashMap<u32, endpoint_value>,
+    manage: BTreeMap<u64, manage_value>,
+    config: config_value,
 }
 
 impl Desired {
@@ -129,10 +135,40 @@ pub struct MapWriter {
     workload_ids: IdSpace,
     written: Written,
     enroll_sources: HashMap<u64, String>,
+    local: LocalNode,
 }
 
 fn same<T: Pod>(a: &T, b: &T) -> bool {
     a.as_bytes() == b.as_bytes()
+}
+
+/// The data path's form of a waypoint; a service waypoint becomes that
+/// service's first VIP (the programs then pick one of its pods). An
+/// unknown service leaves no waypoint, with a warning naming both ends.
+fn resolve_waypoint(wp: Option<&Waypoint>, model: Layers, owner: &str) -> waypoint {
+    let Some(wp) = wp else {
+        return waypoint::default();
+    };
+    let ip = match &wp.target {
+        WaypointTarget::Address(ip) => Some(*ip),
+        WaypointTarget::Service(key) => model
+            .service(key)
+            .and_then(|s| s.addresses.first())
+            .map(|a| a.address),
+    };
+    match ip {
+        Some(ip) => waypoint {
+            addr: kmesh_addr::from_ip(ip),
+            port: port_to_map(wp.port),
+        },
+        None => {
+            tracing::warn!(
+                "{owner}: waypoint {:?} has no address; connections go direct",
+                wp.target
+            );
+            waypoint::default()
+        }
+    }
 }
 
 impl MapWriter {
@@ -143,7 +179,14 @@ impl MapWriter {
             workload_ids: IdSpace::default(),
             written: Written::default(),
             enroll_sources: HashMap::new(),
+            local: LocalNode::default(),
         }
+    }
+
+    /// This node's placement, for locality-aware load balancing; takes
+    /// effect at the next apply.
+    pub fn set_local_node(&mut self, local: LocalNode) {
+        self.local = local;
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -164,19 +207,30 @@ impl MapWriter {
             services: HashMap::new(),
             workload_ips: HashMap::new(),
             endpoints: HashMap::new(),
-            backend_addrs: HashMap::new(),
-            manage: model.enrolled().keys().copied().collect(),
+            backends: HashMap::new(),
+            manage: model
+                .enrolled()
+                .into_iter()
+                .map(|(cookie, e)| {
+                    let flags = if e.waypoint { NETNS_WAYPOINT } else { 0 };
+                    (cookie, manage_value { enrolled: 1, flags })
+                })
+                .collect(),
+            config: config_value {
+                accelerate: model.accelerate().into(),
+            },
         };
         // A service without a VIP cannot be connected to: nothing to write.
-        let mut routable: HashMap<&str, u32> = HashMap::new();
+        let mut routable: HashMap<&str, (u32, &crate::model::LoadBalancing)> = HashMap::new();
         for (key, svc) in model.services() {
             if svc.addresses.is_empty() || svc.load_balancing.mode == LbMode::Passthrough {
                 continue;
             }
             let id = self.service_ids.get_or_alloc(key);
-            routable.insert(key, id);
+            routable.insert(key, (id, &svc.load_balancing));
             let mut v = service_value {
                 service_id: id,
+                waypoint: resolve_waypoint(svc.waypoint.as_ref(), model, key),
                 lb_policy: match svc.load_balancing.mode {
                     LbMode::Random => 0,
                     LbMode::Strict => 1,
@@ -196,14 +250,22 @@ impl MapWriter {
         }
         for (uid, w) in model.workloads() {
             let id = self.workload_ids.get_or_alloc(uid);
+            let wp = resolve_waypoint(w.waypoint.as_deref(), model, uid);
             if !w.host_network {
                 for a in &w.addresses {
-                    d.workload_ips
-                        .insert(*a, workload_value { workload_id: id });
+                    let v = workload_value {
+                        workload_id: id,
+                        waypoint: wp,
+                    };
+                    d.workload_ips.insert(*a, v);
                 }
             }
-            d.backend_addrs
-                .insert(id, backend_addr::from_ips(&w.addresses));
+            let backend = endpoint_value {
+                workload_id: id,
+                addr: backend_addr::from_ips(&w.addresses),
+                waypoint: wp,
+            };
+            d.backends.insert(id, backend);
             // Unhealthy workloads stay reachable directly but take no new
             // service traffic.
             if w.status != HealthStatus::Healthy {
@@ -211,8 +273,11 @@ impl MapWriter {
             }
             for r in &w.services {
                 // xDS may send a workload before its service.
-                if let Some(sid) = routable.get(&*r.key) {
-                    d.endpoints.entry((*sid, 0)).or_default().insert(id);
+                let Some((sid, lb)) = routable.get(&*r.key) else {
+                    continue;
+                };
+                if let Some(prio) = endpoint_priority(lb, &self.local, w) {
+                    d.endpoints.entry((*sid, prio)).or_default().insert(id);
                 }
             }
         }
@@ -231,7 +296,11 @@ impl MapWriter {
                 new.max(w.endpoints.get(k).map_or(0, Vec::len))
             })
             .sum();
-        let manage = d.manage.len() + w.manage.difference(&d.manage).count();
+        let manage = d.manage.len()
+            + w.manage
+                .keys()
+                .filter(|c| !d.manage.contains_key(c))
+                .count();
         // Stale VIPs and workload addresses are deleted before new ones go in.
         for (id, needed, flag) in [
             (MapId::Vip, d.vips().count(), "max-vips"),
@@ -290,9 +359,8 @@ impl MapWriter {
         self.service_ids.retain(|id| {
             svc_live.contains(&id) || (result.is_ok() && d.services.contains_key(&id))
         });
-        self.workload_ids.retain(|id| {
-            wl_live.contains(&id) || (result.is_ok() && d.backend_addrs.contains_key(&id))
-        });
+        self.workload_ids
+            .retain(|id| wl_live.contains(&id) || (result.is_ok() && d.backends.contains_key(&id)));
         result
     }
 
@@ -321,24 +389,36 @@ impl MapWriter {
             self.delete(MapId::Workload, &addr_key::from_ip(ip), &ip.to_string(), st)?;
             self.written.workload_ips.remove(&ip);
         }
-        // 2. Enrollment.
-        for cookie in d.manage.difference(&self.written.manage.clone()) {
+        // 2. Enrollment and settings.
+        for (cookie, v) in &d.manage {
+            if self
+                .written
+                .manage
+                .get(cookie)
+                .is_some_and(|old| same(old, v))
+            {
+                continue;
+            }
             self.update(
                 MapId::Manage,
                 cookie,
-                &manage_value { enrolled: 1 },
+                v,
                 &format!("netns cookie {cookie}"),
                 st,
             )?;
-            self.written.manage.insert(*cookie);
+            self.written.manage.insert(*cookie, *v);
+        }
+        if !self.written.config.is_some_and(|old| same(&old, &d.config)) {
+            self.update(MapId::Config, &0u32, &d.config, "settings", st)?;
+            self.written.config = Some(d.config);
         }
         // 3. Endpoint lists, including entries whose backend moved.
         let moved: HashSet<u32> = d
-            .backend_addrs
+            .backends
             .iter()
             .filter(|(id, a)| {
                 self.written
-                    .backend_addrs
+                    .backends
                     .get(id)
                     .is_some_and(|old| !same(old, *a))
             })
@@ -357,7 +437,7 @@ impl MapWriter {
             let len = self.sync_endpoints(key, &want, &moved, d, st)?;
             counts.entry(key.0).or_default()[key.1 as usize] = len;
         }
-        self.written.backend_addrs.clone_from(&d.backend_addrs);
+        self.written.backends.clone_from(&d.backends);
         // 4. Services: every VIP carries the full value, counts included.
         for (id, (template, vips)) in &d.services {
             let mut v = *template;
@@ -407,7 +487,13 @@ impl MapWriter {
         for key in gone {
             self.trim_endpoints(key.0, &[0; MAX_PRIO], st)?;
         }
-        let gone: Vec<u64> = self.written.manage.difference(&d.manage).copied().collect();
+        let gone: Vec<u64> = self
+            .written
+            .manage
+            .keys()
+            .filter(|c| !d.manage.contains_key(c))
+            .copied()
+            .collect();
         for cookie in gone {
             self.delete(
                 MapId::Manage,
@@ -460,10 +546,7 @@ impl MapWriter {
                 prio: key.1,
                 index: pos as u32 + 1,
             };
-            let v = endpoint_value {
-                workload_id: *wid,
-                addr: d.backend_addrs.get(wid).copied().unwrap_or_default(),
-            };
+            let v = d.backends.get(wid).copied().unwrap_or_default();
             self.update(MapId::Endpoint, &k, &v, &what, st)?;
         }
         // Indices beyond the new length stay in the map until trimmed.

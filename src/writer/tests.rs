@@ -28,6 +28,7 @@ fn service(name: &str, vip: &str) -> Service {
             target_port: 8080,
         }],
         load_balancing: LoadBalancing::default(),
+        waypoint: None,
     }
 }
 
@@ -44,6 +45,8 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
         }],
         status: HealthStatus::Healthy,
         host_network: false,
+        waypoint: None,
+        placement: None,
     }
 }
 
@@ -58,6 +61,7 @@ fn model(services: &[&Service], workloads: &[Workload]) -> Model {
             .map(|w| (w.uid.clone(), w.clone()))
             .collect(),
         enrolled: BTreeMap::new(),
+        accelerate: false,
     }
 }
 
@@ -86,11 +90,11 @@ fn apply_is_idempotent_and_dump_matches() {
         ],
     );
     let first = w.apply(&m).unwrap();
-    // 1 VIP, 2 workload addresses, 2 endpoints.
+    // 1 VIP, 2 workload addresses, 2 endpoints, the settings.
     assert_eq!(
         first,
         ApplyStats {
-            updates: 5,
+            updates: 6,
             deletes: 0
         }
     );
@@ -161,7 +165,7 @@ fn removing_everything_empties_every_map() {
     w.apply(&model(&[&web], &[workload("w1", "10.244.0.11", &web)]))
         .unwrap();
     w.apply(&Model::default()).unwrap();
-    for id in MapId::ALL {
+    for id in [MapId::Vip, MapId::Workload, MapId::Endpoint, MapId::Manage] {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
     }
 }
@@ -214,7 +218,7 @@ fn invalid_model_is_rejected_before_any_write() {
     let clash = workload("w1", "10.96.0.10", &web);
     let err = w.apply(&model(&[&web], &[clash])).unwrap_err();
     assert!(err.to_string().contains("10.96.0.10"), "{err}");
-    for id in MapId::ALL {
+    for id in [MapId::Vip, MapId::Workload, MapId::Endpoint, MapId::Manage] {
         assert_eq!(w.datapath().map(id).keys().count(), 0, "{}", id.name());
     }
 }

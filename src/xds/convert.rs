@@ -2,15 +2,15 @@
 //! checked on its own, so one invalid resource is reported by name (and
 //! NACKed) while the others in the same response still apply.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use prost::Message;
 use thiserror::Error;
 
 use super::proto::{security, workload as pb};
 use crate::model::{
-    HealthStatus, LbMode, LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef,
-    Workload, MAX_SERVICE_PORTS,
+    HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement, PortMapping, Service,
+    ServiceRef, Waypoint, WaypointTarget, Workload, MAX_SERVICE_PORTS,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -71,6 +71,29 @@ fn load_balancing(lb: Option<&pb::LoadBalancing>) -> Result<LoadBalancing, Strin
     })
 }
 
+fn waypoint(g: Option<&pb::GatewayAddress>) -> Result<Option<Waypoint>, String> {
+    let Some(g) = g else { return Ok(None) };
+    let target = match &g.destination {
+        Some(pb::gateway_address::Destination::Address(a)) => {
+            WaypointTarget::Address(ip_from_bytes(&a.address, "waypoint.address")?)
+        }
+        Some(pb::gateway_address::Destination::Hostname(h)) => {
+            WaypointTarget::Service(format!("{}/{}", h.namespace, h.hostname).into())
+        }
+        None => return Err("waypoint has neither address nor hostname".into()),
+    };
+    let port = u16::try_from(g.hbone_mtls_port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| {
+            format!(
+                "waypoint.hbone_mtls_port {} is not a port",
+                g.hbone_mtls_port
+            )
+        })?;
+    Ok(Some(Waypoint { target, port }))
+}
+
 fn service(s: &pb::Service) -> Result<Service, String> {
     if s.hostname.is_empty() || s.namespace.is_empty() {
         return Err("service needs namespace and hostname".into());
@@ -105,6 +128,7 @@ fn service(s: &pb::Service) -> Result<Service, String> {
         addresses,
         ports,
         load_balancing: load_balancing(s.load_balancing.as_ref())?,
+        waypoint: waypoint(s.waypoint.as_ref())?,
     };
     svc.validate().map_err(|e| e.to_string())?;
     Ok(svc)
@@ -148,6 +172,19 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
             Err(_) => return Err(format!("status {} is unknown", w.status)),
         },
         host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
+        waypoint: waypoint(w.waypoint.as_ref())?.map(Box::new),
+        placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(
+            || {
+                let l = w.locality.clone().unwrap_or_default();
+                Arc::new(Placement {
+                    region: l.region,
+                    zone: l.zone,
+                    subzone: l.subzone,
+                    node: w.node.clone(),
+                    cluster: w.cluster_id.clone(),
+                })
+            },
+        ),
     };
     wl.validate().map_err(|e| e.to_string())?;
     Ok(wl)

@@ -1,0 +1,428 @@
+// SPDX-License-Identifier: (BSD-2-Clause OR GPL-2.0)
+/*
+ * The data path, one object so every program shares the maps:
+ *
+ * cgroup/connect4, cgroup/connect6: an enrolled socket connecting to a
+ *   service VIP:port is rewritten to one of the service's backends (and its
+ *   target port) before the kernel builds the connection, so no packet ever
+ *   carries the VIP and no proxy hop is needed. Where the service, or the
+ *   picked backend, or a directly addressed workload has a waypoint, the
+ *   connection goes to the waypoint instead and the original destination is
+ *   kept in the socket's storage.
+ * sockops: puts established sockets that need the sk_msg program (a pending
+ *   waypoint TLV, or same-host acceleration) into km_sock.
+ * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
+ *   original destination; with acceleration, sends go straight into the
+ *   peer socket's receive queue when the peer is a local enrolled socket.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "kmesh.h"
+#include "maps.h"
+
+/* Returns the endpoint priority level to draw from, or -1. */
+static __always_inline int pick_prio(const struct service_value *svc)
+{
+	if (svc->lb_policy == KMESH_LB_FAILOVER) {
+#pragma unroll
+		for (int p = 0; p < KMESH_MAX_PRIO; p++)
+			if (svc->prio_endpoint_count[p] > 0)
+				return p;
+		return -1;
+	}
+	/* RANDOM keeps every endpoint at priority 0; STRICT uses only full matches. */
+	return svc->prio_endpoint_count[0] > 0 ? 0 : -1;
+}
+
+enum verdict {
+	V_PASS,     /* leave the connection alone */
+	V_REWRITE,  /* destination rewritten in *addr / *port */
+	V_REJECT,   /* refuse the connect (EPERM) */
+	V_WAYPOINT, /* rewritten to a waypoint; *orig holds the destination */
+};
+
+/* Target port for *port on svc: 0 = same port, -1 = port not served. */
+static __always_inline int match_port(const struct service_value *svc, __u32 port, __u32 *target)
+{
+	bool found = false;
+#pragma unroll
+	for (int i = 0; i < KMESH_MAX_PORTS; i++) {
+		if (!found && svc->service_port[i] != 0 && svc->service_port[i] == port) {
+			*target = svc->target_port[i];
+			found = true;
+		}
+	}
+	return found ? 0 : -1;
+}
+
+/*
+ * Picks an endpoint of svc for a connection to port (already matched,
+ * target port `target`). Fills addr and port with the backend, or returns
+ * V_PASS/V_REJECT. *ev_out gets the endpoint (for its waypoint).
+ */
+static __always_inline enum verdict pick_backend(const struct service_value *svc, __u32 target,
+						 struct kmesh_addr *addr, __u32 *port,
+						 bool want_v4, struct endpoint_value **ev_out)
+{
+	int prio = pick_prio(svc);
+	if (prio < 0 || prio >= KMESH_MAX_PRIO) {
+		if (svc->lb_policy == KMESH_LB_STRICT) {
+			stat_inc(KMESH_STAT_STRICT_REJECT);
+			return V_REJECT;
+		}
+		stat_inc(KMESH_STAT_NO_ENDPOINT);
+		return V_PASS;
+	}
+	__u32 count = svc->prio_endpoint_count[prio];
+	if (count == 0) {
+		stat_inc(KMESH_STAT_NO_ENDPOINT);
+		return V_PASS;
+	}
+	struct endpoint_key ek = {
+		.service_id = svc->service_id,
+		.prio = prio,
+		.index = bpf_get_prandom_u32() % count + 1,
+	};
+	struct endpoint_value *ev = bpf_map_lookup_elem(&km_endpoint, &ek);
+	if (!ev) {
+		stat_inc(KMESH_STAT_NO_ENDPOINT);
+		return V_PASS;
+	}
+	if (want_v4) {
+		if (!ev->addr.has_ip4) {
+			stat_inc(KMESH_STAT_FAMILY_MISMATCH);
+			return V_PASS;
+		}
+		addr->ip6[0] = 0;
+		addr->ip6[1] = 0;
+		addr->ip6[2] = bpf_htonl(0x0000ffff);
+		addr->ip6[3] = ev->addr.ip4;
+	} else {
+		if (!ev->addr.has_ip6) {
+			stat_inc(KMESH_STAT_FAMILY_MISMATCH);
+			return V_PASS;
+		}
+		*addr = ev->addr.ip6;
+	}
+	if (target != 0)
+		*port = target;
+	*ev_out = ev;
+	return V_REWRITE;
+}
+
+/*
+ * Sends the connection to waypoint wp, remembering addr:port as the
+ * original destination. A waypoint given as a service VIP (a hostname
+ * waypoint resolved by the daemon) is resolved here to one of its pods,
+ * without a further waypoint step.
+ */
+static __always_inline enum verdict to_waypoint(const struct waypoint *wp, struct kmesh_addr *addr,
+						__u32 *port, bool want_v4, struct sock_state *orig)
+{
+	if (addr_is_v4(&wp->addr) != want_v4) {
+		stat_inc(KMESH_STAT_FAMILY_MISMATCH);
+		return V_PASS;
+	}
+	orig->orig_addr = *addr;
+	orig->orig_port = *port;
+	struct kmesh_addr wp_addr = wp->addr;
+	__u32 wp_port = wp->port;
+	struct addr_key key = { .addr = wp_addr };
+	struct service_value *svc = bpf_map_lookup_elem(&km_vip, &key);
+	if (svc) {
+		__u32 target = 0;
+		struct endpoint_value *ev = NULL;
+		if (match_port(svc, wp_port, &target) < 0) {
+			stat_inc(KMESH_STAT_PORT_MISS);
+			return V_PASS;
+		}
+		enum verdict v = pick_backend(svc, target, &wp_addr, &wp_port, want_v4, &ev);
+		if (v != V_REWRITE)
+			return v;
+	}
+	*addr = wp_addr;
+	*port = wp_port;
+	stat_inc(KMESH_STAT_WAYPOINT_REDIRECT);
+	return V_WAYPOINT;
+}
+
+/*
+ * Core lookup shared by both families. addr/port are in/out, in the
+ * socket's representation (network order). want_v4: the socket can only
+ * reach an IPv4 backend (connect4 or a v4-mapped connect6). The caller has
+ * checked enrollment; no_waypoint: the caller is a waypoint itself.
+ */
+static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *port, bool want_v4,
+					     bool no_waypoint, struct sock_state *orig)
+{
+	struct addr_key key = { .addr = *addr };
+	struct service_value *svc = bpf_map_lookup_elem(&km_vip, &key);
+	if (!svc) {
+		/* Direct pod access: the address is already the backend. */
+		struct workload_value *wl = bpf_map_lookup_elem(&km_workload, &key);
+		if (!wl)
+			return V_PASS;
+		stat_inc(KMESH_STAT_WORKLOAD_DIRECT);
+		if (wl->waypoint.port != 0 && !no_waypoint)
+			return to_waypoint(&wl->waypoint, addr, port, want_v4, orig);
+		return V_PASS;
+	}
+
+	__u32 target = 0;
+	if (match_port(svc, *port, &target) < 0) {
+		stat_inc(KMESH_STAT_PORT_MISS);
+		return V_PASS;
+	}
+	if (svc->waypoint.port != 0 && !no_waypoint)
+		return to_waypoint(&svc->waypoint, addr, port, want_v4, orig);
+
+	struct endpoint_value *ev = NULL;
+	enum verdict v = pick_backend(svc, target, addr, port, want_v4, &ev);
+	if (v != V_REWRITE || !ev)
+		return v;
+	if (ev->waypoint.port != 0 && !no_waypoint)
+		return to_waypoint(&ev->waypoint, addr, port, want_v4, orig);
+	stat_inc(KMESH_STAT_SERVICE_REDIRECT);
+	return V_REWRITE;
+}
+
+/* Keeps the original destination on the socket for the sk_msg program. */
+static __always_inline bool remember_orig(struct bpf_sock_addr *ctx, const struct sock_state *orig)
+{
+	struct sock_state *st =
+		bpf_sk_storage_get(&km_sock_state, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!st) {
+		stat_inc(KMESH_STAT_TLV_FAILED);
+		return false;
+	}
+	st->orig_addr = orig->orig_addr;
+	st->orig_port = orig->orig_port;
+	st->flags = KMESH_SOCK_TLV_PENDING;
+	return true;
+}
+
+SEC("cgroup/connect4")
+int kmesh_connect4(struct bpf_sock_addr *ctx)
+{
+	/*
+	 * Enrollment first: attached at the cgroup2 root, most sockets on a node
+	 * are not enrolled, and they then pay one lookup.
+	 */
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	struct manage_value *m = netns_enrollment(ctx);
+	if (!m)
+		return 1;
+	stat_inc(KMESH_STAT_ENROLLED_CONNECT);
+
+	struct kmesh_addr addr = {
+		.ip6 = { 0, 0, bpf_htonl(0x0000ffff), ctx->user_ip4 },
+	};
+	__u32 port = ctx->user_port;
+	struct sock_state orig = {};
+	enum verdict v = redirect(&addr, &port, true, m->flags & KMESH_NETNS_WAYPOINT, &orig);
+	if (v == V_REJECT)
+		return 0;
+	/* No way to carry the original destination: fail closed. */
+	if (v == V_WAYPOINT && !remember_orig(ctx, &orig))
+		return 0;
+	if (v == V_REWRITE || v == V_WAYPOINT) {
+		ctx->user_ip4 = addr.ip6[3];
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int kmesh_connect6(struct bpf_sock_addr *ctx)
+{
+	if (ctx->type != SOCK_STREAM)
+		return 1;
+	struct manage_value *m = netns_enrollment(ctx);
+	if (!m)
+		return 1;
+	stat_inc(KMESH_STAT_ENROLLED_CONNECT);
+
+	struct kmesh_addr addr;
+	addr.ip6[0] = ctx->user_ip6[0];
+	addr.ip6[1] = ctx->user_ip6[1];
+	addr.ip6[2] = ctx->user_ip6[2];
+	addr.ip6[3] = ctx->user_ip6[3];
+	__u32 port = ctx->user_port;
+	struct sock_state orig = {};
+	enum verdict v =
+		redirect(&addr, &port, addr_is_v4(&addr), m->flags & KMESH_NETNS_WAYPOINT, &orig);
+	if (v == V_REJECT)
+		return 0;
+	if (v == V_WAYPOINT && !remember_orig(ctx, &orig))
+		return 0;
+	if (v == V_REWRITE || v == V_WAYPOINT) {
+		ctx->user_ip6[0] = addr.ip6[0];
+		ctx->user_ip6[1] = addr.ip6[1];
+		ctx->user_ip6[2] = addr.ip6[2];
+		ctx->user_ip6[3] = addr.ip6[3];
+		ctx->user_port = port;
+	}
+	return 1;
+}
+
+/*
+ * The connection as seen from this end; see struct sock_key. Context
+ * fields are read one by one through volatile: clang otherwise merges
+ * them into 8-byte loads or computed context pointers, which the verifier
+ * refuses.
+ */
+#define CTX_U32(x) (*(volatile __u32 *)&(x))
+#define FILL_KEY(key, c)                                                          \
+	do {                                                                      \
+		bool v4_ = CTX_U32((c)->family) == AF_INET;                      \
+		__u32 l4_ = CTX_U32((c)->local_ip4), r4_ = CTX_U32((c)->remote_ip4); \
+		__u32 l0_ = CTX_U32((c)->local_ip6[0]), l1_ = CTX_U32((c)->local_ip6[1]); \
+		__u32 l2_ = CTX_U32((c)->local_ip6[2]), l3_ = CTX_U32((c)->local_ip6[3]); \
+		__u32 r0_ = CTX_U32((c)->remote_ip6[0]), r1_ = CTX_U32((c)->remote_ip6[1]); \
+		__u32 r2_ = CTX_U32((c)->remote_ip6[2]), r3_ = CTX_U32((c)->remote_ip6[3]); \
+		(key)->local.ip6[0] = v4_ ? 0 : l0_;                              \
+		(key)->local.ip6[1] = v4_ ? 0 : l1_;                              \
+		(key)->local.ip6[2] = v4_ ? bpf_htonl(0x0000ffff) : l2_;          \
+		(key)->local.ip6[3] = v4_ ? l4_ : l3_;                            \
+		(key)->remote.ip6[0] = v4_ ? 0 : r0_;                             \
+		(key)->remote.ip6[1] = v4_ ? 0 : r1_;                             \
+		(key)->remote.ip6[2] = v4_ ? bpf_htonl(0x0000ffff) : r2_;         \
+		(key)->remote.ip6[3] = v4_ ? r4_ : r3_;                           \
+		(key)->local_port = CTX_U32((c)->local_port);                     \
+		(key)->remote_port = bpf_ntohl(CTX_U32((c)->remote_port));        \
+	} while (0)
+
+SEC("sockops")
+int kmesh_sockops(struct bpf_sock_ops *skops)
+{
+	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		return 1;
+	if (skops->family != AF_INET && skops->family != AF_INET6)
+		return 1;
+	if (!netns_enrollment(skops))
+		return 1;
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	bool tlv = false;
+	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+		struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
+		tlv = st && (st->flags & KMESH_SOCK_TLV_PENDING);
+	}
+	if (!tlv && !accelerate_on())
+		return 1;
+	struct sock_key key = {};
+	FILL_KEY(&key, skops);
+	if (bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST) == 0)
+		stat_inc(KMESH_STAT_ACCEL_ADDED);
+	else if (tlv)
+		stat_inc(KMESH_STAT_TLV_FAILED);
+	else
+		stat_inc(KMESH_STAT_ACCEL_FULL);
+	return 1;
+}
+
+/* Writes the DESIGN.md TLV: type 0x01, u32 BE length, IP, port, 0xFE, u32 0. */
+static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_state *st)
+{
+	__u16 port = (__u16)st->orig_port; /* already network order */
+	if (addr_is_v4(&st->orig_addr)) {
+		if (bpf_msg_push_data(msg, 0, 16, 0) || bpf_msg_pull_data(msg, 0, 16, 0))
+			return -1;
+		__u8 *d = msg->data;
+		if ((void *)(d + 16) > msg->data_end)
+			return -1;
+		d[0] = 0x01;
+		d[1] = 0;
+		d[2] = 0;
+		d[3] = 0;
+		d[4] = 6;
+		__builtin_memcpy(d + 5, &st->orig_addr.ip6[3], 4);
+		__builtin_memcpy(d + 9, &port, 2);
+		d[11] = 0xfe;
+		d[12] = 0;
+		d[13] = 0;
+		d[14] = 0;
+		d[15] = 0;
+		return 0;
+	}
+	if (bpf_msg_push_data(msg, 0, 28, 0) || bpf_msg_pull_data(msg, 0, 28, 0))
+		return -1;
+	__u8 *d = msg->data;
+	if ((void *)(d + 28) > msg->data_end)
+		return -1;
+	d[0] = 0x01;
+	d[1] = 0;
+	d[2] = 0;
+	d[3] = 0;
+	d[4] = 18;
+	__builtin_memcpy(d + 5, &st->orig_addr.ip6[0], 16);
+	__builtin_memcpy(d + 21, &port, 2);
+	d[23] = 0xfe;
+	d[24] = 0;
+	d[25] = 0;
+	d[26] = 0;
+	d[27] = 0;
+	return 0;
+}
+
+SEC("sk_msg")
+int kmesh_sendmsg(struct sk_msg_md *msg)
+{
+	struct sock_state *st = bpf_sk_storage_get(&km_sock_state, msg->sk, 0, 0);
+	if (st && (st->flags & KMESH_SOCK_TLV_PENDING)) {
+		/* Waypoint connections are never accelerated: the waypoint must
+		 * see the TLV, and each direction keeps one path. */
+		st->flags = KMESH_SOCK_DECIDED;
+		if (push_tlv(msg, st)) {
+			stat_inc(KMESH_STAT_TLV_FAILED);
+			return SK_DROP;
+		}
+		stat_inc(KMESH_STAT_TLV_SENT);
+		return SK_PASS;
+	}
+	if (!st) {
+		st = bpf_sk_storage_get(&km_sock_state, msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st)
+			return SK_PASS;
+	}
+	/*
+	 * Each direction takes one path for its whole life, chosen at its first
+	 * send: bytes that went through TCP and bytes put straight into the
+	 * peer's queue could otherwise be read out of order.
+	 */
+	if (!(st->flags & KMESH_SOCK_DECIDED)) {
+		st->flags |= KMESH_SOCK_DECIDED;
+		if (accelerate_on()) {
+			struct sock_key peer = {}, self = {};
+			FILL_KEY(&self, msg);
+			peer.local = self.remote;
+			peer.remote = self.local;
+			peer.local_port = self.remote_port;
+			peer.remote_port = self.local_port;
+			if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
+				st->flags |= KMESH_SOCK_ACCEL;
+				stat_inc(KMESH_STAT_ACCEL_ON);
+				return SK_PASS;
+			}
+		}
+		stat_inc(KMESH_STAT_ACCEL_OFF);
+		return SK_PASS;
+	}
+	if (st->flags & KMESH_SOCK_ACCEL) {
+		struct sock_key peer = {}, self = {};
+		FILL_KEY(&self, msg);
+		peer.local = self.remote;
+		peer.remote = self.local;
+		peer.local_port = self.remote_port;
+		peer.remote_port = self.local_port;
+		/* Peer gone (closed): plain TCP, which fails as TCP would. */
+		bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS);
+	}
+	return SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
