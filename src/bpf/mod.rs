@@ -278,9 +278,10 @@ impl Datapath {
         let progs = &self.skel.progs;
         // The sk_msg program rides on km_sock; the map holds it, so sockets
         // already in the map keep being served after this process exits.
+        let sock_fd = std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd();
         progs
             .kmesh_sendmsg
-            .attach_sockmap(std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd())
+            .attach_sockmap(sock_fd)
             .map_err(|source| BpfError::Attach {
                 prog: "sendmsg",
                 path: cgroup.to_path_buf(),

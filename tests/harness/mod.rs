@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 pub mod xds;
 
@@ -224,19 +224,59 @@ impl Env {
 
     /// Starts a probe server in `pod` on `listen` addresses, named `name`.
     pub fn serve(&mut self, pod: &Pod, listen: &[String], name: &str) {
+        let cg = self.servers_cgroup.clone();
+        self.spawn_server(pod, &cg, listen, &["serve", "--name", name]);
+    }
+
+    /// A server whose sockets are subject to the data path (the attached
+    /// cgroup): needed where both ends take part (acceleration).
+    pub fn serve_in_mesh(&mut self, pod: &Pod, listen: &[String], name: &str, extra: &[&str]) {
+        let cg = self.cgroup.clone();
+        let mut args = vec!["serve", "--name", name];
+        args.extend_from_slice(extra);
+        self.spawn_server(pod, &cg, listen, &args);
+    }
+
+    /// The TLV-aware test waypoint in `pod` (in the attached cgroup, so its
+    /// own connection onwards is redirected); returns its log file.
+    pub fn waypoint(&mut self, pod: &Pod, listen: &str) -> PathBuf {
+        let log = self.dir.join(format!("waypoint-{}.log", pod.netns));
+        let cg = self.cgroup.clone();
+        let args = [
+            "waypoint",
+            "--log",
+            log.to_str().unwrap(),
+            "--listen",
+            listen,
+        ];
+        self.spawn_server(pod, &cg, &[], &args);
+        log
+    }
+
+    /// Runs the probe in `pod` inside the attached cgroup with `args`; one
+    /// JSON value per output line, and whether it exited successfully.
+    pub fn probe(&self, pod: &Pod, args: &[&str]) -> (Vec<Value>, bool) {
+        let out = self
+            .probe_cmd(pod, true)
+            .args(args)
+            .output()
+            .expect("run probe");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("probe line {l:?}: {e}")))
+            .collect();
+        (lines, out.status.success())
+    }
+
+    fn spawn_server(&mut self, pod: &Pod, cgroup: &Path, listen: &[String], args: &[&str]) {
         let mut cmd = Command::new(PROBE);
-        cmd.args([
-            "--netns",
-            &pod.path(),
-            "--cgroup",
-            self.servers_cgroup.to_str().unwrap(),
-            "serve",
-            "--name",
-            name,
-        ]);
+        cmd.args(["--netns", &pod.path(), "--cgroup", cgroup.to_str().unwrap()]);
+        cmd.args(args);
         for l in listen {
             cmd.args(["--listen", l]);
         }
+        let name = args.join(" ");
         let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
@@ -365,6 +405,11 @@ impl Env {
     /// Client netns: a pod enrolled via the config's enroll list.
     pub fn enroll_list(pods: &[&Pod]) -> Value {
         Value::Array(pods.iter().map(|p| Value::String(p.path())).collect())
+    }
+
+    /// A waypoint's netns: enrolled, never sent to a waypoint itself.
+    pub fn enroll_waypoint(pod: &Pod) -> Value {
+        json!({"path": pod.path(), "waypoint": true})
     }
 }
 

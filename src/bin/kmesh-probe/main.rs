@@ -16,6 +16,9 @@ use std::{
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
+mod transfer;
+mod waypoint;
+
 #[derive(Parser)]
 #[command(
     name = "kmesh-probe",
@@ -40,6 +43,42 @@ enum Cmd {
         listen: Vec<SocketAddr>,
         #[arg(long)]
         name: String,
+        /// Accept, then never read or write (a peer with a full buffer).
+        #[arg(long)]
+        stall: bool,
+    },
+    /// A test waypoint: record each connection's TLV to LOG, then forward
+    /// to the original destination.
+    Waypoint {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        log: PathBuf,
+    },
+    /// Echo messages of the given sizes over CONNS parallel connections and
+    /// check every byte; one JSON line per connection.
+    Transfer {
+        addr: SocketAddr,
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        sizes: Vec<usize>,
+        #[arg(long, default_value_t = 1)]
+        conns: u32,
+        #[arg(long, default_value_t = 0)]
+        chunk: usize,
+        #[arg(long)]
+        half_close: bool,
+        #[arg(long)]
+        abort_after: Option<usize>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
+    /// Write to a server that does not read, until EAGAIN.
+    Fill {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 256 << 20)]
+        max_bytes: usize,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
     },
     /// Connect COUNT times; print {"ok","name","peer"} per connection.
     Connect {
@@ -55,7 +94,7 @@ enum Cmd {
     },
 }
 
-fn serve(listen: Vec<SocketAddr>, name: String) -> io::Result<()> {
+fn serve(listen: Vec<SocketAddr>, name: String, stall: bool) -> io::Result<()> {
     let mut listeners = Vec::new();
     for a in &listen {
         listeners.push(
@@ -71,8 +110,13 @@ fn serve(listen: Vec<SocketAddr>, name: String) -> io::Result<()> {
     for l in listeners {
         let name = name.clone();
         threads.push(std::thread::spawn(move || {
+            let mut stalled = Vec::new();
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { continue };
+                if stall {
+                    stalled.push(c);
+                    continue;
+                }
                 let greeting = format!("{name}\n");
                 std::thread::spawn(move || {
                     if c.write_all(greeting.as_bytes()).is_err() {
@@ -99,7 +143,10 @@ fn serve(listen: Vec<SocketAddr>, name: String) -> io::Result<()> {
     Ok(())
 }
 
-fn connect_once(addr: SocketAddr, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
+pub(crate) fn connect_once(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(TcpStream, String), io::Error> {
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_read_timeout(Some(timeout))?;
     let mut r = BufReader::new(s.try_clone()?);
@@ -175,7 +222,36 @@ fn main() -> ExitCode {
         }
     }
     let r = match cli.cmd {
-        Cmd::Serve { listen, name } => serve(listen, name).map(|()| true),
+        Cmd::Serve {
+            listen,
+            name,
+            stall,
+        } => serve(listen, name, stall).map(|()| true),
+        Cmd::Waypoint { listen, log } => waypoint::run(listen, log).map(|()| true),
+        Cmd::Transfer {
+            addr,
+            sizes,
+            conns,
+            chunk,
+            half_close,
+            abort_after,
+            timeout_ms,
+        } => transfer::run(
+            addr,
+            conns,
+            transfer::Opts {
+                sizes,
+                chunk,
+                half_close,
+                abort_after,
+                timeout: Duration::from_millis(timeout_ms),
+            },
+        ),
+        Cmd::Fill {
+            addr,
+            max_bytes,
+            timeout_ms,
+        } => transfer::fill(addr, max_bytes, Duration::from_millis(timeout_ms)),
         Cmd::Connect {
             addr,
             count,

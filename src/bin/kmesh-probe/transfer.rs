@@ -1,0 +1,189 @@
+//! Byte-exact transfers against the echo server, for the waypoint and
+//! acceleration tests: each connection sends messages of the given sizes
+//! and checks that exactly the same bytes come back.
+
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use serde_json::json;
+
+use super::connect_once;
+
+pub struct Opts {
+    pub sizes: Vec<usize>,
+    /// Write in pieces of this many bytes (0: one write per message).
+    pub chunk: usize,
+    /// Shut down the sending side after the messages and expect EOF back.
+    pub half_close: bool,
+    /// Send this many bytes, then reset the connection (SO_LINGER 0).
+    pub abort_after: Option<usize>,
+    pub timeout: Duration,
+}
+
+fn pattern(seed: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 31 + seed * 7) % 251) as u8)
+        .collect()
+}
+
+/// read_exact that retries EAGAIN on a blocking socket. A socket in a
+/// sockhash (waypoint connections, accelerated ones) can see a blocking
+/// read return EAGAIN when plain-TCP data wakes it (the kernel's
+/// tcp_bpf_recvmsg); see README "Known limits". Retrying is what a
+/// non-blocking application does anyway; the count is reported.
+fn read_full(s: &TcpStream, buf: &mut [u8], eagain: &mut u32) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match (&*s).read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && *eagain < 10_000 => *eagain += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The server's greeting line, read byte by byte so nothing after it is
+/// consumed.
+fn greeting(s: &TcpStream, eagain: &mut u32) -> io::Result<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        read_full(s, &mut b, eagain)?;
+        if b[0] == b'\n' {
+            return Ok(String::from_utf8_lossy(&line).into_owned());
+        }
+        line.push(b[0]);
+    }
+}
+
+/// One connection; returns (server name, bytes verified, EAGAINs retried). The client
+/// sends first and reads the greeting after: a waypoint learns where to
+/// forward only from the first bytes (the TLV in front of them).
+fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u32)> {
+    let s = TcpStream::connect_timeout(&addr, o.timeout)?;
+    s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
+    let mut name = String::new();
+    let mut eagain = 0;
+    if let Some(n) = o.abort_after {
+        let (s, greeted) = connect_once(addr, o.timeout)?;
+        name = greeted;
+        (&s).write_all(&pattern(seed, n))?;
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: valid fd and a correctly sized linger struct.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            );
+        }
+        drop(s);
+        return Ok((name, 0, 0));
+    }
+    let mut verified = 0;
+    for (k, &size) in o.sizes.iter().enumerate() {
+        let msg = pattern(seed + k, size);
+        let mut w = s.try_clone()?;
+        let chunk = if o.chunk == 0 { size.max(1) } else { o.chunk };
+        let sent = msg.clone();
+        // Writing and reading at once: a 4 MiB echo does not fit in the
+        // socket buffers of one direction.
+        let writer = std::thread::spawn(move || -> io::Result<()> {
+            for piece in sent.chunks(chunk) {
+                w.write_all(piece)?;
+            }
+            Ok(())
+        });
+        if k == 0 {
+            name = greeting(&s, &mut eagain)?;
+        }
+        let mut back = vec![0u8; size];
+        read_full(&s, &mut back, &mut eagain)?;
+        writer.join().expect("writer thread")?;
+        if back != msg {
+            let at = back.iter().zip(&msg).position(|(a, b)| a != b);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("message of {size} bytes came back different (first difference at {at:?})"),
+            ));
+        }
+        verified += size;
+    }
+    if o.half_close {
+        s.shutdown(Shutdown::Write)?;
+        let mut rest = Vec::new();
+        (&s).read_to_end(&mut rest)?;
+        if !rest.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{} unexpected bytes after half-close", rest.len()),
+            ));
+        }
+    }
+    Ok((name, verified, eagain))
+}
+
+pub fn run(addr: SocketAddr, conns: u32, o: Opts) -> io::Result<bool> {
+    let o = std::sync::Arc::new(o);
+    let threads: Vec<_> = (0..conns as usize)
+        .map(|i| {
+            let o = o.clone();
+            std::thread::spawn(move || one(addr, &o, i))
+        })
+        .collect();
+    let mut all_ok = true;
+    for (i, t) in threads.into_iter().enumerate() {
+        match t.join().expect("connection thread") {
+            Ok((name, bytes, eagain)) => println!(
+                "{}",
+                json!({"i": i, "ok": true, "name": name, "bytes": bytes, "eagain_retries": eagain})
+            ),
+            Err(e) => {
+                all_ok = false;
+                println!("{}", json!({"i": i, "ok": false, "error": e.to_string()}));
+            }
+        }
+    }
+    io::stdout().flush()?;
+    Ok(all_ok)
+}
+
+/// Writes without the peer reading until the kernel says EAGAIN (or
+/// `max` bytes went out): a full receive buffer must push back on the
+/// sender as plain TCP does.
+pub fn fill(addr: SocketAddr, max: usize, timeout: Duration) -> io::Result<bool> {
+    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    s.set_nonblocking(true)?;
+    let buf = vec![0x5au8; 65536];
+    let mut written = 0;
+    let mut eagain = false;
+    let deadline = std::time::Instant::now() + timeout.max(Duration::from_secs(5));
+    while written < max && std::time::Instant::now() < deadline {
+        match (&s).write(&buf) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                eagain = true;
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    println!(
+        "{}",
+        json!({"ok": eagain, "written": written, "eagain": eagain})
+    );
+    io::stdout().flush()?;
+    Ok(eagain)
+}
