@@ -3,7 +3,9 @@
 # Rust itself must already be there (rustup; Debian 12's cargo is too old).
 set -euo pipefail
 need=()
-for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps; do
+# dnsmasq-base: the DNS server of the resolver tests (only the binary; the
+# dnsmasq package would also start a system service).
+for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod bpf;
 pub mod config;
 pub mod daemon;
+pub mod dns;
 pub mod model;
 pub mod sys;
 pub mod writer;

@@ -18,6 +18,7 @@ use std::{
 
 use serde_json::{json, Value};
 
+pub mod dns;
 pub mod xds;
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
