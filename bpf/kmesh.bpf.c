@@ -369,6 +369,18 @@ static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_sta
 	return 0;
 }
 
+/* Sends msg straight into the peer socket's queue; SK_PASS if it can. */
+static __always_inline long to_peer(struct sk_msg_md *msg)
+{
+	struct sock_key peer = {}, self = {};
+	FILL_KEY(&self, msg);
+	peer.local = self.remote;
+	peer.remote = self.local;
+	peer.local_port = self.remote_port;
+	peer.remote_port = self.local_port;
+	return bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS);
+}
+
 SEC("sk_msg")
 int kmesh_sendmsg(struct sk_msg_md *msg)
 {
@@ -397,13 +409,7 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 	if (!(st->flags & KMESH_SOCK_DECIDED)) {
 		st->flags |= KMESH_SOCK_DECIDED;
 		if (accelerate_on()) {
-			struct sock_key peer = {}, self = {};
-			FILL_KEY(&self, msg);
-			peer.local = self.remote;
-			peer.remote = self.local;
-			peer.local_port = self.remote_port;
-			peer.remote_port = self.local_port;
-			if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
+			if (to_peer(msg) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
 				stat_inc(KMESH_STAT_ACCEL_ON);
 				return SK_PASS;
@@ -412,16 +418,9 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 		stat_inc(KMESH_STAT_ACCEL_OFF);
 		return SK_PASS;
 	}
-	if (st->flags & KMESH_SOCK_ACCEL) {
-		struct sock_key peer = {}, self = {};
-		FILL_KEY(&self, msg);
-		peer.local = self.remote;
-		peer.remote = self.local;
-		peer.local_port = self.remote_port;
-		peer.remote_port = self.local_port;
-		/* Peer gone (closed): plain TCP, which fails as TCP would. */
-		bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS);
-	}
+	/* Peer gone (closed): plain TCP, which fails as TCP would. */
+	if (st->flags & KMESH_SOCK_ACCEL)
+		to_peer(msg);
 	return SK_PASS;
 }
 
