@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for the data-path benchmark suite (root): installs the tools
 # it needs, then runs it. Extra arguments go to the bench binary (criterion
-# filters). KMESH_BENCH_QUICK=1 for a short run (~4 min); full ~10-13 min.
+# filters). KMESH_BENCH_QUICK=1 for a short run (~4.5 min); full ~11 min.
 # Results: bench/results/suite-<date>.md and .png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
