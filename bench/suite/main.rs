@@ -1,0 +1,174 @@
+//! Data-path benchmark suite (root; real kernel, netns and cgroup).
+//!
+//! In one run, a client pod and a server pod on one node bridge, both in
+//! the harness's child cgroup, compare four paths (see world::Mode): direct
+//! to the pod IP, the mesh VIP redirect, the redirect with `--accelerate`,
+//! and a user-space proxy hop. Per message size (1 B, 64 B, 4 KiB, 256 KiB)
+//! it measures request/response latency percentiles and rate (kmesh-load),
+//! one-way throughput (kmesh-load and iperf3), ping-pong latency (sockperf),
+//! HTTP keep-alive load (wrk), and the connect rate; then criterion times a
+//! 64 B round trip per mode.
+//!
+//! Each (mode, size) cell is measured once per run, modes rotating order
+//! from cell to cell, and reported as the median over runs; ratios vs
+//! direct are medians of per-run ratios.
+//!
+//! Run: `bash bench/suite/run.sh` (or `cargo bench --bench suite` as root
+//! after bench/suite/deps.sh). KMESH_BENCH_QUICK=1 for a short run;
+//! KMESH_BENCH_RUNS, KMESH_BENCH_SECS (per measurement) and
+//! KMESH_BENCH_CPU (a CPU number, or "none" to leave placement to the
+//! scheduler) override the defaults.
+
+#[path = "../../tests/harness/mod.rs"]
+mod harness;
+mod measure;
+mod report;
+mod rr_criterion;
+mod world;
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use criterion::Criterion;
+use measure::{Cell, Group, Samples};
+use world::{Mode, World};
+
+const SIZES: [usize; 4] = [1, 64, 4096, 256 * 1024];
+
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+fn sh_out(argv: &[&str]) -> String {
+    Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// The last CPU, unless told otherwise: everything measured shares it, so
+/// a round trip never depends on where the scheduler put client and server.
+fn cpu() -> Option<usize> {
+    match std::env::var("KMESH_BENCH_CPU").as_deref() {
+        Ok("none") => None,
+        Ok(n) => Some(n.parse().expect("KMESH_BENCH_CPU: a CPU number or none")),
+        Err(_) => std::thread::available_parallelism()
+            .ok()
+            .map(|n| n.get() - 1),
+    }
+}
+
+fn main() {
+    let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
+    let runs: usize = env_num("KMESH_BENCH_RUNS").unwrap_or(if quick { 3 } else { 5 });
+    let secs: f64 = env_num("KMESH_BENCH_SECS").unwrap_or(if quick { 1.0 } else { 1.5 });
+    assert!(runs >= 1 && secs > 0.0);
+    let mut c = Criterion::default()
+        .sample_size(if quick { 10 } else { 30 })
+        .warm_up_time(Duration::from_millis(if quick { 300 } else { 1000 }))
+        .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }))
+        .configure_from_args();
+    let started = Instant::now();
+    let date = sh_out(&["date", "-u", "+%Y-%m-%d-%H%M%S"]);
+
+    let mut w = World::new(cpu());
+    let accel_missing = (!w.accel_supported).then(|| "n/a (daemon lacks --accelerate)".to_string());
+    let modes: Vec<Mode> = Mode::ALL
+        .into_iter()
+        .filter(|m| *m != Mode::Accel || w.accel_supported)
+        .collect();
+    let groups: Vec<Group> = SIZES
+        .iter()
+        .map(|n| Group::Size(*n))
+        .chain([Group::Connect])
+        .collect();
+
+    let mut s = Samples::default();
+    for run in 0..runs {
+        for (gi, &group) in groups.iter().enumerate() {
+            // Rotate which mode goes first, so no mode always measures
+            // right after a daemon start or on a warmer cache.
+            let k = (run + gi) % modes.len();
+            for &mode in modes[k..].iter().chain(&modes[..k]) {
+                if let Err(e) = w.enter(mode) {
+                    s.errors.push(format!("run {run} {mode}: daemon: {e}"));
+                    continue;
+                }
+                Cell {
+                    w: &w,
+                    mode,
+                    group,
+                    run,
+                    secs,
+                }
+                .run(&mut s);
+            }
+        }
+        eprintln!(
+            "suite: run {}/{runs} done at {:.0} s",
+            run + 1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    rr_criterion::run(&mut c, &mut w, &modes);
+    w.leave_daemon();
+    let stats = std::mem::take(&mut w.stats);
+    let pinned = w.cpu;
+    drop(w);
+    let elapsed = started.elapsed().as_secs_f64();
+
+    let cpu_note = pinned.map_or("unpinned".into(), |c| {
+        format!("client, servers and proxy pinned to CPU {c}")
+    });
+    let mut header = vec![
+        format!("# kmesh-rs data-path suite, {date}"),
+        format!(
+            "kernel {}, {} CPUs, {cpu_note}; {} mode; {runs} runs x {secs} s per measurement; median over runs; × = ratio vs direct (median of per-run ratios); latencies are full round trips; suite took {elapsed:.0} s",
+            sh_out(&["uname", "-r"]),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            if quick { "quick" } else { "full" },
+        ),
+        format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])),
+    ];
+    for (state, m) in &stats {
+        let pairs: Vec<String> = m
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        header.push(format!("daemon counters ({state}): {}", pairs.join(", ")));
+    }
+    let meta = report::Meta {
+        header,
+        modes,
+        sizes: SIZES.to_vec(),
+        accel_missing,
+    };
+    let md = report::markdown(&s, &meta);
+    println!("\n{md}");
+    let results = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results");
+    std::fs::create_dir_all(&results).expect("bench/results");
+    let md_path = results.join(format!("suite-{date}.md"));
+    let png_path = results.join(format!("suite-{date}.png"));
+    let tmp = std::env::temp_dir().join(format!("kmesh-suite-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let plotted = report::plot(&s, &meta, &tmp, &png_path);
+    let _ = std::fs::remove_dir_all(&tmp);
+    let md = match &plotted {
+        Ok(()) => format!(
+            "{md}\n![plot]({})\n",
+            png_path.file_name().unwrap().to_string_lossy()
+        ),
+        Err(e) => format!("{md}\nplot failed: {e}\n"),
+    };
+    std::fs::write(&md_path, md).expect("write results");
+    println!("wrote {}", md_path.display());
+    match plotted {
+        Ok(()) => println!("wrote {}", png_path.display()),
+        Err(e) => eprintln!("suite: {e}"),
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# One command for the data-path benchmark suite (root): installs the tools
+# it needs, then runs it. Extra arguments go to the bench binary (criterion
+# filters). KMESH_BENCH_QUICK=1 for a short run (~4.5 min); full ~11 min.
+# Results: bench/results/suite-<date>.md and .png.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if [ "$(id -u)" != 0 ]; then
+    echo "run as root: the suite creates network namespaces and cgroups and loads BPF" >&2
+    exit 1
+fi
+bash bench/suite/deps.sh
+exec cargo bench --bench suite -- "$@"
