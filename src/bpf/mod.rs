@@ -347,14 +347,14 @@ impl Datapath {
         // Connections in km_sock go on being served by the sk_msg program
         // (plain TCP for new ones, since sockops is detached); dropping the
         // map now would cut them over mid-stream. It goes once empty.
-        if self.socket_count() == 0 {
+        let sockets = self.socket_count();
+        if sockets == 0 {
             for id in MapId::SOCKETS {
                 let _ = fs::remove_file(dir.join(id.name()));
             }
         } else {
             tracing::info!(
-                "{} sockets still use {}; its pin stays",
-                self.socket_count(),
+                "{sockets} sockets still use {}; its pin stays",
                 dir.join(MapId::Sock.name()).display()
             );
         }

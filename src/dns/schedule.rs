@@ -108,6 +108,19 @@ fn normalize(addrs: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
     v
 }
 
+/// The timing every resolver test runs with: 1 s floor and first backoff,
+/// 15 s ceiling, 10 s backoff cap.
+#[cfg(test)]
+pub(super) fn test_timing() -> Timing {
+    const S: Duration = Duration::from_secs(1);
+    Timing {
+        min_refresh: S,
+        max_refresh: 15 * S,
+        backoff_initial: S,
+        backoff_max: 10 * S,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
@@ -116,14 +129,7 @@ mod tests {
 
     const S: Duration = Duration::from_secs(1);
 
-    fn timing() -> Timing {
-        Timing {
-            min_refresh: S,
-            max_refresh: 15 * S,
-            backoff_initial: S,
-            backoff_max: 10 * S,
-        }
-    }
+    use super::test_timing as timing;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

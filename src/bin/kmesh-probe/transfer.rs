@@ -63,35 +63,45 @@ fn greeting(s: &TcpStream, eagain: &mut u32) -> io::Result<String> {
     }
 }
 
+/// Sends `n` bytes after the greeting, then resets the connection
+/// (SO_LINGER 0) with the echo unread.
+fn reset_after(
+    addr: SocketAddr,
+    n: usize,
+    seed: usize,
+    timeout: Duration,
+) -> io::Result<(String, usize, u32)> {
+    let (s, name) = connect_once(addr, timeout)?;
+    (&s).write_all(&pattern(seed, n))?;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: valid fd and a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+    drop(s);
+    Ok((name, 0, 0))
+}
+
 /// One connection; returns (server name, bytes verified, EAGAINs retried). The client
 /// sends first and reads the greeting after: a waypoint learns where to
 /// forward only from the first bytes (the TLV in front of them).
 fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u32)> {
+    if let Some(n) = o.abort_after {
+        return reset_after(addr, n, seed, o.timeout);
+    }
     let s = TcpStream::connect_timeout(&addr, o.timeout)?;
     s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
     let mut name = String::new();
     let mut eagain = 0;
-    if let Some(n) = o.abort_after {
-        let (s, greeted) = connect_once(addr, o.timeout)?;
-        name = greeted;
-        (&s).write_all(&pattern(seed, n))?;
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: valid fd and a correctly sized linger struct.
-        unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_LINGER,
-                (&linger as *const libc::linger).cast(),
-                std::mem::size_of::<libc::linger>() as u32,
-            );
-        }
-        drop(s);
-        return Ok((name, 0, 0));
-    }
     let mut verified = 0;
     for (k, &size) in o.sizes.iter().enumerate() {
         let msg = pattern(seed + k, size);
