@@ -67,6 +67,7 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
                 namespace: "bench".into(),
                 network: String::new(),
                 addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
+                hostname: None,
                 services: vec![ServiceRef {
                     key: s.key().into(),
                     ports: vec![],
@@ -89,6 +90,7 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         namespace: "bench".into(),
         network: String::new(),
         addresses: vec![backend],
+        hostname: None,
         services: vec![ServiceRef {
             key: web.key().into(),
             ports: vec![],

@@ -57,8 +57,8 @@ static __always_inline int match_port(const struct service_value *svc, __u32 por
 }
 
 /*
- * Picks an endpoint of svc for a connection to port (already matched,
- * target port `target`). Fills addr and port with the backend, or returns
+ * Picks an endpoint of svc for a connection to *port (already matched,
+ * service target port `target`, which the endpoint's own may override). Fills addr and port with the backend, or returns
  * V_PASS/V_REJECT. *ev_out gets the endpoint (for its waypoint).
  */
 static __always_inline enum verdict pick_backend(const struct service_value *svc, __u32 target,
@@ -74,6 +74,7 @@ static __always_inline enum verdict pick_backend(const struct service_value *svc
 		stat_inc(KMESH_STAT_NO_ENDPOINT);
 		return V_PASS;
 	}
+	__u32 svc_port = *port;
 	__u32 count = svc->prio_endpoint_count[prio];
 	if (count == 0) {
 		stat_inc(KMESH_STAT_NO_ENDPOINT);
@@ -104,6 +105,16 @@ static __always_inline enum verdict pick_backend(const struct service_value *svc
 			return V_PASS;
 		}
 		*addr = ev->addr.ip6;
+	}
+	if (ev->flags & KMESH_EP_PORTS) {
+		struct port_key pk = {
+			.service_id = svc->service_id,
+			.workload_id = ev->workload_id,
+			.service_port = svc_port,
+		};
+		__u32 *own = bpf_map_lookup_elem(&km_port, &pk);
+		if (own)
+			target = *own;
 	}
 	if (target != 0)
 		*port = target;

@@ -3,6 +3,7 @@
 //! and shutdown signals.
 
 use std::{
+    collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
@@ -18,7 +19,8 @@ use crate::{
     admin::{self, AdminError},
     bpf::{BpfError, Datapath, MapSizes},
     config::{self, ConfigError},
-    model::{Layers, LocalNode, Model},
+    dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
+    model::{Layers, LocalNode, Model, ResolvedHosts},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, XdsOptions, XdsStatus},
 };
@@ -35,6 +37,8 @@ pub enum DaemonError {
     Admin(#[from] AdminError),
     #[error("installing signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +61,8 @@ pub struct Options {
     pub local: LocalNode,
     /// How often the config file is checked for changes.
     pub watch_interval: Duration,
+    /// Resolver settings for hostname workloads.
+    pub dns: DnsConfig,
 }
 
 /// Identity of the config file's current content, to notice edits.
@@ -69,7 +75,13 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 /// Makes the maps hold the file's model with the xDS store's services and
 /// workloads above it (xDS wins where both define a key). The store is
 /// applied in place, under its lock: the process keeps one copy of it.
-fn apply(writer: &Mutex<MapWriter>, file: &Model, xds: Option<&SharedStore>, why: &str) {
+/// Returns the hostnames the resolver must watch.
+fn apply(
+    writer: &Mutex<MapWriter>,
+    file: &Model,
+    xds: Option<&SharedStore>,
+    why: &str,
+) -> BTreeSet<String> {
     let guard = xds.map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
     let empty = Model::default();
     let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
@@ -89,11 +101,29 @@ fn apply(writer: &Mutex<MapWriter>, file: &Model, xds: Option<&SharedStore>, why
         ),
         Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
     }
+    let hosts = layers.hostnames();
     drop(w);
     drop(guard);
     // An apply of 100k workloads frees tens of MB of temporaries; glibc
     // keeps them mapped unless asked.
     trim_heap();
+    hosts
+}
+
+/// The writer's form of the resolver's answers. A failing host keeps its
+/// last good addresses (the resolver publishes them); a name that does not
+/// exist has none.
+fn resolved_hosts(answers: &Answers) -> ResolvedHosts {
+    answers
+        .iter()
+        .map(|(h, a)| {
+            let addrs = match a.state {
+                HostState::NxDomain => Vec::new(),
+                HostState::Resolved | HostState::Failing { .. } => a.addrs.clone(),
+            };
+            (h.as_str().into(), addrs)
+        })
+        .collect()
 }
 
 fn trim_heap() {
@@ -101,6 +131,16 @@ fn trim_heap() {
     // SAFETY: malloc_trim only walks the allocator's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// The resolver's next publication; pending forever without a resolver.
+async fn next_answers(rx: Option<&mut watch::Receiver<Arc<Answers>>>) -> Option<Arc<Answers>> {
+    let rx = rx?;
+    match rx.changed().await {
+        Ok(()) => Some(rx.borrow_and_update().clone()),
+        // The resolver task ended (it only does when dropped).
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -121,6 +161,28 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Ok(m)
     };
     let mut file_model = load_file(opts.config.as_deref())?;
+    // Hostnames are looked up in the background and never hold up an
+    // apply. Bad resolver settings are an error at start; a host without
+    // a usable /etc/resolv.conf still runs, its hostname workloads empty.
+    let resolver = match Resolver::new(opts.dns.clone()) {
+        Ok(r) => Some(r),
+        Err(e @ (DnsError::SystemConfig(_) | DnsError::NoServers)) => {
+            tracing::error!("{e}: hostname workloads get no endpoints (set --dns-server)");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut dns_rx = resolver.as_ref().map(Resolver::subscribe);
+    let watch_hosts = |hosts: BTreeSet<String>| match &resolver {
+        Some(r) => r.set_hosts(hosts),
+        None if !hosts.is_empty() => {
+            tracing::warn!(
+                "no DNS resolver: {} hostname(s) stay unresolved",
+                hosts.len()
+            )
+        }
+        None => {}
+    };
     // Fill the maps before attaching: the programs go live complete, and
     // pinning then replaces (and so detaches) a previous daemon's kept
     // links, so a restart never leaves a window without redirects.
@@ -134,6 +196,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         source,
     })?;
     tracing::info!("applied {file_model} ({} map updates)", st.updates);
+    watch_hosts(Layers(&[&file_model]).hostnames());
     w.datapath_mut().attach(&opts.cgroup)?;
     w.datapath_mut().pin(&opts.bpffs)?;
     tracing::info!(
@@ -173,6 +236,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 applied_generation = generation;
                 ("xDS update", false)
             }
+            Some(answers) = next_answers(dns_rx.as_mut()) => {
+                writer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .set_resolved(resolved_hosts(&answers));
+                ("DNS answers changed", false)
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         };
@@ -187,7 +257,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         }
-        apply(&writer, &file_model, xds_store.as_ref(), why);
+        let hosts = apply(&writer, &file_model, xds_store.as_ref(), why);
+        watch_hosts(hosts);
     }
     if let Some(t) = xds_task {
         t.abort();

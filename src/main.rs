@@ -1,10 +1,16 @@
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 use kmesh::{
     admin,
     bpf::MapSizes,
     config, daemon,
+    dns::{DnsConfig, Upstream},
     model::{LocalNode, Placement},
     sys,
     xds::client::XdsOptions,
@@ -88,6 +94,10 @@ struct DaemonArgs {
     max_endpoints: u32,
     #[arg(long, default_value_t = MapSizes::default().enrolled_netns)]
     max_enrolled_netns: u32,
+    /// Capacity of the map of workloads' own target ports (where a
+    /// workload's port list differs from its service's).
+    #[arg(long, default_value_t = MapSizes::default().port_overrides)]
+    max_port_overrides: u32,
     /// Capacity of the socket map: two entries per accelerated connection,
     /// one per connection to a waypoint.
     #[arg(long, default_value_t = MapSizes::default().sockets)]
@@ -106,6 +116,46 @@ struct DaemonArgs {
     /// This node's network (the NETWORK scope).
     #[arg(long, env = "KMESH_NETWORK", default_value = "")]
     network: String,
+    /// DNS servers for hostname workloads (ServiceEntry resolution DNS),
+    /// IP or IP:port, comma-separated [default: those of /etc/resolv.conf].
+    #[arg(long, env = "KMESH_DNS_SERVERS", value_delimiter = ',', value_parser = parse_dns_server)]
+    dns_server: Vec<SocketAddr>,
+    /// Longest time between lookups of a hostname, whatever its TTL (s).
+    #[arg(long, default_value_t = 15.0)]
+    dns_max_refresh: f64,
+    /// Shortest time between lookups of a hostname, for TTLs of 0 (s).
+    #[arg(long, default_value_t = 1.0)]
+    dns_min_refresh: f64,
+    /// Time to wait for a DNS server's answer (s).
+    #[arg(long, default_value_t = 5.0)]
+    dns_timeout: f64,
+}
+
+fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is not an IP address or IP:port"))
+}
+
+fn dns_config(a: &DaemonArgs) -> Result<DnsConfig, String> {
+    let secs = |v: f64, flag: &str| {
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("--{flag} {v}: give a positive number of seconds"))
+    };
+    let max_refresh = secs(a.dns_max_refresh, "dns-max-refresh")?;
+    Ok(DnsConfig {
+        upstream: match a.dns_server.as_slice() {
+            [] => Upstream::System,
+            s => Upstream::Servers(s.to_vec()),
+        },
+        min_refresh: secs(a.dns_min_refresh, "dns-min-refresh")?,
+        max_refresh,
+        backoff_initial: max_refresh.min(Duration::from_secs(1)),
+        backoff_max: max_refresh,
+        query_timeout: secs(a.dns_timeout, "dns-timeout")?,
+    })
 }
 
 /// "region/zone/subzone", any part may be missing.
@@ -203,6 +253,7 @@ fn main() -> ExitCode {
             Cmd::Daemon(a) => {
                 let xds = xds_options(&a);
                 let local = local_node(&a);
+                let dns = dns_config(&a)?;
                 let cgroup = match a.cgroup {
                     Some(c) => c,
                     None => {
@@ -212,6 +263,7 @@ fn main() -> ExitCode {
                 let opts = daemon::Options {
                     xds,
                     local,
+                    dns,
                     accelerate: a.accelerate,
                     config: a.config,
                     cgroup,
@@ -223,6 +275,7 @@ fn main() -> ExitCode {
                         workload_ips: a.max_workload_ips,
                         endpoints: a.max_endpoints,
                         enrolled_netns: a.max_enrolled_netns,
+                        port_overrides: a.max_port_overrides,
                         sockets: a.max_sockets,
                     },
                     watch_interval: Duration::from_secs_f64(a.watch_interval.max(0.05)),

@@ -108,10 +108,25 @@ struct endpoint_key {
 	__u32 index; /* 1-based */
 };
 
+/* endpoint_value flags */
+enum kmesh_endpoint_flag {
+	/* km_port has target ports of this workload that differ from its
+	 * services' own (Istio's per-workload PortList). */
+	KMESH_EP_PORTS = 1,
+};
+
 struct endpoint_value {
 	__u32 workload_id;
+	__u32 flags; /* enum kmesh_endpoint_flag */
 	struct backend_addr addr;
 	struct waypoint waypoint; /* the backend workload's waypoint */
+};
+
+/* km_port key: a workload's own target port for one service port. */
+struct port_key {
+	__u32 service_id;
+	__u32 workload_id;
+	__u32 service_port; /* network order in low 16 bits */
 };
 
 struct manage_value {

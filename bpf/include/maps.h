@@ -30,6 +30,16 @@ struct {
 	__uint(max_entries, 1024);
 } km_endpoint SEC(".maps");
 
+/* Value: target port, network order in low 16 bits. Looked up only for
+ * endpoints flagged KMESH_EP_PORTS. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct port_key);
+	__type(value, __u32);
+	__uint(max_entries, 1024);
+} km_port SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

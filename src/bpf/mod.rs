@@ -31,7 +31,7 @@ pub mod skel {
 
 pub use skel::types::{
     addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr, manage_value,
-    service_value, sock_key, sock_state, waypoint, workload_value,
+    port_key, service_value, sock_key, sock_state, waypoint, workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -40,6 +40,7 @@ pub use skel::types::{
 pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
+pub const EP_PORTS: u32 = 1;
 pub const STAT_NAMES: [&str; 14] = [
     "enrolled_connect",
     "service_redirect",
@@ -95,6 +96,9 @@ pub struct MapSizes {
     /// Service endpoints, summed over services and priorities (km_endpoint).
     pub endpoints: u32,
     pub enrolled_netns: u32,
+    /// Workloads' own target ports where they differ from the service's
+    /// (km_port).
+    pub port_overrides: u32,
     /// Sockets in km_sock: both ends of each accelerated connection, and
     /// waypoint connections until they close.
     pub sockets: u32,
@@ -107,6 +111,7 @@ impl Default for MapSizes {
             workload_ips: 262_144,
             endpoints: 262_144,
             enrolled_netns: 8_192,
+            port_overrides: 65_536,
             sockets: 262_144,
         }
     }
@@ -118,6 +123,7 @@ pub enum MapId {
     Vip,
     Workload,
     Endpoint,
+    Port,
     Manage,
     Config,
     /// Sockhash of sockets the sk_msg program handles (written by sockops).
@@ -128,10 +134,11 @@ pub enum MapId {
 
 impl MapId {
     /// Maps the writer fills.
-    pub const WRITTEN: [MapId; 5] = [
+    pub const WRITTEN: [MapId; 6] = [
         MapId::Vip,
         MapId::Workload,
         MapId::Endpoint,
+        MapId::Port,
         MapId::Manage,
         MapId::Config,
     ];
@@ -144,6 +151,7 @@ impl MapId {
             MapId::Vip => "km_vip",
             MapId::Workload => "km_workload",
             MapId::Endpoint => "km_endpoint",
+            MapId::Port => "km_port",
             MapId::Manage => "km_manage",
             MapId::Config => "km_config",
             MapId::Sock => "km_sock",
@@ -231,6 +239,7 @@ impl Datapath {
             (&mut m.km_vip, "km_vip", sizes.vips),
             (&mut m.km_workload, "km_workload", sizes.workload_ips),
             (&mut m.km_endpoint, "km_endpoint", sizes.endpoints),
+            (&mut m.km_port, "km_port", sizes.port_overrides),
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
             (&mut m.km_sock, "km_sock", sizes.sockets),
         ] {
@@ -372,6 +381,7 @@ impl Datapath {
             MapId::Vip => &m.km_vip,
             MapId::Workload => &m.km_workload,
             MapId::Endpoint => &m.km_endpoint,
+            MapId::Port => &m.km_port,
             MapId::Manage => &m.km_manage,
             MapId::Config => &m.km_config,
             MapId::Sock => &m.km_sock,
@@ -385,6 +395,7 @@ impl Datapath {
             MapId::Vip => &mut m.km_vip,
             MapId::Workload => &mut m.km_workload,
             MapId::Endpoint => &mut m.km_endpoint,
+            MapId::Port => &mut m.km_port,
             MapId::Manage => &mut m.km_manage,
             MapId::Config => &mut m.km_config,
             MapId::Sock => &mut m.km_sock,
@@ -504,6 +515,7 @@ impl Pod for service_value {}
 impl Pod for workload_value {}
 impl Pod for endpoint_key {}
 impl Pod for endpoint_value {}
+impl Pod for port_key {}
 impl Pod for backend_addr {}
 impl Pod for manage_value {}
 impl Pod for config_value {}
@@ -627,6 +639,7 @@ mod tests {
             workload_ips: 20,
             endpoints: 50,
             enrolled_netns: 5,
+            port_overrides: 7,
             sockets: 64,
         };
         let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("{e}"));

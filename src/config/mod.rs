@@ -125,6 +125,23 @@ struct ServiceEntry {
     load_balancing: Option<LbEntry>,
     #[serde(default)]
     waypoint: Option<WaypointEntry>,
+    /// ServiceEntry's resolution.
+    #[serde(default)]
+    resolution: Resolution,
+}
+
+/// Istio ServiceEntry resolution: STATIC (endpoints are the workloads
+/// listed with addresses), DNS (the hostname, or the workloads' hostnames,
+/// are resolved), NONE (connections keep their original destination).
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+enum Resolution {
+    #[default]
+    #[serde(rename = "STATIC")]
+    Static,
+    #[serde(rename = "DNS")]
+    Dns,
+    #[serde(rename = "NONE")]
+    None,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +186,9 @@ struct WorkloadEntry {
     network: String,
     #[serde(default)]
     addresses: Vec<IpAddrField>,
+    /// Resolved by DNS instead of listing addresses.
+    #[serde(default)]
+    hostname: Option<String>,
     /// Istio's `services` map: "namespace/hostname" → PortList.
     #[serde(default)]
     services: BTreeMap<String, PortList>,
@@ -290,8 +310,18 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             hostname: s.hostname.clone(),
             addresses: s.addresses.iter().map(|a| a.0.clone()).collect(),
             ports: ports(&s.ports),
-            load_balancing: s
-                .load_balancing
+            load_balancing: match (s.resolution, &s.load_balancing) {
+                (Resolution::None, Some(lb)) if !matches!(lb.mode, LbModeEntry::Passthrough | LbModeEntry::Unspecified) => {
+                    return Err(field_err(
+                        format!("services[{i}].load_balancing.mode"),
+                        "resolution NONE passes connections through; it takes no load-balancing mode".into(),
+                    ))
+                }
+                (Resolution::None, _) => LoadBalancing {
+                    mode: LbMode::Passthrough,
+                    routing_preference: Vec::new(),
+                },
+                (_, lb) => lb
                 .as_ref()
                 .map(|lb| LoadBalancing {
                     mode: match lb.mode {
@@ -303,6 +333,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                     routing_preference: lb.routing_preference.clone(),
                 })
                 .unwrap_or_default(),
+            },
             waypoint: s
                 .waypoint
                 .as_ref()
@@ -339,6 +370,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             namespace: w.namespace.clone(),
             network: w.network.clone(),
             addresses: w.addresses.iter().map(|a| a.0).collect(),
+            hostname: w.hostname.as_deref().map(Into::into),
             services,
             status: match w.status {
                 StatusEntry::Healthy => HealthStatus::Healthy,
@@ -370,6 +402,43 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             return Err(field_err(
                 format!("workloads[{i}].uid"),
                 format!("uid {:?} used twice", w.uid),
+            ));
+        }
+    }
+    // A DNS service no workload backs resolves its own hostname, as
+    // istiod does for a ServiceEntry without endpoints.
+    for (i, s) in file.services.iter().enumerate() {
+        let key = format!("{}/{}", s.namespace, s.hostname);
+        let backed = model
+            .workloads
+            .values()
+            .any(|w| w.services.iter().any(|r| *r.key == *key));
+        if s.resolution != Resolution::Dns || backed {
+            continue;
+        }
+        let uid = format!("ServiceEntry/{key}");
+        let wl = Workload {
+            uid: uid.as_str().into(),
+            name: s.name.clone(),
+            namespace: s.namespace.clone(),
+            network: String::new(),
+            addresses: Vec::new(),
+            hostname: Some(s.hostname.as_str().into()),
+            services: vec![ServiceRef {
+                key: model.intern_service_key(&key),
+                ports: Vec::new(),
+            }],
+            status: HealthStatus::Healthy,
+            host_network: false,
+            waypoint: None,
+            placement: None,
+        };
+        wl.validate()
+            .map_err(|e| field_err(format!("services[{i}].hostname"), e.to_string()))?;
+        if model.insert_workload(wl).is_some() {
+            return Err(field_err(
+                format!("services[{i}]"),
+                format!("uid {uid:?} of its DNS workload is also a workload's uid"),
             ));
         }
     }

@@ -103,3 +103,66 @@ fn missing_netns_names_the_enroll_entry() {
         "{e}"
     );
 }
+
+const EGRESS: &str = r#"{
+  "services": [
+    {"name": "api", "hostname": "api.example.com", "addresses": ["240.0.0.1"],
+     "ports": [{"service_port": 443}], "resolution": "DNS"},
+    {"name": "db", "hostname": "db.example.com", "addresses": ["240.0.0.2"],
+     "ports": [{"service_port": 5432}], "resolution": "DNS"},
+    {"name": "any", "hostname": "any.example.com", "addresses": ["198.51.100.9"],
+     "resolution": "NONE"}
+  ],
+  "workloads": [{
+    "uid": "db-primary", "name": "db-primary", "hostname": "primary.db.example.com",
+    "services": {"default/db.example.com": {}}
+  }]
+}"#;
+
+#[test]
+fn dns_services_and_hostname_workloads() {
+    let (m, _) = parse(Path::new("t.json"), EGRESS).unwrap();
+    // A DNS service nothing backs resolves its own hostname.
+    let implicit = &m.workloads["ServiceEntry/default/api.example.com"];
+    assert_eq!(implicit.hostname.as_deref(), Some("api.example.com"));
+    assert_eq!(&*implicit.services[0].key, "default/api.example.com");
+    // One backed by a hostname workload gets no implicit one.
+    assert!(!m
+        .workloads
+        .contains_key("ServiceEntry/default/db.example.com"));
+    assert_eq!(
+        m.workloads["db-primary"].hostname.as_deref(),
+        Some("primary.db.example.com")
+    );
+    assert_eq!(
+        m.services["default/any.example.com"].load_balancing.mode,
+        LbMode::Passthrough
+    );
+    let hosts = crate::model::Layers(&[&m]).hostnames();
+    assert_eq!(
+        hosts.into_iter().collect::<Vec<_>>(),
+        ["api.example.com", "primary.db.example.com"]
+    );
+}
+
+#[test]
+fn bad_hostname_workloads_are_named() {
+    let e = err(&EGRESS.replace("primary.db.example.com", "primary..db"));
+    assert!(
+        e.contains("workloads[0]") && e.contains("primary..db"),
+        "{e}"
+    );
+    let both = EGRESS.replace(
+        r#""hostname": "primary.db.example.com""#,
+        r#""hostname": "primary.db.example.com", "addresses": ["10.0.0.1"]"#,
+    );
+    let e = err(&both);
+    assert!(e.contains("exclusive"), "{e}");
+    let e = err(&EGRESS.replace(
+        r#""resolution": "NONE""#,
+        r#""resolution": "NONE", "load_balancing": {"mode": "STRICT"}"#,
+    ));
+    assert!(e.contains("services[2].load_balancing.mode"), "{e}");
+    let e = err(&EGRESS.replace(r#""resolution": "NONE""#, r#""resolution": "none""#));
+    assert!(e.contains("services[2].resolution"), "{e}");
+}

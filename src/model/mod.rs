@@ -207,6 +207,10 @@ pub struct Workload {
     pub namespace: String,
     pub network: String,
     pub addresses: Vec<IpAddr>,
+    /// Istio's Workload.hostname (ServiceEntry resolution DNS): the
+    /// addresses are whatever this name resolves to, looked up by the
+    /// daemon's resolver. Exclusive with `addresses`. Boxed: most have none.
+    pub hostname: Option<Box<str>>,
     /// Services this workload backs, sorted by key, each once.
     pub services: Vec<ServiceRef>,
     pub status: HealthStatus,
@@ -232,6 +236,14 @@ impl Workload {
                 reason: "uid is empty".into(),
             });
         }
+        if let Some(h) = &self.hostname {
+            if !self.addresses.is_empty() {
+                return Err(err(format!(
+                    "hostname {h:?} and addresses are exclusive: the addresses come from DNS"
+                )));
+            }
+            check_hostname(h).map_err(|e| err(format!("hostname {h:?}: {e}")))?;
+        }
         let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
         let v6 = self.addresses.len() - v4;
         // The backend entry holds one address per family.
@@ -244,6 +256,39 @@ impl Workload {
         Ok(())
     }
 }
+
+/// A DNS name as a resolver accepts it: dot-separated labels of letters,
+/// digits, '-' and '_', each 1..=63 bytes, 253 in all; one trailing dot
+/// allowed. Not an IP address (that would be a static workload).
+pub fn check_hostname(h: &str) -> Result<(), String> {
+    let name = h.strip_suffix('.').unwrap_or(h);
+    if name.is_empty() || name.len() > 253 {
+        return Err("a DNS name has 1 to 253 characters".into());
+    }
+    if name.parse::<IpAddr>().is_ok() {
+        return Err("is an IP address; put it in addresses".into());
+    }
+    for label in name.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("label {label:?} must have 1 to 63 characters"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        {
+            return Err(format!("{c:?} is not allowed in a DNS name"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("label {label:?} starts or ends with '-'"));
+        }
+    }
+    Ok(())
+}
+
+/// Hostname → the addresses it currently resolves to (IPv4 then IPv6), as
+/// the daemon's resolver last answered. A name missing here has no
+/// addresses yet (or none at all).
+pub type ResolvedHosts = HashMap<Box<str>, Vec<IpAddr>>;
 
 /// A network namespace whose sockets the data path acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -337,6 +382,14 @@ impl<'a> Layers<'a> {
 
     pub fn accelerate(self) -> bool {
         self.0.iter().any(|m| m.accelerate)
+    }
+
+    /// The names of hostname (DNS) workloads, each once.
+    pub fn hostnames(self) -> std::collections::BTreeSet<String> {
+        self.workloads()
+            .filter_map(|(_, w)| w.hostname.as_deref())
+            .map(str::to_string)
+            .collect()
     }
 
     pub fn enrolled(self) -> BTreeMap<u64, &'a Enrollment> {
@@ -450,6 +503,7 @@ mod tests {
             namespace: "default".into(),
             network: String::new(),
             addresses: vec![],
+            hostname: None,
             services: vec![],
             status: HealthStatus::Healthy,
             host_network: false,
@@ -477,6 +531,17 @@ mod tests {
     }
 
     #[test]
+    fn hostnames_are_checked() {
+        assert!(check_hostname("api.example.com").is_ok());
+        assert!(check_hostname("api.example.com.").is_ok());
+        assert!(check_hostname("_svc.x-y.test").is_ok());
+        for bad in ["", ".", "a..b", "-a.b", "a b.c", "10.0.0.1", "::1"] {
+            assert!(check_hostname(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(check_hostname(&"a".repeat(64)).is_err());
+    }
+
+    #[test]
     fn too_many_ports_is_named() {
         let ports: Vec<(u16, u16)> = (1..=11).map(|p| (p, 0)).collect();
         let s = svc("default", "web.default.svc", "10.96.0.1", &ports);
@@ -498,6 +563,7 @@ mod tests {
             namespace: "default".into(),
             network: String::new(),
             addresses: vec!["10.96.0.1".parse().unwrap()],
+            hostname: None,
             services: vec![],
             status: HealthStatus::Healthy,
             host_network: false,

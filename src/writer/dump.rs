@@ -9,8 +9,8 @@ use serde::Serialize;
 
 use super::MapWriter;
 use crate::bpf::{
-    addr_key, endpoint_key, endpoint_value, port_from_map, service_value, workload_value, MapId,
-    Pod, MAX_PORTS,
+    addr_key, endpoint_key, endpoint_value, port_from_map, port_key, service_value, workload_value,
+    MapId, Pod, MAX_PORTS,
 };
 
 #[derive(Debug, Serialize)]
@@ -18,6 +18,13 @@ pub struct Dump {
     pub services: Vec<ServiceDump>,
     pub workloads: Vec<WorkloadDump>,
     pub enrolled_netns: Vec<EnrolledDump>,
+    /// Services whose connections keep their original destination
+    /// (ServiceEntry resolution NONE, LoadBalancing PASSTHROUGH): they
+    /// have no km_vip entry on purpose.
+    pub passthrough: Vec<PassthroughDump>,
+    /// Hostnames of DNS workloads → the addresses last resolved (the
+    /// endpoints carry them); empty: not resolved or no such name.
+    pub dns: BTreeMap<String, Vec<String>>,
     pub stats: BTreeMap<&'static str, u64>,
     pub maps: BTreeMap<&'static str, MapUsage>,
 }
@@ -33,6 +40,9 @@ pub struct ServiceDump {
     /// as workload uid and the backend address the entry carries.
     pub endpoints: BTreeMap<u32, Vec<String>>,
     pub endpoint_addresses: BTreeMap<u32, Vec<Vec<String>>>,
+    /// Workloads' own target ports: "uid: service port -> target port".
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub own_ports: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -52,6 +62,12 @@ pub struct WorkloadDump {
 pub struct EnrolledDump {
     pub cookie: u64,
     pub source: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PassthroughDump {
+    pub name: String,
+    pub addresses: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,6 +109,15 @@ impl MapWriter {
                 .entry((k.service_id, k.prio))
                 .or_default()
                 .insert(k.index, v);
+        }
+        let mut own_ports: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (k, v) in entries::<port_key, u32>(self, MapId::Port) {
+            own_ports.entry(k.service_id).or_default().push(format!(
+                "{}: {} -> {}",
+                wl_name(k.workload_id),
+                port_from_map(k.service_port),
+                port_from_map(v)
+            ));
         }
         let mut services: Vec<ServiceDump> = by_service
             .into_iter()
@@ -137,6 +162,10 @@ impl MapWriter {
                     ports,
                     endpoints,
                     endpoint_addresses,
+                    own_ports: own_ports.remove(&id).map_or_else(Vec::new, |mut v| {
+                        v.sort();
+                        v
+                    }),
                 }
             })
             .collect();
@@ -188,10 +217,29 @@ impl MapWriter {
                 (id.name(), usage)
             })
             .collect();
+        let mut passthrough = self
+            .passthrough
+            .iter()
+            .map(|(key, addrs)| PassthroughDump {
+                name: key.to_string(),
+                addresses: addrs.iter().map(ToString::to_string).collect(),
+            })
+            .collect::<Vec<_>>();
+        passthrough.sort_by(|a, b| a.name.cmp(&b.name));
+        let dns = self
+            .dns_hosts
+            .iter()
+            .map(|h| {
+                let addrs = self.resolved.get(h.as_str()).map_or(&[][..], Vec::as_slice);
+                (h.clone(), addrs.iter().map(ToString::to_string).collect())
+            })
+            .collect();
         Dump {
             services,
             workloads,
             enrolled_netns,
+            passthrough,
+            dns,
             stats: self.dp.stats().into_iter().collect(),
             maps,
         }

@@ -28,12 +28,12 @@ use thiserror::Error;
 use crate::{
     bpf::{
         addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
-        manage_value, port_to_map, service_value, waypoint, workload_value, Datapath, MapId, Pod,
-        MAX_PRIO, NETNS_WAYPOINT,
+        manage_value, port_key, port_to_map, service_value, waypoint, workload_value, Datapath,
+        MapId, Pod, EP_PORTS, MAX_PRIO, NETNS_WAYPOINT,
     },
     model::{
-        endpoint_priority, HealthStatus, Layers, LbMode, LocalNode, Model, ModelError, Waypoint,
-        WaypointTarget,
+        endpoint_priority, HealthStatus, Layers, LbMode, LoadBalancing, LocalNode, Model,
+        ModelError, PortMapping, ResolvedHosts, Waypoint, WaypointTarget,
     },
 };
 
@@ -88,6 +88,15 @@ impl IdSpace {
         id
     }
 
+    /// `get_or_alloc` for a key the model does not hold (a DNS workload's
+    /// second and later endpoints).
+    fn get_or_alloc_str(&mut self, key: &str) -> u32 {
+        match self.by_key.get(key) {
+            Some(id) => *id,
+            None => self.get_or_alloc(&key.into()),
+        }
+    }
+
     fn retain(&mut self, keep: impl Fn(u32) -> bool) {
         let dead: Vec<u32> = self.keys.keys().copied().filter(|id| !keep(*id)).collect();
         for id in dead {
@@ -108,8 +117,29 @@ struct Written {
     endpoints: HashMap<(u32, u32), Vec<u32>>,
     /// Endpoint values (addresses, waypoint) as carried by the entries.
     backends: HashMap<u32, endpoint_value>,
+    ports: PortOverrides,
     manage: BTreeMap<u64, manage_value>,
     config: Option<config_value>,
+}
+
+/// (service id, workload id, service port) → the workload's own target
+/// port, where it differs from the service's.
+type PortOverrides = HashMap<(u32, u32, u16), u16>;
+
+/// The entries of a workload's port list for a service that change where
+/// its connections go: a target port other than the service's own.
+fn own_ports<'a>(
+    svc: &'a [PortMapping],
+    own: &'a [PortMapping],
+) -> impl Iterator<Item = &'a PortMapping> {
+    own.iter().filter(|p| {
+        let effective = |t: u16| if t == 0 { p.service_port } else { t };
+        p.target_port != 0
+            && svc.iter().any(|s| {
+                s.service_port == p.service_port
+                    && effective(s.target_port) != effective(p.target_port)
+            })
+    })
 }
 
 /// The desired map contents for a model, before endpoint ordering.
@@ -119,8 +149,11 @@ struct Desired {
     workload_ips: HashMap<IpAddr, workload_value>,
     endpoints: HashMap<(u32, u32), BTreeSet<u32>>,
     backends: HashMap<u32, endpoint_value>,
+    ports: PortOverrides,
     manage: BTreeMap<u64, manage_value>,
     config: config_value,
+    /// Services whose connections keep their original destination.
+    passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
 }
 
 impl Desired {
@@ -136,6 +169,34 @@ pub struct MapWriter {
     written: Written,
     enroll_sources: HashMap<u64, String>,
     local: LocalNode,
+    resolved: ResolvedHosts,
+    /// As of the last successful apply, for the dump.
+    passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
+    dns_hosts: BTreeSet<String>,
+}
+
+/// A DNS answer as endpoint addresses: an endpoint holds one address per
+/// family, so the k-th endpoint pairs the k-th IPv4 and IPv6 answers (the
+/// shorter list wraps). Every endpoint then serves both families when the
+/// name has both, and each answered address is some endpoint's.
+fn pair_families(ips: &[IpAddr]) -> Vec<backend_addr> {
+    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|a| a.is_ipv4());
+    let n = v4.len().max(v6.len());
+    (0..n)
+        .map(|k| {
+            let pick = |l: &[IpAddr]| (!l.is_empty()).then(|| l[k % l.len()]);
+            let both: Vec<IpAddr> = [pick(&v4), pick(&v6)].into_iter().flatten().collect();
+            backend_addr::from_ips(&both)
+        })
+        .collect()
+}
+
+fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
+    port_key {
+        service_id,
+        workload_id,
+        service_port: port_to_map(port),
+    }
 }
 
 fn same<T: Pod>(a: &T, b: &T) -> bool {
@@ -180,7 +241,16 @@ impl MapWriter {
             written: Written::default(),
             enroll_sources: HashMap::new(),
             local: LocalNode::default(),
+            resolved: ResolvedHosts::new(),
+            passthrough: Vec::new(),
+            dns_hosts: BTreeSet::new(),
         }
+    }
+
+    /// The resolver's current answers for hostname workloads; takes effect
+    /// at the next apply.
+    pub fn set_resolved(&mut self, resolved: ResolvedHosts) {
+        self.resolved = resolved;
     }
 
     /// This node's placement, for locality-aware load balancing; takes
@@ -208,6 +278,7 @@ impl MapWriter {
             workload_ips: HashMap::new(),
             endpoints: HashMap::new(),
             backends: HashMap::new(),
+            ports: PortOverrides::new(),
             manage: model
                 .enrolled()
                 .into_iter()
@@ -219,15 +290,21 @@ impl MapWriter {
             config: config_value {
                 accelerate: model.accelerate().into(),
             },
+            passthrough: Vec::new(),
         };
         // A service without a VIP cannot be connected to: nothing to write.
-        let mut routable: HashMap<&str, (u32, &crate::model::LoadBalancing)> = HashMap::new();
+        let mut routable: HashMap<&str, (u32, &LoadBalancing, &[PortMapping])> = HashMap::new();
         for (key, svc) in model.services() {
-            if svc.addresses.is_empty() || svc.load_balancing.mode == LbMode::Passthrough {
+            if svc.load_balancing.mode == LbMode::Passthrough {
+                let addrs = svc.addresses.iter().map(|a| a.address).collect();
+                d.passthrough.push((key.clone(), addrs));
+                continue;
+            }
+            if svc.addresses.is_empty() {
                 continue;
             }
             let id = self.service_ids.get_or_alloc(key);
-            routable.insert(key, (id, &svc.load_balancing));
+            routable.insert(key, (id, &svc.load_balancing, &svc.ports));
             let mut v = service_value {
                 service_id: id,
                 waypoint: resolve_waypoint(svc.waypoint.as_ref(), model, key),
@@ -260,12 +337,27 @@ impl MapWriter {
                     d.workload_ips.insert(*a, v);
                 }
             }
-            let backend = endpoint_value {
-                workload_id: id,
-                addr: backend_addr::from_ips(&w.addresses),
-                waypoint: wp,
+            // A static workload is one endpoint; a hostname workload one per
+            // address pair of its current answer (none until resolved).
+            let addrs = match &w.hostname {
+                None => vec![backend_addr::from_ips(&w.addresses)],
+                Some(host) => pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice)),
             };
-            d.backends.insert(id, backend);
+            let mut ids = Vec::with_capacity(addrs.len());
+            for (k, addr) in addrs.into_iter().enumerate() {
+                let eid = match k {
+                    0 => id,
+                    _ => self.workload_ids.get_or_alloc_str(&format!("{uid}#{k}")),
+                };
+                let v = endpoint_value {
+                    workload_id: eid,
+                    addr,
+                    waypoint: wp,
+                    ..Default::default()
+                };
+                d.backends.insert(eid, v);
+                ids.push(eid);
+            }
             // Unhealthy workloads stay reachable directly but take no new
             // service traffic.
             if w.status != HealthStatus::Healthy {
@@ -273,11 +365,20 @@ impl MapWriter {
             }
             for r in &w.services {
                 // xDS may send a workload before its service.
-                let Some((sid, lb)) = routable.get(&*r.key) else {
+                let Some(&(sid, lb, svc_ports)) = routable.get(&*r.key) else {
                     continue;
                 };
-                if let Some(prio) = endpoint_priority(lb, &self.local, w) {
-                    d.endpoints.entry((*sid, prio)).or_default().insert(id);
+                let Some(prio) = endpoint_priority(lb, &self.local, w) else {
+                    continue;
+                };
+                d.endpoints.entry((sid, prio)).or_default().extend(&ids);
+                for p in own_ports(svc_ports, &r.ports) {
+                    for eid in &ids {
+                        d.ports.insert((sid, *eid, p.service_port), p.target_port);
+                        if let Some(b) = d.backends.get_mut(eid) {
+                            b.flags |= EP_PORTS;
+                        }
+                    }
                 }
             }
         }
@@ -301,12 +402,14 @@ impl MapWriter {
                 .keys()
                 .filter(|c| !d.manage.contains_key(c))
                 .count();
+        let ports = d.ports.len() + w.ports.keys().filter(|k| !d.ports.contains_key(k)).count();
         // Stale VIPs and workload addresses are deleted before new ones go in.
         for (id, needed, flag) in [
             (MapId::Vip, d.vips().count(), "max-vips"),
             (MapId::Workload, d.workload_ips.len(), "max-workload-ips"),
             (MapId::Endpoint, endpoints, "max-endpoints"),
             (MapId::Manage, manage, "max-enrolled-netns"),
+            (MapId::Port, ports, "max-port-overrides"),
         ] {
             let capacity = self.dp.capacity(id);
             if needed > capacity as usize {
@@ -348,6 +451,7 @@ impl MapWriter {
             .keys()
             .map(|k| k.0)
             .chain(w.vips.values().map(|v| v.service_id))
+            .chain(w.ports.keys().map(|k| k.0))
             .collect();
         let wl_live: HashSet<u32> = w
             .endpoints
@@ -355,12 +459,17 @@ impl MapWriter {
             .flatten()
             .copied()
             .chain(w.workload_ips.values().map(|v| v.workload_id))
+            .chain(w.ports.keys().map(|k| k.1))
             .collect();
         self.service_ids.retain(|id| {
             svc_live.contains(&id) || (result.is_ok() && d.services.contains_key(&id))
         });
         self.workload_ids
             .retain(|id| wl_live.contains(&id) || (result.is_ok() && d.backends.contains_key(&id)));
+        if result.is_ok() {
+            self.passthrough = d.passthrough;
+            self.dns_hosts = model.hostnames();
+        }
         result
     }
 
@@ -411,6 +520,22 @@ impl MapWriter {
         if !self.written.config.is_some_and(|old| same(&old, &d.config)) {
             self.update(MapId::Config, &0u32, &d.config, "settings", st)?;
             self.written.config = Some(d.config);
+        }
+        // Own target ports go in before the endpoint entries flagged to
+        // use them.
+        for (&(sid, wid, port), &target) in &d.ports {
+            if self.written.ports.get(&(sid, wid, port)) == Some(&target) {
+                continue;
+            }
+            let what = format!("{} port {port}", self.workload_name(wid));
+            self.update(
+                MapId::Port,
+                &own_port_key(sid, wid, port),
+                &port_to_map(target),
+                &what,
+                st,
+            )?;
+            self.written.ports.insert((sid, wid, port), target);
         }
         // 3. Endpoint lists, including entries whose backend moved.
         let moved: HashSet<u32> = d
@@ -486,6 +611,18 @@ impl MapWriter {
             .collect();
         for key in gone {
             self.trim_endpoints(key.0, &[0; MAX_PRIO], st)?;
+        }
+        let gone: Vec<(u32, u32, u16)> = self
+            .written
+            .ports
+            .keys()
+            .filter(|k| !d.ports.contains_key(k))
+            .copied()
+            .collect();
+        for (sid, wid, port) in gone {
+            let what = format!("{} port {port}", self.workload_name(wid));
+            self.delete(MapId::Port, &own_port_key(sid, wid, port), &what, st)?;
+            self.written.ports.remove(&(sid, wid, port));
         }
         let gone: Vec<u64> = self
             .written

@@ -39,6 +39,7 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
         namespace: "default".into(),
         network: String::new(),
         addresses: vec![ip.parse().unwrap()],
+        hostname: None,
         services: vec![ServiceRef {
             key: svc.key().into(),
             ports: vec![],
@@ -283,4 +284,119 @@ fn service_change_rewrites_every_vip() {
         assert_eq!(crate::bpf::port_from_map(v.target_port[0]), 9090);
         assert_eq!(v.prio_endpoint_count[0], 1);
     }
+}
+
+/// A hostname workload's endpoints follow the resolver's answers: one per
+/// address pair, entries of vanished addresses removed, nothing written
+/// for the name itself as a direct-access address.
+#[test]
+fn dns_workload_endpoints_follow_answers() {
+    let mut w = writer(MapSizes::default());
+    let ext = service("ext", "240.0.0.10");
+    let mut dw = workload("se-ext", "10.0.0.1", &ext);
+    dw.addresses.clear();
+    dw.hostname = Some("api.example.test".into());
+    let m = model(&[&ext], &[dw]);
+    let set = |w: &mut MapWriter, ips: &[&str]| {
+        let ips = ips.iter().map(|a| a.parse().unwrap()).collect();
+        w.set_resolved(ResolvedHosts::from([("api.example.test".into(), ips)]));
+        w.apply(&m).unwrap();
+        let d = w.dump();
+        assert_eq!(
+            d.workloads.len(),
+            0,
+            "resolved IPs are not workload addresses"
+        );
+        let mut addrs: Vec<Vec<String>> = d.services[0]
+            .endpoint_addresses
+            .get(&0)
+            .cloned()
+            .unwrap_or_default();
+        addrs.sort();
+        (addrs, d.dns["api.example.test"].clone())
+    };
+    // Not resolved yet: the VIP exists, with no endpoints.
+    w.apply(&m).unwrap();
+    assert_eq!(w.dump().services[0].endpoints.len(), 0);
+    assert_eq!(w.dump().dns["api.example.test"], Vec::<String>::new());
+
+    let (eps, dns) = set(&mut w, &["192.0.2.1", "192.0.2.2", "2001:db8::1"]);
+    // Two endpoints; the single IPv6 answer is paired with both.
+    assert_eq!(
+        eps,
+        vec![
+            vec!["192.0.2.1".to_string(), "2001:db8::1".into()],
+            vec!["192.0.2.2".to_string(), "2001:db8::1".into()],
+        ]
+    );
+    assert_eq!(dns.len(), 3);
+    assert_eq!(kernel_endpoints(&w).len(), 2);
+
+    let (eps, _) = set(&mut w, &["192.0.2.3"]);
+    assert_eq!(eps, vec![vec!["192.0.2.3".to_string()]]);
+    assert_eq!(kernel_endpoints(&w).len(), 1, "the second entry is deleted");
+
+    let (eps, _) = set(&mut w, &[]);
+    assert!(eps.is_empty());
+    assert_eq!(kernel_endpoints(&w).len(), 0);
+}
+
+#[test]
+fn passthrough_service_has_no_vip_and_is_listed() {
+    let mut w = writer(MapSizes::default());
+    let mut ext = service("ext", "198.51.100.7");
+    ext.load_balancing.mode = LbMode::Passthrough;
+    w.apply(&model(&[&ext], &[])).unwrap();
+    let d = w.dump();
+    assert!(d.services.is_empty());
+    assert_eq!(d.maps["km_vip"].entries, 0);
+    assert_eq!(d.passthrough.len(), 1);
+    assert_eq!(
+        d.passthrough[0].name,
+        "default/ext.default.svc.cluster.local"
+    );
+    assert_eq!(d.passthrough[0].addresses, vec!["198.51.100.7"]);
+}
+
+/// Only a workload port list that changes the target port becomes a
+/// km_port entry, and only its endpoint is flagged to look one up.
+#[test]
+fn own_target_ports_only_where_they_differ() {
+    let mut w = writer(MapSizes::default());
+    let web = service("web", "10.96.0.10");
+    let own = |wl: &mut Workload, target: u16| {
+        wl.services[0].ports = vec![PortMapping {
+            service_port: 80,
+            target_port: target,
+        }];
+    };
+    let (mut same, mut differs) = (
+        workload("same", "10.244.0.11", &web),
+        workload("differs", "10.244.0.12", &web),
+    );
+    own(&mut same, 8080);
+    own(&mut differs, 9090);
+    w.apply(&model(&[&web], &[same.clone(), differs.clone()]))
+        .unwrap();
+    let d = w.dump();
+    assert_eq!(d.services[0].own_ports, vec!["differs: 80 -> 9090"]);
+    assert_eq!(d.maps["km_port"].entries, 1);
+    let flags: BTreeMap<u32, u32> = {
+        let map = w.datapath().map(MapId::Endpoint);
+        map.keys()
+            .map(|k| {
+                let v = map.lookup(&k, MapFlags::ANY).unwrap().unwrap();
+                let v = endpoint_value::from_bytes(&v).unwrap();
+                (v.workload_id, v.flags)
+            })
+            .collect()
+    };
+    let id = |uid: &str| w.workload_ids.by_key[uid];
+    assert_eq!(flags[&id("differs")], EP_PORTS);
+    assert_eq!(flags[&id("same")], 0);
+    // Back to the service's mapping: the entry and the flag go.
+    own(&mut differs, 8080);
+    w.apply(&model(&[&web], &[same, differs])).unwrap();
+    assert_eq!(w.dump().maps["km_port"].entries, 0);
+    assert!(w.dump().services[0].own_ports.is_empty());
 }

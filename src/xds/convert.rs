@@ -165,6 +165,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         namespace: w.namespace.clone(),
         network: w.network.clone(),
         addresses,
+        hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         services,
         status: match pb::WorkloadStatus::try_from(w.status) {
             Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
@@ -341,5 +342,34 @@ mod tests {
     fn garbage_bytes_are_not_an_address() {
         let e = address("x", &[0xff, 0xff, 0xff]).unwrap_err();
         assert!(e.reason.contains("not an istio.workload.Address"), "{e}");
+    }
+
+    #[test]
+    fn hostname_workload_converts_and_excludes_addresses() {
+        let w = pb::Workload {
+            uid: "Kubernetes/networking.istio.io/ServiceEntry/default/ext/api.example.com".into(),
+            name: "ext".into(),
+            namespace: "default".into(),
+            hostname: "api.example.com".into(),
+            ..Default::default()
+        };
+        let Resource::Workload(m) =
+            address("x", &enc(pb::address::Type::Workload(w.clone()))).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(m.hostname.as_deref(), Some("api.example.com"));
+        let both = pb::Workload {
+            addresses: vec![vec![10, 0, 0, 1]],
+            ..w.clone()
+        };
+        let e = address("x", &enc(pb::address::Type::Workload(both))).unwrap_err();
+        assert!(e.reason.contains("exclusive"), "{e}");
+        let bad = pb::Workload {
+            hostname: "api..example.com".into(),
+            ..w
+        };
+        let e = address("x", &enc(pb::address::Type::Workload(bad))).unwrap_err();
+        assert!(e.reason.contains("api..example.com"), "{e}");
     }
 }
