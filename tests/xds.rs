@@ -244,3 +244,61 @@ fn tls_control_plane() {
         Some(&5)
     );
 }
+
+/// istiod's form of a DNS ServiceEntry: a service and a workload carrying
+/// a hostname (no addresses) with its own port list. The daemon resolves
+/// the name (a dnsmasq the test starts) and the VIP reaches the answer on
+/// the workload's port.
+#[test]
+fn hostname_workload_from_xds_is_resolved() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let ext = env.pod(11, &[]);
+    env.serve(&ext, &[format!("{}:9443", ext.v4)], "ext");
+    let name = format!("api.{}", harness::dns::DOMAIN);
+    let dns = harness::dns::Dnsmasq::start(2, &[(&name, &ext.v4.to_string())]);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, mut s) = service_pb("api", &["10.96.0.20"], &[(443, 0)]);
+        s.hostname = name.clone();
+        let key = format!("default/{name}");
+        b.set(&n, address(pb::address::Type::Service(s)));
+        let w = pb::Workload {
+            uid: format!("Kubernetes/networking.istio.io/ServiceEntry/default/api/{name}"),
+            name: "api".into(),
+            namespace: "default".into(),
+            hostname: name.clone(),
+            services: [(
+                key,
+                pb::PortList {
+                    ports: vec![pb::Port {
+                        service_port: 443,
+                        target_port: 9443,
+                    }],
+                },
+            )]
+            .into(),
+            ..Default::default()
+        };
+        b.set(&w.uid.clone(), address(pb::address::Type::Workload(w)));
+    });
+    let server = dns.addr.to_string();
+    let d = env
+        .daemon_args(
+            &enroll_only(&client),
+            &["--xds-address", &cp.url(), "--dns-server", &server],
+        )
+        .unwrap();
+    let dump = d.wait_dump(Duration::from_secs(10), |v| {
+        v["dns"][&name] == json!([ext.v4.to_string()]) && !endpoints(v).is_empty()
+    });
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
+    assert_eq!(
+        dump["services"][0]["endpoint_addresses"]["0"],
+        json!([[ext.v4.to_string()]])
+    );
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.20:443", 10))["ext"],
+        10
+    );
+}
