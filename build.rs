@@ -55,6 +55,8 @@ fn compile_protos() {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // Zero-copy slices of the received message (see xds.proto).
+        .bytes(".envoy.service.discovery.v3.DeltaDiscoveryResponseFrame")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating gRPC code: {e}"));
 }

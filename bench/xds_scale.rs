@@ -72,7 +72,9 @@ fn to_model(res: &[(String, prost_types::Any)]) -> Model {
 /// Bytes the allocator has handed out and not had back (glibc).
 fn heap_in_use() -> usize {
     // SAFETY: mallinfo2 only reads the allocator's counters.
-    unsafe { libc::mallinfo2() }.uordblks
+    let mi = unsafe { libc::mallinfo2() };
+    // Large blocks (a 100k-entry hash table) are mmapped and counted apart.
+    mi.uordblks + mi.hblkhd
 }
 
 /// Kernel memory of the BPF maps a process holds (fdinfo's memlock).
@@ -126,6 +128,12 @@ fn main() {
         let before = heap_in_use();
         w.apply(&m).unwrap();
         let writer = heap_in_use() - before;
+        println!(
+            "sizes: Workload {} B, Service {} B, endpoint_value {} B",
+            std::mem::size_of::<kmesh::model::Workload>(),
+            std::mem::size_of::<kmesh::model::Service>(),
+            std::mem::size_of::<kmesh::bpf::endpoint_value>()
+        );
         println!(
             "in-process heap: model {:.1} MB ({} B per resource), writer state {:.1} MB",
             model as f64 / 1e6,
@@ -204,4 +212,8 @@ fn main() {
         "  BPF maps (kernel, not in RSS)  : {:>7.1} MB",
         maps_kib as f64 / 1024.0
     );
+    if let Some(heap) = d.log().lines().rev().find(|l| l.contains("heap:")) {
+        let heap = heap.split("heap:").nth(1).unwrap_or_default();
+        println!("  daemon's allocator            : {}", heap.trim());
+    }
 }

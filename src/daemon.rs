@@ -128,9 +128,17 @@ fn resolved_hosts(answers: &Answers) -> ResolvedHosts {
 
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    // SAFETY: malloc_trim only walks the allocator's own free lists;
+    // mallinfo2 only reads its counters.
     unsafe {
         libc::malloc_trim(0);
+        let mi = libc::mallinfo2();
+        tracing::info!(
+            "heap: {:.1} MB in use, {:.1} MB free in arenas, {:.1} MB mmapped",
+            mi.uordblks as f64 / 1e6,
+            mi.fordblks as f64 / 1e6,
+            mi.hblkhd as f64 / 1e6
+        );
     }
 }
 

@@ -14,25 +14,29 @@ use std::{
     time::{Duration, Instant},
 };
 
+use http::HeaderValue;
+use prost::Message;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    metadata::MetadataValue,
-    transport::{Certificate, ClientTlsConfig, Endpoint},
-};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 use super::{
     convert::{self, Resource},
+    grpc,
     proto::{
-        discovery::{
-            aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
-            DeltaDiscoveryRequest, DeltaDiscoveryResponse, Node, Status,
-        },
+        discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponseFrame, Node, Status},
         security,
     },
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
 };
+
+const DELTA_ADS: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// Largest response accepted (istiod's first push for a large mesh is
+/// tens of MB).
+const MAX_MESSAGE: usize = 256 << 20;
 use crate::model::Model;
 
 #[derive(Debug, Error)]
@@ -53,6 +57,8 @@ pub enum XdsError {
     Stream(#[from] tonic::Status),
     #[error("xDS stream closed by the server")]
     Closed,
+    #[error("xDS response is not a DeltaDiscoveryResponse: {0}")]
+    Decode(String),
 }
 
 #[derive(Debug, Clone)]
@@ -167,8 +173,9 @@ impl XdsStore {
     }
 
     /// Applies one response; returns whether the model changed and the
-    /// per-resource errors.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponse) -> (bool, Vec<String>) {
+    /// per-resource errors. Resources are decoded one at a time from the
+    /// received message.
+    fn apply(&mut self, resp: &DeltaDiscoveryResponseFrame) -> (bool, Vec<String>) {
         let mut errors = Vec::new();
         let mut changed = false;
         // istiod stamps a push's resources with one version: share it.
@@ -176,8 +183,15 @@ impl XdsStore {
         // Services go in before workloads so that the workloads' service
         // references can share the services' key allocations.
         let mut workloads = Vec::new();
-        for r in &resp.resources {
-            let Some(any) = &r.resource else {
+        for (i, raw) in resp.resources.iter().enumerate() {
+            let r = match discovery::Resource::decode(raw.as_ref()) {
+                Ok(r) => r,
+                Err(e) => {
+                    errors.push(format!("resources[{i}]: not an envoy Resource: {e}"));
+                    continue;
+                }
+            };
+            let Some(any) = r.resource else {
                 errors.push(format!("resource {:?}: no payload", r.name));
                 continue;
             };
@@ -188,13 +202,12 @@ impl XdsStore {
                 ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
                     changed = true;
                     match res {
-                        Resource::Workload(_) => workloads.push((&r.name, version.clone(), res)),
+                        Resource::Workload(_) => workloads.push((r.name, version.clone(), res)),
                         Resource::Service(_) => self.insert_address(&r.name, version.clone(), res),
                     }
                 }),
                 AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|a| {
-                    self.authorizations
-                        .insert(r.name.clone(), (r.version.clone(), a));
+                    self.authorizations.insert(r.name, (r.version, a));
                 }),
                 other => {
                     errors.push(format!("type {other:?} was not subscribed"));
@@ -206,7 +219,7 @@ impl XdsStore {
             }
         }
         for (name, version, res) in workloads {
-            self.insert_address(name, version, res);
+            self.insert_address(&name, version, res);
         }
         for name in &resp.removed_resources {
             match resp.type_url.as_str() {
@@ -278,22 +291,12 @@ async fn session(
 ) -> (bool, XdsError) {
     let mut got_response = false;
     let err = async {
-        let ch = channel(opts).await?;
+        let mut ch = channel(opts).await?;
         let token = opts
             .token_file
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| MetadataValue::try_from(format!("Bearer {}", t.trim())).ok());
-        let mut client = AggregatedDiscoveryServiceClient::with_interceptor(
-            ch,
-            move |mut req: tonic::Request<()>| {
-                if let Some(t) = &token {
-                    req.metadata_mut().insert("authorization", t.clone());
-                }
-                Ok(req)
-            },
-        )
-        .max_decoding_message_size(256 << 20);
+            .and_then(|t| HeaderValue::try_from(format!("Bearer {}", t.trim())).ok());
         let (req_tx, req_rx) = mpsc::channel(16);
         for type_url in [ADDRESS_TYPE, AUTHORIZATION_TYPE] {
             let req = DeltaDiscoveryRequest {
@@ -304,22 +307,35 @@ async fn session(
             };
             req_tx.send(req).await.map_err(|_| XdsError::Closed)?;
         }
-        let mut stream = client
-            .delta_aggregated_resources(ReceiverStream::new(req_rx))
-            .await?
-            .into_inner();
+        let mut stream = grpc::call(
+            &mut ch,
+            DELTA_ADS,
+            token,
+            ReceiverStream::new(req_rx),
+            MAX_MESSAGE,
+        )
+        .await?;
         tracing::info!("xDS stream to {} established", opts.address);
         tx.send_modify(|s| s.connected = true);
-        while let Some(resp) = stream.message().await? {
+        while let Some(raw) = stream.message().await? {
             got_response = true;
             let started = Instant::now();
+            let resp = DeltaDiscoveryResponseFrame::decode(raw)
+                .map_err(|e| XdsError::Decode(e.to_string()))?;
             let (changed, errors) = lock(store).apply(&resp);
+            let counts = (resp.resources.len(), resp.removed_resources.len());
+            let DeltaDiscoveryResponseFrame {
+                type_url, nonce, ..
+            } = resp;
+            // The received message goes before the daemon starts applying:
+            // freed while the writer allocates, it would leave the heap
+            // fragmented (measured: ~20 MB of resident free pages).
             if changed {
                 tx.send_modify(|s| s.generation += 1);
             }
             let error_detail = (!errors.is_empty()).then(|| {
                 let message = errors.join("; ");
-                tracing::warn!("NACK {} nonce {}: {message}", resp.type_url, resp.nonce);
+                tracing::warn!("NACK {type_url} nonce {nonce}: {message}");
                 Status {
                     code: tonic::Code::InvalidArgument as i32,
                     message,
@@ -327,15 +343,14 @@ async fn session(
                 }
             });
             tracing::debug!(
-                "{}: {} resources, {} removed, handled in {:?}",
-                resp.type_url,
-                resp.resources.len(),
-                resp.removed_resources.len(),
+                "{type_url}: {} resources, {} removed, handled in {:?}",
+                counts.0,
+                counts.1,
                 started.elapsed()
             );
             let ack = DeltaDiscoveryRequest {
-                type_url: resp.type_url.clone(),
-                response_nonce: resp.nonce.clone(),
+                type_url,
+                response_nonce: nonce,
                 error_detail,
                 ..Default::default()
             };

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod control_plane;
 pub mod convert;
+mod grpc;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
