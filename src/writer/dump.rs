@@ -88,11 +88,12 @@ fn entries<K: Pod, V: Pod>(w: &MapWriter, id: MapId) -> Vec<(K, V)> {
 
 impl MapWriter {
     pub fn dump(&self) -> Dump {
-        let svc_name = |id: u32| match self.service_key(id) {
+        let (svc_names, wl_names) = (self.service_ids.names(), self.workload_ids.names());
+        let svc_name = |id: u32| match svc_names.get(&id) {
             Some(k) => k.to_string(),
             None => format!("<unknown service id {id}>"),
         };
-        let wl_name = |id: u32| match self.workload_uid(id) {
+        let wl_name = |id: u32| match wl_names.get(&id) {
             Some(u) => u.to_string(),
             None => format!("<unknown workload id {id}>"),
         };

@@ -68,11 +68,12 @@ pub struct ApplyStats {
 
 /// Stable u32 ids, one space per kind. Never reused within a process, so a
 /// program still holding an old id can only miss, never alias another.
-/// Keys are the model's own allocations (Arc), not copies.
+/// Keys are the model's own allocations (Arc), not copies. There is no
+/// reverse index (3 MB at 100k workloads): id → key is a scan, done only
+/// for error messages, and once per dump.
 #[derive(Default)]
 struct IdSpace {
     by_key: HashMap<Arc<str>, u32>,
-    keys: HashMap<u32, Arc<str>>,
     next: u32,
 }
 
@@ -84,8 +85,18 @@ impl IdSpace {
         self.next += 1;
         let id = self.next;
         self.by_key.insert(key.clone(), id);
-        self.keys.insert(id, key.clone());
         id
+    }
+
+    fn key(&self, id: u32) -> Option<&str> {
+        self.by_key
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map(|(k, _)| &**k)
+    }
+
+    fn names(&self) -> HashMap<u32, &str> {
+        self.by_key.iter().map(|(k, v)| (*v, &**k)).collect()
     }
 
     /// `get_or_alloc` for a key the model does not hold (a DNS workload's
@@ -98,12 +109,7 @@ impl IdSpace {
     }
 
     fn retain(&mut self, keep: impl Fn(u32) -> bool) {
-        let dead: Vec<u32> = self.keys.keys().copied().filter(|id| !keep(*id)).collect();
-        for id in dead {
-            if let Some(k) = self.keys.remove(&id) {
-                self.by_key.remove(&k);
-            }
-        }
+        self.by_key.retain(|_, id| keep(*id));
     }
 }
 
@@ -115,8 +121,9 @@ struct Written {
     /// (service id, priority) → workload ids; position i is index i+1.
     /// Longer than the service's count until the tail is trimmed.
     endpoints: HashMap<(u32, u32), Vec<u32>>,
-    /// Endpoint values (addresses, waypoint) as carried by the entries.
-    backends: HashMap<u32, endpoint_value>,
+    /// Fingerprints of the endpoint values (addresses, waypoint, flags) the
+    /// entries carry: enough to see which changed, at 16 B instead of 60.
+    backends: HashMap<u32, u64>,
     ports: PortOverrides,
     manage: BTreeMap<u64, manage_value>,
     config: Option<config_value>,
@@ -170,6 +177,8 @@ pub struct MapWriter {
     enroll_sources: HashMap<u64, String>,
     local: LocalNode,
     resolved: ResolvedHosts,
+    /// Keyed per process, so no input can aim for a collision.
+    fingerprint: std::hash::RandomState,
     /// As of the last successful apply, for the dump.
     passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
     dns_hosts: BTreeSet<String>,
@@ -242,6 +251,7 @@ impl MapWriter {
             enroll_sources: HashMap::new(),
             local: LocalNode::default(),
             resolved: ResolvedHosts::new(),
+            fingerprint: std::hash::RandomState::new(),
             passthrough: Vec::new(),
             dns_hosts: BTreeSet::new(),
         }
@@ -484,7 +494,7 @@ impl MapWriter {
             .copied()
             .collect();
         for ip in stale {
-            self.delete(MapId::Vip, &addr_key::from_ip(ip), &ip.to_string(), st)?;
+            self.delete(MapId::Vip, &addr_key::from_ip(ip), || ip.to_string(), st)?;
             self.written.vips.remove(&ip);
         }
         let stale: Vec<IpAddr> = self
@@ -495,7 +505,12 @@ impl MapWriter {
             .copied()
             .collect();
         for ip in stale {
-            self.delete(MapId::Workload, &addr_key::from_ip(ip), &ip.to_string(), st)?;
+            self.delete(
+                MapId::Workload,
+                &addr_key::from_ip(ip),
+                || ip.to_string(),
+                st,
+            )?;
             self.written.workload_ips.remove(&ip);
         }
         // 2. Enrollment and settings.
@@ -512,13 +527,13 @@ impl MapWriter {
                 MapId::Manage,
                 cookie,
                 v,
-                &format!("netns cookie {cookie}"),
+                || format!("netns cookie {cookie}"),
                 st,
             )?;
             self.written.manage.insert(*cookie, *v);
         }
         if !self.written.config.is_some_and(|old| same(&old, &d.config)) {
-            self.update(MapId::Config, &0u32, &d.config, "settings", st)?;
+            self.update(MapId::Config, &0u32, &d.config, || "settings".into(), st)?;
             self.written.config = Some(d.config);
         }
         // Own target ports go in before the endpoint entries flagged to
@@ -527,26 +542,30 @@ impl MapWriter {
             if self.written.ports.get(&(sid, wid, port)) == Some(&target) {
                 continue;
             }
-            let what = format!("{} port {port}", self.workload_name(wid));
+            let what = || format!("{} port {port}", self.workload_name(wid));
             self.update(
                 MapId::Port,
                 &own_port_key(sid, wid, port),
                 &port_to_map(target),
-                &what,
+                what,
                 st,
             )?;
             self.written.ports.insert((sid, wid, port), target);
         }
         // 3. Endpoint lists, including entries whose backend moved.
-        let moved: HashSet<u32> = d
+        let prints: HashMap<u32, u64> = d
             .backends
             .iter()
-            .filter(|(id, a)| {
-                self.written
-                    .backends
-                    .get(id)
-                    .is_some_and(|old| !same(old, *a))
+            .map(|(id, v)| {
+                (
+                    *id,
+                    std::hash::BuildHasher::hash_one(&self.fingerprint, v.as_bytes()),
+                )
             })
+            .collect();
+        let moved: HashSet<u32> = prints
+            .iter()
+            .filter(|(id, p)| self.written.backends.get(id).is_some_and(|old| old != *p))
             .map(|(id, _)| *id)
             .collect();
         let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
@@ -562,7 +581,7 @@ impl MapWriter {
             let len = self.sync_endpoints(key, &want, &moved, d, st)?;
             counts.entry(key.0).or_default()[key.1 as usize] = len;
         }
-        self.written.backends.clone_from(&d.backends);
+        self.written.backends = prints;
         // 4. Services: every VIP carries the full value, counts included.
         for (id, (template, vips)) in &d.services {
             let mut v = *template;
@@ -575,7 +594,7 @@ impl MapWriter {
                     MapId::Vip,
                     &addr_key::from_ip(*ip),
                     &v,
-                    &self.service_name(*id),
+                    || self.service_name(*id),
                     st,
                 )?;
                 self.written.vips.insert(*ip, v);
@@ -596,7 +615,7 @@ impl MapWriter {
                 MapId::Workload,
                 &addr_key::from_ip(*ip),
                 v,
-                &self.workload_name(v.workload_id),
+                || self.workload_name(v.workload_id),
                 st,
             )?;
             self.written.workload_ips.insert(*ip, *v);
@@ -620,8 +639,8 @@ impl MapWriter {
             .copied()
             .collect();
         for (sid, wid, port) in gone {
-            let what = format!("{} port {port}", self.workload_name(wid));
-            self.delete(MapId::Port, &own_port_key(sid, wid, port), &what, st)?;
+            let what = || format!("{} port {port}", self.workload_name(wid));
+            self.delete(MapId::Port, &own_port_key(sid, wid, port), what, st)?;
             self.written.ports.remove(&(sid, wid, port));
         }
         let gone: Vec<u64> = self
@@ -635,7 +654,7 @@ impl MapWriter {
             self.delete(
                 MapId::Manage,
                 &cookie,
-                &format!("netns cookie {cookie}"),
+                || format!("netns cookie {cookie}"),
                 st,
             )?;
             self.written.manage.remove(&cookie);
@@ -673,7 +692,7 @@ impl MapWriter {
         }
         let present: HashSet<u32> = list.iter().copied().collect();
         list.extend(want.iter().filter(|b| !present.contains(b)));
-        let what = self.service_name(key.0);
+        let what = || self.service_name(key.0);
         for (pos, wid) in list.iter().enumerate() {
             if old.get(pos) == Some(wid) && !moved.contains(wid) {
                 continue;
@@ -684,7 +703,7 @@ impl MapWriter {
                 index: pos as u32 + 1,
             };
             let v = d.backends.get(wid).copied().unwrap_or_default();
-            self.update(MapId::Endpoint, &k, &v, &what, st)?;
+            self.update(MapId::Endpoint, &k, &v, what, st)?;
         }
         // Indices beyond the new length stay in the map until trimmed.
         let len = list.len() as u32;
@@ -703,7 +722,6 @@ impl MapWriter {
         counts: &[u32; MAX_PRIO],
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        let what = self.service_name(service);
         for (prio, &count) in counts.iter().enumerate() {
             let key = (service, prio as u32);
             let Some(tracked) = self.written.endpoints.get(&key) else {
@@ -715,7 +733,7 @@ impl MapWriter {
                     prio: prio as u32,
                     index,
                 };
-                self.delete(MapId::Endpoint, &k, &what, st)?;
+                self.delete(MapId::Endpoint, &k, || self.service_name(service), st)?;
                 self.written.endpoints.get_mut(&key).expect("tracked").pop();
             }
             if count == 0 {
@@ -727,12 +745,12 @@ impl MapWriter {
 
     /// Name of a service id, if this writer allocated it.
     pub(crate) fn service_key(&self, id: u32) -> Option<&str> {
-        self.service_ids.keys.get(&id).map(|k| &**k)
+        self.service_ids.key(id)
     }
 
     /// Uid of a workload id, if this writer allocated it.
     pub(crate) fn workload_uid(&self, id: u32) -> Option<&str> {
-        self.workload_ids.keys.get(&id).map(|k| &**k)
+        self.workload_ids.key(id)
     }
 
     fn service_name(&self, id: u32) -> String {
@@ -749,12 +767,13 @@ impl MapWriter {
         self.enroll_sources.get(&cookie).map(String::as_str)
     }
 
+    /// `what` names the entry in an error; only called on one.
     fn update<K: Pod, V: Pod>(
         &self,
         map: MapId,
         key: &K,
         value: &V,
-        what: &str,
+        what: impl FnOnce() -> String,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
         self.dp
@@ -763,7 +782,7 @@ impl MapWriter {
             .map_err(|source| WriterError::Kernel {
                 op: "update",
                 map: map.name(),
-                what: what.to_string(),
+                what: what(),
                 source,
             })?;
         st.updates += 1;
@@ -774,7 +793,7 @@ impl MapWriter {
         &self,
         map: MapId,
         key: &K,
-        what: &str,
+        what: impl FnOnce() -> String,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
         match self.dp.map(map).delete(key.as_bytes()) {
@@ -785,7 +804,7 @@ impl MapWriter {
                 return Err(WriterError::Kernel {
                     op: "delete",
                     map: map.name(),
-                    what: what.to_string(),
+                    what: what(),
                     source,
                 })
             }
