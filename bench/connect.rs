@@ -25,8 +25,8 @@ use criterion::Criterion;
 use kmesh::{
     bpf::{Datapath, MapSizes, RunStatsGuard},
     model::{
-        Enrollment, HealthStatus, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
-        ServiceRef, Workload,
+        Addresses, Enrollment, HealthStatus, LoadBalancing, Model, NetworkAddress, PortMapping,
+        Service, ServiceRef, Workload,
     },
     writer::MapWriter,
 };
@@ -63,19 +63,17 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
             let uid = format!("bench/pod-{n}");
             m.insert_workload(Workload {
                 uid: uid.into(),
-                name: format!("pod-{n}"),
+                name: format!("pod-{n}").into(),
                 namespace: "bench".into(),
-                network: String::new(),
-                addresses: vec![std::net::Ipv4Addr::from(0x0a80_0000 + n).into()],
-                hostname: None,
+                network: "".into(),
+                addresses: Addresses::One(std::net::Ipv4Addr::from(0x0a80_0000 + n).into()),
                 services: vec![ServiceRef {
                     key: s.key().into(),
                     ports: vec![],
                 }],
                 status: HealthStatus::Healthy,
                 host_network: false,
-                waypoint: None,
-                placement: None,
+                extra: None,
             });
         }
         m.insert_service(s);
@@ -88,17 +86,15 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         uid: "bench/web-0".into(),
         name: "web-0".into(),
         namespace: "bench".into(),
-        network: String::new(),
-        addresses: vec![backend],
-        hostname: None,
+        network: "".into(),
+        addresses: Addresses::One(backend),
         services: vec![ServiceRef {
             key: web.key().into(),
             ports: vec![],
         }],
         status: HealthStatus::Healthy,
         host_network: false,
-        waypoint: None,
-        placement: None,
+        extra: None,
     });
     m.insert_service(web);
     m.enrolled.insert(

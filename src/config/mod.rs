@@ -18,8 +18,8 @@ use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::model::{
-    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress, Placement,
-    PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload,
+    Addresses, Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress,
+    Placement, PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
 };
 
 #[derive(Debug, Error)]
@@ -364,26 +364,28 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 ports: ports(&list.ports),
             });
         }
-        let wl = Workload {
+        let mut wl = Workload {
             uid: w.uid.as_str().into(),
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            network: w.network.clone(),
+            name: w.name.as_str().into(),
+            namespace: w.namespace.as_str().into(),
+            network: w.network.as_str().into(),
             addresses: w.addresses.iter().map(|a| a.0).collect(),
-            hostname: w.hostname.as_deref().map(Into::into),
             services,
             status: match w.status {
                 StatusEntry::Healthy => HealthStatus::Healthy,
                 StatusEntry::Unhealthy => HealthStatus::Unhealthy,
             },
             host_network: w.host_network,
+            extra: None,
+        };
+        wl.set_extra(WorkloadExtra {
+            hostname: w.hostname.as_deref().map(Into::into),
             waypoint: w
                 .waypoint
                 .as_ref()
                 .map(waypoint)
                 .transpose()
-                .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?
-                .map(Box::new),
+                .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?,
             placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
                 .then(|| {
                     let l = w.locality.as_ref();
@@ -395,7 +397,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                         cluster: w.cluster_id.clone(),
                     })
                 }),
-        };
+        });
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;
         if model.insert_workload(wl).is_some() {
@@ -417,22 +419,24 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             continue;
         }
         let uid = format!("ServiceEntry/{key}");
-        let wl = Workload {
+        let mut wl = Workload {
             uid: uid.as_str().into(),
-            name: s.name.clone(),
-            namespace: s.namespace.clone(),
-            network: String::new(),
-            addresses: Vec::new(),
-            hostname: Some(s.hostname.as_str().into()),
+            name: s.name.as_str().into(),
+            namespace: s.namespace.as_str().into(),
+            network: "".into(),
+            addresses: Addresses::None,
             services: vec![ServiceRef {
                 key: model.intern_service_key(&key),
                 ports: Vec::new(),
             }],
             status: HealthStatus::Healthy,
             host_network: false,
-            waypoint: None,
-            placement: None,
+            extra: None,
         };
+        wl.set_extra(WorkloadExtra {
+            hostname: Some(s.hostname.as_str().into()),
+            ..Default::default()
+        });
         wl.validate()
             .map_err(|e| field_err(format!("services[{i}].hostname"), e.to_string()))?;
         if model.insert_workload(wl).is_some() {

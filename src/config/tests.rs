@@ -124,14 +124,14 @@ fn dns_services_and_hostname_workloads() {
     let (m, _) = parse(Path::new("t.json"), EGRESS).unwrap();
     // A DNS service nothing backs resolves its own hostname.
     let implicit = &m.workloads["ServiceEntry/default/api.example.com"];
-    assert_eq!(implicit.hostname.as_deref(), Some("api.example.com"));
+    assert_eq!(implicit.hostname(), Some("api.example.com"));
     assert_eq!(&*implicit.services[0].key, "default/api.example.com");
     // One backed by a hostname workload gets no implicit one.
     assert!(!m
         .workloads
         .contains_key("ServiceEntry/default/db.example.com"));
     assert_eq!(
-        m.workloads["db-primary"].hostname.as_deref(),
+        m.workloads["db-primary"].hostname(),
         Some("primary.db.example.com")
     );
     assert_eq!(

@@ -131,7 +131,7 @@ pub struct Waypoint {
 
 /// Where a workload (or this node) runs, for locality-aware load
 /// balancing: Istio's Locality plus the node and cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize)]
 pub struct Placement {
     pub region: String,
     pub zone: String,
@@ -158,7 +158,7 @@ pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) ->
         LbMode::Strict | LbMode::Failover => {}
     }
     let none = Placement::default();
-    let p = w.placement.as_deref().unwrap_or(&none);
+    let p = w.placement().unwrap_or(&none);
     let l = &local.placement;
     let matched = lb
         .routing_preference
@@ -169,7 +169,7 @@ pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) ->
             "SUBZONE" => p.subzone == l.subzone,
             "NODE" => p.node == l.node,
             "CLUSTER" => p.cluster == l.cluster,
-            "NETWORK" => w.network == local.network,
+            "NETWORK" => *w.network == *local.network,
             _ => false,
         })
         .count();
@@ -199,32 +199,95 @@ pub struct ServiceRef {
     pub ports: Vec<PortMapping>,
 }
 
+/// A workload's addresses: nearly always one, kept inline (a Vec would
+/// cost a 32-byte allocation per workload at 100k workloads).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Addresses {
+    #[default]
+    None,
+    One(IpAddr),
+    Many(Box<[IpAddr]>),
+}
+
+impl std::ops::Deref for Addresses {
+    type Target = [IpAddr];
+    fn deref(&self) -> &[IpAddr] {
+        match self {
+            Addresses::None => &[],
+            Addresses::One(ip) => std::slice::from_ref(ip),
+            Addresses::Many(v) => v,
+        }
+    }
+}
+
+impl FromIterator<IpAddr> for Addresses {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        let mut v: Vec<IpAddr> = iter.into_iter().collect();
+        match v.len() {
+            0 => Addresses::None,
+            1 => Addresses::One(v.pop().expect("one")),
+            _ => Addresses::Many(v.into_boxed_slice()),
+        }
+    }
+}
+
+impl Serialize for Addresses {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        (**self).serialize(s)
+    }
+}
+
+/// The parts of a workload most do not have, in one optional box.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct WorkloadExtra {
+    /// Istio's Workload.hostname (ServiceEntry resolution DNS): the
+    /// addresses are whatever this name resolves to, looked up by the
+    /// daemon's resolver. Exclusive with `addresses`.
+    pub hostname: Option<Box<str>>,
+    /// Connections to this workload (direct, or picked as a service's
+    /// endpoint) go to this waypoint instead.
+    pub waypoint: Option<Waypoint>,
+    /// Shared between workloads of one place where the source interns it.
+    pub placement: Option<Arc<Placement>>,
+}
+
+/// One workload. Sized for 100k of them: strings a source can share
+/// (namespace, network) are `Arc<str>`, rare parts are boxed together.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Workload {
     /// Shared with the model's map key and the writer's id index.
     pub uid: Arc<str>,
-    pub name: String,
-    pub namespace: String,
-    pub network: String,
-    pub addresses: Vec<IpAddr>,
-    /// Istio's Workload.hostname (ServiceEntry resolution DNS): the
-    /// addresses are whatever this name resolves to, looked up by the
-    /// daemon's resolver. Exclusive with `addresses`. Boxed: most have none.
-    pub hostname: Option<Box<str>>,
+    pub name: Box<str>,
+    pub namespace: Arc<str>,
+    pub network: Arc<str>,
+    pub addresses: Addresses,
     /// Services this workload backs, sorted by key, each once.
     pub services: Vec<ServiceRef>,
     pub status: HealthStatus,
     /// hostNetwork pods share the node's address: they serve as endpoints
     /// but get no direct-access entry (the address is not theirs alone).
     pub host_network: bool,
-    /// Connections to this workload (direct, or picked as a service's
-    /// endpoint) go to this waypoint instead. Boxed: most have none.
-    pub waypoint: Option<Box<Waypoint>>,
-    /// Shared between workloads of one place where the source interns it.
-    pub placement: Option<Arc<Placement>>,
+    pub extra: Option<Box<WorkloadExtra>>,
 }
 
 impl Workload {
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref()?.hostname.as_deref()
+    }
+
+    pub fn waypoint(&self) -> Option<&Waypoint> {
+        self.extra.as_ref()?.waypoint.as_ref()
+    }
+
+    pub fn placement(&self) -> Option<&Placement> {
+        self.extra.as_ref()?.placement.as_deref()
+    }
+
+    /// Sets the rare parts; nothing is allocated when they are all empty.
+    pub fn set_extra(&mut self, e: WorkloadExtra) {
+        self.extra = (e != WorkloadExtra::default()).then(|| Box::new(e));
+    }
+
     pub fn validate(&self) -> Result<(), ModelError> {
         let err = |reason: String| ModelError::Workload {
             uid: self.uid.to_string(),
@@ -236,7 +299,7 @@ impl Workload {
                 reason: "uid is empty".into(),
             });
         }
-        if let Some(h) = &self.hostname {
+        if let Some(h) = self.hostname() {
             if !self.addresses.is_empty() {
                 return Err(err(format!(
                     "hostname {h:?} and addresses are exclusive: the addresses come from DNS"
@@ -289,6 +352,33 @@ pub fn check_hostname(h: &str) -> Result<(), String> {
 /// the daemon's resolver last answered. A name missing here has no
 /// addresses yet (or none at all).
 pub type ResolvedHosts = HashMap<Box<str>, Vec<IpAddr>>;
+
+/// Shares equal values (namespaces, networks, placements) between the
+/// workloads of a source.
+#[derive(Debug)]
+pub struct Interner<T: ?Sized>(std::collections::HashSet<Arc<T>>);
+
+impl<T: ?Sized> Default for Interner<T> {
+    fn default() -> Self {
+        Interner(Default::default())
+    }
+}
+
+impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
+    /// The shared copy of `a`'s value (`a` itself if it is the first).
+    pub fn intern(&mut self, a: Arc<T>) -> Arc<T> {
+        if let Some(shared) = self.0.get(&a) {
+            return shared.clone();
+        }
+        self.0.insert(a.clone());
+        a
+    }
+
+    /// Drops values nothing else holds any more.
+    pub fn prune(&mut self) {
+        self.0.retain(|a| Arc::strong_count(a) > 1);
+    }
+}
 
 /// A network namespace whose sockets the data path acts on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -387,7 +477,7 @@ impl<'a> Layers<'a> {
     /// The names of hostname (DNS) workloads, each once.
     pub fn hostnames(self) -> std::collections::BTreeSet<String> {
         self.workloads()
-            .filter_map(|(_, w)| w.hostname.as_deref())
+            .filter_map(|(_, w)| w.hostname())
             .map(str::to_string)
             .collect()
     }
@@ -450,7 +540,7 @@ impl<'a> Layers<'a> {
         for (uid, w) in self.workloads() {
             w.validate()?;
             if !w.host_network {
-                for a in &w.addresses {
+                for a in w.addresses.iter() {
                     claim(*a, Owner::Workload(uid))?;
                 }
             }
@@ -497,22 +587,27 @@ mod tests {
             placement: here.clone(),
             network: String::new(),
         };
-        let at = |zone: &str, node: &str| Workload {
-            uid: "w".into(),
-            name: "w".into(),
-            namespace: "default".into(),
-            network: String::new(),
-            addresses: vec![],
-            hostname: None,
-            services: vec![],
-            status: HealthStatus::Healthy,
-            host_network: false,
-            waypoint: None,
-            placement: Some(Arc::new(Placement {
-                zone: zone.into(),
-                node: node.into(),
-                ..here.clone()
-            })),
+        let at = |zone: &str, node: &str| {
+            let mut w = Workload {
+                uid: "w".into(),
+                name: "w".into(),
+                namespace: "default".into(),
+                network: "".into(),
+                addresses: Addresses::None,
+                services: vec![],
+                status: HealthStatus::Healthy,
+                host_network: false,
+                extra: None,
+            };
+            w.set_extra(WorkloadExtra {
+                placement: Some(Arc::new(Placement {
+                    zone: zone.into(),
+                    node: node.into(),
+                    ..here.clone()
+                })),
+                ..Default::default()
+            });
+            w
         };
         let prefs = |mode| LoadBalancing {
             mode,
@@ -561,14 +656,12 @@ mod tests {
             uid: "w1".into(),
             name: "w1".into(),
             namespace: "default".into(),
-            network: String::new(),
-            addresses: vec!["10.96.0.1".parse().unwrap()],
-            hostname: None,
+            network: "".into(),
+            addresses: Addresses::One("10.96.0.1".parse().unwrap()),
             services: vec![],
             status: HealthStatus::Healthy,
             host_network: false,
-            waypoint: None,
-            placement: None,
+            extra: None,
         });
         let e = m.validate().unwrap_err();
         assert!(matches!(e, ModelError::AddressConflict { .. }), "{e}");

@@ -337,9 +337,9 @@ impl MapWriter {
         }
         for (uid, w) in model.workloads() {
             let id = self.workload_ids.get_or_alloc(uid);
-            let wp = resolve_waypoint(w.waypoint.as_deref(), model, uid);
+            let wp = resolve_waypoint(w.waypoint(), model, uid);
             if !w.host_network {
-                for a in &w.addresses {
+                for a in w.addresses.iter() {
                     let v = workload_value {
                         workload_id: id,
                         waypoint: wp,
@@ -349,7 +349,7 @@ impl MapWriter {
             }
             // A static workload is one endpoint; a hostname workload one per
             // address pair of its current answer (none until resolved).
-            let addrs = match &w.hostname {
+            let addrs = match w.hostname() {
                 None => vec![backend_addr::from_ips(&w.addresses)],
                 Some(host) => pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice)),
             };

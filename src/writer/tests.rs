@@ -7,7 +7,10 @@ use libbpf_rs::MapCore;
 use super::*;
 use crate::{
     bpf::MapSizes,
-    model::{LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef, Workload},
+    model::{
+        Addresses, LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef, Workload,
+        WorkloadExtra,
+    },
 };
 
 fn writer(sizes: MapSizes) -> MapWriter {
@@ -37,17 +40,15 @@ fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
         uid: uid.into(),
         name: uid.into(),
         namespace: "default".into(),
-        network: String::new(),
-        addresses: vec![ip.parse().unwrap()],
-        hostname: None,
+        network: "".into(),
+        addresses: Addresses::One(ip.parse().unwrap()),
         services: vec![ServiceRef {
             key: svc.key().into(),
             ports: vec![],
         }],
         status: HealthStatus::Healthy,
         host_network: false,
-        waypoint: None,
-        placement: None,
+        extra: None,
     }
 }
 
@@ -236,7 +237,7 @@ fn workload_address_change_rewrites_its_endpoint_entries() {
     });
     w.apply(&model(&[&web, &api], &[w1.clone()])).unwrap();
 
-    w1.addresses = vec!["10.244.0.99".parse().unwrap()];
+    w1.addresses = Addresses::One("10.244.0.99".parse().unwrap());
     let st = w.apply(&model(&[&web, &api], &[w1])).unwrap();
     // One endpoint entry per service, plus the workload address swap.
     assert_eq!(
@@ -294,8 +295,11 @@ fn dns_workload_endpoints_follow_answers() {
     let mut w = writer(MapSizes::default());
     let ext = service("ext", "240.0.0.10");
     let mut dw = workload("se-ext", "10.0.0.1", &ext);
-    dw.addresses.clear();
-    dw.hostname = Some("api.example.test".into());
+    dw.addresses = Addresses::None;
+    dw.set_extra(WorkloadExtra {
+        hostname: Some("api.example.test".into()),
+        ..Default::default()
+    });
     let m = model(&[&ext], &[dw]);
     let set = |w: &mut MapWriter, ips: &[&str]| {
         let ips = ips.iter().map(|a| a.parse().unwrap()).collect();

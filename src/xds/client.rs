@@ -37,7 +37,7 @@ const DELTA_ADS: &str =
 /// Largest response accepted (istiod's first push for a large mesh is
 /// tens of MB).
 const MAX_MESSAGE: usize = 256 << 20;
-use crate::model::Model;
+use crate::model::{Interner, Model, Placement};
 
 #[derive(Debug, Error)]
 pub enum XdsError {
@@ -99,6 +99,9 @@ pub struct XdsStore {
     /// them by key, but the protocol does not promise it).
     aliases: HashMap<Arc<str>, Alias>,
     authorizations: HashMap<String, (String, security::Authorization)>,
+    /// Namespaces and networks, and placements, shared by the workloads.
+    strings: Interner<str>,
+    places: Interner<Placement>,
 }
 
 enum Alias {
@@ -156,6 +159,11 @@ impl XdsStore {
                 // Share the service's key allocation (see model::ServiceRef).
                 for r in &mut w.services {
                     r.key = self.model.intern_service_key(&r.key);
+                }
+                w.namespace = self.strings.intern(w.namespace);
+                w.network = self.strings.intern(w.network);
+                if let Some(e) = w.extra.as_mut() {
+                    e.placement = e.placement.take().map(|p| self.places.intern(p));
                 }
                 let key = w.uid.clone();
                 self.model.workloads.insert(key.clone(), w);
@@ -227,6 +235,9 @@ impl XdsStore {
                 _ => drop(self.authorizations.remove(name)),
             };
         }
+        // Cheap: one entry per distinct namespace, network and place.
+        self.strings.prune();
+        self.places.prune();
         (changed, errors)
     }
 }

@@ -10,7 +10,7 @@ use thiserror::Error;
 use super::proto::{security, workload as pb};
 use crate::model::{
     HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement, PortMapping, Service,
-    ServiceRef, Waypoint, WaypointTarget, Workload, MAX_SERVICE_PORTS,
+    ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra, MAX_SERVICE_PORTS,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -159,13 +159,12 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
     }
     // The protobuf map has no order; the model's list is sorted.
     services.sort_by(|a, b| a.key.cmp(&b.key));
-    let wl = Workload {
+    let mut wl = Workload {
         uid: w.uid.as_str().into(),
-        name: w.name.clone(),
-        namespace: w.namespace.clone(),
-        network: w.network.clone(),
+        name: w.name.as_str().into(),
+        namespace: w.namespace.as_str().into(),
+        network: w.network.as_str().into(),
         addresses,
-        hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         services,
         status: match pb::WorkloadStatus::try_from(w.status) {
             Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
@@ -173,7 +172,11 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
             Err(_) => return Err(format!("status {} is unknown", w.status)),
         },
         host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
-        waypoint: waypoint(w.waypoint.as_ref())?.map(Box::new),
+        extra: None,
+    };
+    wl.set_extra(WorkloadExtra {
+        hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
+        waypoint: waypoint(w.waypoint.as_ref())?,
         placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(
             || {
                 let l = w.locality.clone().unwrap_or_default();
@@ -186,7 +189,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
                 })
             },
         ),
-    };
+    });
     wl.validate().map_err(|e| e.to_string())?;
     Ok(wl)
 }
@@ -358,7 +361,7 @@ mod tests {
         else {
             panic!()
         };
-        assert_eq!(m.hostname.as_deref(), Some("api.example.com"));
+        assert_eq!(m.hostname(), Some("api.example.com"));
         let both = pb::Workload {
             addresses: vec![vec![10, 0, 0, 1]],
             ..w.clone()
