@@ -17,7 +17,11 @@ fn config(client: &Pod, server: &Pod, accelerate: bool) -> Value {
         "services": [{
             "name": "web", "hostname": "web.default.svc.cluster.local",
             "addresses": ["10.96.0.10", "fd00:96::10"],
-            "ports": [{"service_port": 80, "target_port": 8080}]
+            "ports": [
+                {"service_port": 80, "target_port": 8080},
+                {"service_port": 81, "target_port": 7000},
+                {"service_port": 82, "target_port": 7001}
+            ]
         }],
         "workloads": [{
             "uid": "Kubernetes//Pod/default/web-1", "name": "web-1",
@@ -47,6 +51,19 @@ fn setup() -> (Env, Pod, Pod) {
         &["--stall"],
     );
     (env, client, server)
+}
+
+/// kmesh-load echo servers (what `kmesh-load hold` talks to) on the
+/// targets of service ports 81 and 82, in the attached cgroup.
+fn load_servers(env: &mut Env, server: &Pod) {
+    let listen = [format!("{}:7000", server.v4), format!("{}:7001", server.v4)];
+    env.load_serve(server, &listen, &[]);
+}
+
+const HOLD_ADDRS: [&str; 2] = ["10.96.0.10:81", "10.96.0.10:82"];
+
+fn entries(dump: &Value) -> u64 {
+    dump["maps"]["km_sock"]["entries"].as_u64().unwrap()
 }
 
 fn transfer_ok(env: &Env, client: &Pod, args: &[&str]) -> Vec<Value> {
@@ -180,4 +197,94 @@ fn full_receiver_pushes_back_on_the_sender() {
         lines[0]["written"].as_u64().unwrap() < 64 << 20,
         "{lines:?}"
     );
+}
+
+/// Capacity at CI size: thousands of connections held at once, both ends
+/// of each in km_sock, every one echoing, and the map empty again once
+/// they close. bench/capacity.sh runs the same at 100k.
+#[test]
+fn thousands_of_held_connections_are_accelerated() {
+    const N: u64 = 3000;
+    let (mut env, client, server) = setup();
+    load_servers(&mut env, &server);
+    let d = env.daemon(&config(&client, &server, true));
+    let on = d.stat("accel_on");
+    // A source address exercises the explicit bind a client with several
+    // addresses uses to go past one address's ports.
+    let src = client.v4.to_string();
+    let mut h = env.load_hold(
+        &client,
+        &HOLD_ADDRS,
+        N as usize,
+        &["--size", "64", "--source", &src],
+    );
+    assert_eq!(h.open["opened"], N, "{}", h.open);
+    assert_eq!(h.open["failed"], 0, "{}", h.open);
+    let dump = d.wait_dump(Duration::from_secs(5), |v| entries(v) == 2 * N);
+    assert_eq!(dump["stats"]["accel_full"], 0);
+    let check = h.command("check");
+    assert_eq!(check["ok"], N, "{check}");
+    assert_eq!(check["failed"], 0, "{check}");
+    let rr = h.command("rr 50 4");
+    assert_eq!(rr["requests"], 200, "{rr}");
+    // Each connection's first send in each direction picks its path; a
+    // client that sends before the server's end is in the map stays plain,
+    // so not every direction is accelerated, but most are.
+    let on = d.stat("accel_on") - on;
+    assert!(on >= N, "only {on} of {} directions accelerated", 2 * N);
+    let (lines, status) = h.close();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(lines.last().unwrap()["conns"], N, "{lines:?}");
+    d.wait_dump(Duration::from_secs(10), |v| entries(v) == 0);
+}
+
+/// With km_sock full, sockops counts accel_full and the connection stays
+/// plain TCP: every byte still arrives, in order.
+#[test]
+fn a_full_socket_map_leaves_connections_on_plain_tcp() {
+    const CAP: u64 = 64;
+    const N: u64 = 100;
+    let (mut env, client, server) = setup();
+    load_servers(&mut env, &server);
+    let d = env
+        .daemon_args(
+            &config(&client, &server, true),
+            &["--max-sockets", &CAP.to_string()],
+        )
+        .expect("daemon starts");
+    let mut h = env.load_hold(
+        &client,
+        &HOLD_ADDRS,
+        N as usize,
+        &["--size", "4096", "--recheck"],
+    );
+    assert_eq!(h.open["opened"], N, "{}", h.open);
+    let dump = d.wait_dump(Duration::from_secs(5), |v| {
+        entries(v) + v["stats"]["accel_full"].as_u64().unwrap() == 2 * N
+    });
+    assert_eq!(entries(&dump), CAP, "the map fills up to its size");
+    assert_eq!(dump["stats"]["accel_full"], 2 * N - CAP);
+    let check = h.command("check");
+    assert_eq!(check["ok"], N, "{check}");
+    // New connections while the map is full: messages up to 256 KiB both
+    // ways, byte-exact.
+    transfer_ok(
+        &env,
+        &client,
+        &[
+            "transfer",
+            "10.96.0.10:80",
+            "--sizes",
+            "1,4096,262144",
+            "--conns",
+            "8",
+        ],
+    );
+    assert!(d.stat("accel_full") >= 2 * N - CAP + 16);
+    // --recheck: one more echo over every connection as the hold ends.
+    let (lines, status) = h.close();
+    assert!(status.success(), "{lines:?}");
+    assert_eq!(lines[0]["event"], "check", "{lines:?}");
+    assert_eq!(lines[0]["ok"], N, "{lines:?}");
+    d.wait_dump(Duration::from_secs(10), |v| entries(v) == 0);
 }

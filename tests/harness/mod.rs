@@ -19,6 +19,7 @@ use std::{
 use serde_json::{json, Value};
 
 pub mod dns;
+pub mod load;
 pub mod xds;
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");

@@ -1,5 +1,6 @@
 //! kmesh-load: load client, echo server and user-space proxy for the
-//! benchmark suite (bench/suite).
+//! benchmark suite (bench/suite), and `hold` for the capacity benchmark
+//! (bench/capacity).
 //!
 //! Like kmesh-probe it first enters a network namespace and cgroup, so its
 //! sockets meet the data path exactly as a pod's would. Clients print one
@@ -8,9 +9,15 @@
 
 mod client;
 mod hist;
+mod hold;
 mod server;
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    process::ExitCode,
+    time::Duration,
+};
 
 use clap::{Parser, Subcommand};
 
@@ -26,6 +33,10 @@ pub enum Error {
     Mismatch(u64, serde_json::Value),
     #[error("a client thread panicked")]
     Panic,
+    #[error("{0} connections failed (see the JSON lines for the errors)")]
+    Failed(u64),
+    #[error("open-file limit: need {want} descriptors, {why}")]
+    NoFile { want: u64, why: String },
 }
 
 impl Error {
@@ -89,6 +100,33 @@ enum Cmd {
         #[arg(long)]
         echo: bool,
     },
+    /// Opens CONNS connections spread over the ADDRs (and --source
+    /// addresses), checks each with an echo, prints a JSON line and holds
+    /// them until stdin closes or SIGTERM/SIGINT. Stdin commands: `check`
+    /// (echo over all again), `rr K [ROUNDS]` (latency over K of them).
+    Hold {
+        #[arg(required = true)]
+        addr: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Source addresses to spread over (each needs its own ports: the
+        /// ephemeral range allows ~28k connections per source and
+        /// destination).
+        #[arg(long)]
+        source: Vec<IpAddr>,
+        /// Bytes echoed per check.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..))]
+        size: u16,
+        /// Connections opened or checked at once.
+        #[arg(long, default_value_t = 256)]
+        parallel: usize,
+        /// Seconds allowed for one connect + echo.
+        #[arg(long, default_value_t = 10.0)]
+        timeout: f64,
+        /// Check every connection once more when the hold ends.
+        #[arg(long)]
+        recheck: bool,
+    },
     /// Echo server for rr / connect --echo, sink for stream.
     Serve {
         #[arg(long, required = true)]
@@ -124,6 +162,73 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, Error> {
     .map_err(Error::io("tokio runtime"))
 }
 
+/// Raises this process's RLIMIT_NOFILE (soft, and hard if needed; the hard
+/// limit can go up to fs.nr_open with CAP_SYS_RESOURCE) to at least `want`.
+/// Only this process and its children are affected.
+fn raise_nofile(want: u64) -> Result<u64, Error> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: a valid rlimit out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(Error::io("getrlimit(RLIMIT_NOFILE)")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if lim.rlim_cur >= want {
+        return Ok(lim.rlim_cur);
+    }
+    let nr_open: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(lim.rlim_max);
+    if want > nr_open {
+        return Err(Error::NoFile {
+            want,
+            why: format!("above fs.nr_open ({nr_open}), the most any process may have"),
+        });
+    }
+    let new = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: lim.rlim_max.max(want),
+    };
+    // SAFETY: a valid rlimit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::NoFile {
+            want,
+            why: format!(
+                "setrlimit to {want} failed ({e}); the hard limit is {} and raising it needs CAP_SYS_RESOURCE (or split the connections over several processes)",
+                lim.rlim_max
+            ),
+        });
+    }
+    Ok(want)
+}
+
+/// A server cannot know how many connections are coming: as many as the
+/// hard limit allows, or fs.nr_open where this process may raise that.
+fn server_nofile() {
+    let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1 << 20);
+    if raise_nofile(nr_open).is_err() {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: valid rlimit pointers; failing leaves the limit as it was.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
+    }
+}
+
 fn run(cmd: Cmd) -> Result<(), Error> {
     let v = match cmd {
         Cmd::Rr {
@@ -143,8 +248,36 @@ fn run(cmd: Cmd) -> Result<(), Error> {
             duration,
             echo,
         } => client::connect_rate(addr, secs(duration), echo)?,
-        Cmd::Serve { listen, threads } => return runtime(threads)?.block_on(server::serve(listen)),
-        Cmd::Proxy { route, threads } => return runtime(threads)?.block_on(server::proxy(route)),
+        Cmd::Hold {
+            addr,
+            conns,
+            source,
+            size,
+            parallel,
+            timeout,
+            recheck,
+        } => {
+            // Stdio, the runtime's epoll and eventfd, and a few spare.
+            raise_nofile(conns as u64 + 64)?;
+            let opts = hold::Opts {
+                addrs: addr,
+                sources: source,
+                conns,
+                size: size.into(),
+                parallel: parallel.max(1),
+                timeout: secs(timeout),
+                recheck,
+            };
+            return runtime(1)?.block_on(hold::hold(opts));
+        }
+        Cmd::Serve { listen, threads } => {
+            server_nofile();
+            return runtime(threads)?.block_on(server::serve(listen));
+        }
+        Cmd::Proxy { route, threads } => {
+            server_nofile();
+            return runtime(threads)?.block_on(server::proxy(route));
+        }
     };
     println!("{v}");
     Ok(())

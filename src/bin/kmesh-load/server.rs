@@ -21,6 +21,11 @@ const HDR_HTTP: u8 = b'G';
 /// per connection by malloc, a cost that shows in connect-rate runs.
 const BUF: usize = 64 * 1024;
 
+/// An echo connection starts with this much buffer and grows to BUF on the
+/// first read that fills it: 100k held connections with small messages
+/// would otherwise reserve 6.5 GB of buffers.
+const SMALL_BUF: usize = 512;
+
 /// std's and tokio's default backlog (128/1024) drops SYNs under a connect
 /// burst, and each drop costs the client a 1 s retransmit.
 fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
@@ -36,6 +41,20 @@ fn listen(addr: SocketAddr) -> Result<TcpListener, Error> {
     s.listen(4096).map_err(Error::io("listen"))
 }
 
+/// Out of descriptors or memory, accept fails at once for as long as the
+/// condition lasts: pausing keeps the loop from spinning a CPU meanwhile.
+/// Other errors (a connection reset before it was accepted) concern one
+/// connection only.
+async fn accept_failed(e: std::io::Error) {
+    eprintln!("kmesh-load: accept: {e}");
+    if matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    ) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 fn announce(addrs: &[SocketAddr]) {
     let v: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     println!("{}", serde_json::json!({ "listening": v }));
@@ -47,16 +66,22 @@ async fn handle(mut c: TcpStream) -> std::io::Result<()> {
     if c.read(&mut hdr).await? == 0 {
         return Ok(());
     }
-    let mut buf = vec![0u8; BUF];
     match hdr[0] {
-        HDR_ECHO => loop {
-            let n = c.read(&mut buf).await?;
-            if n == 0 {
-                return Ok(());
+        HDR_ECHO => {
+            let mut buf = vec![0u8; SMALL_BUF];
+            loop {
+                let n = c.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                c.write_all(&buf[..n]).await?;
+                if n == buf.len() && n < BUF {
+                    buf.resize(BUF, 0);
+                }
             }
-            c.write_all(&buf[..n]).await?;
-        },
+        }
         HDR_SINK => {
+            let mut buf = vec![0u8; BUF];
             let mut total = 0u64;
             loop {
                 let n = c.read(&mut buf).await?;
@@ -68,7 +93,7 @@ async fn handle(mut c: TcpStream) -> std::io::Result<()> {
             c.write_all(&total.to_le_bytes()).await?;
             c.shutdown().await
         }
-        HDR_HTTP => http(c, buf).await,
+        HDR_HTTP => http(c, vec![0u8; BUF]).await,
         _ => Ok(()),
     }
 }
@@ -108,10 +133,10 @@ pub async fn serve(addrs: Vec<SocketAddr>) -> Result<(), Error> {
         let l = listen(*a)?;
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((c, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(handle(c));
+                match l.accept().await {
+                    Ok((c, _)) => drop(tokio::spawn(handle(c))),
+                    Err(e) => accept_failed(e).await,
+                }
             }
         }));
     }
@@ -168,10 +193,10 @@ pub async fn proxy(routes: Vec<Route>) -> Result<(), Error> {
         let upstream = r.upstream;
         tasks.push(tokio::spawn(async move {
             loop {
-                let Ok((c, _)) = l.accept().await else {
-                    continue;
-                };
-                tokio::spawn(relay(c, upstream));
+                match l.accept().await {
+                    Ok((c, _)) => drop(tokio::spawn(relay(c, upstream))),
+                    Err(e) => accept_failed(e).await,
+                }
             }
         }));
     }
