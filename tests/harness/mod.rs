@@ -366,7 +366,17 @@ impl Env {
         let sock = self.dir.join("admin.sock");
         let log = self.dir.join("daemon.log");
         let _ = fs::remove_file(&sock);
-        let mut child = Command::new(KMESH)
+        let mut cmd = Command::new(KMESH);
+        // If the test process dies without running Drop (kill -9), the
+        // daemon shuts down (detaching) instead of outliving it. Set from
+        // the spawning thread, which is the one holding the Daemon.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let mut child = cmd
             .args(["daemon", "--config", cfg.to_str().unwrap()])
             .args(["--cgroup", self.cgroup.to_str().unwrap()])
             .args(["--bpffs", self.bpffs.join("kmesh").to_str().unwrap()])
