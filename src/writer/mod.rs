@@ -14,6 +14,7 @@
 //!
 //! Re-applying the same model writes nothing.
 
+mod desired;
 mod dump;
 
 use std::{
@@ -27,15 +28,12 @@ use thiserror::Error;
 
 use crate::{
     bpf::{
-        addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
-        manage_value, port_key, port_to_map, service_value, waypoint, workload_value, Datapath,
-        MapId, Pod, EP_PORTS, MAX_PRIO, NETNS_WAYPOINT,
+        addr_key, config_value, endpoint_key, manage_value, port_key, port_to_map, service_value,
+        workload_value, Datapath, MapId, Pod, MAX_PRIO,
     },
-    model::{
-        endpoint_priority, HealthStatus, Layers, LbMode, LoadBalancing, LocalNode, Model,
-        ModelError, PortMapping, ResolvedHosts, Waypoint, WaypointTarget,
-    },
+    model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
+use desired::{Desired, IdSpace, PortOverrides};
 
 pub use dump::Dump;
 
@@ -66,53 +64,6 @@ pub struct ApplyStats {
     pub deletes: usize,
 }
 
-/// Stable u32 ids, one space per kind. Never reused within a process, so a
-/// program still holding an old id can only miss, never alias another.
-/// Keys are the model's own allocations (Arc), not copies. There is no
-/// reverse index (3 MB at 100k workloads): id → key is a scan, done only
-/// for error messages, and once per dump.
-#[derive(Default)]
-struct IdSpace {
-    by_key: HashMap<Arc<str>, u32>,
-    next: u32,
-}
-
-impl IdSpace {
-    fn get_or_alloc(&mut self, key: &Arc<str>) -> u32 {
-        if let Some(id) = self.by_key.get(key) {
-            return *id;
-        }
-        self.next += 1;
-        let id = self.next;
-        self.by_key.insert(key.clone(), id);
-        id
-    }
-
-    fn key(&self, id: u32) -> Option<&str> {
-        self.by_key
-            .iter()
-            .find(|(_, v)| **v == id)
-            .map(|(k, _)| &**k)
-    }
-
-    fn names(&self) -> HashMap<u32, &str> {
-        self.by_key.iter().map(|(k, v)| (*v, &**k)).collect()
-    }
-
-    /// `get_or_alloc` for a key the model does not hold (a DNS workload's
-    /// second and later endpoints).
-    fn get_or_alloc_str(&mut self, key: &str) -> u32 {
-        match self.by_key.get(key) {
-            Some(id) => *id,
-            None => self.get_or_alloc(&key.into()),
-        }
-    }
-
-    fn retain(&mut self, keep: impl Fn(u32) -> bool) {
-        self.by_key.retain(|_, id| keep(*id));
-    }
-}
-
 /// What the maps hold, as last written by this writer.
 #[derive(Default)]
 struct Written {
@@ -127,46 +78,6 @@ struct Written {
     ports: PortOverrides,
     manage: BTreeMap<u64, manage_value>,
     config: Option<config_value>,
-}
-
-/// (service id, workload id, service port) → the workload's own target
-/// port, where it differs from the service's.
-type PortOverrides = HashMap<(u32, u32, u16), u16>;
-
-/// The entries of a workload's port list for a service that change where
-/// its connections go: a target port other than the service's own.
-fn own_ports<'a>(
-    svc: &'a [PortMapping],
-    own: &'a [PortMapping],
-) -> impl Iterator<Item = &'a PortMapping> {
-    own.iter().filter(|p| {
-        let effective = |t: u16| if t == 0 { p.service_port } else { t };
-        p.target_port != 0
-            && svc.iter().any(|s| {
-                s.service_port == p.service_port
-                    && effective(s.target_port) != effective(p.target_port)
-            })
-    })
-}
-
-/// The desired map contents for a model, before endpoint ordering.
-struct Desired {
-    /// Service id → (value without endpoint counts, VIPs).
-    services: HashMap<u32, (service_value, Vec<IpAddr>)>,
-    workload_ips: HashMap<IpAddr, workload_value>,
-    endpoints: HashMap<(u32, u32), BTreeSet<u32>>,
-    backends: HashMap<u32, endpoint_value>,
-    ports: PortOverrides,
-    manage: BTreeMap<u64, manage_value>,
-    config: config_value,
-    /// Services whose connections keep their original destination.
-    passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
-}
-
-impl Desired {
-    fn vips(&self) -> impl Iterator<Item = &IpAddr> {
-        self.services.values().flat_map(|(_, vips)| vips)
-    }
 }
 
 pub struct MapWriter {
@@ -184,22 +95,6 @@ pub struct MapWriter {
     dns_hosts: BTreeSet<String>,
 }
 
-/// A DNS answer as endpoint addresses: an endpoint holds one address per
-/// family, so the k-th endpoint pairs the k-th IPv4 and IPv6 answers (the
-/// shorter list wraps). Every endpoint then serves both families when the
-/// name has both, and each answered address is some endpoint's.
-fn pair_families(ips: &[IpAddr]) -> Vec<backend_addr> {
-    let (v4, v6): (Vec<IpAddr>, Vec<IpAddr>) = ips.iter().partition(|a| a.is_ipv4());
-    let n = v4.len().max(v6.len());
-    (0..n)
-        .map(|k| {
-            let pick = |l: &[IpAddr]| (!l.is_empty()).then(|| l[k % l.len()]);
-            let both: Vec<IpAddr> = [pick(&v4), pick(&v6)].into_iter().flatten().collect();
-            backend_addr::from_ips(&both)
-        })
-        .collect()
-}
-
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
     port_key {
         service_id,
@@ -210,35 +105,6 @@ fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
 
 fn same<T: Pod>(a: &T, b: &T) -> bool {
     a.as_bytes() == b.as_bytes()
-}
-
-/// The data path's form of a waypoint; a service waypoint becomes that
-/// service's first VIP (the programs then pick one of its pods). An
-/// unknown service leaves no waypoint, with a warning naming both ends.
-fn resolve_waypoint(wp: Option<&Waypoint>, model: Layers, owner: &str) -> waypoint {
-    let Some(wp) = wp else {
-        return waypoint::default();
-    };
-    let ip = match &wp.target {
-        WaypointTarget::Address(ip) => Some(*ip),
-        WaypointTarget::Service(key) => model
-            .service(key)
-            .and_then(|s| s.addresses.first())
-            .map(|a| a.address),
-    };
-    match ip {
-        Some(ip) => waypoint {
-            addr: kmesh_addr::from_ip(ip),
-            port: port_to_map(wp.port),
-        },
-        None => {
-            tracing::warn!(
-                "{owner}: waypoint {:?} has no address; connections go direct",
-                wp.target
-            );
-            waypoint::default()
-        }
-    }
 }
 
 impl MapWriter {
@@ -280,119 +146,6 @@ impl MapWriter {
     /// Detaches (unless `keep_attached`) and unpins; see Datapath::shutdown.
     pub fn shutdown(&mut self, keep_attached: bool) {
         self.dp.shutdown(keep_attached);
-    }
-
-    fn desired(&mut self, model: Layers) -> Desired {
-        let mut d = Desired {
-            services: HashMap::new(),
-            workload_ips: HashMap::new(),
-            endpoints: HashMap::new(),
-            backends: HashMap::new(),
-            ports: PortOverrides::new(),
-            manage: model
-                .enrolled()
-                .into_iter()
-                .map(|(cookie, e)| {
-                    let flags = if e.waypoint { NETNS_WAYPOINT } else { 0 };
-                    (cookie, manage_value { enrolled: 1, flags })
-                })
-                .collect(),
-            config: config_value {
-                accelerate: model.accelerate().into(),
-            },
-            passthrough: Vec::new(),
-        };
-        // A service without a VIP cannot be connected to: nothing to write.
-        let mut routable: HashMap<&str, (u32, &LoadBalancing, &[PortMapping])> = HashMap::new();
-        for (key, svc) in model.services() {
-            if svc.load_balancing.mode == LbMode::Passthrough {
-                let addrs = svc.addresses.iter().map(|a| a.address).collect();
-                d.passthrough.push((key.clone(), addrs));
-                continue;
-            }
-            if svc.addresses.is_empty() {
-                continue;
-            }
-            let id = self.service_ids.get_or_alloc(key);
-            routable.insert(key, (id, &svc.load_balancing, &svc.ports));
-            let mut v = service_value {
-                service_id: id,
-                waypoint: resolve_waypoint(svc.waypoint.as_ref(), model, key),
-                lb_policy: match svc.load_balancing.mode {
-                    LbMode::Random => 0,
-                    LbMode::Strict => 1,
-                    LbMode::Failover => 2,
-                    LbMode::Passthrough => unreachable!("passthrough services get no VIP entry"),
-                },
-                ..Default::default()
-            };
-            for (i, p) in svc.ports.iter().enumerate() {
-                v.service_port[i] = port_to_map(p.service_port);
-                if p.target_port != 0 {
-                    v.target_port[i] = port_to_map(p.target_port);
-                }
-            }
-            let vips = svc.addresses.iter().map(|a| a.address).collect();
-            d.services.insert(id, (v, vips));
-        }
-        for (uid, w) in model.workloads() {
-            let id = self.workload_ids.get_or_alloc(uid);
-            let wp = resolve_waypoint(w.waypoint(), model, uid);
-            if !w.host_network {
-                for a in w.addresses.iter() {
-                    let v = workload_value {
-                        workload_id: id,
-                        waypoint: wp,
-                    };
-                    d.workload_ips.insert(*a, v);
-                }
-            }
-            // A static workload is one endpoint; a hostname workload one per
-            // address pair of its current answer (none until resolved).
-            let addrs = match w.hostname() {
-                None => vec![backend_addr::from_ips(&w.addresses)],
-                Some(host) => pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice)),
-            };
-            let mut ids = Vec::with_capacity(addrs.len());
-            for (k, addr) in addrs.into_iter().enumerate() {
-                let eid = match k {
-                    0 => id,
-                    _ => self.workload_ids.get_or_alloc_str(&format!("{uid}#{k}")),
-                };
-                let v = endpoint_value {
-                    workload_id: eid,
-                    addr,
-                    waypoint: wp,
-                    ..Default::default()
-                };
-                d.backends.insert(eid, v);
-                ids.push(eid);
-            }
-            // Unhealthy workloads stay reachable directly but take no new
-            // service traffic.
-            if w.status != HealthStatus::Healthy {
-                continue;
-            }
-            for r in &w.services {
-                // xDS may send a workload before its service.
-                let Some(&(sid, lb, svc_ports)) = routable.get(&*r.key) else {
-                    continue;
-                };
-                let Some(prio) = endpoint_priority(lb, &self.local, w) else {
-                    continue;
-                };
-                d.endpoints.entry((sid, prio)).or_default().extend(&ids);
-                for p in own_ports(svc_ports, &r.ports) {
-                    for eid in &ids {
-                        d.ports.insert((sid, *eid, p.service_port), p.target_port);
-                        if let Some(b) = d.backends.get_mut(eid) {
-                            b.flags |= EP_PORTS;
-                        }
-                    }
-                }
-            }
-        }
-        d
     }
 
     fn check_capacity(&self, d: &Desired) -> Result<(), WriterError> {

@@ -6,10 +6,10 @@ use libbpf_rs::MapCore;
 
 use super::*;
 use crate::{
-    bpf::MapSizes,
+    bpf::{endpoint_value, MapSizes, EP_PORTS},
     model::{
-        Addresses, LoadBalancing, NetworkAddress, PortMapping, Service, ServiceRef, Workload,
-        WorkloadExtra,
+        Addresses, HealthStatus, LbMode, LoadBalancing, NetworkAddress, PortMapping, Service,
+        ServiceRef, Workload, WorkloadExtra,
     },
 };
 
