@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Installs what building and testing kmesh-rs needs on Debian 12, if missing.
-# Rust itself must already be there (rustup; Debian 12's cargo is too old).
 set -euo pipefail
 need=()
 # dnsmasq-base: the DNS server of the resolver tests (only the binary; the
@@ -14,10 +13,33 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+# Rust: rustup's stable toolchain when there is no cargo, or one older than
+# the dependencies need (Debian 12's packaged cargo is 1.63).
+min_rust=1.88
+[ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+rust_ok() {
+  command -v cargo >/dev/null 2>&1 || return 1
+  local v
+  v=$(cargo --version | awk '{print $2}')
+  [ "$(printf '%s\n%s\n' "$min_rust" "$v" | sort -V | head -n1)" = "$min_rust" ]
+}
+if ! rust_ok; then
+  if command -v rustup >/dev/null 2>&1; then
+    echo "updating Rust (need >= $min_rust)"
+    rustup toolchain install stable --profile minimal --component rustfmt,clippy
+    rustup default stable
+  else
+    echo "installing Rust (rustup, stable) into $HOME/.cargo"
+    for pkg in curl ca-certificates; do
+      dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$pkg" >/dev/null; }
+    done
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+      sh -s -- -y --profile minimal --component rustfmt,clippy --default-toolchain stable
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
 fi
-if ! command -v cargo >/dev/null 2>&1; then
-  echo "cargo not found: install Rust >= 1.80 with rustup (https://rustup.rs), then re-run" >&2
+if ! rust_ok; then
+  echo "Rust >= $min_rust is needed; cargo is $(cargo --version 2>/dev/null || echo missing)" >&2
   exit 1
 fi
