@@ -9,5 +9,6 @@ if [ "$(id -u)" != 0 ]; then
     echo "run as root: the suite creates network namespaces and cgroups and loads BPF" >&2
     exit 1
 fi
+source scripts/deps.sh
 bash bench/suite/deps.sh
 exec cargo bench --bench suite -- "$@"
