@@ -89,7 +89,7 @@ impl HostSched {
             last_good_at,
             next_refresh: now + delay,
         };
-        let changed = prev.as_ref().map_or(true, |p| p.differs(&new));
+        let changed = prev.as_ref().is_none_or(|p| p.differs(&new));
         self.answer = Some(new);
         Step {
             delay,

@@ -104,7 +104,7 @@ async fn refresh_follows_ttl_between_floor_and_ceiling() {
 async fn failures_back_off_and_keep_the_last_good_answer() {
     let s = Script::default();
     let mut steps = vec![found(&["10.0.0.1", "fd00::1"], 2 * S)];
-    steps.extend(std::iter::repeat(failed()).take(6));
+    steps.extend(std::iter::repeat_n(failed(), 6));
     steps.push(found(&["10.0.0.1", "fd00::1"], 2 * S));
     steps.push(failed());
     steps.push(found(&["10.0.0.1", "fd00::1"], 2 * S));

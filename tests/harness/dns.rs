@@ -171,7 +171,7 @@ fn listening(addr: SocketAddr) -> bool {
             .lines()
             .any(|l| {
                 let f: Vec<&str> = l.split_whitespace().collect();
-                f.get(1) == Some(&local.as_str()) && state.map_or(true, |s| f.get(3) == Some(&s))
+                f.get(1) == Some(&local.as_str()) && state.is_none_or(|s| f.get(3) == Some(&s))
             })
     };
     has("/proc/net/udp", None) && has("/proc/net/tcp", Some("0A"))
