@@ -23,6 +23,8 @@
 //! servers to a CPU (default the last; "none" leaves it to the scheduler).
 //! Writes bench/results/capacity-<date>.md.
 
+#[path = "../common.rs"]
+mod common;
 #[path = "../../tests/harness/mod.rs"]
 mod harness;
 mod report;
@@ -32,10 +34,10 @@ mod world;
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
+use common::{cpu, sh_out};
 use report::Run;
 use world::{u, World, PARALLEL, SIZE, SVC_PORT, TARGET_PORT, VIP};
 
@@ -57,24 +59,6 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
         v.parse()
             .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
     )
-}
-
-fn sh_out(argv: &[&str]) -> String {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-fn cpu() -> Option<usize> {
-    match std::env::var("KMESH_BENCH_CPU").as_deref() {
-        Ok("none") => None,
-        Ok(n) => Some(n.parse().expect("KMESH_BENCH_CPU: a CPU number or none")),
-        Err(_) => std::thread::available_parallelism()
-            .ok()
-            .map(|n| n.get() - 1),
-    }
 }
 
 /// One daemon mode: a baseline with FEW connections, then N held.

@@ -19,6 +19,8 @@
 //! KMESH_BENCH_CPU (a CPU number, or "none" to leave placement to the
 //! scheduler) override the defaults.
 
+#[path = "../common.rs"]
+mod common;
 #[path = "../../tests/harness/mod.rs"]
 mod harness;
 mod measure;
@@ -28,10 +30,10 @@ mod world;
 
 use std::{
     path::PathBuf,
-    process::Command,
     time::{Duration, Instant},
 };
 
+use common::{cpu, sh_out};
 use criterion::Criterion;
 use measure::{Cell, Group, Samples};
 use world::{Mode, World};
@@ -40,26 +42,6 @@ const SIZES: [usize; 4] = [1, 64, 4096, 256 * 1024];
 
 fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.parse().ok()
-}
-
-fn sh_out(argv: &[&str]) -> String {
-    Command::new(argv[0])
-        .args(&argv[1..])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
-/// The last CPU, unless told otherwise: everything measured shares it, so
-/// a round trip never depends on where the scheduler put client and server.
-fn cpu() -> Option<usize> {
-    match std::env::var("KMESH_BENCH_CPU").as_deref() {
-        Ok("none") => None,
-        Ok(n) => Some(n.parse().expect("KMESH_BENCH_CPU: a CPU number or none")),
-        Err(_) => std::thread::available_parallelism()
-            .ok()
-            .map(|n| n.get() - 1),
-    }
 }
 
 fn main() {

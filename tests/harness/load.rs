@@ -31,21 +31,7 @@ impl Env {
         for l in listen {
             cmd.args(["--listen", l]);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn kmesh-load serve");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.contains("listening"),
-            "kmesh-load serve {listen:?} did not start: {line:?}"
-        );
-        let pid = child.id();
-        self.children.push(child);
-        pid
+        self.spawn_listening(cmd, &format!("kmesh-load serve {listen:?}"))
     }
 
     /// `kmesh-load hold` from `pod` (attached cgroup): `conns` connections

@@ -278,11 +278,16 @@ impl Env {
         for l in listen {
             cmd.args(["--listen", l]);
         }
-        let name = args.join(" ");
+        self.spawn_listening(cmd, &args.join(" "));
+    }
+
+    /// Spawns a server that prints a "listening" line once it accepts, waits
+    /// for that line, and keeps the child for Drop; returns its pid.
+    pub fn spawn_listening(&mut self, mut cmd: Command, name: &str) -> u32 {
         let mut child = cmd
             .stdout(Stdio::piped())
             .spawn()
-            .expect("spawn probe server");
+            .unwrap_or_else(|e| panic!("spawn server {name}: {e}"));
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
@@ -291,7 +296,9 @@ impl Env {
             line.contains("listening"),
             "server {name} did not start: {line:?}"
         );
+        let pid = child.id();
         self.children.push(child);
+        pid
     }
 
     fn probe_cmd(&self, pod: &Pod, in_cgroup: bool) -> Command {
