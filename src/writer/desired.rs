@@ -207,6 +207,7 @@ impl MapWriter {
             let vips = svc.addresses.iter().map(|a| a.address).collect();
             d.services.insert(id, (v, vips));
         }
+        let mut ids = Vec::new();
         for (uid, w) in model.workloads() {
             let id = self.workload_ids.get_or_alloc(uid);
             let wp = resolve_waypoint(w.waypoint(), model, uid);
@@ -221,12 +222,20 @@ impl MapWriter {
             }
             // A static workload is one endpoint; a hostname workload one per
             // address pair of its current answer (none until resolved).
-            let addrs = match w.hostname() {
-                None => vec![backend_addr::from_ips(&w.addresses)],
-                Some(host) => pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice)),
+            // (No allocation for the common, static case: 100k per apply.)
+            let (single, pairs);
+            let addrs: &[backend_addr] = match w.hostname() {
+                None => {
+                    single = [backend_addr::from_ips(&w.addresses)];
+                    &single
+                }
+                Some(host) => {
+                    pairs = pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice));
+                    &pairs
+                }
             };
-            let mut ids = Vec::with_capacity(addrs.len());
-            for (k, addr) in addrs.into_iter().enumerate() {
+            ids.clear();
+            for (k, &addr) in addrs.iter().enumerate() {
                 let eid = match k {
                     0 => id,
                     _ => self.workload_ids.get_or_alloc_str(&format!("{uid}#{k}")),
