@@ -54,7 +54,7 @@ fn compile_protos() {
     let fds = protox::compile(files, ["proto"]).unwrap_or_else(|e| panic!("compiling protos: {e}"));
     tonic_prost_build::configure()
         .build_server(true)
-        .build_client(true)
+        .build_client(false)
         // Zero-copy slices of the received message (see xds.proto).
         .bytes(".envoy.service.discovery.v3.DeltaDiscoveryResponseFrame")
         .compile_fds(fds)

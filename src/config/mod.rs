@@ -409,13 +409,14 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     }
     // A DNS service no workload backs resolves its own hostname, as
     // istiod does for a ServiceEntry without endpoints.
+    let backed: std::collections::HashSet<Arc<str>> = model
+        .workloads
+        .values()
+        .flat_map(|w| w.services.iter().map(|r| r.key.clone()))
+        .collect();
     for (i, s) in file.services.iter().enumerate() {
         let key = format!("{}/{}", s.namespace, s.hostname);
-        let backed = model
-            .workloads
-            .values()
-            .any(|w| w.services.iter().any(|r| *r.key == *key));
-        if s.resolution != Resolution::Dns || backed {
+        if s.resolution != Resolution::Dns || backed.contains(key.as_str()) {
             continue;
         }
         let uid = format!("ServiceEntry/{key}");
