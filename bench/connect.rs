@@ -18,6 +18,7 @@ mod harness;
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -25,8 +26,8 @@ use criterion::Criterion;
 use kmesh::{
     bpf::{Datapath, MapSizes, RunStatsGuard},
     model::{
-        Addresses, Enrollment, HealthStatus, LoadBalancing, Model, NetworkAddress, PortMapping,
-        Service, ServiceRef, Workload,
+        Addresses, Enrollment, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
+        ServiceRef, Workload,
     },
     writer::MapWriter,
 };
@@ -60,21 +61,13 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         let s = synthetic_service(i);
         for e in 0..ENDPOINTS_PER_SERVICE {
             let n = i * ENDPOINTS_PER_SERVICE + e;
-            let uid = format!("bench/pod-{n}");
-            m.insert_workload(Workload {
-                uid: uid.into(),
-                name: format!("pod-{n}").into(),
-                namespace: "bench".into(),
-                network: "".into(),
-                addresses: Addresses::One(std::net::Ipv4Addr::from(0x0a80_0000 + n).into()),
-                services: vec![ServiceRef {
-                    key: s.key().into(),
-                    ports: vec![],
-                }],
-                status: HealthStatus::Healthy,
-                host_network: false,
-                extra: None,
-            });
+            let mut w = Workload::new(&format!("bench/pod-{n}"), &format!("pod-{n}"), "bench");
+            w.addresses = Addresses::One(std::net::Ipv4Addr::from(0x0a80_0000 + n).into());
+            w.services = Arc::new([ServiceRef {
+                key: s.key().into(),
+                ports: vec![],
+            }]);
+            m.insert_workload(w);
         }
         m.insert_service(s);
     }
@@ -82,20 +75,13 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
     web.name = "web".into();
     web.hostname = "web.bench.svc.cluster.local".into();
     web.addresses[0].address = "10.96.0.10".parse().unwrap();
-    m.insert_workload(Workload {
-        uid: "bench/web-0".into(),
-        name: "web-0".into(),
-        namespace: "bench".into(),
-        network: "".into(),
-        addresses: Addresses::One(backend),
-        services: vec![ServiceRef {
-            key: web.key().into(),
-            ports: vec![],
-        }],
-        status: HealthStatus::Healthy,
-        host_network: false,
-        extra: None,
-    });
+    let mut w = Workload::new("bench/web-0", "web-0", "bench");
+    w.addresses = Addresses::One(backend);
+    w.services = Arc::new([ServiceRef {
+        key: web.key().into(),
+        ports: vec![],
+    }]);
+    m.insert_workload(w);
     m.insert_service(web);
     m.enrolled.insert(
         cookie,

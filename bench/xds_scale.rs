@@ -1,8 +1,10 @@
 //! Scale benchmark for the xDS path (root; real kernel maps).
 //!
-//! 10,000 services (one VIP each) and 100,000 workloads (each backing one
-//! service, so 10 endpoints per service), as istio.workload.Address
-//! resources:
+//! 10,000 services (one VIP, two ports each) and 100,000 workloads (each
+//! backing one service with that service's port list, and its node and
+//! cluster, as istiod sends them; 10 endpoints per service), as
+//! istio.workload.Address resources, without per-resource versions (istiod
+//! sends none for addresses):
 //! - criterion: decode + convert + apply into fresh maps, in-process;
 //! - end to end: the real daemon subscribed to the in-repo control plane
 //!   holding all of them: time from the daemon's start until its maps hold
@@ -10,7 +12,8 @@
 //!   (BPF map memory is kernel memory and not part of RSS).
 //!
 //! Run: `cargo bench --bench xds_scale` (as root). Targets: apply <= 1 s,
-//! RSS <= 30 MB above idle.
+//! RSS <= 30 MB above idle. KMESH_BENCH_SMAPS=1 also lists the loaded
+//! daemon's largest anonymous mappings (where resident memory sits).
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;
@@ -18,13 +21,20 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion};
-use harness::xds::{service, workload, Cp};
+use harness::xds::{address, service, workload_pb, Cp};
 use kmesh::{
     bpf::{Datapath, MapSizes},
-    model::Model,
     writer::MapWriter,
-    xds::convert::{self, Resource},
+    xds::{
+        client::XdsStore,
+        proto::{
+            discovery::{DeltaDiscoveryResponse, DeltaDiscoveryResponseFrame, Resource},
+            workload as pb,
+        },
+        ADDRESS_TYPE,
+    },
 };
+use prost::Message;
 use serde_json::json;
 
 const SERVICES: u32 = 10_000;
@@ -42,31 +52,54 @@ fn resources() -> Vec<(String, prost_types::Any)> {
     }
     for i in 0..WORKLOADS {
         let ip = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + i)); // 10.128.x.y
-        v.push(workload(
+        let (name, mut w) = workload_pb(
             &format!("pod-{i}"),
             &[ip],
             &[&format!("svc-{}", i % SERVICES)],
-        ));
+        );
+        // As istiod fills them for a pod: its node and cluster (100 pods
+        // per node).
+        w.node = format!("node-{}", i / 100);
+        w.cluster_id = "Kubernetes".into();
+        for list in w.services.values_mut() {
+            list.ports = [(80, 8080), (443, 8443)]
+                .map(|(service_port, target_port)| pb::Port {
+                    service_port,
+                    target_port,
+                })
+                .to_vec();
+        }
+        v.push((name, address(pb::address::Type::Workload(w))));
     }
     v
 }
 
-fn to_model(res: &[(String, prost_types::Any)]) -> Model {
-    let mut m = Model::default();
-    for (name, any) in res {
-        match convert::address(name, &any.value).expect("valid synthetic resource") {
-            Resource::Service(s) => {
-                m.insert_service(s);
-            }
-            Resource::Workload(mut w) => {
-                for r in &mut w.services {
-                    r.key = m.intern_service_key(&r.key);
-                }
-                m.insert_workload(w);
-            }
-        }
+/// The resources as one delta ADS response, encoded as it arrives.
+fn response(res: &[(String, prost_types::Any)]) -> Vec<u8> {
+    DeltaDiscoveryResponse {
+        type_url: ADDRESS_TYPE.into(),
+        nonce: "1".into(),
+        resources: res
+            .iter()
+            .map(|(name, any)| Resource {
+                name: name.clone(),
+                resource: Some(any.clone()),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
     }
-    m
+    .encode_to_vec()
+}
+
+/// What the daemon's xDS client does with a response: decode, convert,
+/// store.
+fn to_store(raw: &[u8]) -> XdsStore {
+    let frame = DeltaDiscoveryResponseFrame::decode(raw).unwrap();
+    let mut store = XdsStore::default();
+    let (changed, errors) = store.apply_response(&frame);
+    assert!(changed && errors.is_empty(), "{errors:?}");
+    store
 }
 
 /// Bytes the allocator has handed out and not had back (glibc).
@@ -99,14 +132,19 @@ fn bpf_map_kib(pid: u32) -> u64 {
     total / 1024
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// A /proc/PID/status field in KiB (VmRSS, RssAnon, RssFile, ...).
+fn status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS")
 }
 
 fn main() {
@@ -117,16 +155,17 @@ fn main() {
         .measurement_time(Duration::from_secs(if quick { 5 } else { 20 }))
         .configure_from_args();
     let res = resources();
+    let raw = response(&res);
 
     // Where the memory goes, in this process: the model as the daemon
     // holds it, and the writer's own index of what it wrote.
     {
         let before = heap_in_use();
-        let m = to_model(&res);
+        let store = to_store(&raw);
         let model = heap_in_use() - before;
         let mut w = MapWriter::new(Datapath::load(MapSizes::default()).unwrap());
         let before = heap_in_use();
-        w.apply(&m).unwrap();
+        w.apply(&store.model).unwrap();
         let writer = heap_in_use() - before;
         println!(
             "sizes: Workload {} B, Service {} B, endpoint_value {} B",
@@ -135,7 +174,7 @@ fn main() {
             std::mem::size_of::<kmesh::bpf::endpoint_value>()
         );
         println!(
-            "in-process heap: model {:.1} MB ({} B per resource), writer state {:.1} MB",
+            "in-process heap: xDS store {:.1} MB ({} B per resource), writer state {:.1} MB",
             model as f64 / 1e6,
             model / res.len(),
             writer as f64 / 1e6
@@ -146,8 +185,8 @@ fn main() {
         b.iter_batched(
             || MapWriter::new(Datapath::load(MapSizes::default()).unwrap()),
             |mut w| {
-                let m = to_model(&res);
-                w.apply(&m).unwrap();
+                let store = to_store(&raw);
+                w.apply(&store.model).unwrap();
                 w
             },
             BatchSize::PerIteration,
@@ -159,9 +198,14 @@ fn main() {
     let idle = env.daemon_args(&json!({}), &[]).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = rss_kib(idle.pid());
+    let idle_parts = (
+        status_kib(idle.pid(), "RssAnon"),
+        status_kib(idle.pid(), "RssFile"),
+    );
     drop(idle);
 
     let cp = Cp::start(None);
+    cp.cp.set_unversioned(true);
     cp.cp.update(|b| {
         for (n, a) in &res {
             b.set(n, a.clone());
@@ -186,6 +230,32 @@ fn main() {
     // Steady state: the apply's temporaries are freed and trimmed.
     std::thread::sleep(Duration::from_secs(1));
     let loaded_rss = rss_kib(d.pid());
+    if std::env::var_os("KMESH_BENCH_SMAPS").is_some() {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", d.pid())).unwrap();
+        let mut cur = String::new();
+        let mut rows = Vec::new();
+        for l in smaps.lines() {
+            if l.split_whitespace()
+                .next()
+                .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+            {
+                cur = l.to_string();
+            } else if let Some(v) = l.strip_prefix("Anonymous:") {
+                let kb: u64 = v.split_whitespace().next().unwrap().parse().unwrap();
+                if kb > 512 {
+                    rows.push((kb, cur.clone()));
+                }
+            }
+        }
+        rows.sort();
+        for (kb, m) in rows.iter().rev() {
+            println!("  smaps {kb:>8} kB anon  {m}");
+        }
+    }
+    let loaded_parts = (
+        status_kib(d.pid(), "RssAnon"),
+        status_kib(d.pid(), "RssFile"),
+    );
     let maps_kib = bpf_map_kib(d.pid());
     let dump = d.dump();
     assert_eq!(dump["maps"]["km_vip"]["entries"], SERVICES);
@@ -207,6 +277,11 @@ fn main() {
     println!(
         "  RSS above idle                 : {:>7.1} MB   (target <= 30 MB)",
         (loaded_rss - idle_rss) as f64 / 1024.0
+    );
+    println!(
+        "    of which anonymous / file    : {:>7.1} / {:.1} MB",
+        (loaded_parts.0 as f64 - idle_parts.0 as f64) / 1024.0,
+        (loaded_parts.1 as f64 - idle_parts.1 as f64) / 1024.0
     );
     println!(
         "  BPF maps (kernel, not in RSS)  : {:>7.1} MB",

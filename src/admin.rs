@@ -6,7 +6,7 @@ use std::{
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
 use thiserror::Error;
@@ -15,7 +15,10 @@ use tokio::{
     net::{UnixListener, UnixStream},
 };
 
-use crate::writer::MapWriter;
+use crate::writer::Dump;
+
+/// Produces a dump of the live maps (see MapWriter::dump).
+pub type DumpFn = Arc<dyn Fn() -> Dump + Send + Sync>;
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -29,10 +32,7 @@ pub const DEFAULT_SOCKET: &str = "/run/kmesh/admin.sock";
 
 /// Binds the admin socket (replacing a stale one) and serves it until the
 /// task is dropped.
-pub fn serve(
-    path: &Path,
-    writer: Arc<Mutex<MapWriter>>,
-) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+pub fn serve(path: &Path, dump: DumpFn) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     let err = |source| AdminError::Socket {
         path: path.to_path_buf(),
         source,
@@ -48,9 +48,9 @@ pub fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let writer = writer.clone();
+            let dump = dump.clone();
             tokio::spawn(async move {
-                if let Err(e) = handle(stream, writer).await {
+                if let Err(e) = handle(stream, dump).await {
                     tracing::debug!("admin client: {e}");
                 }
             });
@@ -58,13 +58,16 @@ pub fn serve(
     }))
 }
 
-async fn handle(stream: UnixStream, writer: Arc<Mutex<MapWriter>>) -> io::Result<()> {
+async fn handle(stream: UnixStream, dump: DumpFn) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     BufReader::new(r).take(4096).read_line(&mut line).await?;
     let reply = match line.trim() {
         "dump" => {
-            let dump = writer.lock().unwrap_or_else(|e| e.into_inner()).dump();
+            // Reads 100k-entry maps: off the async workers.
+            let dump = tokio::task::spawn_blocking(move || dump())
+                .await
+                .map_err(io::Error::other)?;
             serde_json::to_string_pretty(&dump).map_err(io::Error::other)?
         }
         other => format!("error: unknown command {other:?} (known: dump)"),

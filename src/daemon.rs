@@ -72,20 +72,39 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// Makes the maps hold the file's model with the xDS store's services and
-/// workloads above it (xDS wins where both define a key). The store is
-/// applied in place, under its lock: the process keeps one copy of it.
-/// Returns the hostnames the resolver must watch.
-fn apply(
-    writer: &Mutex<MapWriter>,
-    file: &Model,
-    xds: Option<&SharedStore>,
-    why: &str,
-) -> BTreeSet<String> {
-    let guard = xds.map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
-    let empty = Model::default();
-    let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
-    let layers = Layers(&[file, xds_model]);
+/// The models the maps are built from: the config file's, with the xDS
+/// store's services and workloads above it (xDS wins where both define a
+/// key). Both are used in place, under their locks: the process keeps one
+/// copy of each. Lock order: file, xDS store, writer.
+struct Sources {
+    file: Mutex<Model>,
+    xds: Option<SharedStore>,
+}
+
+impl Sources {
+    fn with_layers<R>(&self, f: impl FnOnce(Layers) -> R) -> R {
+        let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = self
+            .xds
+            .as_ref()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
+        let empty = Model::default();
+        let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
+        f(Layers(&[&file, xds_model]))
+    }
+}
+
+/// Makes the maps hold the sources' models. Returns the hostnames the
+/// resolver must watch.
+fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> BTreeSet<String> {
+    let hosts = sources.with_layers(|layers| apply_layers(writer, layers, why));
+    // An apply of 100k workloads frees tens of MB of temporaries; glibc
+    // keeps them mapped unless asked.
+    trim_heap();
+    hosts
+}
+
+fn apply_layers(writer: &Mutex<MapWriter>, layers: Layers, why: &str) -> BTreeSet<String> {
     for key in layers.shadowed() {
         tracing::warn!("{key} is defined by the config file and by xDS; using xDS");
     }
@@ -101,13 +120,8 @@ fn apply(
         ),
         Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
     }
-    let hosts = layers.hostnames();
     drop(w);
-    drop(guard);
-    // An apply of 100k workloads frees tens of MB of temporaries; glibc
-    // keeps them mapped unless asked.
-    trim_heap();
-    hosts
+    layers.hostnames()
 }
 
 /// The writer's form of the resolver's answers. A failing host keeps its
@@ -168,7 +182,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         m.accelerate |= opts.accelerate;
         Ok(m)
     };
-    let mut file_model = load_file(opts.config.as_deref())?;
+    let file_model = load_file(opts.config.as_deref())?;
     // Hostnames are looked up in the background and never hold up an
     // apply. Bad resolver settings are an error at start; a host without
     // a usable /etc/resolv.conf still runs, its hostname workloads empty.
@@ -213,10 +227,20 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         opts.bpffs.display()
     );
     let writer = Arc::new(Mutex::new(w));
-    let admin = admin::serve(&opts.admin_socket, writer.clone())?;
+    let xds_store = opts.xds.as_ref().map(|_| SharedStore::default());
+    let sources = Arc::new(Sources {
+        file: Mutex::new(file_model),
+        xds: xds_store.clone(),
+    });
+    let dump: admin::DumpFn = {
+        let (sources, writer) = (sources.clone(), writer.clone());
+        Arc::new(move || {
+            sources.with_layers(|l| writer.lock().unwrap_or_else(|e| e.into_inner()).dump(l))
+        })
+    };
+    let admin = admin::serve(&opts.admin_socket, dump)?;
 
     let (xds_tx, mut xds_rx) = watch::channel(XdsStatus::default());
-    let xds_store = opts.xds.as_ref().map(|_| SharedStore::default());
     let xds_task = opts.xds.clone().zip(xds_store.clone()).map(|(o, store)| {
         tracing::info!("xDS: subscribing to {} as {}", o.address, o.node_id);
         tokio::spawn(xds::run(o, store, xds_tx))
@@ -258,14 +282,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             let Some(p) = &opts.config else { continue };
             stamp = file_stamp(p);
             match load_file(Some(p)) {
-                Ok(m) => file_model = m,
+                Ok(mut m) => {
+                    let mut file = sources.file.lock().unwrap_or_else(|e| e.into_inner());
+                    // Unchanged workloads keep their ids: nothing to rewrite.
+                    m.workloads.inherit_ids(&file.workloads);
+                    *file = m;
+                }
                 Err(e) => {
                     tracing::error!("{why}: config rejected, previous state kept: {e}");
                     continue;
                 }
             }
         }
-        let hosts = apply(&writer, &file_model, xds_store.as_ref(), why);
+        let hosts = apply(&writer, &sources, why);
         watch_hosts(hosts);
     }
     if let Some(t) = xds_task {

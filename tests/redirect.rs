@@ -169,6 +169,23 @@ fn removed_endpoint_gets_no_new_connections_and_existing_ones_survive() {
     d.wait_dump(Duration::from_secs(5), |v| endpoints(v).len() == 2);
     let t = tally(&env.connect(&client, "10.96.0.10:80", 60));
     assert_eq!(t.len(), 2, "{t:?}");
+
+    // Re-reading an unchanged file rewrites nothing: its workloads keep
+    // their ids.
+    d.signal(Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let applies = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains("SIGHUP: applied"))
+            .map(str::to_string)
+            .collect()
+    };
+    while applies(&d.log()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let last = applies(&d.log()).pop().unwrap();
+    assert!(last.contains("(0 map updates, 0 deletes)"), "{last}");
 }
 
 #[test]

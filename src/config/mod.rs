@@ -18,8 +18,8 @@ use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::model::{
-    Addresses, Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress,
-    Placement, PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
+    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress, Placement,
+    PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
 };
 
 #[derive(Debug, Error)]
@@ -364,20 +364,15 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 ports: ports(&list.ports),
             });
         }
-        let mut wl = Workload {
-            uid: w.uid.as_str().into(),
-            name: w.name.as_str().into(),
-            namespace: w.namespace.as_str().into(),
-            network: w.network.as_str().into(),
-            addresses: w.addresses.iter().map(|a| a.0).collect(),
-            services,
-            status: match w.status {
-                StatusEntry::Healthy => HealthStatus::Healthy,
-                StatusEntry::Unhealthy => HealthStatus::Unhealthy,
-            },
-            host_network: w.host_network,
-            extra: None,
+        let mut wl = Workload::new(&w.uid, &w.name, w.namespace.as_str());
+        wl.set_network(&w.network);
+        wl.addresses = w.addresses.iter().map(|a| a.0).collect();
+        wl.services = services.into();
+        wl.status = match w.status {
+            StatusEntry::Healthy => HealthStatus::Healthy,
+            StatusEntry::Unhealthy => HealthStatus::Unhealthy,
         };
+        wl.host_network = w.host_network;
         wl.set_extra(WorkloadExtra {
             hostname: w.hostname.as_deref().map(Into::into),
             waypoint: w
@@ -386,18 +381,18 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 .map(waypoint)
                 .transpose()
                 .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?,
-            placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
-                .then(|| {
-                    let l = w.locality.as_ref();
-                    Arc::new(Placement {
-                        region: l.map(|l| l.region.clone()).unwrap_or_default(),
-                        zone: l.map(|l| l.zone.clone()).unwrap_or_default(),
-                        subzone: l.map(|l| l.subzone.clone()).unwrap_or_default(),
-                        node: w.node.clone(),
-                        cluster: w.cluster_id.clone(),
-                    })
-                }),
         });
+        wl.placement = (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
+            .then(|| {
+                let l = w.locality.as_ref();
+                Arc::new(Placement {
+                    region: l.map(|l| l.region.clone()).unwrap_or_default(),
+                    zone: l.map(|l| l.zone.clone()).unwrap_or_default(),
+                    subzone: l.map(|l| l.subzone.clone()).unwrap_or_default(),
+                    node: w.node.clone(),
+                    cluster: w.cluster_id.clone(),
+                })
+            });
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;
         if model.insert_workload(wl).is_some() {
@@ -411,7 +406,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     // istiod does for a ServiceEntry without endpoints.
     let backed: std::collections::HashSet<Arc<str>> = model
         .workloads
-        .values()
+        .iter()
         .flat_map(|w| w.services.iter().map(|r| r.key.clone()))
         .collect();
     for (i, s) in file.services.iter().enumerate() {
@@ -420,20 +415,11 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             continue;
         }
         let uid = format!("ServiceEntry/{key}");
-        let mut wl = Workload {
-            uid: uid.as_str().into(),
-            name: s.name.as_str().into(),
-            namespace: s.namespace.as_str().into(),
-            network: "".into(),
-            addresses: Addresses::None,
-            services: vec![ServiceRef {
-                key: model.intern_service_key(&key),
-                ports: Vec::new(),
-            }],
-            status: HealthStatus::Healthy,
-            host_network: false,
-            extra: None,
-        };
+        let mut wl = Workload::new(&uid, &s.name, s.namespace.as_str());
+        wl.services = Arc::new([ServiceRef {
+            key: model.intern_service_key(&key),
+            ports: Vec::new(),
+        }]);
         wl.set_extra(WorkloadExtra {
             hostname: Some(s.hostname.as_str().into()),
             ..Default::default()

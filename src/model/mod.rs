@@ -13,6 +13,13 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
+mod workload;
+
+pub use workload::{
+    fresh_id, Addresses, Compact, HealthStatus, Scope, ServiceRef, Workload, WorkloadExtra,
+    Workloads,
+};
+
 /// Limits the kernel side imposes (bpf/include/kmesh.h).
 pub const MAX_SERVICE_PORTS: usize = crate::bpf::MAX_PORTS;
 
@@ -169,7 +176,7 @@ pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) ->
             "SUBZONE" => p.subzone == l.subzone,
             "NODE" => p.node == l.node,
             "CLUSTER" => p.cluster == l.cluster,
-            "NETWORK" => *w.network == *local.network,
+            "NETWORK" => w.network() == local.network,
             _ => false,
         })
         .count();
@@ -177,146 +184,6 @@ pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) ->
     match lb.mode {
         LbMode::Strict if prio != 0 => None,
         _ => Some(prio),
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum HealthStatus {
-    #[default]
-    Healthy,
-    Unhealthy,
-}
-
-/// A workload's membership in a service, with per-workload port overrides
-/// (empty = the service's ports).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServiceRef {
-    /// The service key ("namespace/hostname"); shared with the service's
-    /// own map key where the source could intern it (100k workloads each
-    /// holding their own copy of the key would cost megabytes).
-    pub key: Arc<str>,
-    pub ports: Vec<PortMapping>,
-}
-
-/// A workload's addresses: nearly always one, kept inline (a Vec would
-/// cost a 32-byte allocation per workload at 100k workloads).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum Addresses {
-    #[default]
-    None,
-    One(IpAddr),
-    Many(Box<[IpAddr]>),
-}
-
-impl std::ops::Deref for Addresses {
-    type Target = [IpAddr];
-    fn deref(&self) -> &[IpAddr] {
-        match self {
-            Addresses::None => &[],
-            Addresses::One(ip) => std::slice::from_ref(ip),
-            Addresses::Many(v) => v,
-        }
-    }
-}
-
-impl FromIterator<IpAddr> for Addresses {
-    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
-        let mut v: Vec<IpAddr> = iter.into_iter().collect();
-        match v.len() {
-            0 => Addresses::None,
-            1 => Addresses::One(v.pop().expect("one")),
-            _ => Addresses::Many(v.into_boxed_slice()),
-        }
-    }
-}
-
-impl Serialize for Addresses {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        (**self).serialize(s)
-    }
-}
-
-/// The parts of a workload most do not have, in one optional box.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
-pub struct WorkloadExtra {
-    /// Istio's Workload.hostname (ServiceEntry resolution DNS): the
-    /// addresses are whatever this name resolves to, looked up by the
-    /// daemon's resolver. Exclusive with `addresses`.
-    pub hostname: Option<Box<str>>,
-    /// Connections to this workload (direct, or picked as a service's
-    /// endpoint) go to this waypoint instead.
-    pub waypoint: Option<Waypoint>,
-    /// Shared between workloads of one place where the source interns it.
-    pub placement: Option<Arc<Placement>>,
-}
-
-/// One workload. Sized for 100k of them: strings a source can share
-/// (namespace, network) are `Arc<str>`, rare parts are boxed together.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Workload {
-    /// Shared with the model's map key and the writer's id index.
-    pub uid: Arc<str>,
-    pub name: Box<str>,
-    pub namespace: Arc<str>,
-    pub network: Arc<str>,
-    pub addresses: Addresses,
-    /// Services this workload backs, sorted by key, each once.
-    pub services: Vec<ServiceRef>,
-    pub status: HealthStatus,
-    /// hostNetwork pods share the node's address: they serve as endpoints
-    /// but get no direct-access entry (the address is not theirs alone).
-    pub host_network: bool,
-    pub extra: Option<Box<WorkloadExtra>>,
-}
-
-impl Workload {
-    pub fn hostname(&self) -> Option<&str> {
-        self.extra.as_ref()?.hostname.as_deref()
-    }
-
-    pub fn waypoint(&self) -> Option<&Waypoint> {
-        self.extra.as_ref()?.waypoint.as_ref()
-    }
-
-    pub fn placement(&self) -> Option<&Placement> {
-        self.extra.as_ref()?.placement.as_deref()
-    }
-
-    /// Sets the rare parts; nothing is allocated when they are all empty.
-    pub fn set_extra(&mut self, e: WorkloadExtra) {
-        self.extra = (e != WorkloadExtra::default()).then(|| Box::new(e));
-    }
-
-    pub fn validate(&self) -> Result<(), ModelError> {
-        let err = |reason: String| ModelError::Workload {
-            uid: self.uid.to_string(),
-            reason,
-        };
-        if self.uid.is_empty() {
-            return Err(ModelError::Workload {
-                uid: format!("{}/{}", self.namespace, self.name),
-                reason: "uid is empty".into(),
-            });
-        }
-        if let Some(h) = self.hostname() {
-            if !self.addresses.is_empty() {
-                return Err(err(format!(
-                    "hostname {h:?} and addresses are exclusive: the addresses come from DNS"
-                )));
-            }
-            check_hostname(h).map_err(|e| err(format!("hostname {h:?}: {e}")))?;
-        }
-        let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
-        let v6 = self.addresses.len() - v4;
-        // The backend entry holds one address per family.
-        if v4 > 1 || v6 > 1 {
-            return Err(err(format!(
-                "{} IPv4 and {} IPv6 addresses, at most one of each",
-                v4, v6
-            )));
-        }
-        Ok(())
     }
 }
 
@@ -374,6 +241,19 @@ impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
         a
     }
 
+    /// `intern` for a borrowed value: allocates only if it is new.
+    pub fn intern_ref(&mut self, v: &T) -> Arc<T>
+    where
+        for<'b> Arc<T>: From<&'b T>,
+    {
+        if let Some(shared) = self.0.get(v) {
+            return shared.clone();
+        }
+        let a: Arc<T> = Arc::from(v);
+        self.0.insert(a.clone());
+        a
+    }
+
     /// Drops values nothing else holds any more.
     pub fn prune(&mut self) {
         self.0.retain(|a| Arc::strong_count(a) > 1);
@@ -392,11 +272,12 @@ pub struct Enrollment {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Model {
-    /// By service key ("namespace/hostname"). Hash maps, not B-trees: at
-    /// 100k workloads the B-tree's half-full nodes cost ~110 B per entry.
-    pub services: HashMap<Arc<str>, Service>,
-    /// By uid (the same allocation as `Workload::uid`).
-    pub workloads: HashMap<Arc<str>, Workload>,
+    /// By service key ("namespace/hostname"). A hash map, not a B-tree
+    /// (half-full nodes), of boxes: a table sized for 10k services would
+    /// otherwise hold a whole Service in each of its 16k buckets, empty
+    /// ones included.
+    pub services: HashMap<Arc<str>, Box<Service>>,
+    pub workloads: Workloads,
     /// netns cookie → enrollment.
     pub enrolled: BTreeMap<u64, Enrollment>,
     /// Same-host sockmap acceleration.
@@ -417,11 +298,12 @@ impl fmt::Display for Model {
 
 impl Model {
     pub fn insert_service(&mut self, svc: Service) -> Option<Service> {
-        self.services.insert(svc.key().into(), svc)
+        let old = self.services.insert(svc.key().into(), Box::new(svc));
+        old.map(|b| *b)
     }
 
     pub fn insert_workload(&mut self, w: Workload) -> Option<Workload> {
-        self.workloads.insert(w.uid.clone(), w)
+        self.workloads.insert(w)
     }
 
     /// The key allocation for `key` if the service is known, so that
@@ -452,22 +334,28 @@ impl<'a> Layers<'a> {
             m.services
                 .iter()
                 .filter(move |(k, _)| !layers[i + 1..].iter().any(|l| l.services.contains_key(*k)))
+                .map(|(k, s)| (k, &**s))
         })
     }
 
     /// Effective workloads, each uid once.
-    pub fn workloads(self) -> impl Iterator<Item = (&'a Arc<str>, &'a Workload)> {
+    pub fn workloads(self) -> impl Iterator<Item = &'a Workload> {
         let layers = self.0;
         layers.iter().enumerate().flat_map(move |(i, m)| {
-            m.workloads
-                .iter()
-                .filter(move |(k, _)| !layers[i + 1..].iter().any(|l| l.workloads.contains_key(*k)))
+            m.workloads.iter().filter(move |w| {
+                !layers[i + 1..]
+                    .iter()
+                    .any(|l| l.workloads.contains_key(w.uid()))
+            })
         })
     }
 
     /// The effective service for a key.
     pub fn service(self, key: &str) -> Option<&'a Service> {
-        self.0.iter().rev().find_map(|m| m.services.get(key))
+        self.0
+            .iter()
+            .rev()
+            .find_map(|m| m.services.get(key).map(|s| &**s))
     }
 
     pub fn accelerate(self) -> bool {
@@ -477,7 +365,7 @@ impl<'a> Layers<'a> {
     /// The names of hostname (DNS) workloads, each once.
     pub fn hostnames(self) -> std::collections::BTreeSet<String> {
         self.workloads()
-            .filter_map(|(_, w)| w.hostname())
+            .filter_map(Workload::hostname)
             .map(str::to_string)
             .collect()
     }
@@ -496,8 +384,9 @@ impl<'a> Layers<'a> {
         for (i, m) in self.0.iter().enumerate() {
             for l in &self.0[i + 1..] {
                 let s = m.services.keys().filter(|k| l.services.contains_key(*k));
-                let w = m.workloads.keys().filter(|k| l.workloads.contains_key(*k));
-                out.extend(s.chain(w).map(|k| k.to_string()));
+                out.extend(s.map(|k| k.to_string()));
+                let w = m.workloads.keys().filter(|k| l.workloads.contains_key(k));
+                out.extend(w.map(str::to_string));
             }
         }
         out
@@ -537,11 +426,11 @@ impl<'a> Layers<'a> {
                 claim(a.address, Owner::Service(key))?;
             }
         }
-        for (uid, w) in self.workloads() {
+        for w in self.workloads() {
             w.validate()?;
             if !w.host_network {
                 for a in w.addresses.iter() {
-                    claim(*a, Owner::Workload(uid))?;
+                    claim(*a, Owner::Workload(w.uid()))?;
                 }
             }
         }
@@ -588,25 +477,12 @@ mod tests {
             network: String::new(),
         };
         let at = |zone: &str, node: &str| {
-            let mut w = Workload {
-                uid: "w".into(),
-                name: "w".into(),
-                namespace: "default".into(),
-                network: "".into(),
-                addresses: Addresses::None,
-                services: vec![],
-                status: HealthStatus::Healthy,
-                host_network: false,
-                extra: None,
-            };
-            w.set_extra(WorkloadExtra {
-                placement: Some(Arc::new(Placement {
-                    zone: zone.into(),
-                    node: node.into(),
-                    ..here.clone()
-                })),
-                ..Default::default()
-            });
+            let mut w = Workload::new("w", "w", "default");
+            w.placement = Some(Arc::new(Placement {
+                zone: zone.into(),
+                node: node.into(),
+                ..here.clone()
+            }));
             w
         };
         let prefs = |mode| LoadBalancing {
@@ -652,17 +528,9 @@ mod tests {
         let mut m = Model::default();
         let s = svc("default", "web.default.svc", "10.96.0.1", &[(80, 8080)]);
         m.insert_service(s);
-        m.insert_workload(Workload {
-            uid: "w1".into(),
-            name: "w1".into(),
-            namespace: "default".into(),
-            network: "".into(),
-            addresses: Addresses::One("10.96.0.1".parse().unwrap()),
-            services: vec![],
-            status: HealthStatus::Healthy,
-            host_network: false,
-            extra: None,
-        });
+        let mut w = Workload::new("w1", "w1", "default");
+        w.addresses = Addresses::One("10.96.0.1".parse().unwrap());
+        m.insert_workload(w);
         let e = m.validate().unwrap_err();
         assert!(matches!(e, ModelError::AddressConflict { .. }), "{e}");
     }

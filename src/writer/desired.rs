@@ -16,16 +16,16 @@ use crate::{
         service_value, waypoint, workload_value, EP_PORTS, NETNS_WAYPOINT,
     },
     model::{
-        endpoint_priority, HealthStatus, Layers, LbMode, LoadBalancing, PortMapping, Waypoint,
-        WaypointTarget,
+        endpoint_priority, fresh_id, HealthStatus, Layers, LbMode, LoadBalancing, PortMapping,
+        Waypoint, WaypointTarget,
     },
 };
 
-/// Stable u32 ids, one space per kind. Never reused within a process, so a
-/// program still holding an old id can only miss, never alias another.
-/// Keys are the model's own allocations (Arc), not copies. There is no
-/// reverse index (3 MB at 100k workloads): id → key is a scan, done only
-/// for error messages, and once per dump.
+/// Stable u32 service ids. Never reused within a process, so a program
+/// still holding an old id can only miss, never alias another. Keys are
+/// the model's own allocations (Arc), not copies. There is no reverse
+/// index: id → key is a scan, done only for error messages, and once per
+/// dump. (Workloads carry their ids in the model.)
 #[derive(Default)]
 pub(super) struct IdSpace {
     pub(super) by_key: HashMap<Arc<str>, u32>,
@@ -52,15 +52,6 @@ impl IdSpace {
 
     pub(super) fn names(&self) -> HashMap<u32, &str> {
         self.by_key.iter().map(|(k, v)| (*v, &**k)).collect()
-    }
-
-    /// `get_or_alloc` for a key the model does not hold (a DNS workload's
-    /// second and later endpoints).
-    pub(super) fn get_or_alloc_str(&mut self, key: &str) -> u32 {
-        match self.by_key.get(key) {
-            Some(id) => *id,
-            None => self.get_or_alloc(&key.into()),
-        }
     }
 
     pub(super) fn retain(&mut self, keep: impl Fn(u32) -> bool) {
@@ -208,9 +199,9 @@ impl MapWriter {
             d.services.insert(id, (v, vips));
         }
         let mut ids = Vec::new();
-        for (uid, w) in model.workloads() {
-            let id = self.workload_ids.get_or_alloc(uid);
-            let wp = resolve_waypoint(w.waypoint(), model, uid);
+        for w in model.workloads() {
+            let id = w.id();
+            let wp = resolve_waypoint(w.waypoint(), model, w.uid());
             if !w.host_network {
                 for a in w.addresses.iter() {
                     let v = workload_value {
@@ -238,7 +229,10 @@ impl MapWriter {
             for (k, &addr) in addrs.iter().enumerate() {
                 let eid = match k {
                     0 => id,
-                    _ => self.workload_ids.get_or_alloc_str(&format!("{uid}#{k}")),
+                    _ => *self
+                        .extra_ids
+                        .entry((id, k as u32))
+                        .or_insert_with(fresh_id),
                 };
                 let v = endpoint_value {
                     workload_id: eid,
@@ -254,7 +248,7 @@ impl MapWriter {
             if w.status != HealthStatus::Healthy {
                 continue;
             }
-            for r in &w.services {
+            for r in w.services.iter() {
                 // xDS may send a workload before its service.
                 let Some(&(sid, lb, svc_ports)) = routable.get(&*r.key) else {
                     continue;

@@ -2,15 +2,18 @@
 //! names, for `kmesh ctl dump`. It reads the maps, not the writer's shadow
 //! copy, so a dump shows what the programs actually see.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use libbpf_rs::{MapCore, MapFlags};
 use serde::Serialize;
 
 use super::MapWriter;
-use crate::bpf::{
-    addr_key, endpoint_key, endpoint_value, port_from_map, port_key, service_value, workload_value,
-    MapId, Pod, MAX_PORTS,
+use crate::{
+    bpf::{
+        addr_key, endpoint_key, endpoint_value, port_from_map, port_key, service_value,
+        workload_value, MapId, Pod, MAX_PORTS,
+    },
+    model::Layers,
 };
 
 #[derive(Debug, Serialize)]
@@ -87,8 +90,20 @@ fn entries<K: Pod, V: Pod>(w: &MapWriter, id: MapId) -> Vec<(K, V)> {
 }
 
 impl MapWriter {
-    pub fn dump(&self) -> Dump {
-        let (svc_names, wl_names) = (self.service_ids.names(), self.workload_ids.names());
+    /// The maps as the programs see them; ids are named from `model` (the
+    /// writer keeps no names of its own), so ids the model no longer has
+    /// show as unknown.
+    pub fn dump(&self, model: Layers) -> Dump {
+        let svc_names = self.service_ids.names();
+        let mut wl_names: HashMap<u32, String> = model
+            .workloads()
+            .map(|w| (w.id(), w.uid().to_string()))
+            .collect();
+        for (&(base, k), &id) in &self.extra_ids {
+            if let Some(uid) = wl_names.get(&base) {
+                wl_names.insert(id, format!("{uid}#{k}"));
+            }
+        }
         let svc_name = |id: u32| match svc_names.get(&id) {
             Some(k) => k.to_string(),
             None => format!("<unknown service id {id}>"),

@@ -19,7 +19,7 @@ mod dump;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::IpAddr,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
     sync::Arc,
 };
 
@@ -28,8 +28,8 @@ use thiserror::Error;
 
 use crate::{
     bpf::{
-        addr_key, config_value, endpoint_key, manage_value, port_key, port_to_map, service_value,
-        workload_value, Datapath, MapId, Pod, MAX_PRIO,
+        addr_key, config_value, endpoint_key, manage_value, port_key, port_to_map, Datapath, MapId,
+        Pod, MAX_PRIO,
     },
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
@@ -67,8 +67,11 @@ pub struct ApplyStats {
 /// What the maps hold, as last written by this writer.
 #[derive(Default)]
 struct Written {
-    vips: HashMap<IpAddr, service_value>,
-    workload_ips: HashMap<IpAddr, workload_value>,
+    /// VIP → (service id, fingerprint of the value).
+    vips: IpMap<(u32, u64)>,
+    /// Workload address → workload id; the rest of the value (the
+    /// waypoint) is in the backend's fingerprint.
+    workload_ips: IpMap<u32>,
     /// (service id, priority) → workload ids; position i is index i+1.
     /// Longer than the service's count until the tail is trimmed.
     endpoints: HashMap<(u32, u32), Vec<u32>>,
@@ -83,7 +86,9 @@ struct Written {
 pub struct MapWriter {
     dp: Datapath,
     service_ids: IdSpace,
-    workload_ids: IdSpace,
+    /// (workload id, k) → the id of a DNS workload's k-th endpoint (k ≥ 1;
+    /// the first is the workload's own id).
+    extra_ids: HashMap<(u32, u32), u32>,
     written: Written,
     enroll_sources: HashMap<u64, String>,
     local: LocalNode,
@@ -93,6 +98,54 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
     dns_hosts: BTreeSet<String>,
+}
+
+/// Addresses to values, IPv4 and IPv6 apart: an IPv4 key takes 4 bytes
+/// where an IpAddr takes 17 (100k workload addresses: 1.2 MB, not 3.3).
+struct IpMap<V> {
+    v4: HashMap<Ipv4Addr, V>,
+    v6: HashMap<Ipv6Addr, V>,
+}
+
+impl<V> Default for IpMap<V> {
+    fn default() -> Self {
+        IpMap {
+            v4: HashMap::new(),
+            v6: HashMap::new(),
+        }
+    }
+}
+
+impl<V> IpMap<V> {
+    fn get(&self, ip: &IpAddr) -> Option<&V> {
+        match ip {
+            IpAddr::V4(a) => self.v4.get(a),
+            IpAddr::V6(a) => self.v6.get(a),
+        }
+    }
+
+    fn insert(&mut self, ip: IpAddr, v: V) {
+        match ip {
+            IpAddr::V4(a) => self.v4.insert(a, v),
+            IpAddr::V6(a) => self.v6.insert(a, v),
+        };
+    }
+
+    fn remove(&mut self, ip: &IpAddr) {
+        match ip {
+            IpAddr::V4(a) => self.v4.remove(a),
+            IpAddr::V6(a) => self.v6.remove(a),
+        };
+    }
+
+    fn keys(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        let v4 = self.v4.keys().map(|a| IpAddr::V4(*a));
+        v4.chain(self.v6.keys().map(|a| IpAddr::V6(*a)))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.v4.values().chain(self.v6.values())
+    }
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -112,7 +165,7 @@ impl MapWriter {
         MapWriter {
             dp,
             service_ids: IdSpace::default(),
-            workload_ids: IdSpace::default(),
+            extra_ids: HashMap::new(),
             written: Written::default(),
             enroll_sources: HashMap::new(),
             local: LocalNode::default(),
@@ -205,7 +258,7 @@ impl MapWriter {
                 .map(|(c, e)| (c, e.source.clone()))
                 .collect();
             let mut st = ApplyStats::default();
-            self.write(&d, &mut st).map(|()| st)
+            self.write(&d, model, &mut st).map(|()| st)
         });
         // Ids neither wanted nor still referenced by a map entry go.
         let w = &self.written;
@@ -213,7 +266,7 @@ impl MapWriter {
             .endpoints
             .keys()
             .map(|k| k.0)
-            .chain(w.vips.values().map(|v| v.service_id))
+            .chain(w.vips.values().map(|v| v.0))
             .chain(w.ports.keys().map(|k| k.0))
             .collect();
         let wl_live: HashSet<u32> = w
@@ -221,14 +274,15 @@ impl MapWriter {
             .values()
             .flatten()
             .copied()
-            .chain(w.workload_ips.values().map(|v| v.workload_id))
+            .chain(w.workload_ips.values().copied())
             .chain(w.ports.keys().map(|k| k.1))
             .collect();
         self.service_ids.retain(|id| {
             svc_live.contains(&id) || (result.is_ok() && d.services.contains_key(&id))
         });
-        self.workload_ids
-            .retain(|id| wl_live.contains(&id) || (result.is_ok() && d.backends.contains_key(&id)));
+        self.extra_ids.retain(|_, id| {
+            wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
+        });
         if result.is_ok() {
             self.passthrough = d.passthrough;
             self.dns_hosts = model.hostnames();
@@ -236,7 +290,12 @@ impl MapWriter {
         result
     }
 
-    fn write(&mut self, d: &Desired, st: &mut ApplyStats) -> Result<(), WriterError> {
+    fn write(
+        &mut self,
+        d: &Desired,
+        model: Layers,
+        st: &mut ApplyStats,
+    ) -> Result<(), WriterError> {
         // 1. Stop routing to anything going away.
         let wanted_vips: HashSet<&IpAddr> = d.vips().collect();
         let stale: Vec<IpAddr> = self
@@ -244,7 +303,6 @@ impl MapWriter {
             .vips
             .keys()
             .filter(|ip| !wanted_vips.contains(ip))
-            .copied()
             .collect();
         for ip in stale {
             self.delete(MapId::Vip, &addr_key::from_ip(ip), || ip.to_string(), st)?;
@@ -255,7 +313,6 @@ impl MapWriter {
             .workload_ips
             .keys()
             .filter(|ip| !d.workload_ips.contains_key(ip))
-            .copied()
             .collect();
         for ip in stale {
             self.delete(
@@ -295,7 +352,7 @@ impl MapWriter {
             if self.written.ports.get(&(sid, wid, port)) == Some(&target) {
                 continue;
             }
-            let what = || format!("{} port {port}", self.workload_name(wid));
+            let what = || format!("{} port {port}", self.workload_name(model, wid));
             self.update(
                 MapId::Port,
                 &own_port_key(sid, wid, port),
@@ -305,20 +362,17 @@ impl MapWriter {
             )?;
             self.written.ports.insert((sid, wid, port), target);
         }
-        // 3. Endpoint lists, including entries whose backend moved.
+        // 3. Endpoint lists, including entries whose backend moved. The
+        // fingerprints are kept only once the workload addresses (step 5),
+        // which rely on them too, are written.
         let prints: HashMap<u32, u64> = d
             .backends
             .iter()
-            .map(|(id, v)| {
-                (
-                    *id,
-                    std::hash::BuildHasher::hash_one(&self.fingerprint, v.as_bytes()),
-                )
-            })
+            .map(|(id, v)| (*id, self.print(v)))
             .collect();
         let moved: HashSet<u32> = prints
             .iter()
-            .filter(|(id, p)| self.written.backends.get(id).is_some_and(|old| old != *p))
+            .filter(|(id, p)| self.written.backends.get(id) != Some(p))
             .map(|(id, _)| *id)
             .collect();
         let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
@@ -334,13 +388,13 @@ impl MapWriter {
             let len = self.sync_endpoints(key, &want, &moved, d, st)?;
             counts.entry(key.0).or_default()[key.1 as usize] = len;
         }
-        self.written.backends = prints;
         // 4. Services: every VIP carries the full value, counts included.
         for (id, (template, vips)) in &d.services {
             let mut v = *template;
             v.prio_endpoint_count = counts.get(id).copied().unwrap_or_default();
+            let print = (*id, self.print(&v));
             for ip in vips {
-                if self.written.vips.get(ip).is_some_and(|old| same(old, &v)) {
+                if self.written.vips.get(ip) == Some(&print) {
                     continue;
                 }
                 self.update(
@@ -350,29 +404,27 @@ impl MapWriter {
                     || self.service_name(*id),
                     st,
                 )?;
-                self.written.vips.insert(*ip, v);
+                self.written.vips.insert(*ip, print);
             }
             self.trim_endpoints(*id, &v.prio_endpoint_count, st)?;
         }
-        // 5. Workload addresses.
+        // 5. Workload addresses: the value is the workload id and the
+        // backend's waypoint, so it changed if either did.
         for (ip, v) in &d.workload_ips {
-            if self
-                .written
-                .workload_ips
-                .get(ip)
-                .is_some_and(|old| same(old, v))
-            {
+            let wid = v.workload_id;
+            if self.written.workload_ips.get(ip) == Some(&wid) && !moved.contains(&wid) {
                 continue;
             }
             self.update(
                 MapId::Workload,
                 &addr_key::from_ip(*ip),
                 v,
-                || self.workload_name(v.workload_id),
+                || self.workload_name(model, wid),
                 st,
             )?;
-            self.written.workload_ips.insert(*ip, *v);
+            self.written.workload_ips.insert(*ip, wid);
         }
+        self.written.backends = prints;
         // 6. Endpoint lists of removed services, and removed enrollments.
         let gone: Vec<(u32, u32)> = self
             .written
@@ -392,7 +444,7 @@ impl MapWriter {
             .copied()
             .collect();
         for (sid, wid, port) in gone {
-            let what = || format!("{} port {port}", self.workload_name(wid));
+            let what = || format!("{} port {port}", self.workload_name(model, wid));
             self.delete(MapId::Port, &own_port_key(sid, wid, port), what, st)?;
             self.written.ports.remove(&(sid, wid, port));
         }
@@ -501,9 +553,25 @@ impl MapWriter {
         self.service_ids.key(id)
     }
 
-    /// Uid of a workload id, if this writer allocated it.
-    pub(crate) fn workload_uid(&self, id: u32) -> Option<&str> {
-        self.workload_ids.key(id)
+    /// Uid of a workload id in `model` ("uid#k" for a DNS workload's k-th
+    /// endpoint). A scan: for error messages and dumps only.
+    pub(crate) fn workload_uid(&self, model: Layers, id: u32) -> Option<String> {
+        let (base, k) = self
+            .extra_ids
+            .iter()
+            .find(|(_, v)| **v == id)
+            .map_or((id, 0), |(k, _)| *k);
+        let uid = model.workloads().find(|w| w.id() == base)?.uid();
+        Some(match k {
+            0 => uid.to_string(),
+            k => format!("{uid}#{k}"),
+        })
+    }
+
+    /// Fingerprint of a map value: enough to see that it changed, at 8
+    /// bytes instead of its size.
+    fn print<T: Pod>(&self, v: &T) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.fingerprint, v.as_bytes())
     }
 
     fn service_name(&self, id: u32) -> String {
@@ -511,9 +579,9 @@ impl MapWriter {
             .map_or_else(|| format!("service id {id}"), str::to_string)
     }
 
-    fn workload_name(&self, id: u32) -> String {
-        self.workload_uid(id)
-            .map_or_else(|| format!("workload id {id}"), str::to_string)
+    fn workload_name(&self, model: Layers, id: u32) -> String {
+        self.workload_uid(model, id)
+            .unwrap_or_else(|| format!("workload id {id}"))
     }
 
     pub(crate) fn enroll_source(&self, cookie: u64) -> Option<&str> {

@@ -6,10 +6,10 @@ use libbpf_rs::MapCore;
 
 use super::*;
 use crate::{
-    bpf::{endpoint_value, MapSizes, EP_PORTS},
+    bpf::{endpoint_value, service_value, MapSizes, EP_PORTS},
     model::{
         Addresses, HealthStatus, LbMode, LoadBalancing, NetworkAddress, PortMapping, Service,
-        ServiceRef, Workload, WorkloadExtra,
+        ServiceRef, Workload, WorkloadExtra, Workloads,
     },
 };
 
@@ -35,47 +35,41 @@ fn service(name: &str, vip: &str) -> Service {
     }
 }
 
+/// A workload with its id already given, so that it is the same workload
+/// to the writer in each model built from it (as with a source that keeps
+/// its store).
 fn workload(uid: &str, ip: &str, svc: &Service) -> Workload {
-    Workload {
-        uid: uid.into(),
-        name: uid.into(),
-        namespace: "default".into(),
-        network: "".into(),
-        addresses: Addresses::One(ip.parse().unwrap()),
-        services: vec![ServiceRef {
-            key: svc.key().into(),
-            ports: vec![],
-        }],
-        status: HealthStatus::Healthy,
-        host_network: false,
-        extra: None,
-    }
+    let mut w = Workload::new(uid, uid, "default");
+    w.addresses = Addresses::One(ip.parse().unwrap());
+    w.services = Arc::new([ServiceRef {
+        key: svc.key().into(),
+        ports: vec![],
+    }]);
+    let mut ids = Workloads::default();
+    ids.insert(w);
+    ids.remove(uid).unwrap()
 }
 
 fn model(services: &[&Service], workloads: &[Workload]) -> Model {
-    Model {
-        services: services
-            .iter()
-            .map(|s| (s.key().into(), (*s).clone()))
-            .collect(),
-        workloads: workloads
-            .iter()
-            .map(|w| (w.uid.clone(), w.clone()))
-            .collect(),
-        enrolled: BTreeMap::new(),
-        accelerate: false,
+    let mut m = Model::default();
+    for s in services {
+        m.insert_service((*s).clone());
     }
+    for w in workloads {
+        m.insert_workload(w.clone());
+    }
+    m
 }
 
 /// Endpoint map contents for the one service in the dump, by index.
-fn kernel_endpoints(w: &MapWriter) -> BTreeMap<u32, String> {
+fn kernel_endpoints(w: &MapWriter, m: &Model) -> BTreeMap<u32, String> {
     let map = w.datapath().map(MapId::Endpoint);
     map.keys()
         .map(|k| {
             let key = endpoint_key::from_bytes(&k).unwrap();
             let v = map.lookup(&k, MapFlags::ANY).unwrap().unwrap();
             let b = endpoint_value::from_bytes(&v).unwrap().workload_id;
-            (key.index, w.workload_uid(b).unwrap().to_string())
+            (key.index, w.workload_uid(Layers(&[m]), b).unwrap())
         })
         .collect()
 }
@@ -102,7 +96,7 @@ fn apply_is_idempotent_and_dump_matches() {
     );
     assert_eq!(w.apply(&m).unwrap(), ApplyStats::default());
 
-    let d = w.dump();
+    let d = w.dump(Layers(&[&m]));
     assert_eq!(d.services.len(), 1);
     let s = &d.services[0];
     assert_eq!(s.name, "default/web.default.svc.cluster.local");
@@ -125,21 +119,23 @@ fn removing_a_middle_endpoint_keeps_indices_dense() {
     let ws: Vec<Workload> = (1..=4)
         .map(|i| workload(&format!("w{i}"), &format!("10.244.0.{i}"), &web))
         .collect();
-    w.apply(&model(&[&web], &ws)).unwrap();
-    let before = kernel_endpoints(&w);
+    let m = model(&[&web], &ws);
+    w.apply(&m).unwrap();
+    let before = kernel_endpoints(&w, &m);
     assert_eq!(before.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3, 4]);
 
     let victim = before[&2].clone();
-    let rest: Vec<Workload> = ws.iter().filter(|x| *x.uid != *victim).cloned().collect();
-    w.apply(&model(&[&web], &rest)).unwrap();
-    let after = kernel_endpoints(&w);
+    let rest: Vec<Workload> = ws.iter().filter(|x| x.uid() != victim).cloned().collect();
+    let m = model(&[&web], &rest);
+    w.apply(&m).unwrap();
+    let after = kernel_endpoints(&w, &m);
     assert_eq!(after.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
     // The last entry moved into the hole; the others kept their index.
     assert_eq!(after[&2], before[&4]);
     assert_eq!(after[&1], before[&1]);
     assert_eq!(after[&3], before[&3]);
     assert!(!after.values().any(|u| *u == victim));
-    assert_eq!(w.dump().services[0].endpoints[&0].len(), 3);
+    assert_eq!(w.dump(Layers(&[&m])).services[0].endpoints[&0].len(), 3);
 }
 
 #[test]
@@ -148,12 +144,9 @@ fn unhealthy_workload_leaves_endpoints_but_stays_addressable() {
     let web = service("web", "10.96.0.10");
     let mut sick = workload("w2", "10.244.0.12", &web);
     sick.status = HealthStatus::Unhealthy;
-    w.apply(&model(
-        &[&web],
-        &[workload("w1", "10.244.0.11", &web), sick],
-    ))
-    .unwrap();
-    let d = w.dump();
+    let m = model(&[&web], &[workload("w1", "10.244.0.11", &web), sick]);
+    w.apply(&m).unwrap();
+    let d = w.dump(Layers(&[&m]));
     assert_eq!(d.services[0].endpoints[&0], vec!["w1"]);
     assert_eq!(d.workloads.len(), 2);
     assert_eq!(d.maps["km_vip"].entries, 1);
@@ -189,7 +182,7 @@ fn full_map_is_an_error_naming_it_and_changes_nothing() {
     w.apply(&two).unwrap();
     let mut three = two.clone();
     let w3 = workload("w3", "10.244.0.3", &web);
-    three.workloads.insert(w3.uid.clone(), w3);
+    three.workloads.insert(w3);
     let err = w.apply(&three).unwrap_err();
     let msg = err.to_string();
     assert!(
@@ -209,7 +202,7 @@ fn full_map_is_an_error_naming_it_and_changes_nothing() {
     );
     // Still exactly the previous state, and re-applying it is a no-op.
     assert_eq!(w.datapath().map(MapId::Workload).keys().count(), 2);
-    assert_eq!(w.dump().services[0].endpoints[&0].len(), 2);
+    assert_eq!(w.dump(Layers(&[&two])).services[0].endpoints[&0].len(), 2);
     assert_eq!(w.apply(&two).unwrap(), ApplyStats::default());
 }
 
@@ -231,14 +224,17 @@ fn workload_address_change_rewrites_its_endpoint_entries() {
     let web = service("web", "10.96.0.10");
     let api = service("api", "10.96.0.11");
     let mut w1 = workload("w1", "10.244.0.1", &web);
-    w1.services.push(ServiceRef {
+    // Sorted by key.
+    let api_ref = ServiceRef {
         key: api.key().into(),
         ports: vec![],
-    });
+    };
+    w1.services = Arc::new([api_ref, w1.services[0].clone()]);
     w.apply(&model(&[&web, &api], &[w1.clone()])).unwrap();
 
     w1.addresses = Addresses::One("10.244.0.99".parse().unwrap());
-    let st = w.apply(&model(&[&web, &api], &[w1])).unwrap();
+    let m = model(&[&web, &api], &[w1]);
+    let st = w.apply(&m).unwrap();
     // One endpoint entry per service, plus the workload address swap.
     assert_eq!(
         st,
@@ -247,7 +243,7 @@ fn workload_address_change_rewrites_its_endpoint_entries() {
             deletes: 1
         }
     );
-    let d = w.dump();
+    let d = w.dump(Layers(&[&m]));
     for s in &d.services {
         assert_eq!(
             s.endpoint_addresses[&0],
@@ -305,7 +301,7 @@ fn dns_workload_endpoints_follow_answers() {
         let ips = ips.iter().map(|a| a.parse().unwrap()).collect();
         w.set_resolved(ResolvedHosts::from([("api.example.test".into(), ips)]));
         w.apply(&m).unwrap();
-        let d = w.dump();
+        let d = w.dump(Layers(&[&m]));
         assert_eq!(
             d.workloads.len(),
             0,
@@ -321,8 +317,9 @@ fn dns_workload_endpoints_follow_answers() {
     };
     // Not resolved yet: the VIP exists, with no endpoints.
     w.apply(&m).unwrap();
-    assert_eq!(w.dump().services[0].endpoints.len(), 0);
-    assert_eq!(w.dump().dns["api.example.test"], Vec::<String>::new());
+    let d = w.dump(Layers(&[&m]));
+    assert_eq!(d.services[0].endpoints.len(), 0);
+    assert_eq!(d.dns["api.example.test"], Vec::<String>::new());
 
     let (eps, dns) = set(&mut w, &["192.0.2.1", "192.0.2.2", "2001:db8::1"]);
     // Two endpoints; the single IPv6 answer is paired with both.
@@ -334,15 +331,19 @@ fn dns_workload_endpoints_follow_answers() {
         ]
     );
     assert_eq!(dns.len(), 3);
-    assert_eq!(kernel_endpoints(&w).len(), 2);
+    assert_eq!(kernel_endpoints(&w, &m).len(), 2);
 
     let (eps, _) = set(&mut w, &["192.0.2.3"]);
     assert_eq!(eps, vec![vec!["192.0.2.3".to_string()]]);
-    assert_eq!(kernel_endpoints(&w).len(), 1, "the second entry is deleted");
+    assert_eq!(
+        kernel_endpoints(&w, &m).len(),
+        1,
+        "the second entry is deleted"
+    );
 
     let (eps, _) = set(&mut w, &[]);
     assert!(eps.is_empty());
-    assert_eq!(kernel_endpoints(&w).len(), 0);
+    assert_eq!(kernel_endpoints(&w, &m).len(), 0);
 }
 
 #[test]
@@ -350,8 +351,9 @@ fn passthrough_service_has_no_vip_and_is_listed() {
     let mut w = writer(MapSizes::default());
     let mut ext = service("ext", "198.51.100.7");
     ext.load_balancing.mode = LbMode::Passthrough;
-    w.apply(&model(&[&ext], &[])).unwrap();
-    let d = w.dump();
+    let m = model(&[&ext], &[]);
+    w.apply(&m).unwrap();
+    let d = w.dump(Layers(&[&m]));
     assert!(d.services.is_empty());
     assert_eq!(d.maps["km_vip"].entries, 0);
     assert_eq!(d.passthrough.len(), 1);
@@ -369,7 +371,7 @@ fn own_target_ports_only_where_they_differ() {
     let mut w = writer(MapSizes::default());
     let web = service("web", "10.96.0.10");
     let own = |wl: &mut Workload, target: u16| {
-        wl.services[0].ports = vec![PortMapping {
+        Arc::make_mut(&mut wl.services)[0].ports = vec![PortMapping {
             service_port: 80,
             target_port: target,
         }];
@@ -380,9 +382,9 @@ fn own_target_ports_only_where_they_differ() {
     );
     own(&mut same, 8080);
     own(&mut differs, 9090);
-    w.apply(&model(&[&web], &[same.clone(), differs.clone()]))
-        .unwrap();
-    let d = w.dump();
+    let m = model(&[&web], &[same.clone(), differs.clone()]);
+    w.apply(&m).unwrap();
+    let d = w.dump(Layers(&[&m]));
     assert_eq!(d.services[0].own_ports, vec!["differs: 80 -> 9090"]);
     assert_eq!(d.maps["km_port"].entries, 1);
     let flags: BTreeMap<u32, u32> = {
@@ -395,12 +397,14 @@ fn own_target_ports_only_where_they_differ() {
             })
             .collect()
     };
-    let id = |uid: &str| w.workload_ids.by_key[uid];
+    let id = |uid: &str| m.workloads[uid].id();
     assert_eq!(flags[&id("differs")], EP_PORTS);
     assert_eq!(flags[&id("same")], 0);
     // Back to the service's mapping: the entry and the flag go.
     own(&mut differs, 8080);
-    w.apply(&model(&[&web], &[same, differs])).unwrap();
-    assert_eq!(w.dump().maps["km_port"].entries, 0);
-    assert!(w.dump().services[0].own_ports.is_empty());
+    let m = model(&[&web], &[same, differs]);
+    w.apply(&m).unwrap();
+    let d = w.dump(Layers(&[&m]));
+    assert_eq!(d.maps["km_port"].entries, 0);
+    assert!(d.services[0].own_ports.is_empty());
 }

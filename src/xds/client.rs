@@ -8,7 +8,7 @@
 //! the server sends only what changed.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -37,7 +37,7 @@ const DELTA_ADS: &str =
 /// Largest response accepted (istiod's first push for a large mesh is
 /// tens of MB).
 const MAX_MESSAGE: usize = 256 << 20;
-use crate::model::{Interner, Model, Placement};
+use crate::model::{Interner, Model, Placement, Scope, ServiceRef};
 
 #[derive(Debug, Error)]
 pub enum XdsError {
@@ -92,21 +92,26 @@ pub struct XdsStatus {
 pub struct XdsStore {
     /// Services and workloads, as model types.
     pub model: Model,
-    /// Address resource name → version, for initial_resource_versions. The
-    /// name is the same allocation as the model key where they are equal.
+    /// Address resource name → version, for initial_resource_versions;
+    /// only for versioned resources: istiod leaves Resource.version empty
+    /// for addresses (pilot/pkg/xds/workload.go), and an entry per
+    /// resource would cost megabytes at 100k workloads for nothing.
     versions: HashMap<Arc<str>, Arc<str>>,
     /// Address resources whose name is not their model key (istiod names
     /// them by key, but the protocol does not promise it).
     aliases: HashMap<Arc<str>, Alias>,
     authorizations: HashMap<String, (String, security::Authorization)>,
-    /// Namespaces and networks, and placements, shared by the workloads.
-    strings: Interner<str>,
+    /// Namespace + network pairs, placements, and service memberships
+    /// (replicas of a deployment back the same services on the same
+    /// ports), shared by the workloads.
+    scopes: Interner<Scope>,
     places: Interner<Placement>,
+    memberships: Interner<[ServiceRef]>,
 }
 
 enum Alias {
     Service(Arc<str>),
-    Workload(Arc<str>),
+    Workload(Box<str>),
 }
 
 pub type SharedStore = Arc<Mutex<XdsStore>>;
@@ -118,11 +123,25 @@ impl XdsStore {
 
     fn versions(&self, type_url: &str) -> HashMap<String, String> {
         match type_url {
-            ADDRESS_TYPE => self
-                .versions
-                .iter()
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-                .collect(),
+            ADDRESS_TYPE => {
+                let aliased: HashSet<&str> = self
+                    .aliases
+                    .values()
+                    .map(|a| match a {
+                        Alias::Service(k) => &**k,
+                        Alias::Workload(k) => &**k,
+                    })
+                    .collect();
+                let keys = self.model.services.keys().map(|k| &**k);
+                keys.chain(self.model.workloads.keys())
+                    .filter(|k| !aliased.contains(k))
+                    .chain(self.aliases.keys().map(|k| &**k))
+                    .map(|n| {
+                        let v = self.versions.get(n).map_or("", |v| &**v);
+                        (n.to_string(), v.to_string())
+                    })
+                    .collect()
+            }
             _ => self
                 .authorizations
                 .iter()
@@ -132,102 +151,115 @@ impl XdsStore {
     }
 
     fn remove_address(&mut self, name: &str) -> bool {
-        if self.versions.remove(name).is_none() {
-            return false;
-        }
+        self.versions.remove(name);
         match self.aliases.remove(name) {
-            Some(Alias::Service(k)) => drop(self.model.services.remove(&k)),
-            Some(Alias::Workload(k)) => drop(self.model.workloads.remove(&k)),
+            Some(Alias::Service(k)) => self.model.services.remove(&k).is_some(),
+            Some(Alias::Workload(k)) => self.model.workloads.remove(&k).is_some(),
             None => {
-                if self.model.workloads.remove(name).is_none() {
-                    self.model.services.remove(name);
-                }
+                self.model.workloads.remove(name).is_some()
+                    || self.model.services.remove(name).is_some()
             }
         }
-        true
     }
 
-    fn insert_address(&mut self, name: &str, version: Arc<str>, res: Resource) {
+    fn insert_address(&mut self, name: &str, version: &Arc<str>, res: Resource) {
         self.remove_address(name);
-        let key = match res {
+        match res {
             Resource::Service(svc) => {
                 let key: Arc<str> = svc.key().into();
-                self.model.services.insert(key.clone(), svc);
-                Alias::Service(key)
+                if *key != *name {
+                    self.aliases
+                        .insert(name.into(), Alias::Service(key.clone()));
+                }
+                self.model.services.insert(key, Box::new(svc));
             }
             Resource::Workload(mut w) => {
-                // Share the service's key allocation (see model::ServiceRef).
-                for r in &mut w.services {
-                    r.key = self.model.intern_service_key(&r.key);
+                // Share the service's key allocation (see model::ServiceRef),
+                // then the whole list with other replicas.
+                let refs: Vec<ServiceRef> = w
+                    .services
+                    .iter()
+                    .map(|r| ServiceRef {
+                        key: self.model.intern_service_key(&r.key),
+                        ports: r.ports.clone(),
+                    })
+                    .collect();
+                w.services = self.memberships.intern_ref(&refs);
+                w.scope = self.scopes.intern(w.scope);
+                w.placement = w.placement.map(|p| self.places.intern(p));
+                if w.uid() != name {
+                    self.aliases
+                        .insert(name.into(), Alias::Workload(w.uid().into()));
                 }
-                w.namespace = self.strings.intern(w.namespace);
-                w.network = self.strings.intern(w.network);
-                if let Some(e) = w.extra.as_mut() {
-                    e.placement = e.placement.take().map(|p| self.places.intern(p));
-                }
-                let key = w.uid.clone();
-                self.model.workloads.insert(key.clone(), w);
-                Alias::Workload(key)
+                self.model.workloads.insert(w);
             }
-        };
-        let (Alias::Service(k) | Alias::Workload(k)) = &key;
-        let name: Arc<str> = if **k == *name {
-            k.clone()
-        } else {
-            self.aliases.insert(name.into(), key);
-            name.into()
-        };
-        self.versions.insert(name, version);
+        }
+        if !version.is_empty() {
+            self.versions.insert(name.into(), version.clone());
+        }
     }
 
     /// Applies one response; returns whether the model changed and the
     /// per-resource errors. Resources are decoded one at a time from the
-    /// received message.
-    fn apply(&mut self, resp: &DeltaDiscoveryResponseFrame) -> (bool, Vec<String>) {
+    /// received message. (Public for the scale benchmark.)
+    pub fn apply_response(&mut self, resp: &DeltaDiscoveryResponseFrame) -> (bool, Vec<String>) {
         let mut errors = Vec::new();
         let mut changed = false;
         // istiod stamps a push's resources with one version: share it.
         let mut version: Arc<str> = Arc::from("");
-        // Services go in before workloads so that the workloads' service
-        // references can share the services' key allocations.
-        let mut workloads = Vec::new();
-        for (i, raw) in resp.resources.iter().enumerate() {
-            let r = match discovery::Resource::decode(raw.as_ref()) {
-                Ok(r) => r,
-                Err(e) => {
-                    errors.push(format!("resources[{i}]: not an envoy Resource: {e}"));
+        let addresses = resp.type_url == ADDRESS_TYPE;
+        let mut services = 0;
+        // Services go in first so that the workloads' service references
+        // can share the services' key allocations. Each workload is stored
+        // as soon as it is converted: holding 100k converted workloads
+        // back would leave their temporaries as holes between the stored
+        // ones (tens of MB the allocator cannot give back).
+        for services_pass in [true, false] {
+            if addresses && !services_pass {
+                let workloads = resp.resources.len() - services;
+                self.model.workloads.reserve(workloads);
+            }
+            for (i, raw) in resp.resources.iter().enumerate() {
+                let r = match discovery::Resource::decode(raw.as_ref()) {
+                    Ok(r) => r,
+                    Err(e) if !services_pass => {
+                        errors.push(format!("resources[{i}]: not an envoy Resource: {e}"));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let service = addresses
+                    && r.resource
+                        .as_ref()
+                        .is_some_and(|a| convert::is_service(&a.value));
+                if service != services_pass {
                     continue;
                 }
-            };
-            let Some(any) = r.resource else {
-                errors.push(format!("resource {:?}: no payload", r.name));
-                continue;
-            };
-            if *version != *r.version {
-                version = r.version.as_str().into();
-            }
-            let result = match resp.type_url.as_str() {
-                ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
-                    changed = true;
-                    match res {
-                        Resource::Workload(_) => workloads.push((r.name, version.clone(), res)),
-                        Resource::Service(_) => self.insert_address(&r.name, version.clone(), res),
-                    }
-                }),
-                AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|a| {
-                    self.authorizations.insert(r.name, (r.version, a));
-                }),
-                other => {
-                    errors.push(format!("type {other:?} was not subscribed"));
-                    break;
+                services += usize::from(service);
+                let Some(any) = r.resource else {
+                    errors.push(format!("resource {:?}: no payload", r.name));
+                    continue;
+                };
+                if *version != *r.version {
+                    version = r.version.as_str().into();
                 }
-            };
-            if let Err(e) = result {
-                errors.push(e.to_string());
+                let result = match resp.type_url.as_str() {
+                    ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
+                        changed = true;
+                        self.insert_address(&r.name, &version, res);
+                    }),
+                    AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|a| {
+                        self.authorizations.insert(r.name, (r.version, a));
+                    }),
+                    other => {
+                        errors.push(format!("type {other:?} was not subscribed"));
+                        break;
+                    }
+                };
+                if let Err(e) = result {
+                    errors.push(e.to_string());
+                }
             }
-        }
-        for (name, version, res) in workloads {
-            self.insert_address(&name, version, res);
         }
         for name in &resp.removed_resources {
             match resp.type_url.as_str() {
@@ -236,8 +268,9 @@ impl XdsStore {
             };
         }
         // Cheap: one entry per distinct namespace, network and place.
-        self.strings.prune();
+        self.scopes.prune();
         self.places.prune();
+        self.memberships.prune();
         (changed, errors)
     }
 }
@@ -333,7 +366,7 @@ async fn session(
             let started = Instant::now();
             let resp = DeltaDiscoveryResponseFrame::decode(raw)
                 .map_err(|e| XdsError::Decode(e.to_string()))?;
-            let (changed, errors) = lock(store).apply(&resp);
+            let (changed, errors) = lock(store).apply_response(&resp);
             let counts = (resp.resources.len(), resp.removed_resources.len());
             let DeltaDiscoveryResponseFrame {
                 type_url, nonce, ..

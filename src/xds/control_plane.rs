@@ -41,6 +41,8 @@ struct Inner {
     changed: watch::Sender<u64>,
     /// Bumped by `kill`: every open stream ends.
     killed: watch::Sender<u64>,
+    /// Resources go out without a version, as istiod sends addresses.
+    unversioned: std::sync::atomic::AtomicBool,
 }
 
 /// A batch of changes published as one version.
@@ -83,12 +85,22 @@ impl ControlPlane {
                 state: Mutex::new(State::default()),
                 changed: watch::channel(0).0,
                 killed: watch::channel(0).0,
+                unversioned: false.into(),
             }),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends resources without versions, as istiod does for addresses
+    /// (pilot/pkg/xds/workload.go leaves Resource.version empty): a client
+    /// that reconnects then gets everything again.
+    pub fn set_unversioned(&self, on: bool) {
+        self.inner
+            .unversioned
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Applies `f` as one change, pushed to every stream.
@@ -166,14 +178,24 @@ impl ControlPlane {
         let empty = BTreeMap::new();
         let current = st.resources.get(type_url).unwrap_or(&empty);
         let mut resources = Vec::new();
+        let mut versions = Vec::new();
+        let unversioned = self
+            .inner
+            .unversioned
+            .load(std::sync::atomic::Ordering::Relaxed);
         for (name, (version, any)) in current {
             if sent.get(name) != Some(version) {
                 resources.push(Resource {
                     name: name.clone(),
-                    version: version.to_string(),
+                    version: if unversioned {
+                        String::new()
+                    } else {
+                        version.to_string()
+                    },
                     resource: Some(any.clone()),
                     ..Default::default()
                 });
+                versions.push(*version);
             }
         }
         let removed_resources: Vec<String> = sent
@@ -184,8 +206,8 @@ impl ControlPlane {
         if resources.is_empty() && removed_resources.is_empty() {
             return None;
         }
-        for r in &resources {
-            sent.insert(r.name.clone(), r.version.parse().unwrap_or(0));
+        for (r, v) in resources.iter().zip(versions) {
+            sent.insert(r.name.clone(), v);
         }
         for n in &removed_resources {
             sent.remove(n);

@@ -9,8 +9,8 @@ use thiserror::Error;
 
 use super::proto::{security, workload as pb};
 use crate::model::{
-    HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement, PortMapping, Service,
-    ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra, MAX_SERVICE_PORTS,
+    Addresses, HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement, PortMapping,
+    Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra, MAX_SERVICE_PORTS,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -143,7 +143,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         .iter()
         .enumerate()
         .map(|(i, a)| ip_from_bytes(a, &format!("addresses[{i}]")))
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Addresses, _>>()?;
     let mut services = Vec::with_capacity(w.services.len());
     for (key, list) in &w.services {
         let ports = list
@@ -159,39 +159,40 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
     }
     // The protobuf map has no order; the model's list is sorted.
     services.sort_by(|a, b| a.key.cmp(&b.key));
-    let mut wl = Workload {
-        uid: w.uid.as_str().into(),
-        name: w.name.as_str().into(),
-        namespace: w.namespace.as_str().into(),
-        network: w.network.as_str().into(),
-        addresses,
-        services,
-        status: match pb::WorkloadStatus::try_from(w.status) {
-            Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
-            Ok(pb::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
-            Err(_) => return Err(format!("status {} is unknown", w.status)),
-        },
-        host_network: w.network_mode == pb::NetworkMode::HostNetwork as i32,
-        extra: None,
+    let mut wl = Workload::new(&w.uid, &w.name, w.namespace.as_str());
+    wl.set_network(&w.network);
+    wl.addresses = addresses;
+    wl.services = services.into();
+    wl.status = match pb::WorkloadStatus::try_from(w.status) {
+        Ok(pb::WorkloadStatus::Healthy) => HealthStatus::Healthy,
+        Ok(pb::WorkloadStatus::Unhealthy) => HealthStatus::Unhealthy,
+        Err(_) => return Err(format!("status {} is unknown", w.status)),
     };
+    wl.host_network = w.network_mode == pb::NetworkMode::HostNetwork as i32;
     wl.set_extra(WorkloadExtra {
         hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         waypoint: waypoint(w.waypoint.as_ref())?,
-        placement: (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(
-            || {
-                let l = w.locality.clone().unwrap_or_default();
-                Arc::new(Placement {
-                    region: l.region,
-                    zone: l.zone,
-                    subzone: l.subzone,
-                    node: w.node.clone(),
-                    cluster: w.cluster_id.clone(),
-                })
-            },
-        ),
     });
+    wl.placement =
+        (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(|| {
+            let l = w.locality.clone().unwrap_or_default();
+            Arc::new(Placement {
+                region: l.region,
+                zone: l.zone,
+                subzone: l.subzone,
+                node: w.node.clone(),
+                cluster: w.cluster_id.clone(),
+            })
+        });
     wl.validate().map_err(|e| e.to_string())?;
     Ok(wl)
+}
+
+/// Whether an encoded istio.workload.Address holds a service: its first
+/// field is `service` (2, length-delimited). Only an ordering hint (see
+/// XdsStore::apply_response); `address` decides for real.
+pub fn is_service(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&((2 << 3) | 2))
 }
 
 /// Decodes and converts one istio.workload.Address resource.

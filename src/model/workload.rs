@@ -1,0 +1,496 @@
+//! Workloads, laid out for 100k of them in a few tens of bytes each beyond
+//! their uid: one allocation per workload (uid and name together), parts
+//! that replicas share (service memberships, namespace, network) shared,
+//! and a store of dense slots with an index of slot numbers instead of a
+//! hash map of whole workloads.
+
+use std::{
+    fmt,
+    hash::BuildHasher,
+    net::IpAddr,
+    ops::{Deref, Index},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        Arc,
+    },
+};
+
+use hashbrown::HashTable;
+
+use super::{ModelError, Placement, PortMapping, Waypoint};
+
+/// A short list kept inline when it has one element: a Vec would cost an
+/// allocation per workload for what is nearly always one address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Compact<T> {
+    #[default]
+    None,
+    One(T),
+    Many(Box<[T]>),
+}
+
+impl<T> Deref for Compact<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        match self {
+            Compact::None => &[],
+            Compact::One(x) => std::slice::from_ref(x),
+            Compact::Many(v) => v,
+        }
+    }
+}
+
+impl<T> FromIterator<T> for Compact<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        Vec::from_iter(iter).into()
+    }
+}
+
+impl<T> From<Vec<T>> for Compact<T> {
+    fn from(mut v: Vec<T>) -> Self {
+        match v.len() {
+            0 => Compact::None,
+            1 => Compact::One(v.pop().expect("one")),
+            _ => Compact::Many(v.into_boxed_slice()),
+        }
+    }
+}
+
+/// A workload's addresses.
+pub type Addresses = Compact<IpAddr>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthStatus {
+    #[default]
+    Healthy,
+    Unhealthy,
+}
+
+/// A workload's membership in a service, with per-workload port overrides
+/// (empty = the service's ports).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    /// The service key ("namespace/hostname"); shared with the service's
+    /// own map key where the source could intern it.
+    pub key: Arc<str>,
+    pub ports: Vec<PortMapping>,
+}
+
+/// A workload's namespace and network: one shared value for all the
+/// workloads of a namespace where the source interns it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Scope {
+    pub namespace: Box<str>,
+    pub network: Box<str>,
+}
+
+/// The parts of a workload most do not have, in one optional box.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WorkloadExtra {
+    /// Istio's Workload.hostname (ServiceEntry resolution DNS): the
+    /// addresses are whatever this name resolves to, looked up by the
+    /// daemon's resolver. Exclusive with `addresses`.
+    pub hostname: Option<Box<str>>,
+    /// Connections to this workload (direct, or picked as a service's
+    /// endpoint) go to this waypoint instead.
+    pub waypoint: Option<Waypoint>,
+}
+
+/// Process-wide, so that workloads of different sources (config file,
+/// xDS) never share one, and never reused: a data-path entry still naming
+/// an old id can only miss, never alias another workload.
+static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+
+/// A workload id no other workload has had in this process.
+pub fn fresh_id() -> u32 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+/// One workload.
+#[derive(Clone)]
+pub struct Workload {
+    /// The uid, then the name unless the name is the uid's tail (Istio's
+    /// uids end in "/<name>"): one allocation for both.
+    ident: Box<str>,
+    uid_len: u32,
+    name_at: u32,
+    /// The data path's id for this uid; set by the `Workloads` holding it.
+    id: u32,
+    pub scope: Arc<Scope>,
+    pub addresses: Addresses,
+    /// Services this workload backs, sorted by key, each once. Replicas of
+    /// one deployment back the same services with the same ports, so a
+    /// source can share one list between them.
+    pub services: Arc<[ServiceRef]>,
+    /// Where it runs (istiod sends node and cluster for every pod); shared
+    /// by the workloads of one node where the source interns it.
+    pub placement: Option<Arc<Placement>>,
+    pub status: HealthStatus,
+    /// hostNetwork pods share the node's address: they serve as endpoints
+    /// but get no direct-access entry (the address is not theirs alone).
+    pub host_network: bool,
+    pub extra: Option<Box<WorkloadExtra>>,
+}
+
+impl Workload {
+    pub fn new(uid: &str, name: &str, namespace: &str) -> Workload {
+        let (ident, name_at) = match uid.strip_suffix(name) {
+            Some(head) => (Box::from(uid), head.len()),
+            None => ([uid, name].concat().into_boxed_str(), uid.len()),
+        };
+        Workload {
+            ident,
+            uid_len: uid.len() as u32,
+            name_at: name_at as u32,
+            id: 0,
+            scope: Arc::new(Scope {
+                namespace: namespace.into(),
+                network: "".into(),
+            }),
+            addresses: Addresses::None,
+            services: Arc::from([]),
+            placement: None,
+            status: HealthStatus::Healthy,
+            host_network: false,
+            extra: None,
+        }
+    }
+
+    pub fn uid(&self) -> &str {
+        &self.ident[..self.uid_len as usize]
+    }
+
+    pub fn name(&self) -> &str {
+        &self.ident[self.name_at as usize..]
+    }
+
+    /// The data-path id; 0 until the workload is in a `Workloads`.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn hostname(&self) -> Option<&str> {
+        self.extra.as_ref()?.hostname.as_deref()
+    }
+
+    pub fn waypoint(&self) -> Option<&Waypoint> {
+        self.extra.as_ref()?.waypoint.as_ref()
+    }
+
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_deref()
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.scope.namespace
+    }
+
+    pub fn network(&self) -> &str {
+        &self.scope.network
+    }
+
+    pub fn set_network(&mut self, network: &str) {
+        if network != self.network() {
+            self.scope = Arc::new(Scope {
+                namespace: self.scope.namespace.clone(),
+                network: network.into(),
+            });
+        }
+    }
+
+    /// Sets the rare parts; nothing is allocated when they are all empty.
+    pub fn set_extra(&mut self, e: WorkloadExtra) {
+        self.extra = (e != WorkloadExtra::default()).then(|| Box::new(e));
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        let err = |reason: String| ModelError::Workload {
+            uid: self.uid().to_string(),
+            reason,
+        };
+        if self.uid().is_empty() {
+            return Err(ModelError::Workload {
+                uid: format!("{}/{}", self.namespace(), self.name()),
+                reason: "uid is empty".into(),
+            });
+        }
+        if let Some(h) = self.hostname() {
+            if !self.addresses.is_empty() {
+                return Err(err(format!(
+                    "hostname {h:?} and addresses are exclusive: the addresses come from DNS"
+                )));
+            }
+            super::check_hostname(h).map_err(|e| err(format!("hostname {h:?}: {e}")))?;
+        }
+        let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
+        let v6 = self.addresses.len() - v4;
+        // The backend entry holds one address per family.
+        if v4 > 1 || v6 > 1 {
+            return Err(err(format!(
+                "{} IPv4 and {} IPv6 addresses, at most one of each",
+                v4, v6
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Equal content; the id is bookkeeping, not content.
+impl PartialEq for Workload {
+    fn eq(&self, o: &Self) -> bool {
+        self.uid() == o.uid()
+            && self.name() == o.name()
+            && self.scope == o.scope
+            && self.addresses == o.addresses
+            && self.services == o.services
+            && self.placement == o.placement
+            && self.status == o.status
+            && self.host_network == o.host_network
+            && self.extra == o.extra
+    }
+}
+
+impl Eq for Workload {}
+
+impl fmt::Debug for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workload")
+            .field("uid", &self.uid())
+            .field("id", &self.id)
+            .field("name", &self.name())
+            .field("scope", &self.scope)
+            .field("addresses", &self.addresses)
+            .field("services", &self.services)
+            .field("placement", &self.placement)
+            .field("status", &self.status)
+            .field("host_network", &self.host_network)
+            .field("extra", &self.extra)
+            .finish()
+    }
+}
+
+/// Workloads by uid. A uid keeps its id for as long as it stays here,
+/// across replacements; a new uid gets a fresh one.
+#[derive(Clone, Default)]
+pub struct Workloads {
+    slots: Vec<Workload>,
+    /// Slot numbers, hashed by their workload's uid: 4 bytes per entry
+    /// where a map of uid to workload would hold key and value in every
+    /// bucket, empty ones included.
+    index: HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl Workloads {
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Workload> {
+        self.slots.iter()
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.slots.iter().map(Workload::uid)
+    }
+
+    fn slot(&self, uid: &str) -> Option<usize> {
+        let h = self.hasher.hash_one(uid);
+        let slots = &self.slots;
+        self.index
+            .find(h, |&i| slots[i as usize].uid() == uid)
+            .map(|&i| i as usize)
+    }
+
+    pub fn get(&self, uid: &str) -> Option<&Workload> {
+        self.slot(uid).map(|i| &self.slots[i])
+    }
+
+    pub fn contains_key(&self, uid: &str) -> bool {
+        self.slot(uid).is_some()
+    }
+
+    /// Room for `additional` more without the doubling a Vec does: at 100k
+    /// workloads doubling would leave megabytes unused.
+    pub fn reserve(&mut self, additional: usize) {
+        let free = self.slots.capacity() - self.slots.len();
+        if additional > free {
+            let step = additional.max(self.slots.len() / 8);
+            self.slots.reserve_exact(step);
+        }
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index
+            .reserve(additional, |&i| hasher.hash_one(slots[i as usize].uid()));
+    }
+
+    /// Inserts or replaces by uid; a replacement keeps the uid's id. A new
+    /// uid keeps the id `w` already has (moved from another `Workloads`)
+    /// or gets a fresh one.
+    pub fn insert(&mut self, mut w: Workload) -> Option<Workload> {
+        if let Some(i) = self.slot(w.uid()) {
+            w.id = self.slots[i].id;
+            return Some(std::mem::replace(&mut self.slots[i], w));
+        }
+        if w.id == 0 {
+            w.id = fresh_id();
+        }
+        self.reserve(1);
+        let h = self.hasher.hash_one(w.uid());
+        self.slots.push(w);
+        let i = (self.slots.len() - 1) as u32;
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index
+            .insert_unique(h, i, |&j| hasher.hash_one(slots[j as usize].uid()));
+        None
+    }
+
+    pub fn remove(&mut self, uid: &str) -> Option<Workload> {
+        let h = self.hasher.hash_one(uid);
+        let slots = &self.slots;
+        let entry = self
+            .index
+            .find_entry(h, |&i| slots[i as usize].uid() == uid)
+            .ok()?;
+        let (i, _) = entry.remove();
+        let last = (self.slots.len() - 1) as u32;
+        if i != last {
+            // The last slot moves into the hole.
+            let hl = self.hasher.hash_one(self.slots[last as usize].uid());
+            *self
+                .index
+                .find_mut(hl, |&j| j == last)
+                .expect("every slot is indexed") = i;
+        }
+        let w = self.slots.swap_remove(i as usize);
+        // Give back what a mass removal left unused.
+        if self.slots.capacity() > 64 && self.slots.capacity() / 2 > self.slots.len() {
+            self.slots
+                .shrink_to(self.slots.len() + self.slots.len() / 8);
+        }
+        Some(w)
+    }
+
+    /// Gives workloads that `old` also has the ids they had there, so a
+    /// source rebuilt from scratch (a config file reload) rewrites nothing
+    /// that did not change.
+    pub fn inherit_ids(&mut self, old: &Workloads) {
+        for w in &mut self.slots {
+            if let Some(o) = old.get(w.uid()) {
+                w.id = o.id;
+            }
+        }
+    }
+}
+
+impl PartialEq for Workloads {
+    fn eq(&self, o: &Self) -> bool {
+        self.len() == o.len() && self.iter().all(|w| o.get(w.uid()) == Some(w))
+    }
+}
+
+impl Eq for Workloads {}
+
+impl fmt::Debug for Workloads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|w| (w.uid(), w)))
+            .finish()
+    }
+}
+
+impl Index<&str> for Workloads {
+    type Output = Workload;
+    fn index(&self, uid: &str) -> &Workload {
+        self.get(uid)
+            .unwrap_or_else(|| panic!("no workload {uid:?}"))
+    }
+}
+
+impl<'a> IntoIterator for &'a Workloads {
+    type Item = &'a Workload;
+    type IntoIter = std::slice::Iter<'a, Workload>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(uid: &str) -> Workload {
+        let name = uid.rsplit('/').next().unwrap();
+        Workload::new(uid, name, "default")
+    }
+
+    #[test]
+    fn uid_and_name_share_one_allocation() {
+        let w = Workload::new("Kubernetes//Pod/default/web-1", "web-1", "default");
+        assert_eq!(
+            (w.uid(), w.name()),
+            ("Kubernetes//Pod/default/web-1", "web-1")
+        );
+        let w = Workload::new("vm-7", "database", "default");
+        assert_eq!((w.uid(), w.name()), ("vm-7", "database"));
+        let w = Workload::new("x", "", "default");
+        assert_eq!((w.uid(), w.name()), ("x", ""));
+    }
+
+    #[test]
+    fn ids_survive_replacement_and_swap_removal() {
+        let mut ws = Workloads::default();
+        for i in 0..100 {
+            assert!(ws.insert(wl(&format!("c//Pod/ns/p{i}"))).is_none());
+        }
+        let id = |ws: &Workloads, uid: &str| ws.get(uid).map(Workload::id);
+        let p7 = id(&ws, "c//Pod/ns/p7").unwrap();
+        let p99 = id(&ws, "c//Pod/ns/p99").unwrap();
+        // Replacing keeps the id; removing moves the last slot, which
+        // must stay findable.
+        let mut again = wl("c//Pod/ns/p7");
+        again.host_network = true;
+        assert!(ws.insert(again).is_some());
+        assert_eq!(id(&ws, "c//Pod/ns/p7"), Some(p7));
+        assert!(ws.get("c//Pod/ns/p7").unwrap().host_network);
+        assert!(ws.remove("c//Pod/ns/p3").is_some());
+        assert!(ws.remove("c//Pod/ns/p3").is_none());
+        assert_eq!(id(&ws, "c//Pod/ns/p99"), Some(p99));
+        assert_eq!(ws.len(), 99);
+        for i in (0..100).filter(|&i| i != 3) {
+            assert!(ws.contains_key(&format!("c//Pod/ns/p{i}")), "p{i}");
+        }
+        // A uid that comes back is a new workload: a new id.
+        ws.insert(wl("c//Pod/ns/p3"));
+        assert!(id(&ws, "c//Pod/ns/p3").unwrap() > p99);
+        // Mass removal gives memory back and keeps the rest findable.
+        for i in 0..90 {
+            ws.remove(&format!("c//Pod/ns/p{i}"));
+        }
+        assert_eq!(ws.keys().count(), 10);
+        assert_eq!(id(&ws, "c//Pod/ns/p99"), Some(p99));
+    }
+
+    #[test]
+    fn a_rebuilt_source_inherits_ids() {
+        let mut old = Workloads::default();
+        old.insert(wl("a"));
+        old.insert(wl("b"));
+        let mut new = Workloads::default();
+        new.insert(wl("b"));
+        new.insert(wl("c"));
+        new.inherit_ids(&old);
+        assert_eq!(new["b"].id(), old["b"].id());
+        assert_ne!(new["c"].id(), old["a"].id());
+        assert_eq!(new, {
+            let mut m = Workloads::default();
+            m.insert(wl("c"));
+            m.insert(wl("b"));
+            m
+        });
+    }
+}
