@@ -76,8 +76,8 @@ struct Written {
     /// Longer than the service's count until the tail is trimmed.
     endpoints: HashMap<(u32, u32), Vec<u32>>,
     /// Fingerprints of the endpoint values (addresses, waypoint, flags) the
-    /// entries carry: enough to see which changed, at 16 B instead of 60.
-    backends: HashMap<u32, u64>,
+    /// entries carry: enough to see which changed.
+    backends: Prints,
     ports: PortOverrides,
     manage: BTreeMap<u64, manage_value>,
     config: Option<config_value>,
@@ -145,6 +145,33 @@ impl<V> IpMap<V> {
 
     fn values(&self) -> impl Iterator<Item = &V> {
         self.v4.values().chain(self.v6.values())
+    }
+}
+
+/// Workload id → fingerprint, as two sorted arrays: 12 bytes an entry
+/// where a hash map takes 16 at 76% load (100k backends: 1.2 MB, not 2.2).
+#[derive(Default)]
+struct Prints {
+    ids: Vec<u32>,
+    prints: Vec<u64>,
+}
+
+impl Prints {
+    fn new(it: impl Iterator<Item = (u32, u64)>) -> Prints {
+        let mut v: Vec<(u32, u64)> = it.collect();
+        v.sort_unstable_by_key(|e| e.0);
+        Prints {
+            ids: v.iter().map(|e| e.0).collect(),
+            prints: v.iter().map(|e| e.1).collect(),
+        }
+    }
+
+    fn get(&self, id: u32) -> Option<u64> {
+        self.ids.binary_search(&id).ok().map(|i| self.prints[i])
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.ids.iter().copied().zip(self.prints.iter().copied())
     }
 }
 
@@ -365,15 +392,11 @@ impl MapWriter {
         // 3. Endpoint lists, including entries whose backend moved. The
         // fingerprints are kept only once the workload addresses (step 5),
         // which rely on them too, are written.
-        let prints: HashMap<u32, u64> = d
-            .backends
-            .iter()
-            .map(|(id, v)| (*id, self.print(v)))
-            .collect();
+        let prints = Prints::new(d.backends.iter().map(|(id, v)| (*id, self.print(v))));
         let moved: HashSet<u32> = prints
             .iter()
-            .filter(|(id, p)| self.written.backends.get(id) != Some(p))
-            .map(|(id, _)| *id)
+            .filter(|&(id, p)| self.written.backends.get(id) != Some(p))
+            .map(|(id, _)| id)
             .collect();
         let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
         keys.extend(
