@@ -16,10 +16,11 @@
 
 mod desired;
 mod dump;
+mod written;
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
     sync::Arc,
 };
 
@@ -27,13 +28,11 @@ use libbpf_rs::{MapCore, MapFlags};
 use thiserror::Error;
 
 use crate::{
-    bpf::{
-        addr_key, config_value, endpoint_key, manage_value, port_key, port_to_map, Datapath, MapId,
-        Pod, MAX_PRIO,
-    },
+    bpf::{addr_key, endpoint_key, port_key, port_to_map, Datapath, MapId, Pod, MAX_PRIO},
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
-use desired::{Desired, IdSpace, PortOverrides};
+use desired::{Desired, IdSpace};
+use written::{Prints, Written};
 
 pub use dump::Dump;
 
@@ -64,25 +63,6 @@ pub struct ApplyStats {
     pub deletes: usize,
 }
 
-/// What the maps hold, as last written by this writer.
-#[derive(Default)]
-struct Written {
-    /// VIP → (service id, fingerprint of the value).
-    vips: IpMap<(u32, u64)>,
-    /// Workload address → workload id; the rest of the value (the
-    /// waypoint) is in the backend's fingerprint.
-    workload_ips: IpMap<u32>,
-    /// (service id, priority) → workload ids; position i is index i+1.
-    /// Longer than the service's count until the tail is trimmed.
-    endpoints: HashMap<(u32, u32), Vec<u32>>,
-    /// Fingerprints of the endpoint values (addresses, waypoint, flags) the
-    /// entries carry: enough to see which changed.
-    backends: Prints,
-    ports: PortOverrides,
-    manage: BTreeMap<u64, manage_value>,
-    config: Option<config_value>,
-}
-
 pub struct MapWriter {
     dp: Datapath,
     service_ids: IdSpace,
@@ -98,81 +78,6 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
     dns_hosts: BTreeSet<String>,
-}
-
-/// Addresses to values, IPv4 and IPv6 apart: an IPv4 key takes 4 bytes
-/// where an IpAddr takes 17 (100k workload addresses: 1.2 MB, not 3.3).
-struct IpMap<V> {
-    v4: HashMap<Ipv4Addr, V>,
-    v6: HashMap<Ipv6Addr, V>,
-}
-
-impl<V> Default for IpMap<V> {
-    fn default() -> Self {
-        IpMap {
-            v4: HashMap::new(),
-            v6: HashMap::new(),
-        }
-    }
-}
-
-impl<V> IpMap<V> {
-    fn get(&self, ip: &IpAddr) -> Option<&V> {
-        match ip {
-            IpAddr::V4(a) => self.v4.get(a),
-            IpAddr::V6(a) => self.v6.get(a),
-        }
-    }
-
-    fn insert(&mut self, ip: IpAddr, v: V) {
-        match ip {
-            IpAddr::V4(a) => self.v4.insert(a, v),
-            IpAddr::V6(a) => self.v6.insert(a, v),
-        };
-    }
-
-    fn remove(&mut self, ip: &IpAddr) {
-        match ip {
-            IpAddr::V4(a) => self.v4.remove(a),
-            IpAddr::V6(a) => self.v6.remove(a),
-        };
-    }
-
-    fn keys(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        let v4 = self.v4.keys().map(|a| IpAddr::V4(*a));
-        v4.chain(self.v6.keys().map(|a| IpAddr::V6(*a)))
-    }
-
-    fn values(&self) -> impl Iterator<Item = &V> {
-        self.v4.values().chain(self.v6.values())
-    }
-}
-
-/// Workload id → fingerprint, as two sorted arrays: 12 bytes an entry
-/// where a hash map takes 16 at 76% load (100k backends: 1.2 MB, not 2.2).
-#[derive(Default)]
-struct Prints {
-    ids: Vec<u32>,
-    prints: Vec<u64>,
-}
-
-impl Prints {
-    fn new(it: impl Iterator<Item = (u32, u64)>) -> Prints {
-        let mut v: Vec<(u32, u64)> = it.collect();
-        v.sort_unstable_by_key(|e| e.0);
-        Prints {
-            ids: v.iter().map(|e| e.0).collect(),
-            prints: v.iter().map(|e| e.1).collect(),
-        }
-    }
-
-    fn get(&self, id: u32) -> Option<u64> {
-        self.ids.binary_search(&id).ok().map(|i| self.prints[i])
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.ids.iter().copied().zip(self.prints.iter().copied())
-    }
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
