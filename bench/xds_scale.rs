@@ -147,6 +147,30 @@ fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
 
+/// The process's largest anonymous mappings (KMESH_BENCH_SMAPS=1).
+fn print_smaps(pid: u32) {
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", pid)).unwrap();
+    let mut cur = String::new();
+    let mut rows = Vec::new();
+    for l in smaps.lines() {
+        if l.split_whitespace()
+            .next()
+            .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
+        {
+            cur = l.to_string();
+        } else if let Some(v) = l.strip_prefix("Anonymous:") {
+            let kb: u64 = v.split_whitespace().next().unwrap().parse().unwrap();
+            if kb > 512 {
+                rows.push((kb, cur.clone()));
+            }
+        }
+    }
+    rows.sort();
+    for (kb, m) in rows.iter().rev() {
+        println!("  smaps {kb:>8} kB anon  {m}");
+    }
+}
+
 fn main() {
     let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
     let mut c = Criterion::default()
@@ -230,33 +254,30 @@ fn main() {
     // Steady state: the apply's temporaries are freed and trimmed.
     std::thread::sleep(Duration::from_secs(1));
     let loaded_rss = rss_kib(d.pid());
-    if std::env::var_os("KMESH_BENCH_SMAPS").is_some() {
-        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", d.pid())).unwrap();
-        let mut cur = String::new();
-        let mut rows = Vec::new();
-        for l in smaps.lines() {
-            if l.split_whitespace()
-                .next()
-                .is_some_and(|f| f.contains('-') && !f.ends_with(':'))
-            {
-                cur = l.to_string();
-            } else if let Some(v) = l.strip_prefix("Anonymous:") {
-                let kb: u64 = v.split_whitespace().next().unwrap().parse().unwrap();
-                if kb > 512 {
-                    rows.push((kb, cur.clone()));
-                }
-            }
-        }
-        rows.sort();
-        for (kb, m) in rows.iter().rev() {
-            println!("  smaps {kb:>8} kB anon  {m}");
-        }
-    }
     let loaded_parts = (
         status_kib(d.pid(), "RssAnon"),
         status_kib(d.pid(), "RssFile"),
     );
     let maps_kib = bpf_map_kib(d.pid());
+    // The control plane drops the stream: the daemon reconnects and gets
+    // every resource again (istiod keeps no versions for addresses), as
+    // after an istiod restart. Memory must not grow with each round.
+    let applied = |log: &str| log.matches("xDS update: applied").count();
+    let mut after_resend = Vec::new();
+    for _ in 0..3 {
+        let before = applied(&d.log());
+        cp.cp.kill_streams();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while applied(&d.log()) == before {
+            assert!(Instant::now() < deadline, "no re-apply:\n{}", d.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        after_resend.push(rss_kib(d.pid()));
+    }
+    if std::env::var_os("KMESH_BENCH_SMAPS").is_some() {
+        print_smaps(d.pid());
+    }
     let dump = d.dump();
     assert_eq!(dump["maps"]["km_vip"]["entries"], SERVICES);
     assert_eq!(dump["maps"]["km_workload"]["entries"], WORKLOADS);
@@ -283,6 +304,13 @@ fn main() {
         (loaded_parts.0 as f64 - idle_parts.0 as f64) / 1024.0,
         (loaded_parts.1 as f64 - idle_parts.1 as f64) / 1024.0
     );
+    for (i, kib) in after_resend.iter().enumerate() {
+        println!(
+            "  RSS above idle, resend {}       : {:>7.1} MB   (reconnect, everything sent again)",
+            i + 1,
+            (*kib as f64 - idle_rss as f64) / 1024.0
+        );
+    }
     println!(
         "  BPF maps (kernel, not in RSS)  : {:>7.1} MB",
         maps_kib as f64 / 1024.0

@@ -140,6 +140,21 @@ fn resolved_hosts(answers: &Answers) -> ResolvedHosts {
         .collect()
 }
 
+/// Makes glibc keep one malloc arena for the whole process; call before
+/// any thread starts. By default each thread gets its own, and the xDS task
+/// moves between tokio workers: after two full resends of 100k workloads
+/// (an istiod reconnect sends everything again) the arenas it had used held
+/// 53 MB resident against 29 MB with one arena, because malloc_trim does
+/// not give back the free top of a thread's arena. The daemon allocates
+/// little in parallel, so one arena costs it nothing measurable.
+pub fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists;

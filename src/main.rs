@@ -225,6 +225,7 @@ fn xds_options(a: &DaemonArgs) -> Option<XdsOptions> {
 }
 
 fn main() -> ExitCode {
+    daemon::one_malloc_arena();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KMESH_LOG")

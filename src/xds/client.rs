@@ -215,7 +215,9 @@ impl XdsStore {
         // back would leave their temporaries as holes between the stored
         // ones (tens of MB the allocator cannot give back).
         for services_pass in [true, false] {
-            if addresses && !services_pass {
+            // The initial sync sizes the store exactly; later responses
+            // mostly replace what is there, and growth is by 1/8.
+            if addresses && !services_pass && self.model.workloads.is_empty() {
                 let workloads = resp.resources.len() - services;
                 self.model.workloads.reserve(workloads);
             }
