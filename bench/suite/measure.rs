@@ -96,6 +96,9 @@ pub struct Cell<'a> {
     pub group: Group,
     pub run: usize,
     pub secs: f64,
+    /// Tool names to run (rr, stream, iperf3, sockperf, wrk, connect);
+    /// None runs all.
+    pub tools: Option<&'a [String]>,
 }
 
 fn num(v: &Value, k: &str) -> Result<f64, String> {
@@ -269,6 +272,18 @@ impl Cell<'_> {
         ])
     }
 
+    fn wanted(&self, t: Tool) -> bool {
+        let name = match t {
+            Tool::Rr => "rr",
+            Tool::Stream => "stream",
+            Tool::Iperf3 => "iperf3",
+            Tool::Sockperf => "sockperf",
+            Tool::Wrk => "wrk",
+            Tool::Connect(_) => "connect",
+        };
+        self.tools.is_none_or(|ts| ts.iter().any(|x| x == name))
+    }
+
     fn tool(&self, t: Tool) -> Result<Values, String> {
         match (t, self.group) {
             (Tool::Rr, Group::Size(n)) => self.load_rr(n),
@@ -297,7 +312,7 @@ impl Cell<'_> {
             Group::Size(_) => vec![Tool::Rr, Tool::Stream, Tool::Iperf3, Tool::Wrk],
             Group::Connect => vec![Tool::Connect(false), Tool::Connect(true)],
         };
-        for t in tools {
+        for t in tools.into_iter().filter(|t| self.wanted(*t)) {
             match self.tool(t) {
                 Ok(vals) => {
                     for (metric, v) in vals {
