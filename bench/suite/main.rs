@@ -145,7 +145,7 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             if quick { "quick" } else { "full" },
         ),
-        format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])),
+        format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])) + &format!("; {}", sh_out(&["sh", "-c", "qperf --version 2>&1 | head -1"])),
     ];
     for (state, m) in &stats {
         let pairs: Vec<String> = m
