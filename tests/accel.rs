@@ -154,6 +154,36 @@ fn half_close_reset_and_full_receiver_behave_like_tcp() {
     assert!(d.stat("accel_added") > 0);
 }
 
+/// Writes after the peer closed its end: TCP lets the first one through
+/// (the closed peer answers it with RST) and fails the next ones with
+/// EPIPE. An accelerated direction must do the same: not fail earlier
+/// (a cached redirect to the gone peer's queue would) nor hang.
+#[test]
+fn writes_after_the_peer_closed_fail_like_tcp() {
+    let (mut env, client, server) = setup();
+    let addr = format!("{}:8082", server.v4);
+    env.serve_in_mesh(
+        &server,
+        std::slice::from_ref(&addr),
+        "closer",
+        &["--close-after", "1"],
+    );
+    let writes = |env: &Env| {
+        let (lines, ok) = env.probe(&client, &["after-close", &addr]);
+        assert!(ok, "{lines:?}");
+        lines[0]["writes"].clone()
+    };
+    let d = env.daemon(&config(&client, &server, false));
+    let plain = writes(&env);
+    assert_eq!(plain[0], json!({"ok": 1}), "plain TCP: {plain}");
+    d.write_config(&config(&client, &server, true));
+    std::thread::sleep(Duration::from_millis(1500));
+    let on = d.stat("accel_on");
+    let accel = writes(&env);
+    assert!(d.stat("accel_on") >= on + 2, "both directions accelerated");
+    assert_eq!(accel, plain, "accelerated vs plain TCP");
+}
+
 #[test]
 fn connections_survive_enabling_acceleration_and_daemon_stop() {
     let (mut env, client, server) = setup();

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Debian packages the benchmark suite uses on top of scripts/deps.sh: the
-# comparison tools (iperf3, sockperf, wrk) and gnuplot for the PNG. Kept out of
+# comparison tools (iperf3, sockperf, wrk, qperf) and gnuplot for the PNG. Kept out of
 # scripts/deps.sh so CI does not install them.
 set -euo pipefail
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
 command -v sockperf >/dev/null || need+=(sockperf)
 command -v wrk >/dev/null || need+=(wrk)
+command -v qperf >/dev/null || need+=(qperf)
 command -v gnuplot >/dev/null || need+=(gnuplot-nox)
 command -v taskset >/dev/null || need+=(util-linux)
 command -v ss >/dev/null || need+=(iproute2)

@@ -17,7 +17,11 @@
 //! after bench/suite/deps.sh). KMESH_BENCH_QUICK=1 for a short run;
 //! KMESH_BENCH_RUNS, KMESH_BENCH_SECS (per measurement) and
 //! KMESH_BENCH_CPU (a CPU number, or "none" to leave placement to the
-//! scheduler) override the defaults.
+//! scheduler) override the defaults. For a partial run (written as
+//! suite-partial-<date>, criterion skipped unless listed):
+//! KMESH_BENCH_SIZES=1,64,4096, KMESH_BENCH_MODES=direct,accel,
+//! KMESH_BENCH_TOOLS=rr,stream (of rr, stream, iperf3, sockperf, wrk,
+//! connect, criterion).
 
 #[path = "../common.rs"]
 mod common;
@@ -44,7 +48,25 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok()?.parse().ok()
 }
 
+/// A comma-separated list from the environment, if set.
+fn env_list(name: &str) -> Option<Vec<String>> {
+    let v = std::env::var(name).ok()?;
+    Some(v.split(',').map(|s| s.trim().to_string()).collect())
+}
+
 fn main() {
+    let sizes_filter: Option<Vec<usize>> = env_list("KMESH_BENCH_SIZES").map(|v| {
+        v.iter()
+            .map(|s| s.parse().expect("KMESH_BENCH_SIZES: numbers"))
+            .collect()
+    });
+    let modes_filter = env_list("KMESH_BENCH_MODES");
+    let tools = env_list("KMESH_BENCH_TOOLS");
+    let partial = sizes_filter.is_some() || modes_filter.is_some() || tools.is_some();
+    let sizes: Vec<usize> = SIZES
+        .into_iter()
+        .filter(|n| sizes_filter.as_ref().is_none_or(|f| f.contains(n)))
+        .collect();
     let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
     let runs: usize = env_num("KMESH_BENCH_RUNS").unwrap_or(if quick { 3 } else { 5 });
     let secs: f64 = env_num("KMESH_BENCH_SECS").unwrap_or(if quick { 1.0 } else { 1.5 });
@@ -62,11 +84,17 @@ fn main() {
     let modes: Vec<Mode> = Mode::ALL
         .into_iter()
         .filter(|m| *m != Mode::Accel || w.accel_supported)
+        .filter(|m| {
+            modes_filter
+                .as_ref()
+                .is_none_or(|f| f.contains(&m.to_string()))
+        })
         .collect();
-    let groups: Vec<Group> = SIZES
+    let wants = |t: &str| tools.as_ref().is_none_or(|f| f.iter().any(|x| x == t));
+    let groups: Vec<Group> = sizes
         .iter()
         .map(|n| Group::Size(*n))
-        .chain([Group::Connect])
+        .chain(wants("connect").then_some(Group::Connect))
         .collect();
 
     let mut s = Samples::default();
@@ -86,6 +114,7 @@ fn main() {
                     group,
                     run,
                     secs,
+                    tools: tools.as_deref(),
                 }
                 .run(&mut s);
             }
@@ -96,7 +125,9 @@ fn main() {
             started.elapsed().as_secs_f64()
         );
     }
-    rr_criterion::run(&mut c, &mut w, &modes);
+    if !partial || wants("criterion") {
+        rr_criterion::run(&mut c, &mut w, &modes);
+    }
     w.leave_daemon();
     let stats = std::mem::take(&mut w.stats);
     let pinned = w.cpu;
@@ -114,7 +145,7 @@ fn main() {
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             if quick { "quick" } else { "full" },
         ),
-        format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])),
+        format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])) + &format!("; {}", sh_out(&["sh", "-c", "qperf --version 2>&1 | head -1"])),
     ];
     for (state, m) in &stats {
         let pairs: Vec<String> = m
@@ -127,18 +158,23 @@ fn main() {
     let meta = report::Meta {
         header,
         modes,
-        sizes: SIZES.to_vec(),
+        sizes,
         accel_missing,
     };
     let md = report::markdown(&s, &meta);
     println!("\n{md}");
     let results = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/results");
     std::fs::create_dir_all(&results).expect("bench/results");
-    let md_path = results.join(format!("suite-{date}.md"));
-    let png_path = results.join(format!("suite-{date}.png"));
+    let name = if partial { "suite-partial" } else { "suite" };
+    let md_path = results.join(format!("{name}-{date}.md"));
+    let png_path = results.join(format!("{name}-{date}.png"));
     let tmp = std::env::temp_dir().join(format!("kmesh-suite-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let plotted = report::plot(&s, &meta, &tmp, &png_path);
+    let plotted = if partial {
+        Err("partial run, not plotted".to_string())
+    } else {
+        report::plot(&s, &meta, &tmp, &png_path)
+    };
     let _ = std::fs::remove_dir_all(&tmp);
     let md = match &plotted {
         Ok(()) => format!(

@@ -29,6 +29,7 @@ enum Tool {
     Iperf3,
     Sockperf,
     Wrk,
+    Qperf,
     Connect(bool),
 }
 
@@ -96,6 +97,9 @@ pub struct Cell<'a> {
     pub group: Group,
     pub run: usize,
     pub secs: f64,
+    /// Tool names to run (rr, stream, iperf3, sockperf, wrk, connect);
+    /// None runs all.
+    pub tools: Option<&'a [String]>,
 }
 
 fn num(v: &Value, k: &str) -> Result<f64, String> {
@@ -269,6 +273,73 @@ impl Cell<'_> {
         ])
     }
 
+    fn wanted(&self, t: Tool) -> bool {
+        let name = match t {
+            Tool::Rr => "rr",
+            Tool::Stream => "stream",
+            Tool::Iperf3 => "iperf3",
+            Tool::Sockperf => "sockperf",
+            Tool::Wrk => "wrk",
+            Tool::Qperf => "qperf",
+            Tool::Connect(_) => "connect",
+        };
+        self.tools.is_none_or(|ts| ts.iter().any(|x| x == name))
+    }
+
+    /// qperf tcp_bw: the sender write()s SIZE bytes at a time and the
+    /// receiver read()s SIZE bytes at a time (its recv_full), both blocking.
+    fn qperf(&self, size: usize) -> Result<Values, String> {
+        let a = self.addr(Server::Qperf);
+        let t = self.secs.ceil().max(1.0).to_string();
+        let (ip, lp, dp, m) = (
+            a.ip().to_string(),
+            a.port().to_string(),
+            self.addr(Server::QperfData).port().to_string(),
+            size.to_string(),
+        );
+        let argv = [
+            "qperf",
+            &ip,
+            "--listen_port",
+            &lp,
+            "--ip_port",
+            &dp,
+            "-m",
+            &m,
+            "-t",
+            &t,
+            "tcp_bw",
+        ];
+        let out = self
+            .w
+            .tool(&self.w.client, &argv)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!("qperf: {}", text.trim()));
+        }
+        // "    bw  =  876 KB/sec" (decimal units)
+        let bw = text
+            .lines()
+            .find_map(|l| {
+                let v = l.trim().strip_prefix("bw")?.trim().strip_prefix('=')?;
+                let mut it = v.split_whitespace();
+                let n: f64 = it.next()?.replace(',', "").parse().ok()?;
+                let scale = match it.next()? {
+                    "bytes/sec" => 1e-6,
+                    "KB/sec" => 1e-3,
+                    "MB/sec" => 1.0,
+                    "GB/sec" => 1e3,
+                    _ => return None,
+                };
+                Some(n * scale)
+            })
+            .ok_or_else(|| format!("qperf output lacks bw: {text}"))?;
+        Ok(vec![("qperf_mbs", bw)])
+    }
+
     fn tool(&self, t: Tool) -> Result<Values, String> {
         match (t, self.group) {
             (Tool::Rr, Group::Size(n)) => self.load_rr(n),
@@ -276,6 +347,7 @@ impl Cell<'_> {
             (Tool::Iperf3, Group::Size(n)) => self.iperf3(n),
             (Tool::Sockperf, Group::Size(n)) => self.sockperf(n),
             (Tool::Wrk, Group::Size(n)) => self.wrk(n),
+            (Tool::Qperf, Group::Size(n)) => self.qperf(n),
             (Tool::Connect(echo), Group::Connect) => self.connect(echo),
             (t, g) => Err(format!("{t:?} does not apply to {g:?}")),
         }
@@ -292,12 +364,16 @@ impl Cell<'_> {
                     Tool::Iperf3,
                     Tool::Sockperf,
                     Tool::Wrk,
+                    Tool::Qperf,
                 ]
             }
-            Group::Size(_) => vec![Tool::Rr, Tool::Stream, Tool::Iperf3, Tool::Wrk],
+            Group::Size(_) => vec![Tool::Rr, Tool::Stream, Tool::Iperf3, Tool::Wrk, Tool::Qperf],
             Group::Connect => vec![Tool::Connect(false), Tool::Connect(true)],
         };
-        for t in tools {
+        // qperf's server reports the data port back to the client, which a
+        // proxy listening on other ports cannot relay.
+        let applies = |t: &Tool| !matches!((t, self.mode), (Tool::Qperf, Mode::Proxy));
+        for t in tools.into_iter().filter(|t| self.wanted(*t) && applies(t)) {
             match self.tool(t) {
                 Ok(vals) => {
                     for (metric, v) in vals {

@@ -85,6 +85,22 @@ const TARGETS: &[(&str, Group, Mode, &str, bool, f64)] = &[
         1.5,
     ),
     (
+        "accel qperf tcp_bw, 1 B",
+        Group::Size(1),
+        Mode::Accel,
+        "qperf_mbs",
+        true,
+        1.5,
+    ),
+    (
+        "accel qperf tcp_bw, 64 B",
+        Group::Size(64),
+        Mode::Accel,
+        "qperf_mbs",
+        true,
+        1.5,
+    ),
+    (
         "mesh connect rate",
         Group::Connect,
         Mode::Mesh,
@@ -109,12 +125,13 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
         let _ = writeln!(o, "\n### {}\n", size_name(n));
         o.push_str(
             "| mode | p50 µs | p90 µs | p99 µs | req/s | stream MB/s | sockperf p50 / p99 µs | \
-             wrk p50 / p99 µs | wrk req/s | iperf3 MB/s | p50 × | req/s × | MB/s × |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+             wrk p50 / p99 µs | wrk req/s | iperf3 MB/s | qperf MB/s | p50 × | req/s × | MB/s × | \
+             qperf × |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for &m in &Mode::ALL {
             if let Some(why) = na(m) {
-                let _ = writeln!(o, "| {m} | {why} |||||||||||| ");
+                let _ = writeln!(o, "| {m} | {why} |||||||||||||| ");
                 continue;
             }
             let v = |k| fmt(s.median((g, m, k)));
@@ -128,7 +145,7 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
             };
             let _ = writeln!(
                 o,
-                "| {m} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {m} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 v("p50"),
                 v("p90"),
                 v("p99"),
@@ -138,9 +155,11 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
                 pair("wrk_p50", "wrk_p99"),
                 v("wrk_rps"),
                 v("iperf_mbs"),
+                v("qperf_mbs"),
                 r("p50"),
                 r("rps"),
                 r("mbs"),
+                r("qperf_mbs"),
             );
         }
     }

@@ -1,6 +1,6 @@
 //! The suite's test world: a client pod and a server pod on one node
 //! bridge, both in the harness's child cgroup, with the servers (kmesh-load
-//! echo/sink, sockperf, iperf3) and the user-space proxy running in the
+//! echo/sink, sockperf, iperf3, qperf) and the user-space proxy running in the
 //! server pod, and the daemon started in whichever state a mode needs.
 
 use std::{
@@ -27,10 +27,22 @@ pub enum Server {
     Load,
     Sockperf,
     Iperf,
+    /// qperf's control connection; its test connection goes to QperfData,
+    /// a port the client names (`--ip_port`) and the server reports back,
+    /// so both keep their numbers through the VIP (not through the proxy,
+    /// which would have to rewrite the port the server reports).
+    Qperf,
+    QperfData,
 }
 
 impl Server {
-    const ALL: [Server; 3] = [Server::Load, Server::Sockperf, Server::Iperf];
+    const ALL: [Server; 5] = [
+        Server::Load,
+        Server::Sockperf,
+        Server::Iperf,
+        Server::Qperf,
+        Server::QperfData,
+    ];
 
     fn ports(self) -> (u16, u16, u16) {
         match self {
@@ -39,6 +51,8 @@ impl Server {
             Server::Load => (8080, 80, 15080),
             Server::Sockperf => (11111, 11111, 15111),
             Server::Iperf => (5201, 5201, 15201),
+            Server::Qperf => (19765, 19765, 15765),
+            Server::QperfData => (19766, 19766, 15766),
         }
     }
 }
@@ -199,10 +213,13 @@ impl World {
         let ip_s = ip.to_string();
         let c = self.tool(&self.server, &["iperf3", "-s", "-p", &ip_s]);
         self.spawn_server(c, ip);
+        let qp_s = Server::Qperf.ports().0.to_string();
+        let c = self.tool(&self.server, &["qperf", "--listen_port", &qp_s]);
+        self.spawn_server(c, Server::Qperf.ports().0);
         // The proxy relays to the servers over the pod's loopback, as a
         // sidecar does to its application.
         let mut c = self.load_cmd(&self.server, "proxy");
-        for s in Server::ALL {
+        for s in [Server::Load, Server::Sockperf, Server::Iperf] {
             let (target, _, px) = s.ports();
             c.args(["--route", &format!("0.0.0.0:{px}=127.0.0.1:{target}")]);
         }

@@ -46,6 +46,9 @@ enum Cmd {
         /// Accept, then never read or write (a peer with a full buffer).
         #[arg(long)]
         stall: bool,
+        /// Close a connection once this many bytes were echoed.
+        #[arg(long)]
+        close_after: Option<usize>,
     },
     /// A test waypoint: record each connection's TLV to LOG, then forward
     /// to the original destination.
@@ -80,6 +83,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// Against `serve --close-after 1`: send a byte, read its echo, wait
+    /// for the server's close (EOF), then write WRITES more single bytes,
+    /// 50 ms apart; prints the result of each (bytes written or errno).
+    AfterClose {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 3)]
+        writes: u32,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+    },
     /// Connect COUNT times; print {"ok","name","peer"} per connection.
     Connect {
         addr: SocketAddr,
@@ -94,7 +107,12 @@ enum Cmd {
     },
 }
 
-fn serve(listen: Vec<SocketAddr>, name: String, stall: bool) -> io::Result<()> {
+fn serve(
+    listen: Vec<SocketAddr>,
+    name: String,
+    stall: bool,
+    close_after: Option<usize>,
+) -> io::Result<()> {
     let mut listeners = Vec::new();
     for a in &listen {
         listeners.push(
@@ -123,11 +141,16 @@ fn serve(listen: Vec<SocketAddr>, name: String, stall: bool) -> io::Result<()> {
                         return;
                     }
                     let mut buf = [0u8; 16384];
+                    let mut echoed = 0;
                     loop {
                         match c.read(&mut buf) {
                             Ok(0) | Err(_) => return,
                             Ok(n) => {
                                 if c.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                                echoed += n;
+                                if close_after.is_some_and(|m| echoed >= m) {
                                     return;
                                 }
                             }
@@ -226,7 +249,13 @@ fn main() -> ExitCode {
             listen,
             name,
             stall,
-        } => serve(listen, name, stall).map(|()| true),
+            close_after,
+        } => serve(listen, name, stall, close_after).map(|()| true),
+        Cmd::AfterClose {
+            addr,
+            writes,
+            timeout_ms,
+        } => transfer::after_close(addr, writes, Duration::from_millis(timeout_ms)),
         Cmd::Waypoint { listen, log } => waypoint::run(listen, log).map(|()| true),
         Cmd::Transfer {
             addr,

@@ -197,3 +197,38 @@ pub fn fill(addr: SocketAddr, max: usize, timeout: Duration) -> io::Result<bool>
     io::stdout().flush()?;
     Ok(eagain)
 }
+
+/// Writes after the peer closed: one byte echoed, the server's EOF, then
+/// `writes` single-byte writes 50 ms apart. TCP lets the first one through
+/// (the closed peer answers it with RST) and fails the next ones (EPIPE);
+/// the JSON line lists what each write returned.
+pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Result<bool> {
+    let (s, name) = connect_once(addr, timeout)?;
+    let mut eagain = 0;
+    (&s).write_all(b"x")?;
+    let mut b = [0u8; 1];
+    read_full(&s, &mut b, &mut eagain)?;
+    // EOF: the server closed after its echo.
+    let eof = loop {
+        match (&s).read(&mut b) {
+            Ok(0) => break true,
+            Ok(_) => break false,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    };
+    let mut results = Vec::new();
+    for _ in 0..writes {
+        std::thread::sleep(Duration::from_millis(50));
+        results.push(match (&s).write(b"y") {
+            Ok(n) => json!({"ok": n}),
+            Err(e) => json!({"errno": e.raw_os_error()}),
+        });
+    }
+    println!(
+        "{}",
+        json!({"name": name, "eof": eof, "writes": results, "eagain": eagain})
+    );
+    Ok(eof)
+}
