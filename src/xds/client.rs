@@ -114,6 +114,15 @@ enum Alias {
     Workload(Box<str>),
 }
 
+impl Alias {
+    fn key(&self) -> &str {
+        match self {
+            Alias::Service(k) => k,
+            Alias::Workload(k) => k,
+        }
+    }
+}
+
 pub type SharedStore = Arc<Mutex<XdsStore>>;
 
 impl XdsStore {
@@ -124,14 +133,7 @@ impl XdsStore {
     fn versions(&self, type_url: &str) -> HashMap<String, String> {
         match type_url {
             ADDRESS_TYPE => {
-                let aliased: HashSet<&str> = self
-                    .aliases
-                    .values()
-                    .map(|a| match a {
-                        Alias::Service(k) => &**k,
-                        Alias::Workload(k) => &**k,
-                    })
-                    .collect();
+                let aliased: HashSet<&str> = self.aliases.values().map(Alias::key).collect();
                 let keys = self.model.services.keys().map(|k| &**k);
                 keys.chain(self.model.workloads.keys())
                     .filter(|k| !aliased.contains(k))
@@ -155,6 +157,9 @@ impl XdsStore {
         match self.aliases.remove(name) {
             Some(Alias::Service(k)) => self.model.services.remove(&k).is_some(),
             Some(Alias::Workload(k)) => self.model.workloads.remove(&k).is_some(),
+            // An entry under its own key: unless another resource name
+            // stands for it (then `name` was never a resource).
+            None if self.aliases.values().any(|a| a.key() == name) => false,
             None => {
                 self.model.workloads.remove(name).is_some()
                     || self.model.services.remove(name).is_some()
@@ -163,7 +168,24 @@ impl XdsStore {
     }
 
     fn insert_address(&mut self, name: &str, version: &Arc<str>, res: Resource) {
-        self.remove_address(name);
+        // An update of the same entry replaces it in place: a workload
+        // keeps its id (and so its map entries). A name that now stands
+        // for another entry drops the old one first.
+        let same = match (&res, self.aliases.get(name)) {
+            (Resource::Service(s), Some(Alias::Service(k))) => **k == s.key(),
+            (Resource::Workload(w), Some(Alias::Workload(k))) => **k == *w.uid(),
+            (Resource::Service(s), None) => {
+                name == s.key() && !self.model.workloads.contains_key(name)
+            }
+            (Resource::Workload(w), None) => {
+                name == w.uid() && !self.model.services.contains_key(name)
+            }
+            _ => false,
+        };
+        if !same {
+            self.remove_address(name);
+        }
+        self.versions.remove(name);
         match res {
             Resource::Service(svc) => {
                 let key: Arc<str> = svc.key().into();
@@ -474,5 +496,115 @@ mod tests {
                 "{d:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::xds::proto::{discovery::DeltaDiscoveryResponse, workload as pb};
+
+    fn workload(uid: &str, node: &str) -> prost_types::Any {
+        let w = pb::Workload {
+            uid: uid.into(),
+            name: uid.rsplit('/').next().unwrap().into(),
+            namespace: "default".into(),
+            addresses: vec![vec![10, 244, 0, 1]],
+            node: node.into(),
+            cluster_id: "Kubernetes".into(),
+            ..Default::default()
+        };
+        let a = pb::Address {
+            r#type: Some(pb::address::Type::Workload(w)),
+        };
+        crate::xds::to_any(ADDRESS_TYPE, &a)
+    }
+
+    /// Applies (name, version, payload) additions and removals as one
+    /// response, through the same wire decoding the client uses.
+    fn apply(
+        store: &mut XdsStore,
+        add: &[(&str, &str, prost_types::Any)],
+        remove: &[&str],
+    ) -> (bool, Vec<String>) {
+        let raw = DeltaDiscoveryResponse {
+            type_url: ADDRESS_TYPE.into(),
+            resources: add
+                .iter()
+                .map(|(n, v, a)| discovery::Resource {
+                    name: n.to_string(),
+                    version: v.to_string(),
+                    resource: Some(a.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            removed_resources: remove.iter().map(|n| n.to_string()).collect(),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        store.apply_response(&DeltaDiscoveryResponseFrame::decode(&raw[..]).unwrap())
+    }
+
+    /// Reconnect bookkeeping without a per-resource version map: every
+    /// known name is listed (versioned or not), an alias under its own
+    /// name, and an aliased entry cannot be removed by its key.
+    #[test]
+    fn names_versions_and_aliases_survive_without_a_version_map() {
+        let mut s = XdsStore::default();
+        let (changed, errors) = apply(
+            &mut s,
+            &[
+                ("c//Pod/default/a", "", workload("c//Pod/default/a", "n1")),
+                ("c//Pod/default/b", "7", workload("c//Pod/default/b", "n1")),
+                ("vm-entry", "", workload("c//Pod/default/c", "n2")),
+            ],
+            &[],
+        );
+        assert!(changed && errors.is_empty(), "{errors:?}");
+        let v = s.versions(ADDRESS_TYPE);
+        let want: HashMap<String, String> = [
+            ("c//Pod/default/a", ""),
+            ("c//Pod/default/b", "7"),
+            ("vm-entry", ""),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .into();
+        assert_eq!(v, want);
+        // Workloads on one node share one placement; uids keep their ids
+        // when replaced.
+        let (a, b) = (
+            &s.model.workloads["c//Pod/default/a"],
+            &s.model.workloads["c//Pod/default/b"],
+        );
+        assert!(Arc::ptr_eq(
+            a.placement.as_ref().unwrap(),
+            b.placement.as_ref().unwrap()
+        ));
+        let id = a.id();
+        apply(
+            &mut s,
+            &[("c//Pod/default/a", "", workload("c//Pod/default/a", "n2"))],
+            &[],
+        );
+        assert_eq!(s.model.workloads["c//Pod/default/a"].id(), id);
+        assert_eq!(
+            s.model.workloads["c//Pod/default/a"]
+                .placement()
+                .unwrap()
+                .node,
+            "n2"
+        );
+
+        // The aliased workload's uid is not a resource name.
+        let (changed, _) = apply(&mut s, &[], &["c//Pod/default/c"]);
+        assert!(!changed);
+        assert!(s.model.workloads.contains_key("c//Pod/default/c"));
+        let (changed, _) = apply(&mut s, &[], &["vm-entry", "c//Pod/default/b"]);
+        assert!(changed);
+        assert_eq!(
+            s.model.workloads.keys().collect::<Vec<_>>(),
+            ["c//Pod/default/a"]
+        );
+        assert_eq!(s.versions(ADDRESS_TYPE).len(), 1);
     }
 }
