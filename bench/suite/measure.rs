@@ -174,16 +174,7 @@ impl Cell<'_> {
         let argv = [
             "sockperf", "pp", "--tcp", "-i", &ip, "-p", &port, "-m", &m, "-t", &t,
         ];
-        let out = self
-            .w
-            .tool(&self.w.client, &argv)
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(format!("sockperf: {}", text.trim()));
-        }
+        let text = self.client_output(&argv)?;
         let pct = |p: &str| -> Result<f64, String> {
             let tag = format!("percentile {p} =");
             text.lines()
@@ -231,6 +222,22 @@ impl Cell<'_> {
             .as_f64()
             .ok_or_else(|| format!("iperf3: no sum_received in {}", v["end"]))?;
         Ok(vec![("iperf_mbs", bps / 8e6)])
+    }
+
+    /// Runs a tool in the client pod; its stdout and stderr together, or
+    /// an error naming it with that text if it failed.
+    fn client_output(&self, argv: &[&str]) -> Result<String, String> {
+        let out = self
+            .w
+            .tool(&self.w.client, argv)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!("{}: {}", argv[0], text.trim()));
+        }
+        Ok(text)
     }
 
     /// wrk against the server's HTTP mode: `GET /SIZE` returns SIZE bytes.
@@ -310,16 +317,7 @@ impl Cell<'_> {
             &t,
             "tcp_bw",
         ];
-        let out = self
-            .w
-            .tool(&self.w.client, &argv)
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(format!("qperf: {}", text.trim()));
-        }
+        let text = self.client_output(&argv)?;
         // "    bw  =  876 KB/sec" (decimal units)
         let bw = text
             .lines()
