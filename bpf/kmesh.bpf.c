@@ -18,6 +18,7 @@
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_core_read.h>
 #include "kmesh.h"
 #include "maps.h"
 
@@ -380,16 +381,52 @@ static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_sta
 	return 0;
 }
 
-/* Sends msg straight into the peer socket's queue; SK_PASS if it can. */
-static __always_inline long to_peer(struct sk_msg_md *msg)
+/* The key under which the other end of msg's connection sits in km_sock. */
+static __always_inline void peer_key(struct sk_msg_md *msg, struct sock_key *peer)
 {
-	struct sock_key peer = {}, self = {};
+	struct sock_key self = {};
 	FILL_KEY(&self, msg);
-	peer.local = self.remote;
-	peer.remote = self.local;
-	peer.local_port = self.remote_port;
-	peer.remote_port = self.local_port;
-	return bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS);
+	peer->local = self.remote;
+	peer->remote = self.local;
+	peer->local_port = self.remote_port;
+	peer->remote_port = self.local_port;
+}
+
+/*
+ * Whether the peer msg was just redirected to holds more unread redirected
+ * bytes than it may: the configured limit, or its SO_RCVBUF if the
+ * application set one. Redirected bytes bypass the receive buffer TCP would
+ * fill, so without this a sender to a stalled reader never sees EAGAIN.
+ *
+ * sk_msg programs cannot release a socket reference, so the peer is not
+ * looked up again: the context is the kernel's struct sk_msg, whose
+ * sk_redir bpf_msg_redirect_hash has just set (the socket is pinned by its
+ * psock for the program's run). Kernel memory is read with
+ * bpf_probe_read_kernel, which cannot fault.
+ */
+static __always_inline bool peer_backlogged(struct sk_msg_md *msg)
+{
+	struct config_value *c = config();
+	if (!c || !c->queue_limit || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
+		return false;
+	struct sock *sk = NULL;
+	if (bpf_core_read(&sk, sizeof(sk), &((struct sk_msg *)(void *)msg)->sk_redir) || !sk)
+		return false;
+	unsigned long ud = 0;
+	__u8 locks = 0;
+	int rcvbuf = 0;
+	__u32 queued = 0, limit = c->queue_limit;
+	if (bpf_core_read(&ud, sizeof(ud), &sk->sk_user_data) || !(ud & SK_USER_DATA_PSOCK))
+		return false;
+	struct sk_psock *psock = (void *)(ud & SK_USER_DATA_PTRMASK);
+	if (bpf_core_read(&queued, sizeof(queued), &psock->msg_tot_len))
+		return false;
+	if (!bpf_core_read(&locks, sizeof(locks), &sk->sk_userlocks) &&
+	    (locks & SOCK_RCVBUF_LOCK) &&
+	    !bpf_core_read(&rcvbuf, sizeof(rcvbuf), &sk->sk_rcvbuf) && rcvbuf > 0 &&
+	    (__u32)rcvbuf < limit)
+		limit = rcvbuf;
+	return queued >= limit;
 }
 
 SEC("sk_msg")
@@ -413,14 +450,16 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 			return SK_PASS;
 	}
 	/*
-	 * Each direction takes one path for its whole life, chosen at its first
-	 * send: bytes that went through TCP and bytes put straight into the
-	 * peer's queue could otherwise be read out of order.
+	 * Each direction starts on one path, chosen at its first send, and
+	 * only ever leaves the peer's queue for TCP, never the other way: the
+	 * receiver reads its queue before TCP's, so bytes stay in order.
 	 */
+	struct sock_key peer = {};
 	if (!(st->flags & KMESH_SOCK_DECIDED)) {
 		st->flags |= KMESH_SOCK_DECIDED;
 		if (accelerate_on()) {
-			if (to_peer(msg) == SK_PASS) {
+			peer_key(msg, &peer);
+			if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
 				stat_inc(KMESH_STAT_ACCEL_ON);
 				return SK_PASS;
@@ -429,9 +468,25 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 		stat_inc(KMESH_STAT_ACCEL_OFF);
 		return SK_PASS;
 	}
+	if (!(st->flags & KMESH_SOCK_ACCEL))
+		return SK_PASS;
+	peer_key(msg, &peer);
 	/* Peer gone (closed): plain TCP, which fails as TCP would. */
-	if (st->flags & KMESH_SOCK_ACCEL)
-		to_peer(msg);
+	if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) != SK_PASS)
+		return SK_PASS;
+	/*
+	 * A peer that stopped reading: this message still joins its queue
+	 * (a redirect cannot be taken back), the next ones go through TCP,
+	 * whose flow control then blocks the sender as it would without us.
+	 */
+	st->unchecked += msg->size;
+	if (st->unchecked >= KMESH_QUEUE_CHECK_BYTES) {
+		st->unchecked = 0;
+		if (peer_backlogged(msg)) {
+			st->flags &= ~KMESH_SOCK_ACCEL;
+			stat_inc(KMESH_STAT_ACCEL_PUSHBACK);
+		}
+	}
 	return SK_PASS;
 }
 

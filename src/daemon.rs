@@ -57,6 +57,8 @@ pub struct Options {
     pub sizes: MapSizes,
     /// Same-host acceleration, whatever the config file says.
     pub accelerate: bool,
+    /// Overrides the config file's accel_queue_limit.
+    pub accel_queue_limit: Option<u32>,
     /// This node's placement, for locality-aware load balancing.
     pub local: LocalNode,
     /// How often the config file is checked for changes.
@@ -195,6 +197,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             None => Model::default(),
         };
         m.accelerate |= opts.accelerate;
+        if opts.accel_queue_limit.is_some() {
+            m.accel_queue_limit = opts.accel_queue_limit;
+        }
         Ok(m)
     };
     let file_model = load_file(opts.config.as_deref())?;

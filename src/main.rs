@@ -106,6 +106,11 @@ struct DaemonArgs {
     /// host skips the TCP/IP stack (also config key "accelerate").
     #[arg(long, env = "KMESH_ACCELERATE")]
     accelerate: bool,
+    /// Bytes an accelerated receiver may leave unread before its sender
+    /// falls back to TCP's flow control, 0 for no limit (also config key
+    /// "accel_queue_limit"; default 4 MiB).
+    #[arg(long, env = "KMESH_ACCEL_QUEUE_LIMIT")]
+    accel_queue_limit: Option<u32>,
     /// This node's locality, region/zone/subzone, for locality-aware load
     /// balancing (Istio's LoadBalancing routing preferences).
     #[arg(long, env = "KMESH_LOCALITY", default_value = "")]
@@ -266,6 +271,7 @@ fn main() -> ExitCode {
                     local,
                     dns,
                     accelerate: a.accelerate,
+                    accel_queue_limit: a.accel_queue_limit,
                     config: a.config,
                     cgroup,
                     bpffs: a.bpffs,

@@ -46,6 +46,7 @@ enum kmesh_stat {
 	KMESH_STAT_ACCEL_FULL = 11,      /* acceleration map full: stays plain */
 	KMESH_STAT_ACCEL_ON = 12,        /* direction decided: redirected to peer */
 	KMESH_STAT_ACCEL_OFF = 13,       /* direction decided: plain TCP */
+	KMESH_STAT_ACCEL_PUSHBACK = 14,  /* peer's queue full: direction now TCP */
 	KMESH_STAT_MAX = 16,
 };
 
@@ -151,11 +152,17 @@ struct sock_state {
 	struct kmesh_addr orig_addr; /* destination before a waypoint redirect */
 	__u32 orig_port;             /* network order in low 16 bits */
 	__u32 flags;                 /* enum kmesh_sock_flag */
+	__u32 unchecked;             /* bytes sent to the peer since its queue was looked at */
 };
 
 /* Settings the daemon writes into km_config[0]. */
 struct config_value {
-	__u32 accelerate; /* same-host sockmap acceleration on */
+	__u32 accelerate;  /* same-host sockmap acceleration on */
+	__u32 queue_limit; /* bytes a peer may hold unread before its sender
+			    * falls back to TCP; 0 = no limit */
 };
+
+/* How often (bytes sent) an accelerated sender looks at its peer's queue. */
+#define KMESH_QUEUE_CHECK_BYTES 65536
 
 #endif

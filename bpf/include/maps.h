@@ -92,10 +92,15 @@ static __always_inline struct manage_value *netns_enrollment(void *ctx)
 	return bpf_map_lookup_elem(&km_manage, &cookie);
 }
 
-static __always_inline bool accelerate_on(void)
+static __always_inline struct config_value *config(void)
 {
 	__u32 zero = 0;
-	struct config_value *c = bpf_map_lookup_elem(&km_config, &zero);
+	return bpf_map_lookup_elem(&km_config, &zero);
+}
+
+static __always_inline bool accelerate_on(void)
+{
+	struct config_value *c = config();
 	return c && c->accelerate;
 }
 

@@ -154,4 +154,24 @@ struct sk_msg_md {
 	__kmesh_md_ptr(struct bpf_sock *, sk);
 };
 
+
+/*
+ * Kernel structs, read through BTF pointers or bpf_probe_read_kernel with
+ * CO-RE: only the fields used, relocated at load time.
+ */
+struct sk_msg {
+	struct sock *sk_redir; /* set by bpf_msg_redirect_hash */
+} __attribute__((preserve_access_index));
+struct sock {
+	__u8 sk_userlocks;
+	int sk_rcvbuf;
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+struct sk_psock {
+	__u32 msg_tot_len; /* bytes in ingress_msg (kernel 6.18+) */
+} __attribute__((preserve_access_index));
+#define SOCK_RCVBUF_LOCK 2
+/* Low bits of sk_user_data (include/net/sock.h); PSOCK marks a psock. */
+#define SK_USER_DATA_PSOCK 4UL
+#define SK_USER_DATA_PTRMASK (~7UL)
 #endif

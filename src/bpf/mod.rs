@@ -41,7 +41,7 @@ pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
 pub const EP_PORTS: u32 = 1;
-pub const STAT_NAMES: [&str; 14] = [
+pub const STAT_NAMES: [&str; 15] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -56,6 +56,7 @@ pub const STAT_NAMES: [&str; 14] = [
     "accel_full",
     "accel_on",
     "accel_off",
+    "accel_pushback",
 ];
 
 #[derive(Debug, Error)]

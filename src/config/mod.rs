@@ -47,6 +47,10 @@ struct File {
     /// Same-host sockmap acceleration (also the daemon's --accelerate).
     #[serde(default)]
     accelerate: bool,
+    /// Bytes an accelerated receiver may leave unread before its sender
+    /// falls back to TCP's flow control (0: no limit).
+    #[serde(default)]
+    accel_queue_limit: Option<u32>,
     #[serde(default)]
     services: Vec<ServiceEntry>,
     #[serde(default)]
@@ -438,6 +442,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
         source,
     })?;
     model.accelerate = file.accelerate;
+    model.accel_queue_limit = file.accel_queue_limit;
     Ok((model, file.enroll.netns))
 }
 

@@ -282,7 +282,16 @@ pub struct Model {
     pub enrolled: BTreeMap<u64, Enrollment>,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
+    /// Unread bytes an accelerated receiver may hold before its sender falls
+    /// back to TCP (0: no limit); None leaves it to another layer or the
+    /// default.
+    pub accel_queue_limit: Option<u32>,
 }
+
+/// Default for `accel_queue_limit`: what Linux's TCP receive autotuning
+/// grows a buffer to by default (net.ipv4.tcp_rmem max is 6 MiB before 6.x
+/// and 32 MiB after); a bulk sender rarely gets this far ahead.
+pub const DEFAULT_ACCEL_QUEUE_LIMIT: u32 = 4 << 20;
 
 impl fmt::Display for Model {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -360,6 +369,15 @@ impl<'a> Layers<'a> {
 
     pub fn accelerate(self) -> bool {
         self.0.iter().any(|m| m.accelerate)
+    }
+
+    /// The topmost layer's setting, else the default.
+    pub fn accel_queue_limit(self) -> u32 {
+        self.0
+            .iter()
+            .rev()
+            .find_map(|m| m.accel_queue_limit)
+            .unwrap_or(DEFAULT_ACCEL_QUEUE_LIMIT)
     }
 
     /// The names of hostname (DNS) workloads, each once.

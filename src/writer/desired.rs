@@ -162,6 +162,7 @@ impl MapWriter {
                 .collect(),
             config: config_value {
                 accelerate: model.accelerate().into(),
+                queue_limit: model.accel_queue_limit(),
             },
             passthrough: Vec::new(),
         };

@@ -46,6 +46,13 @@ enum Cmd {
         /// Accept, then never read or write (a peer with a full buffer).
         #[arg(long)]
         stall: bool,
+        /// With --stall: after this many ms, read each connection to EOF,
+        /// check it is the stream `fill` writes, and answer with the result.
+        #[arg(long)]
+        drain_after_ms: Option<u64>,
+        /// SO_RCVBUF for accepted connections (the kernel doubles it).
+        #[arg(long)]
+        rcvbuf: Option<usize>,
         /// Close a connection once this many bytes were echoed.
         #[arg(long)]
         close_after: Option<usize>,
@@ -80,6 +87,10 @@ enum Cmd {
         addr: SocketAddr,
         #[arg(long, default_value_t = 256 << 20)]
         max_bytes: usize,
+        /// After EAGAIN, write this many more bytes blocking and check the
+        /// verdict of a `serve --stall --drain-after-ms` server.
+        #[arg(long)]
+        finish: Option<usize>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -107,17 +118,31 @@ enum Cmd {
     },
 }
 
-fn serve(
-    listen: Vec<SocketAddr>,
-    name: String,
+struct ServeOpts {
     stall: bool,
+    drain_after: Option<Duration>,
     close_after: Option<usize>,
-) -> io::Result<()> {
+    rcvbuf: Option<usize>,
+}
+
+fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> {
+    let ServeOpts {
+        stall,
+        drain_after,
+        close_after,
+        rcvbuf,
+    } = o;
     let mut listeners = Vec::new();
     for a in &listen {
-        listeners.push(
-            TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?,
-        );
+        let l =
+            TcpListener::bind(a).map_err(|e| io::Error::new(e.kind(), format!("bind {a}: {e}")))?;
+        // Accepted sockets inherit the size, and the lock that marks it as
+        // the application's choice.
+        if let Some(n) = rcvbuf {
+            nix::sys::socket::setsockopt(&l, nix::sys::socket::sockopt::RcvBuf, &n)
+                .map_err(io::Error::from)?;
+        }
+        listeners.push(l);
     }
     println!(
         "{}",
@@ -132,7 +157,10 @@ fn serve(
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { continue };
                 if stall {
-                    stalled.push(c);
+                    match drain_after {
+                        Some(d) => drop(std::thread::spawn(move || transfer::sink(c, d))),
+                        None => stalled.push(c),
+                    }
                     continue;
                 }
                 let greeting = format!("{name}\n");
@@ -249,8 +277,20 @@ fn main() -> ExitCode {
             listen,
             name,
             stall,
+            drain_after_ms,
             close_after,
-        } => serve(listen, name, stall, close_after).map(|()| true),
+            rcvbuf,
+        } => serve(
+            listen,
+            name,
+            ServeOpts {
+                stall,
+                drain_after: drain_after_ms.map(Duration::from_millis),
+                close_after,
+                rcvbuf,
+            },
+        )
+        .map(|()| true),
         Cmd::AfterClose {
             addr,
             writes,
@@ -279,8 +319,9 @@ fn main() -> ExitCode {
         Cmd::Fill {
             addr,
             max_bytes,
+            finish,
             timeout_ms,
-        } => transfer::fill(addr, max_bytes, Duration::from_millis(timeout_ms)),
+        } => transfer::fill(addr, max_bytes, finish, Duration::from_millis(timeout_ms)),
         Cmd::Connect {
             addr,
             count,

@@ -170,18 +170,39 @@ pub fn run(addr: SocketAddr, conns: u32, o: Opts) -> io::Result<bool> {
     Ok(all_ok)
 }
 
+/// Byte `off` of a fill stream: a sink that gets every byte exactly once,
+/// in order, sees this sequence.
+fn stream_byte(off: usize) -> u8 {
+    ((off * 31) % 251) as u8
+}
+
+fn stream_chunk(off: usize, len: usize) -> Vec<u8> {
+    (off..off + len).map(stream_byte).collect()
+}
+
 /// Writes without the peer reading until the kernel says EAGAIN (or
 /// `max` bytes went out): a full receive buffer must push back on the
-/// sender as plain TCP does.
-pub fn fill(addr: SocketAddr, max: usize, timeout: Duration) -> io::Result<bool> {
+/// sender as plain TCP does. With `finish`, then writes that many more
+/// bytes blocking, shuts down its side and reads the sink's verdict (see
+/// `sink`): the bytes queued before the push-back and those after must
+/// arrive once each, in order.
+pub fn fill(
+    addr: SocketAddr,
+    max: usize,
+    finish: Option<usize>,
+    timeout: Duration,
+) -> io::Result<bool> {
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_nonblocking(true)?;
-    let buf = vec![0x5au8; 65536];
     let mut written = 0;
     let mut eagain = false;
-    let deadline = std::time::Instant::now() + timeout.max(Duration::from_secs(5));
+    let start = std::time::Instant::now();
+    let deadline = start + timeout.max(Duration::from_secs(5));
+    // 251 * 256 bytes: the pattern repeats every 251, so one buffer does.
+    let buf = stream_chunk(0, 251 * 256);
     while written < max && std::time::Instant::now() < deadline {
-        match (&s).write(&buf) {
+        let at = written % 251;
+        match (&s).write(&buf[at..at + 250 * 256]) {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 eagain = true;
@@ -190,12 +211,96 @@ pub fn fill(addr: SocketAddr, max: usize, timeout: Duration) -> io::Result<bool>
             Err(e) => return Err(e),
         }
     }
-    println!(
-        "{}",
-        json!({"ok": eagain, "written": written, "eagain": eagain})
-    );
+    let fill_ms = start.elapsed().as_millis() as u64;
+    let mut out = json!({"ok": eagain, "written": written, "eagain": eagain, "fill_ms": fill_ms});
+    if let Some(more) = finish {
+        match finish_fill(&s, &buf, written, more, timeout) {
+            Ok(verdict) => {
+                let total = written + more;
+                let good = verdict["received"] == total && verdict["in_order"] == true;
+                out["ok"] = json!(eagain && good);
+                out["total"] = json!(total);
+                out["sink"] = verdict;
+            }
+            Err(e) => {
+                out["ok"] = json!(false);
+                out["error"] = json!(e.to_string());
+            }
+        }
+    }
+    println!("{out}");
     io::stdout().flush()?;
-    Ok(eagain)
+    Ok(out["ok"] == true)
+}
+
+/// The rest of `fill --finish`: `more` bytes blocking, our side shut down,
+/// the sink's verdict.
+fn finish_fill(
+    s: &TcpStream,
+    buf: &[u8],
+    written: usize,
+    more: usize,
+    timeout: Duration,
+) -> io::Result<serde_json::Value> {
+    s.set_nonblocking(false)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut sent = 0;
+    while sent < more {
+        let at = (written + sent) % 251;
+        let n = (more - sent).min(250 * 256);
+        let mut w = s;
+        w.write_all(&buf[at..at + n])
+            .map_err(|e| io::Error::new(e.kind(), format!("after {sent} more bytes: {e}")))?;
+        sent += n;
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut reply = Vec::new();
+    let mut eagain = 0;
+    let mut b = [0u8; 256];
+    loop {
+        match (&*s).read(&mut b) {
+            Ok(0) => break,
+            Ok(n) => reply.extend_from_slice(&b[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io::Error::new(e.kind(), format!("reading the sink's verdict: {e}"))),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    serde_json::from_str(reply.trim())
+        .map_err(|e| io::Error::other(format!("sink reply {reply:?}: {e}")))
+}
+
+/// The server side of `fill --finish`: leaves the connection unread for
+/// `delay`, then reads it to EOF checking every byte's place in the stream,
+/// and answers with one JSON line.
+pub fn sink(mut c: TcpStream, delay: Duration) {
+    std::thread::sleep(delay);
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut received, mut first_bad) = (0usize, None);
+    let mut eagain = 0u32;
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if first_bad.is_none() {
+                    first_bad = (0..n)
+                        .find(|&i| buf[i] != stream_byte(received + i))
+                        .map(|i| received + i);
+                }
+                received += n;
+            }
+            // See read_full: a sockhash socket's blocking read can say
+            // EAGAIN when plain-TCP data wakes it.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let reply = json!({"received": received, "in_order": first_bad.is_none(),
+                       "first_bad": first_bad, "eagain_retries": eagain});
+    let _ = c.write_all(format!("{reply}\n").as_bytes());
 }
 
 /// Writes after the peer closed: one byte echoed, the server's EOF, then
