@@ -166,3 +166,18 @@ fn bad_hostname_workloads_are_named() {
     let e = err(&EGRESS.replace(r#""resolution": "NONE""#, r#""resolution": "none""#));
     assert!(e.contains("services[2].resolution"), "{e}");
 }
+
+#[test]
+fn accel_queue_limit_is_read_and_layered() {
+    let (m, _) = parse(Path::new("t.json"), r#"{"accel_queue_limit": 1048576}"#).unwrap();
+    assert_eq!(m.accel_queue_limit, Some(1 << 20));
+    let xds = Model::default();
+    // The file's setting wins over the default whatever layer is on top.
+    use crate::model::Layers;
+    assert_eq!(Layers(&[&m, &xds]).accel_queue_limit(), 1 << 20);
+    assert_eq!(
+        Layers(&[&xds]).accel_queue_limit(),
+        crate::model::DEFAULT_ACCEL_QUEUE_LIMIT
+    );
+    assert!(err(r#"{"accel_queue_limit": -1}"#).contains("accel_queue_limit"));
+}

@@ -288,9 +288,10 @@ pub struct Model {
     pub accel_queue_limit: Option<u32>,
 }
 
-/// Default for `accel_queue_limit`: what Linux's TCP receive autotuning
-/// grows a buffer to by default (net.ipv4.tcp_rmem max is 6 MiB before 6.x
-/// and 32 MiB after); a bulk sender rarely gets this far ahead.
+/// Default for `accel_queue_limit`: as much as plain TCP lets a sender
+/// queue toward a stalled reader at most (net.ipv4.tcp_wmem max, 4 MiB).
+/// A bulk sender that outruns its reader by this much also falls back;
+/// raising it trades memory per slow reader for bulk throughput.
 pub const DEFAULT_ACCEL_QUEUE_LIMIT: u32 = 4 << 20;
 
 impl fmt::Display for Model {

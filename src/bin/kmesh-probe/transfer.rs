@@ -264,7 +264,12 @@ fn finish_fill(
             Ok(n) => reply.extend_from_slice(&b[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io::Error::new(e.kind(), format!("reading the sink's verdict: {e}"))),
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("reading the sink's verdict: {e}"),
+                ))
+            }
         }
     }
     let reply = String::from_utf8_lossy(&reply);
