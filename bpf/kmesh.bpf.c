@@ -393,10 +393,24 @@ static __always_inline void peer_key(struct sk_msg_md *msg, struct sock_key *pee
 }
 
 /*
- * Whether the peer msg was just redirected to holds more unread redirected
- * bytes than it may: the configured limit, or its SO_RCVBUF if the
- * application set one. Redirected bytes bypass the receive buffer TCP would
- * fill, so without this a sender to a stalled reader never sees EAGAIN.
+ * Kernel memory a queued message takes besides its payload: the struct
+ * sk_msg bpf_tcp_ingress allocates for it (about 1 KiB with slab rounding;
+ * 1-byte writes to a stalled reader measured 0.98 KiB each).
+ */
+static __always_inline __u64 msg_overhead(void)
+{
+	return bpf_core_type_size(struct sk_msg);
+}
+
+/*
+ * Whether the peer msg was just redirected to holds more unread memory
+ * than it may: the configured limit, or its SO_RCVBUF if the application
+ * set one. Like TCP's truesize, the count includes per-message overhead,
+ * which for small writes dwarfs the payload the kernel tracks
+ * (msg_tot_len); the number of queued messages is estimated from the
+ * sender's recent average write. Redirected bytes bypass the receive
+ * buffer TCP would fill, so without this a sender to a stalled reader
+ * never sees EAGAIN, and 1-byte writes pin 1 KiB of slab each.
  *
  * sk_msg programs cannot release a socket reference, so the peer is not
  * looked up again: the context is the kernel's struct sk_msg, whose
@@ -404,7 +418,7 @@ static __always_inline void peer_key(struct sk_msg_md *msg, struct sock_key *pee
  * psock for the program's run). Kernel memory is read with
  * bpf_probe_read_kernel, which cannot fault.
  */
-static __always_inline bool peer_backlogged(struct sk_msg_md *msg)
+static __always_inline bool peer_backlogged(struct sk_msg_md *msg, __u64 bytes, __u64 sends)
 {
 	struct config_value *c = config();
 	if (!c || !c->queue_limit || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
@@ -426,7 +440,9 @@ static __always_inline bool peer_backlogged(struct sk_msg_md *msg)
 	    !bpf_core_read(&rcvbuf, sizeof(rcvbuf), &sk->sk_rcvbuf) && rcvbuf > 0 &&
 	    (__u32)rcvbuf < limit)
 		limit = rcvbuf;
-	return queued >= limit;
+	/* queued / (bytes / sends) messages, each with its overhead. */
+	__u64 cost = queued + (bytes ? (__u64)queued * sends / bytes : 0) * msg_overhead();
+	return cost >= limit;
 }
 
 SEC("sk_msg")
@@ -479,10 +495,14 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 	 * (a redirect cannot be taken back), the next ones go through TCP,
 	 * whose flow control then blocks the sender as it would without us.
 	 */
-	st->unchecked += msg->size;
-	if (st->unchecked >= KMESH_QUEUE_CHECK_BYTES) {
-		st->unchecked = 0;
-		if (peer_backlogged(msg)) {
+	__u32 bytes = st->unchecked_bytes + msg->size, sends = st->unchecked_sends + 1;
+	if (bytes + (__u64)sends * msg_overhead() < KMESH_QUEUE_CHECK_BYTES) {
+		st->unchecked_bytes = bytes;
+		st->unchecked_sends = sends;
+	} else {
+		st->unchecked_bytes = 0;
+		st->unchecked_sends = 0;
+		if (peer_backlogged(msg, bytes, sends)) {
 			st->flags &= ~KMESH_SOCK_ACCEL;
 			stat_inc(KMESH_STAT_ACCEL_PUSHBACK);
 		}

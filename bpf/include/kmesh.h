@@ -152,7 +152,9 @@ struct sock_state {
 	struct kmesh_addr orig_addr; /* destination before a waypoint redirect */
 	__u32 orig_port;             /* network order in low 16 bits */
 	__u32 flags;                 /* enum kmesh_sock_flag */
-	__u32 unchecked;             /* bytes sent to the peer since its queue was looked at */
+	/* Sent to the peer since its queue was last looked at: */
+	__u32 unchecked_bytes;
+	__u32 unchecked_sends;
 };
 
 /* Settings the daemon writes into km_config[0]. */
@@ -162,7 +164,10 @@ struct config_value {
 			    * falls back to TCP; 0 = no limit */
 };
 
-/* How often (bytes sent) an accelerated sender looks at its peer's queue. */
+/*
+ * How often an accelerated sender looks at its peer's queue: after this
+ * much memory sent, payload plus a struct sk_msg per send.
+ */
 #define KMESH_QUEUE_CHECK_BYTES 65536
 
 #endif

@@ -36,6 +36,24 @@ fn abort(s: TcpStream) {
     let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l);
 }
 
+/// read_exact for a blocking socket that retries EAGAIN: a socket in a
+/// sockhash can have a blocking read return EAGAIN after a wake-up that
+/// brought no data (the peer's FIN, or send space freed by ACKs), a kernel
+/// quirk of tcp_bpf_recvmsg (README, Known limits). Returns the retries.
+fn read_exact_blocking(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<u32> {
+    let (mut got, mut retries) = (0, 0u32);
+    while got < buf.len() {
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && retries < 10_000 => retries += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(retries)
+}
+
 /// Writes `out` while reading the echo into `back`, with poll(2) waiting for
 /// whichever side can progress. `s` must be non-blocking.
 fn exchange_polled(s: &mut TcpStream, out: &[u8], back: &mut [u8]) -> io::Result<()> {
@@ -115,7 +133,8 @@ fn rr_conn(
         let r = if polled {
             exchange_polled(&mut s, &out, &mut back)
         } else {
-            s.write_all(&out).and_then(|()| s.read_exact(&mut back))
+            s.write_all(&out)
+                .and_then(|()| read_exact_blocking(&mut s, &mut back).map(drop))
         };
         let t1 = Instant::now();
         r.map_err(Error::io("request/response"))?;
@@ -188,12 +207,13 @@ pub fn stream(addr: SocketAddr, size: usize, duration: Duration) -> Result<Value
     s.shutdown(std::net::Shutdown::Write)
         .map_err(Error::io("shutdown"))?;
     let mut got = [0u8; 8];
-    s.read_exact(&mut got).map_err(Error::io("byte count"))?;
+    let retries = read_exact_blocking(&mut s, &mut got).map_err(Error::io("byte count"))?;
     let secs = start.elapsed().as_secs_f64();
     let received = u64::from_le_bytes(got);
     let v = json!({
         "mode": "stream", "size": size, "peer": peer, "bytes": received,
         "seconds": secs, "mb_per_s": received as f64 / secs / 1e6,
+        "eagain_retries": retries,
     });
     if received != sent {
         return Err(Error::Mismatch(sent.abs_diff(received), v));
@@ -212,7 +232,7 @@ pub fn connect_rate(addr: SocketAddr, duration: Duration, echo: bool) -> Result<
                 s.set_nodelay(true).map_err(Error::io("TCP_NODELAY"))?;
                 s.write_all(&[HDR_ECHO, 0xa5]).map_err(Error::io("write"))?;
                 let mut b = [0u8; 1];
-                s.read_exact(&mut b).map_err(Error::io("read"))?;
+                read_exact_blocking(&mut s, &mut b).map_err(Error::io("read"))?;
                 if b[0] != 0xa5 {
                     return Err(Error::Mismatch(1, Value::Null));
                 }

@@ -91,6 +91,9 @@ enum Cmd {
         /// verdict of a `serve --stall --drain-after-ms` server.
         #[arg(long)]
         finish: Option<usize>,
+        /// Bytes per write() while filling.
+        #[arg(long, default_value_t = 64000)]
+        write_size: usize,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -320,8 +323,17 @@ fn main() -> ExitCode {
             addr,
             max_bytes,
             finish,
+            write_size,
             timeout_ms,
-        } => transfer::fill(addr, max_bytes, finish, Duration::from_millis(timeout_ms)),
+        } => transfer::fill(
+            addr,
+            transfer::FillOpts {
+                max: max_bytes,
+                finish,
+                write_size: write_size.clamp(1, 64000),
+            },
+            Duration::from_millis(timeout_ms),
+        ),
         Cmd::Connect {
             addr,
             count,

@@ -186,12 +186,19 @@ fn stream_chunk(off: usize, len: usize) -> Vec<u8> {
 /// bytes blocking, shuts down its side and reads the sink's verdict (see
 /// `sink`): the bytes queued before the push-back and those after must
 /// arrive once each, in order.
-pub fn fill(
-    addr: SocketAddr,
-    max: usize,
-    finish: Option<usize>,
-    timeout: Duration,
-) -> io::Result<bool> {
+pub struct FillOpts {
+    pub max: usize,
+    pub finish: Option<usize>,
+    /// Bytes per write() while filling (at most 64000).
+    pub write_size: usize,
+}
+
+pub fn fill(addr: SocketAddr, o: FillOpts, timeout: Duration) -> io::Result<bool> {
+    let FillOpts {
+        max,
+        finish,
+        write_size,
+    } = o;
     let s = TcpStream::connect_timeout(&addr, timeout)?;
     s.set_nonblocking(true)?;
     let mut written = 0;
@@ -202,7 +209,7 @@ pub fn fill(
     let buf = stream_chunk(0, 251 * 256);
     while written < max && std::time::Instant::now() < deadline {
         let at = written % 251;
-        match (&s).write(&buf[at..at + 250 * 256]) {
+        match (&s).write(&buf[at..at + write_size]) {
             Ok(n) => written += n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 eagain = true;
@@ -273,8 +280,10 @@ fn finish_fill(
         }
     }
     let reply = String::from_utf8_lossy(&reply);
-    serde_json::from_str(reply.trim())
-        .map_err(|e| io::Error::other(format!("sink reply {reply:?}: {e}")))
+    let mut v: serde_json::Value = serde_json::from_str(reply.trim())
+        .map_err(|e| io::Error::other(format!("sink reply {reply:?}: {e}")))?;
+    v["reader_eagain_retries"] = json!(eagain);
+    Ok(v)
 }
 
 /// The server side of `fill --finish`: leaves the connection unread for
