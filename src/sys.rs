@@ -1,7 +1,9 @@
-//! Small OS helpers: network namespaces, cgroup2, netns cookies.
+//! Small OS helpers: network namespaces, cgroup2, netns cookies, reads on
+//! sockhash sockets.
 
 use std::{
-    fs, io,
+    fs,
+    io::{self, Read},
     os::fd::AsFd,
     path::{Path, PathBuf},
 };
@@ -76,6 +78,35 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
     })
     .join()
     .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+}
+
+/// One read() on a blocking socket that retries EAGAIN, counting the
+/// retries in `eagain` (up to 10,000 in all, then the error is returned).
+/// A socket in a sockhash (accelerated and waypoint connections) can see a
+/// blocking read return EAGAIN after a wake-up that brought no data, such
+/// as the peer's FIN or send space freed by ACKs: the kernel's
+/// tcp_bpf_recvmsg waits once and then gives up (README, Known limits).
+/// Retrying is what a non-blocking application does anyway. Ok(0) is EOF.
+pub fn read_blocking(mut r: impl Read, buf: &mut [u8], eagain: &mut u32) -> io::Result<usize> {
+    loop {
+        match r.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && *eagain < 10_000 => *eagain += 1,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            res => return res,
+        }
+    }
+}
+
+/// read_exact over `read_blocking`.
+pub fn read_exact_blocking(mut r: impl Read, buf: &mut [u8], eagain: &mut u32) -> io::Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        match read_blocking(&mut r, &mut buf[got..], eagain)? {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

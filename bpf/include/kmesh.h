@@ -160,8 +160,9 @@ struct sock_state {
 /* Settings the daemon writes into km_config[0]. */
 struct config_value {
 	__u32 accelerate;  /* same-host sockmap acceleration on */
-	__u32 queue_limit; /* bytes a peer may hold unread before its sender
-			    * falls back to TCP; 0 = no limit */
+	__u32 queue_limit; /* memory (payload + per-message overhead) a peer
+			    * may hold unread before its sender falls back
+			    * to TCP; 0 = no limit */
 };
 
 /*

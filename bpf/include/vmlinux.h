@@ -154,7 +154,6 @@ struct sk_msg_md {
 	__kmesh_md_ptr(struct bpf_sock *, sk);
 };
 
-
 /*
  * Kernel structs, read through BTF pointers or bpf_probe_read_kernel with
  * CO-RE: only the fields used, relocated at load time.

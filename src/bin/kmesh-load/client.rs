@@ -36,21 +36,11 @@ fn abort(s: TcpStream) {
     let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l);
 }
 
-/// read_exact for a blocking socket that retries EAGAIN: a socket in a
-/// sockhash can have a blocking read return EAGAIN after a wake-up that
-/// brought no data (the peer's FIN, or send space freed by ACKs), a kernel
-/// quirk of tcp_bpf_recvmsg (README, Known limits). Returns the retries.
+/// read_exact that retries a blocking sockhash socket's spurious EAGAIN
+/// (kmesh::sys::read_blocking); returns the retries.
 fn read_exact_blocking(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<u32> {
-    let (mut got, mut retries) = (0, 0u32);
-    while got < buf.len() {
-        match s.read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && retries < 10_000 => retries += 1,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let mut retries = 0;
+    kmesh::sys::read_exact_blocking(s, buf, &mut retries)?;
     Ok(retries)
 }
 

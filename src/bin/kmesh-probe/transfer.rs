@@ -30,23 +30,10 @@ fn pattern(seed: usize, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// read_exact that retries EAGAIN on a blocking socket. A socket in a
-/// sockhash (waypoint connections, accelerated ones) can see a blocking
-/// read return EAGAIN when plain-TCP data wakes it (the kernel's
-/// tcp_bpf_recvmsg); see README "Known limits". Retrying is what a
-/// non-blocking application does anyway; the count is reported.
+/// read_exact that retries a blocking sockhash socket's spurious EAGAIN
+/// (kmesh::sys::read_blocking); the count is reported.
 fn read_full(s: &TcpStream, buf: &mut [u8], eagain: &mut u32) -> io::Result<()> {
-    let mut got = 0;
-    while got < buf.len() {
-        match (&*s).read(&mut buf[got..]) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && *eagain < 10_000 => *eagain += 1,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    kmesh::sys::read_exact_blocking(s, buf, eagain)
 }
 
 /// The server's greeting line, read byte by byte so nothing after it is
@@ -266,11 +253,9 @@ fn finish_fill(
     let mut eagain = 0;
     let mut b = [0u8; 256];
     loop {
-        match (&*s).read(&mut b) {
+        match kmesh::sys::read_blocking(s, &mut b, &mut eagain) {
             Ok(0) => break,
             Ok(n) => reply.extend_from_slice(&b[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
@@ -295,8 +280,8 @@ pub fn sink(mut c: TcpStream, delay: Duration) {
     let (mut received, mut first_bad) = (0usize, None);
     let mut eagain = 0u32;
     loop {
-        match c.read(&mut buf) {
-            Ok(0) => break,
+        match kmesh::sys::read_blocking(&c, &mut buf, &mut eagain) {
+            Ok(0) | Err(_) => break,
             Ok(n) => {
                 if first_bad.is_none() {
                     first_bad = (0..n)
@@ -305,11 +290,6 @@ pub fn sink(mut c: TcpStream, delay: Duration) {
                 }
                 received += n;
             }
-            // See read_full: a sockhash socket's blocking read can say
-            // EAGAIN when plain-TCP data wakes it.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
         }
     }
     let reply = json!({"received": received, "in_order": first_bad.is_none(),
@@ -328,15 +308,7 @@ pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Resu
     let mut b = [0u8; 1];
     read_full(&s, &mut b, &mut eagain)?;
     // EOF: the server closed after its echo.
-    let eof = loop {
-        match (&s).read(&mut b) {
-            Ok(0) => break true,
-            Ok(_) => break false,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < 10_000 => eagain += 1,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    };
+    let eof = kmesh::sys::read_blocking(&s, &mut b, &mut eagain)? == 0;
     let mut results = Vec::new();
     for _ in 0..writes {
         std::thread::sleep(Duration::from_millis(50));
