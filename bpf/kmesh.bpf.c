@@ -337,48 +337,42 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* Writes the DESIGN.md TLV: type 0x01, u32 BE length, IP, port, 0xFE, u32 0. */
-static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_state *st)
+/*
+ * Prepends the DESIGN.md TLV: type 0x01, u32 BE length (IP + port), IP,
+ * port, then the end marker 0xFE with a zero length. Inlined with constant
+ * ip_len, so the verifier sees fixed sizes.
+ */
+static __always_inline int write_tlv(struct sk_msg_md *msg, const void *ip, __u32 ip_len,
+				     __u16 port)
 {
-	__u16 port = (__u16)st->orig_port; /* already network order */
-	if (addr_is_v4(&st->orig_addr)) {
-		if (bpf_msg_push_data(msg, 0, 16, 0) || bpf_msg_pull_data(msg, 0, 16, 0))
-			return -1;
-		__u8 *d = msg->data;
-		if ((void *)(d + 16) > msg->data_end)
-			return -1;
-		d[0] = 0x01;
-		d[1] = 0;
-		d[2] = 0;
-		d[3] = 0;
-		d[4] = 6;
-		__builtin_memcpy(d + 5, &st->orig_addr.ip6[3], 4);
-		__builtin_memcpy(d + 9, &port, 2);
-		d[11] = 0xfe;
-		d[12] = 0;
-		d[13] = 0;
-		d[14] = 0;
-		d[15] = 0;
-		return 0;
-	}
-	if (bpf_msg_push_data(msg, 0, 28, 0) || bpf_msg_pull_data(msg, 0, 28, 0))
+	__u32 len = 5 + ip_len + 2 + 5;
+	if (bpf_msg_push_data(msg, 0, len, 0) || bpf_msg_pull_data(msg, 0, len, 0))
 		return -1;
 	__u8 *d = msg->data;
-	if ((void *)(d + 28) > msg->data_end)
+	if ((void *)(d + len) > msg->data_end)
 		return -1;
 	d[0] = 0x01;
 	d[1] = 0;
 	d[2] = 0;
 	d[3] = 0;
-	d[4] = 18;
-	__builtin_memcpy(d + 5, &st->orig_addr.ip6[0], 16);
-	__builtin_memcpy(d + 21, &port, 2);
-	d[23] = 0xfe;
-	d[24] = 0;
-	d[25] = 0;
-	d[26] = 0;
-	d[27] = 0;
+	d[4] = ip_len + 2;
+	__builtin_memcpy(d + 5, ip, ip_len);
+	__builtin_memcpy(d + 5 + ip_len, &port, 2);
+	d[7 + ip_len] = 0xfe;
+	d[8 + ip_len] = 0;
+	d[9 + ip_len] = 0;
+	d[10 + ip_len] = 0;
+	d[11 + ip_len] = 0;
 	return 0;
+}
+
+/* The original destination's TLV: 16 bytes for IPv4, 28 for IPv6. */
+static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_state *st)
+{
+	__u16 port = (__u16)st->orig_port; /* already network order */
+	if (addr_is_v4(&st->orig_addr))
+		return write_tlv(msg, &st->orig_addr.ip6[3], 4, port);
+	return write_tlv(msg, &st->orig_addr.ip6[0], 16, port);
 }
 
 /* The key under which the other end of msg's connection sits in km_sock. */
