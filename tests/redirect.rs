@@ -328,10 +328,15 @@ fn restart_with_kept_links_hands_over_without_a_gap() {
     let client = env.pod(2, &[]);
     let pods = backends(&mut env, 2);
     let vip = &["10.96.0.10"];
+    // The old daemon accelerates, so it has sockops on the cgroup too.
     let mut old = env
-        .daemon_args(&web(&client, vip, &pods[..1], false), &["--keep-attached"])
+        .daemon_args(
+            &web(&client, vip, &pods[..1], false),
+            &["--keep-attached", "--accelerate"],
+        )
         .unwrap();
     assert!(old.stop().success());
+    assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_SOCK_OPS), 1);
     // The old programs still redirect with nobody running.
     assert_eq!(
         tally(&env.connect(&client, "10.96.0.10:80", 5)).get("web-1"),
@@ -348,4 +353,7 @@ fn restart_with_kept_links_hands_over_without_a_gap() {
     let _new = env.daemon(&to_web2);
     let t = tally(&env.connect(&client, "10.96.0.10:80", 30));
     assert_eq!(t.get("web-2"), Some(&30), "{t:?}");
+    // Nor does the old sockops stay: the new daemon has no use for one.
+    assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_SOCK_OPS), 0);
+    assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_INET4_CONNECT), 1);
 }

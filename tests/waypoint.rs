@@ -247,3 +247,61 @@ fn hostname_waypoint_is_resolved_through_its_service() {
     // The waypoint pod itself is never sent to a waypoint: its onward
     // connection to the VIP went straight to web-1 (else it would loop).
 }
+
+/// Waits until the daemon has applied `n` config file changes.
+fn wait_reloads(d: &harness::Daemon, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while d.log().matches("config file changed: applied").count() < n {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// sockops costs every connection in the cgroup, so it goes on only when
+/// something needs it: here a waypoint arriving by reload. The kernel's
+/// own list of programs on the cgroup is checked, not just the dump.
+#[test]
+fn sockops_is_attached_once_a_waypoint_is_configured() {
+    let mut w = world();
+    let plain = config(
+        &w,
+        vec![web_service(&["10.96.0.10"], None)],
+        vec![backend(&w.web, None)],
+    );
+    let mut d = w.env.daemon(&plain);
+    let sockops = || w.env.cgroup_progs(libbpf_sys::BPF_CGROUP_SOCK_OPS);
+    assert_eq!(d.dump()["attached"], json!(["connect4", "connect6"]));
+    assert_eq!(sockops(), 0);
+    assert_eq!(w.env.cgroup_progs(libbpf_sys::BPF_CGROUP_INET4_CONNECT), 1);
+    transfer(&w, "10.96.0.10:80", &["--sizes", "1,4096"], 1);
+
+    let wp = json!({"address": w.waypoint.v4.to_string(), "port": 15008});
+    d.write_config(&config(
+        &w,
+        vec![web_service(&["10.96.0.10"], Some(wp))],
+        vec![backend(&w.web, None)],
+    ));
+    wait_reloads(&d, 1);
+    assert_eq!(
+        d.dump()["attached"],
+        json!(["connect4", "connect6", "sockops"])
+    );
+    assert_eq!(sockops(), 1);
+    transfer(&w, "10.96.0.10:80", &["--sizes", "1,4096"], 1);
+    let lines = log_lines(&w.log);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["tlv"], true, "{lines:?}");
+    assert_eq!(lines[0]["orig"], "10.96.0.10:80", "{lines:?}");
+
+    // The waypoint going away leaves sockops on: a connect that picked it
+    // just before must still get its TLV.
+    d.write_config(&plain);
+    wait_reloads(&d, 2);
+    assert_eq!(sockops(), 1);
+    transfer(&w, "10.96.0.10:80", &["--sizes", "100"], 1);
+    assert_eq!(log_lines(&w.log).len(), 1);
+
+    assert!(d.stop().success());
+    assert_eq!(sockops(), 0);
+    assert_eq!(w.env.cgroup_progs(libbpf_sys::BPF_CGROUP_INET4_CONNECT), 0);
+}

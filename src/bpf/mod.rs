@@ -167,7 +167,13 @@ pub struct Datapath {
     skel: skel::KmeshSkel<'static>,
     links: Vec<(&'static str, Link)>,
     pin_dir: Option<PathBuf>,
+    /// Where `attach` put the programs, kept open so sockops can follow.
+    cgroup: Option<(PathBuf, fs::File)>,
+    sockops_wanted: bool,
 }
+
+/// Every cgroup link the data path may have, as named in its pins.
+const LINK_NAMES: [&str; 3] = ["connect4", "connect6", "sockops"];
 
 // libbpf logs arrive through a C callback; the tail is kept so a verifier
 // rejection (EACCES/EINVAL from load) carries the log in its error message.
@@ -274,17 +280,19 @@ impl Datapath {
             skel,
             links: Vec::new(),
             pin_dir: None,
+            cgroup: None,
+            sockops_wanted: false,
         })
     }
 
     /// Attaches connect4/connect6 to the cgroup2 directory `cgroup` with
-    /// bpf_links (other programs on the cgroup keep running).
+    /// bpf_links (other programs on the cgroup keep running), and sockops
+    /// if `want_sockops` was called.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), BpfError> {
         let dir = fs::File::open(cgroup).map_err(|source| BpfError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let fd = dir.as_raw_fd();
         let progs = &self.skel.progs;
         // The sk_msg program rides on km_sock; the map holds it, so sockets
         // already in the map keep being served after this process exits.
@@ -297,18 +305,61 @@ impl Datapath {
                 path: cgroup.to_path_buf(),
                 source,
             })?;
-        for (name, prog) in [
-            ("connect4", &progs.kmesh_connect4),
-            ("connect6", &progs.kmesh_connect6),
-            ("sockops", &progs.kmesh_sockops),
-        ] {
-            let link = prog.attach_cgroup(fd).map_err(|source| BpfError::Attach {
+        self.cgroup = Some((cgroup.to_path_buf(), dir));
+        self.attach_link("connect4")?;
+        self.attach_link("connect6")?;
+        if self.sockops_wanted {
+            self.attach_link("sockops")?;
+        }
+        Ok(())
+    }
+
+    /// Puts the sockops program on the cgroup (now, or at `attach`), for
+    /// good: from here on, new connections can be accelerated or carry a
+    /// waypoint TLV. Without acceleration or waypoints it would only cost
+    /// every TCP connection in the cgroup about nine program runs (~0.6 µs,
+    /// 1.5% of a loopback connect + close), so it waits until one is
+    /// configured. Call it before writing the map entries that need it; it
+    /// is never taken off while running, because a connection whose connect
+    /// picked a waypoint just before the change would miss its TLV.
+    pub fn want_sockops(&mut self) -> Result<(), BpfError> {
+        self.sockops_wanted = true;
+        if self.cgroup.is_none() || self.attached().contains(&"sockops") {
+            return Ok(());
+        }
+        self.attach_link("sockops")?;
+        tracing::info!("sockops attached (acceleration or a waypoint is configured)");
+        Ok(())
+    }
+
+    /// The programs on the cgroup, by link name.
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.links.iter().map(|(name, _)| *name).collect()
+    }
+
+    fn attach_link(&mut self, name: &'static str) -> Result<(), BpfError> {
+        let Some((path, dir)) = &self.cgroup else {
+            return Ok(());
+        };
+        let progs = &self.skel.progs;
+        let prog = match name {
+            "connect4" => &progs.kmesh_connect4,
+            "connect6" => &progs.kmesh_connect6,
+            _ => &progs.kmesh_sockops,
+        };
+        let mut link = prog
+            .attach_cgroup(dir.as_raw_fd())
+            .map_err(|source| BpfError::Attach {
                 prog: name,
-                path: cgroup.to_path_buf(),
+                path: path.clone(),
                 source,
             })?;
-            self.links.push((name, link));
+        if let Some(pins) = &self.pin_dir {
+            let pin = pins.join(format!("link_{name}"));
+            let _ = fs::remove_file(&pin);
+            link.pin(&pin).map_err(|e| pin_err(&pin, e))?;
         }
+        self.links.push((name, link));
         Ok(())
     }
 
@@ -326,9 +377,13 @@ impl Datapath {
             let _ = fs::remove_file(&path);
             self.map_mut(id).pin(&path).map_err(|e| pin_err(&path, e))?;
         }
+        // A previous daemon's links go with their pins, also one this
+        // daemon does not (yet) attach: its sockops would go on running.
+        for name in LINK_NAMES {
+            let _ = fs::remove_file(dir.join(format!("link_{name}")));
+        }
         for (name, link) in &mut self.links {
             let path = dir.join(format!("link_{name}"));
-            let _ = fs::remove_file(&path);
             link.pin(&path).map_err(|e| pin_err(&path, e))?;
         }
         self.pin_dir = Some(dir.to_path_buf());

@@ -97,6 +97,15 @@ impl Desired {
     pub(super) fn vips(&self) -> impl Iterator<Item = &IpAddr> {
         self.services.values().flat_map(|(_, vips)| vips)
     }
+
+    /// Whether connections need the sockops program: to be accelerated,
+    /// or to carry a waypoint's TLV.
+    pub(super) fn needs_sockops(&self) -> bool {
+        self.config.accelerate != 0
+            || self.services.values().any(|(s, _)| s.waypoint.port != 0)
+            || self.workload_ips.values().any(|w| w.waypoint.port != 0)
+            || self.backends.values().any(|b| b.waypoint.port != 0)
+    }
 }
 
 /// A DNS answer as endpoint addresses: an endpoint holds one address per

@@ -30,6 +30,9 @@ pub struct Dump {
     pub dns: BTreeMap<String, Vec<String>>,
     pub stats: BTreeMap<&'static str, u64>,
     pub maps: BTreeMap<&'static str, MapUsage>,
+    /// Programs on the cgroup; sockops only once acceleration or a
+    /// waypoint has been configured.
+    pub attached: Vec<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -258,6 +261,7 @@ impl MapWriter {
             dns,
             stats: self.dp.stats().into_iter().collect(),
             maps,
+            attached: self.dp.attached(),
         }
     }
 }

@@ -28,7 +28,9 @@ use libbpf_rs::{MapCore, MapFlags};
 use thiserror::Error;
 
 use crate::{
-    bpf::{addr_key, endpoint_key, port_key, port_to_map, Datapath, MapId, Pod, MAX_PRIO},
+    bpf::{
+        addr_key, endpoint_key, port_key, port_to_map, BpfError, Datapath, MapId, Pod, MAX_PRIO,
+    },
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
 use desired::{Desired, IdSpace};
@@ -47,6 +49,8 @@ pub enum WriterError {
         capacity: u32,
         flag: &'static str,
     },
+    #[error("{0}; nothing was changed")]
+    Attach(#[from] BpfError),
     #[error("kernel rejected {op} on {map} for {what}: {source}")]
     Kernel {
         op: &'static str,
@@ -189,6 +193,11 @@ impl MapWriter {
                 .into_iter()
                 .map(|(c, e)| (c, e.source.clone()))
                 .collect();
+            // Before any entry that routes to a waypoint or turns on
+            // acceleration is visible to connect().
+            if d.needs_sockops() {
+                self.dp.want_sockops()?;
+            }
             let mut st = ApplyStats::default();
             self.write(&d, model, &mut st).map(|()| st)
         });

@@ -188,6 +188,28 @@ impl Env {
         env
     }
 
+    /// How many programs the kernel has on the test cgroup for one attach
+    /// type (e.g. libbpf_sys::BPF_CGROUP_SOCK_OPS), asked with
+    /// BPF_PROG_QUERY rather than taken from the daemon's word.
+    pub fn cgroup_progs(&self, attach_type: libbpf_sys::bpf_attach_type) -> u32 {
+        use std::os::fd::AsRawFd;
+        let dir = fs::File::open(&self.cgroup).unwrap();
+        let (mut flags, mut ids, mut count) = (0u32, [0u32; 16], 16u32);
+        // SAFETY: the pointers are to live locals; count is ids' length.
+        let rc = unsafe {
+            libbpf_sys::bpf_prog_query(
+                dir.as_raw_fd(),
+                attach_type,
+                0,
+                &mut flags,
+                ids.as_mut_ptr(),
+                &mut count,
+            )
+        };
+        assert_eq!(rc, 0, "BPF_PROG_QUERY on {}", self.cgroup.display());
+        count
+    }
+
     /// Adds a pod netns with 10.244.0.<n>/24 and fd00:244::<n>/64 on the
     /// node bridge, plus any `extra` addresses (e.g. a decoy owning a VIP).
     pub fn pod(&mut self, n: u8, extra: &[&str]) -> Pod {
