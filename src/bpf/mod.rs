@@ -210,6 +210,18 @@ fn pin_err(path: &Path, e: impl std::fmt::Display) -> BpfError {
     }
 }
 
+/// Whether the running kernel's psock counts the bytes queued on it
+/// (`sk_psock.msg_tot_len`), which the sk_msg program's push-back reads;
+/// where the field is missing the program skips the check (CO-RE).
+pub fn kernel_counts_psock_bytes() -> bool {
+    use libbpf_rs::btf::{types::Composite, Btf};
+    let Ok(btf) = Btf::from_vmlinux() else {
+        return false;
+    };
+    btf.type_by_name::<Composite>("sk_psock")
+        .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
+}
+
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -686,6 +698,12 @@ mod tests {
         let p = port_to_map(8080);
         assert_eq!((p as u16).to_ne_bytes(), 8080u16.to_be_bytes());
         assert_eq!(port_from_map(p), 8080);
+    }
+
+    #[test]
+    fn this_kernel_counts_psock_bytes() {
+        // 6.18 has the field; the push-back tests depend on it.
+        assert!(kernel_counts_psock_bytes());
     }
 
     #[test]

@@ -82,6 +82,8 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
     dns_hosts: BTreeSet<String>,
+    /// Whether the kernel was checked for push-back support (once).
+    pushback_checked: bool,
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -109,6 +111,7 @@ impl MapWriter {
             fingerprint: std::hash::RandomState::new(),
             passthrough: Vec::new(),
             dns_hosts: BTreeSet::new(),
+            pushback_checked: false,
         }
     }
 
@@ -224,11 +227,27 @@ impl MapWriter {
         self.extra_ids.retain(|_, id| {
             wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
         });
+        if result.is_ok() && d.config.accelerate != 0 && d.config.queue_limit != 0 {
+            self.check_pushback_once();
+        }
         if result.is_ok() {
             self.passthrough = d.passthrough;
             self.dns_hosts = model.hostnames();
         }
         result
+    }
+
+    fn check_pushback_once(&mut self) {
+        if std::mem::replace(&mut self.pushback_checked, true) {
+            return;
+        }
+        if !crate::bpf::kernel_counts_psock_bytes() {
+            tracing::warn!(
+                "this kernel's sk_psock has no msg_tot_len: accel_queue_limit cannot be \
+                 applied, so a sender whose accelerated reader stalls queues without bound \
+                 (set accelerate: false where that matters)"
+            );
+        }
     }
 
     fn write(
