@@ -318,11 +318,13 @@ impl Datapath {
                 source,
             })?;
         self.cgroup = Some((cgroup.to_path_buf(), dir));
-        self.attach_link("connect4")?;
-        self.attach_link("connect6")?;
+        // sockops first: a loopback connect to a waypoint completes inside
+        // connect(), so it must not fit between connect4 and sockops.
         if self.sockops_wanted {
             self.attach_link("sockops")?;
         }
+        self.attach_link("connect4")?;
+        self.attach_link("connect6")?;
         Ok(())
     }
 
@@ -333,7 +335,8 @@ impl Datapath {
     /// 1.5% of a loopback connect + close), so it waits until one is
     /// configured. Call it before writing the map entries that need it; it
     /// is never taken off while running, because a connection whose connect
-    /// picked a waypoint just before the change would miss its TLV.
+    /// picked a waypoint just before the change would miss its TLV (and a
+    /// daemon taking over kept links keeps it too, see `pin`).
     pub fn want_sockops(&mut self) -> Result<(), BpfError> {
         self.sockops_wanted = true;
         if self.cgroup.is_none() || self.attached().contains(&"sockops") {
@@ -346,7 +349,10 @@ impl Datapath {
 
     /// The programs on the cgroup, by link name.
     pub fn attached(&self) -> Vec<&'static str> {
-        self.links.iter().map(|(name, _)| *name).collect()
+        LINK_NAMES
+            .into_iter()
+            .filter(|n| self.links.iter().any(|(name, _)| name == n))
+            .collect()
     }
 
     fn attach_link(&mut self, name: &'static str) -> Result<(), BpfError> {
@@ -389,8 +395,13 @@ impl Datapath {
             let _ = fs::remove_file(&path);
             self.map_mut(id).pin(&path).map_err(|e| pin_err(&path, e))?;
         }
-        // A previous daemon's links go with their pins, also one this
-        // daemon does not (yet) attach: its sockops would go on running.
+        // A previous daemon's kept sockops hands over to ours, not to
+        // nothing: its connect4 ran until now and may have sent a
+        // connection, still handshaking, to a waypoint.
+        if dir.join("link_sockops").exists() {
+            self.want_sockops()?;
+        }
+        // A previous daemon's links go with their pins.
         for name in LINK_NAMES {
             let _ = fs::remove_file(dir.join(format!("link_{name}")));
         }

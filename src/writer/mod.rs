@@ -191,16 +191,16 @@ impl MapWriter {
         model.validate()?;
         let d = self.desired(model);
         let result = self.check_capacity(&d).and_then(|()| {
-            self.enroll_sources = model
-                .enrolled()
-                .into_iter()
-                .map(|(c, e)| (c, e.source.clone()))
-                .collect();
             // Before any entry that routes to a waypoint or turns on
             // acceleration is visible to connect().
             if d.needs_sockops() {
                 self.dp.want_sockops()?;
             }
+            self.enroll_sources = model
+                .enrolled()
+                .into_iter()
+                .map(|(c, e)| (c, e.source.clone()))
+                .collect();
             let mut st = ApplyStats::default();
             self.write(&d, model, &mut st).map(|()| st)
         });
