@@ -363,7 +363,8 @@ impl Datapath {
         let prog = match name {
             "connect4" => &progs.kmesh_connect4,
             "connect6" => &progs.kmesh_connect6,
-            _ => &progs.kmesh_sockops,
+            "sockops" => &progs.kmesh_sockops,
+            other => unreachable!("no cgroup program {other}"),
         };
         let mut link = prog
             .attach_cgroup(dir.as_raw_fd())
@@ -373,8 +374,8 @@ impl Datapath {
                 source,
             })?;
         if let Some(pins) = &self.pin_dir {
+            // (pin() has removed any earlier daemon's pin of this name.)
             let pin = pins.join(format!("link_{name}"));
-            let _ = fs::remove_file(&pin);
             link.pin(&pin).map_err(|e| pin_err(&pin, e))?;
         }
         self.links.push((name, link));

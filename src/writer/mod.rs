@@ -227,10 +227,10 @@ impl MapWriter {
         self.extra_ids.retain(|_, id| {
             wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
         });
-        if result.is_ok() && d.config.accelerate != 0 && d.config.queue_limit != 0 {
-            self.check_pushback_once();
-        }
         if result.is_ok() {
+            if d.config.accelerate != 0 && d.config.queue_limit != 0 {
+                self.check_pushback_once();
+            }
             self.passthrough = d.passthrough;
             self.dns_hosts = model.hostnames();
         }
