@@ -36,6 +36,8 @@ fn main() {
                 "-O2".to_string(),
                 "-g".to_string(),
                 "-Wall".to_string(),
+                // v3: atomic fetch-or, which km_conn's two-end handshake needs.
+                "-mcpu=v3".to_string(),
                 "-Werror".to_string(),
             ])
             .build_and_generate(out.join(format!("{stem}.skel.rs")))

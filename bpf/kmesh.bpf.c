@@ -306,12 +306,38 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 		(key)->remote_port = bpf_ntohl(CTX_U32((c)->remote_port));        \
 	} while (0)
 
-SEC("sockops")
-int kmesh_sockops(struct bpf_sock_ops *skops)
+/* k's mirror image: the key of the connection's other end. */
+static __always_inline void mirror_key(const struct sock_key *k, struct sock_key *m)
 {
-	if (skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    skops->op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
-		return 1;
+	m->local = k->remote;
+	m->remote = k->local;
+	m->local_port = k->remote_port;
+	m->remote_port = k->local_port;
+}
+
+/* Which end of its connection a socket is: 0 connected, 1 accepted. */
+static __always_inline int sock_end(const struct sock_state *st)
+{
+	return st && (st->flags & KMESH_SOCK_PASSIVE) ? 1 : 0;
+}
+
+/* The connection's km_conn key (the connecting end's view), from one end's own key. */
+static __always_inline void conn_key(const struct sock_key *self, int end, struct sock_key *ck)
+{
+	if (end)
+		mirror_key(self, ck);
+	else
+		*ck = *self;
+}
+
+/*
+ * A connecting end enters km_sock together with its connection's km_conn
+ * entry. An accepting end enters only if its client did: otherwise nothing
+ * can be redirected either way, and the map would only slow its sends and
+ * reads (sk_msg and the psock's recvmsg run for every call).
+ */
+static __always_inline int sockops_established(struct bpf_sock_ops *skops)
+{
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
 	if (!netns_enrollment(skops))
@@ -319,21 +345,103 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
 		return 1;
+	bool passive = skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
 	bool tlv = false;
-	if (skops->op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB) {
+	if (!passive) {
 		struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
 		tlv = st && (st->flags & KMESH_SOCK_TLV_PENDING);
 	}
 	if (!tlv && !accelerate_on())
 		return 1;
-	struct sock_key key = {};
+	struct sock_key key = {}, ck = {};
 	FILL_KEY(&key, skops);
-	if (bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST) == 0)
-		stat_inc(KMESH_STAT_ACCEL_ADDED);
-	else if (tlv)
-		stat_inc(KMESH_STAT_TLV_FAILED);
-	else
-		stat_inc(KMESH_STAT_ACCEL_FULL);
+	bool conn = false;
+	if (passive) {
+		mirror_key(&key, &ck);
+		if (!bpf_map_lookup_elem(&km_conn, &ck)) {
+			stat_inc(KMESH_STAT_ACCEL_SKIPPED);
+			return 1;
+		}
+		struct sock_state *st =
+			bpf_sk_storage_get(&km_sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st)
+			return 1;
+		st->flags |= KMESH_SOCK_PASSIVE;
+	} else {
+		/* BPF_ANY: replaces what a closed connection with the same
+		 * addresses left behind. */
+		struct conn_value zero = {};
+		conn = bpf_map_update_elem(&km_conn, &key, &zero, BPF_ANY) == 0;
+		if (!conn && !tlv) {
+			stat_inc(KMESH_STAT_ACCEL_FULL);
+			return 1;
+		}
+	}
+	if (bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST)) {
+		if (conn)
+			bpf_map_delete_elem(&km_conn, &key);
+		stat_inc(tlv ? KMESH_STAT_TLV_FAILED : KMESH_STAT_ACCEL_FULL);
+		return 1;
+	}
+	stat_inc(KMESH_STAT_ACCEL_ADDED);
+	/* RTT: an ACK of data sent through TCP (see leave_if_on_tcp). STATE:
+	 * the connecting end removes the km_conn entry when it closes. */
+	int flags = skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG;
+	if (conn)
+		flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
+	bpf_sock_ops_cb_flags_set(skops, flags);
+	return 1;
+}
+
+/*
+ * Runs for an ACK of data this socket sent through TCP. If its own
+ * direction is on TCP for good (plain from its first send, the waypoint TLV
+ * sent, or pushed back), the map only costs it, so it leaves, provided the
+ * other end never redirected into it (then its queue is empty) and, by the
+ * LEAVING bit, never will. One try: the other end's REDIRECT bit stays.
+ */
+static __always_inline int leave_if_on_tcp(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	if (!sk)
+		return 1;
+	struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
+	if (!st || !(st->flags & KMESH_SOCK_DECIDED) ||
+	    (st->flags & (KMESH_SOCK_ACCEL | KMESH_SOCK_TLV_PENDING)))
+		return 1;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+	int end = sock_end(st);
+	struct sock_key key = {}, ck = {};
+	FILL_KEY(&key, skops);
+	conn_key(&key, end, &ck);
+	struct conn_value *c = bpf_map_lookup_elem(&km_conn, &ck);
+	if (!c)
+		return 1;
+	__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_LEAVING(end));
+	if (old & KMESH_CONN_REDIRECT(!end))
+		return 1;
+	if (bpf_map_delete_elem(&km_sock, &key) == 0)
+		stat_inc(KMESH_STAT_ACCEL_LEFT);
+	return 1;
+}
+
+SEC("sockops")
+int kmesh_sockops(struct bpf_sock_ops *skops)
+{
+	switch (skops->op) {
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		return sockops_established(skops);
+	case BPF_SOCK_OPS_RTT_CB:
+		return leave_if_on_tcp(skops);
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			struct sock_key key = {};
+			FILL_KEY(&key, skops);
+			bpf_map_delete_elem(&km_conn, &key);
+		}
+		return 1;
+	}
 	return 1;
 }
 
@@ -373,17 +481,6 @@ static __always_inline int push_tlv(struct sk_msg_md *msg, const struct sock_sta
 	if (addr_is_v4(&st->orig_addr))
 		return write_tlv(msg, &st->orig_addr.ip6[3], 4, port);
 	return write_tlv(msg, &st->orig_addr.ip6[0], 16, port);
-}
-
-/* The key under which the other end of msg's connection sits in km_sock. */
-static __always_inline void peer_key(struct sk_msg_md *msg, struct sock_key *peer)
-{
-	struct sock_key self = {};
-	FILL_KEY(&self, msg);
-	peer->local = self.remote;
-	peer->remote = self.local;
-	peer->local_port = self.remote_port;
-	peer->remote_port = self.local_port;
 }
 
 /*
@@ -439,6 +536,23 @@ static __always_inline bool peer_backlogged(struct sk_msg_md *msg, __u64 bytes, 
 	return cost >= limit;
 }
 
+/*
+ * Announces this end's first redirect to the other (see KMESH_CONN_*);
+ * false if the other end is leaving km_sock or the connection has no entry
+ * (its connecting end never entered).
+ */
+static __always_inline bool claim_redirect(const struct sock_key *self, const struct sock_state *st)
+{
+	int end = sock_end(st);
+	struct sock_key ck = {};
+	conn_key(self, end, &ck);
+	struct conn_value *c = bpf_map_lookup_elem(&km_conn, &ck);
+	if (!c)
+		return false;
+	__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_REDIRECT(end));
+	return !(old & KMESH_CONN_LEAVING(!end));
+}
+
 SEC("sk_msg")
 int kmesh_sendmsg(struct sk_msg_md *msg)
 {
@@ -464,12 +578,14 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 	 * only ever leaves the peer's queue for TCP, never the other way: the
 	 * receiver reads its queue before TCP's, so bytes stay in order.
 	 */
-	struct sock_key peer = {};
+	struct sock_key self = {}, peer = {};
 	if (!(st->flags & KMESH_SOCK_DECIDED)) {
 		st->flags |= KMESH_SOCK_DECIDED;
 		if (accelerate_on()) {
-			peer_key(msg, &peer);
-			if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
+			FILL_KEY(&self, msg);
+			mirror_key(&self, &peer);
+			if (claim_redirect(&self, st) &&
+			    bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
 				stat_inc(KMESH_STAT_ACCEL_ON);
 				return SK_PASS;
@@ -480,7 +596,8 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 	}
 	if (!(st->flags & KMESH_SOCK_ACCEL))
 		return SK_PASS;
-	peer_key(msg, &peer);
+	FILL_KEY(&self, msg);
+	mirror_key(&self, &peer);
 	/* Peer gone (closed): plain TCP, which fails as TCP would. */
 	if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) != SK_PASS)
 		return SK_PASS;

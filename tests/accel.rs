@@ -237,6 +237,9 @@ fn full_receiver_pushes_back_on_the_sender() {
         "{written} bytes accepted before EAGAIN"
     );
     assert_eq!(d.stat("accel_pushback"), 1);
+    // On TCP for good, with a reader that never redirected to it: the
+    // sender left km_sock (the reader, holding its queue, stays).
+    assert_eq!(d.stat("accel_left"), 1);
     // SO_RCVBUF 128 KiB (256 KiB in the kernel) is below the limit.
     let written = fill(9092, &[]);
     assert!(written < 1 << 20, "{written} bytes accepted before EAGAIN");
@@ -244,6 +247,51 @@ fn full_receiver_pushes_back_on_the_sender() {
     let written = fill(9091, &["--write-size", "1"]);
     assert!(written < 1 << 20, "{written} 1-byte writes before EAGAIN");
     assert_eq!(d.stat("accel_pushback"), 3);
+}
+
+/// A connection with one end outside the mesh cannot be accelerated, and
+/// in km_sock its mesh end would only pay for the sockmap hooks on every
+/// send and read: an accepting end does not enter (accel_skipped), a
+/// connecting end leaves once its first data is acknowledged (accel_left).
+/// The connections go on working, byte-exact.
+#[test]
+fn ends_that_cannot_be_accelerated_stay_out_of_the_map() {
+    let (mut env, client, server) = setup();
+    let outside = env.pod(12, &[]);
+    let out_addr = format!("{}:8080", outside.v4);
+    env.serve(&outside, std::slice::from_ref(&out_addr), "outside");
+    let d = env.daemon(&config(&client, &server, true));
+
+    let mut held = env.hold(&client, &out_addr);
+    assert_eq!(held.echo("one").unwrap(), "one");
+    let dump = d.wait_dump(Duration::from_secs(5), |v| v["stats"]["accel_left"] == 1);
+    assert_eq!(entries(&dump), 0, "the open connection left km_sock");
+    assert_eq!(dump["stats"]["accel_added"], 1);
+    for m in ["two", "three"] {
+        assert_eq!(held.echo(m).unwrap(), m);
+    }
+    // Leaving mid-transfer loses nothing.
+    transfer_ok(
+        &env,
+        &client,
+        &[
+            "transfer",
+            &out_addr,
+            "--sizes",
+            "1,4096,4194304",
+            "--conns",
+            "4",
+        ],
+    );
+    assert_eq!(d.stat("accel_left"), 5);
+
+    // Clients outside the attached cgroup, to a server in the mesh.
+    let conns = env.connect_opts(&client, &format!("{}:8080", server.v4), 3, false);
+    assert!(conns.iter().all(|c| c.ok && c.name == "web-1"), "{conns:?}");
+    assert_eq!(d.stat("accel_skipped"), 3);
+    assert_eq!(d.stat("accel_added"), 5);
+    drop(held);
+    d.wait_dump(Duration::from_secs(5), |v| entries(v) == 0);
 }
 
 /// Capacity at CI size: thousands of connections held at once, both ends
@@ -267,7 +315,11 @@ fn thousands_of_held_connections_are_accelerated() {
     );
     assert_eq!(h.open["opened"], N, "{}", h.open);
     assert_eq!(h.open["failed"], 0, "{}", h.open);
-    let dump = d.wait_dump(Duration::from_secs(5), |v| entries(v) == 2 * N);
+    // A client that sent before its server's end was in the map stays on
+    // TCP and leaves the map once its data is acknowledged.
+    let dump = d.wait_dump(Duration::from_secs(5), |v| {
+        entries(v) + v["stats"]["accel_left"].as_u64().unwrap() == 2 * N
+    });
     assert_eq!(dump["stats"]["accel_full"], 0);
     let check = h.command("check");
     assert_eq!(check["ok"], N, "{check}");
@@ -285,8 +337,9 @@ fn thousands_of_held_connections_are_accelerated() {
     d.wait_dump(Duration::from_secs(10), |v| entries(v) == 0);
 }
 
-/// With km_sock full, sockops counts accel_full and the connection stays
-/// plain TCP: every byte still arrives, in order.
+/// With km_sock full, sockops counts accel_full for the connecting end and
+/// accel_skipped for the accepting end (its client is not in the map), and
+/// the connection stays plain TCP: every byte still arrives, in order.
 #[test]
 fn a_full_socket_map_leaves_connections_on_plain_tcp() {
     const CAP: u64 = 64;
@@ -306,11 +359,13 @@ fn a_full_socket_map_leaves_connections_on_plain_tcp() {
         &["--size", "4096", "--recheck"],
     );
     assert_eq!(h.open["opened"], N, "{}", h.open);
-    let dump = d.wait_dump(Duration::from_secs(5), |v| {
-        entries(v) + v["stats"]["accel_full"].as_u64().unwrap() == 2 * N
-    });
+    let not_in = |v: &Value| {
+        v["stats"]["accel_full"].as_u64().unwrap() + v["stats"]["accel_skipped"].as_u64().unwrap()
+    };
+    let dump = d.wait_dump(Duration::from_secs(5), |v| entries(v) + not_in(v) == 2 * N);
     assert_eq!(entries(&dump), CAP, "the map fills up to its size");
-    assert_eq!(dump["stats"]["accel_full"], 2 * N - CAP);
+    assert_eq!(dump["stats"]["accel_full"], N - CAP / 2, "clients left out");
+    assert_eq!(dump["stats"]["accel_skipped"], N - CAP / 2, "their servers");
     let check = h.command("check");
     assert_eq!(check["ok"], N, "{check}");
     // New connections while the map is full: messages up to 256 KiB both
@@ -327,7 +382,7 @@ fn a_full_socket_map_leaves_connections_on_plain_tcp() {
             "8",
         ],
     );
-    assert!(d.stat("accel_full") >= 2 * N - CAP + 16);
+    assert!(not_in(&d.dump()) >= 2 * N - CAP + 16);
     // --recheck: one more echo over every connection as the hold ends.
     let (lines, status) = h.close();
     assert!(status.success(), "{lines:?}");

@@ -134,6 +134,11 @@ fn service_waypoint_gets_one_tlv_per_connection_v4() {
     }
     assert!(d.stat("tlv_sent") >= 7);
     assert_eq!(d.stat("tlv_failed"), 0);
+
+    // Once the waypoint had acknowledged the TLV, the map had nothing left
+    // to do for a client socket: each left km_sock before it closed (a
+    // closed socket is out of the map already, so no delete would count).
+    assert_eq!(d.stat("accel_left"), 7);
 }
 
 #[test]

@@ -47,7 +47,9 @@ enum kmesh_stat {
 	KMESH_STAT_ACCEL_ON = 12,        /* direction decided: redirected to peer */
 	KMESH_STAT_ACCEL_OFF = 13,       /* direction decided: plain TCP */
 	KMESH_STAT_ACCEL_PUSHBACK = 14,  /* peer's queue full: direction now TCP */
-	KMESH_STAT_MAX = 16,
+	KMESH_STAT_ACCEL_LEFT = 15,      /* socket left the map: on TCP for good */
+	KMESH_STAT_ACCEL_SKIPPED = 16,   /* accepted from a client not in the map */
+	KMESH_STAT_MAX = 17,
 };
 
 /* km_manage flags */
@@ -61,6 +63,21 @@ enum kmesh_sock_flag {
 	KMESH_SOCK_TLV_PENDING = 1, /* original destination not sent yet */
 	KMESH_SOCK_DECIDED = 2,     /* first send happened: direction fixed */
 	KMESH_SOCK_ACCEL = 4,       /* sends go straight to the peer socket */
+	KMESH_SOCK_PASSIVE = 8,     /* this end accepted the connection */
+};
+
+/*
+ * km_conn value bits, two per end (end 0 connected, end 1 accepted). An
+ * end sets REDIRECT before its first redirect to the other, LEAVING before
+ * it takes itself out of km_sock; both with one atomic fetch-or on the
+ * same word, so at most one of the two sees the other's bit clear, and a
+ * socket never leaves while the other end may still redirect into it.
+ */
+#define KMESH_CONN_REDIRECT(end) (1u << (2 * (end)))
+#define KMESH_CONN_LEAVING(end) (2u << (2 * (end)))
+
+struct conn_value {
+	__u32 bits;
 };
 
 struct kmesh_addr {

@@ -71,6 +71,20 @@ struct {
 	__uint(max_entries, 1024);
 } km_sock SEC(".maps");
 
+/*
+ * One entry per connection with an end in km_sock, keyed by the connecting
+ * end's sock_key; created by that end's sockops, removed when it closes.
+ * Not preallocated: an element a program still points to is freed only
+ * after an RCU grace period, never reused for another connection.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct sock_key);
+	__type(value, struct conn_value);
+	__uint(max_entries, 1024);
+} km_conn SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);

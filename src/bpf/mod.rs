@@ -41,7 +41,7 @@ pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
 pub const EP_PORTS: u32 = 1;
-pub const STAT_NAMES: [&str; 15] = [
+pub const STAT_NAMES: [&str; 17] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -57,6 +57,8 @@ pub const STAT_NAMES: [&str; 15] = [
     "accel_on",
     "accel_off",
     "accel_pushback",
+    "accel_left",
+    "accel_skipped",
 ];
 
 #[derive(Debug, Error)]
@@ -131,6 +133,9 @@ pub enum MapId {
     Sock,
     /// Per-socket storage (written by the programs).
     SockState,
+    /// Per-connection handshake between the two ends in km_sock (written
+    /// by the programs).
+    Conn,
 }
 
 impl MapId {
@@ -145,7 +150,7 @@ impl MapId {
     ];
     /// Maps that hold live sockets: they outlive the daemon (see
     /// `Datapath::shutdown`) and are reused by the next one.
-    pub const SOCKETS: [MapId; 2] = [MapId::Sock, MapId::SockState];
+    pub const SOCKETS: [MapId; 3] = [MapId::Sock, MapId::SockState, MapId::Conn];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -157,6 +162,7 @@ impl MapId {
             MapId::Config => "km_config",
             MapId::Sock => "km_sock",
             MapId::SockState => "km_sock_state",
+            MapId::Conn => "km_conn",
         }
     }
 }
@@ -261,6 +267,7 @@ impl Datapath {
             (&mut m.km_port, "km_port", sizes.port_overrides),
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
             (&mut m.km_sock, "km_sock", sizes.sockets),
+            (&mut m.km_conn, "km_conn", sizes.sockets),
         ] {
             map.set_max_entries(value)
                 .map_err(|source| BpfError::Size {
@@ -273,6 +280,7 @@ impl Datapath {
             for (map, name) in [
                 (&mut m.km_sock, "km_sock"),
                 (&mut m.km_sock_state, "km_sock_state"),
+                (&mut m.km_conn, "km_conn"),
             ] {
                 let path = dir.join(name);
                 if !path.exists() {
@@ -466,6 +474,7 @@ impl Datapath {
             MapId::Config => &m.km_config,
             MapId::Sock => &m.km_sock,
             MapId::SockState => &m.km_sock_state,
+            MapId::Conn => &m.km_conn,
         }
     }
 
@@ -480,6 +489,7 @@ impl Datapath {
             MapId::Config => &mut m.km_config,
             MapId::Sock => &mut m.km_sock,
             MapId::SockState => &mut m.km_sock_state,
+            MapId::Conn => &mut m.km_conn,
         }
     }
 
