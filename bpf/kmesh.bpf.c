@@ -10,7 +10,9 @@
  *   connection goes to the waypoint instead and the original destination is
  *   kept in the socket's storage.
  * sockops: puts established sockets that need the sk_msg program (a pending
- *   waypoint TLV, or same-host acceleration) into km_sock.
+ *   waypoint TLV, or same-host acceleration) into km_sock, and takes them
+ *   out again once their data goes through TCP for good and nothing can be
+ *   redirected to them (see km_conn).
  * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.

@@ -99,7 +99,9 @@ struct DaemonArgs {
     #[arg(long, default_value_t = MapSizes::default().port_overrides)]
     max_port_overrides: u32,
     /// Capacity of the socket map: two entries per accelerated connection,
-    /// one per connection to a waypoint.
+    /// one per connection to a waypoint until the TLV is sent; also of the
+    /// per-connection map (km_conn, one entry per connection with an end
+    /// in the socket map, until its connecting end closes).
     #[arg(long, default_value_t = MapSizes::default().sockets)]
     max_sockets: u32,
     /// Same-host acceleration: data between two enrolled sockets on this

@@ -102,8 +102,9 @@ pub struct MapSizes {
     /// Workloads' own target ports where they differ from the service's
     /// (km_port).
     pub port_overrides: u32,
-    /// Sockets in km_sock: both ends of each accelerated connection, and
-    /// waypoint connections until they close.
+    /// Sockets in km_sock (both ends of each accelerated connection, and
+    /// waypoint connections until their TLV is sent), and connections in
+    /// km_conn.
     pub sockets: u32,
 }
 

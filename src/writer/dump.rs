@@ -227,7 +227,7 @@ impl MapWriter {
 
         let maps = MapId::WRITTEN
             .iter()
-            .chain(&[MapId::Sock])
+            .chain(&[MapId::Sock, MapId::Conn])
             .map(|&id| {
                 let usage = MapUsage {
                     entries: self.dp.map(id).keys().count(),
