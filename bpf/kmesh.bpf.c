@@ -306,6 +306,7 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 		(key)->remote.ip6[3] = v4_ ? r4_ : r3_;                           \
 		(key)->local_port = CTX_U32((c)->local_port);                     \
 		(key)->remote_port = bpf_ntohl(CTX_U32((c)->remote_port));        \
+		(key)->netns = addr_is_loopback(&(key)->local) ? bpf_get_netns_cookie(c) : 0; \
 	} while (0)
 
 /* k's mirror image: the key of the connection's other end. */
@@ -315,6 +316,7 @@ static __always_inline void mirror_key(const struct sock_key *k, struct sock_key
 	m->remote = k->local;
 	m->local_port = k->remote_port;
 	m->remote_port = k->local_port;
+	m->netns = k->netns;
 }
 
 /* Which end of its connection a socket is: 0 connected, 1 accepted. */
@@ -323,13 +325,15 @@ static __always_inline int sock_end(const struct sock_state *st)
 	return st && (st->flags & KMESH_SOCK_PASSIVE) ? 1 : 0;
 }
 
-/* The connection's km_conn key (the connecting end's view), from one end's own key. */
-static __always_inline void conn_key(const struct sock_key *self, int end, struct sock_key *ck)
+/* The connection's km_conn entry (keyed by the connecting end's view), from one end's own key. */
+static __always_inline struct conn_value *conn_of(const struct sock_key *self, int end)
 {
+	struct sock_key ck = {};
 	if (end)
-		mirror_key(self, ck);
+		mirror_key(self, &ck);
 	else
-		*ck = *self;
+		ck = *self;
+	return bpf_map_lookup_elem(&km_conn, &ck);
 }
 
 /*
@@ -348,42 +352,55 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 	if (!sk)
 		return 1;
 	bool passive = skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+	struct sock_state *st = NULL;
 	bool tlv = false;
 	if (!passive) {
-		struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
+		st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
 		tlv = st && (st->flags & KMESH_SOCK_TLV_PENDING);
 	}
 	if (!tlv && !accelerate_on())
 		return 1;
 	struct sock_key key = {}, ck = {};
 	FILL_KEY(&key, skops);
-	bool conn = false;
 	if (passive) {
 		mirror_key(&key, &ck);
 		if (!bpf_map_lookup_elem(&km_conn, &ck)) {
 			stat_inc(KMESH_STAT_ACCEL_SKIPPED);
 			return 1;
 		}
-		struct sock_state *st =
-			bpf_sk_storage_get(&km_sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		st = bpf_sk_storage_get(&km_sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (!st)
 			return 1;
-		st->flags |= KMESH_SOCK_PASSIVE;
-	} else {
-		/* BPF_ANY: replaces what a closed connection with the same
-		 * addresses left behind. */
+	}
+	long err = bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST);
+	/* Already in: a second sockops program, during a daemon handover. */
+	if (err == -EEXIST)
+		return 1;
+	if (err) {
+		stat_inc(tlv ? KMESH_STAT_TLV_FAILED : KMESH_STAT_ACCEL_FULL);
+		return 1;
+	}
+	/* A socket reconnected after connect(AF_UNSPEC) keeps its storage:
+	 * its directions start undecided again (connect4 has just set what a
+	 * waypoint needs). */
+	if (st) {
+		st->flags = passive ? KMESH_SOCK_PASSIVE : (st->flags & KMESH_SOCK_TLV_PENDING);
+		st->unchecked_bytes = 0;
+		st->unchecked_sends = 0;
+	}
+	bool conn = false;
+	if (!passive) {
+		/* After the socket entered, so that while a km_conn entry exists
+		 * its connecting end is in km_sock or has been (the daemon's
+		 * sweep relies on it). BPF_ANY: replaces what a closed connection
+		 * with the same addresses left. */
 		struct conn_value zero = {};
 		conn = bpf_map_update_elem(&km_conn, &key, &zero, BPF_ANY) == 0;
 		if (!conn && !tlv) {
+			bpf_map_delete_elem(&km_sock, &key);
 			stat_inc(KMESH_STAT_ACCEL_FULL);
 			return 1;
 		}
-	}
-	if (bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST)) {
-		if (conn)
-			bpf_map_delete_elem(&km_conn, &key);
-		stat_inc(tlv ? KMESH_STAT_TLV_FAILED : KMESH_STAT_ACCEL_FULL);
-		return 1;
 	}
 	stat_inc(KMESH_STAT_ACCEL_ADDED);
 	/* RTT: an ACK of data sent through TCP (see leave_if_on_tcp). STATE:
@@ -413,10 +430,9 @@ static __always_inline int leave_if_on_tcp(struct bpf_sock_ops *skops)
 		return 1;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
 	int end = sock_end(st);
-	struct sock_key key = {}, ck = {};
+	struct sock_key key = {};
 	FILL_KEY(&key, skops);
-	conn_key(&key, end, &ck);
-	struct conn_value *c = bpf_map_lookup_elem(&km_conn, &ck);
+	struct conn_value *c = conn_of(&key, end);
 	if (!c)
 		return 1;
 	__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_LEAVING(end));
@@ -538,23 +554,6 @@ static __always_inline bool peer_backlogged(struct sk_msg_md *msg, __u64 bytes, 
 	return cost >= limit;
 }
 
-/*
- * Announces this end's first redirect to the other (see KMESH_CONN_*);
- * false if the other end is leaving km_sock or the connection has no entry
- * (its connecting end never entered).
- */
-static __always_inline bool claim_redirect(const struct sock_key *self, const struct sock_state *st)
-{
-	int end = sock_end(st);
-	struct sock_key ck = {};
-	conn_key(self, end, &ck);
-	struct conn_value *c = bpf_map_lookup_elem(&km_conn, &ck);
-	if (!c)
-		return false;
-	__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_REDIRECT(end));
-	return !(old & KMESH_CONN_LEAVING(!end));
-}
-
 SEC("sk_msg")
 int kmesh_sendmsg(struct sk_msg_md *msg)
 {
@@ -583,15 +582,23 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 	struct sock_key self = {}, peer = {};
 	if (!(st->flags & KMESH_SOCK_DECIDED)) {
 		st->flags |= KMESH_SOCK_DECIDED;
-		if (accelerate_on()) {
-			FILL_KEY(&self, msg);
+		int end = sock_end(st);
+		FILL_KEY(&self, msg);
+		struct conn_value *c = accelerate_on() ? conn_of(&self, end) : NULL;
+		if (c) {
+			/* Announced before the redirect; the other end, if it is
+			 * leaving, goes first (see KMESH_CONN_*). No entry: the
+			 * connecting end never entered km_sock. */
+			__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_REDIRECT(end));
 			mirror_key(&self, &peer);
-			if (claim_redirect(&self, st) &&
+			if (!(old & KMESH_CONN_LEAVING(!end)) &&
 			    bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
 				stat_inc(KMESH_STAT_ACCEL_ON);
 				return SK_PASS;
 			}
+			/* Plain for good: the other end may leave after all. */
+			__sync_fetch_and_and(&c->bits, ~KMESH_CONN_REDIRECT(end));
 		}
 		stat_inc(KMESH_STAT_ACCEL_OFF);
 		return SK_PASS;

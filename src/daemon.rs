@@ -229,6 +229,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // pinning then replaces (and so detaches) a previous daemon's kept
     // links, so a restart never leaves a window without redirects.
     let mut w = MapWriter::new(Datapath::load_reusing(opts.sizes, Some(&opts.bpffs))?);
+    let swept = w.datapath().sweep_conns();
+    if swept > 0 {
+        tracing::info!("km_conn: removed {swept} entries of connections gone or back on TCP");
+    }
     w.set_local_node(opts.local.clone());
     let st = w.apply(&file_model).map_err(|source| DaemonError::Apply {
         config: opts

@@ -153,15 +153,18 @@ struct manage_value {
 };
 
 /*
- * km_sock (sockhash) key: a TCP connection seen from one end. Ports in
- * host order, IPv4 as ::ffff:a.b.c.d, so both ends' keys are each other's
- * mirror image.
+ * km_sock (sockhash) and km_conn key: a TCP connection seen from one end.
+ * Ports in host order, IPv4 as ::ffff:a.b.c.d, so both ends' keys are each
+ * other's mirror image. Pod addresses are unique on a node, loopback ones
+ * are not (every pod has 127.0.0.1), so a loopback connection, which never
+ * leaves its netns, also carries the netns cookie; 0 otherwise.
  */
 struct sock_key {
 	struct kmesh_addr local;
 	struct kmesh_addr remote;
 	__u32 local_port;
 	__u32 remote_port;
+	__u64 netns;
 };
 
 /* Per-socket state (sk_storage), freed with the socket. */

@@ -73,9 +73,11 @@ struct {
 
 /*
  * One entry per connection with an end in km_sock, keyed by the connecting
- * end's sock_key; created by that end's sockops, removed when it closes.
- * Not preallocated: an element a program still points to is freed only
- * after an RCU grace period, never reused for another connection.
+ * end's sock_key; created by that end's sockops, removed when it closes
+ * (and by the daemon's sweep once neither end is in km_sock). An element
+ * freed while a program still points to it can be reused for another
+ * connection; a bit set or read there then makes an end stay in km_sock
+ * or on TCP, which is safe, as its own connection's other end has closed.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -121,6 +123,14 @@ static __always_inline bool accelerate_on(void)
 static __always_inline bool addr_is_v4(const struct kmesh_addr *a)
 {
 	return a->ip6[0] == 0 && a->ip6[1] == 0 && a->ip6[2] == bpf_htonl(0x0000ffff);
+}
+
+/* 127.0.0.0/8 (IPv4-mapped) or ::1. */
+static __always_inline bool addr_is_loopback(const struct kmesh_addr *a)
+{
+	if (addr_is_v4(a))
+		return (bpf_ntohl(a->ip6[3]) >> 24) == 127;
+	return a->ip6[0] == 0 && a->ip6[1] == 0 && a->ip6[2] == 0 && a->ip6[3] == bpf_htonl(1);
 }
 
 #endif

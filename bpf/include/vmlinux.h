@@ -87,6 +87,7 @@ enum {
 	BPF_TCP_CLOSE = 7,
 };
 
+#define EEXIST 17
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1

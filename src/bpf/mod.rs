@@ -459,6 +459,33 @@ impl Datapath {
         let _ = fs::remove_dir(&dir);
     }
 
+    /// Removes km_conn entries whose connection has neither end in km_sock:
+    /// no program reads them again, and those of connections that closed
+    /// while no sockops was attached (between daemons) would otherwise stay
+    /// for good. A connecting end enters km_sock before its entry is made,
+    /// so a connection being set up is never swept. Returns how many went.
+    pub fn sweep_conns(&self) -> usize {
+        let m = &self.skel.maps;
+        let in_map = |k: &sock_key| {
+            m.km_sock
+                .lookup(k.as_bytes(), libbpf_rs::MapFlags::ANY)
+                .ok()
+                .flatten()
+                .is_some()
+        };
+        let stale: Vec<Vec<u8>> = m
+            .km_conn
+            .keys()
+            .filter(|raw| {
+                sock_key::from_bytes(raw).is_some_and(|k| !in_map(&k) && !in_map(&k.mirror()))
+            })
+            .collect();
+        stale
+            .iter()
+            .filter(|raw| m.km_conn.delete(raw).is_ok())
+            .count()
+    }
+
     /// Entries in km_sock (each end of an accelerated connection counts).
     pub fn socket_count(&self) -> usize {
         self.skel.maps.km_sock.keys().count()
@@ -614,6 +641,19 @@ impl Pod for sock_key {}
 impl Pod for waypoint {}
 impl Pod for u32 {}
 impl Pod for u64 {}
+
+impl sock_key {
+    /// The key of the connection's other end.
+    pub fn mirror(&self) -> Self {
+        sock_key {
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            netns: self.netns,
+        }
+    }
+}
 
 impl backend_addr {
     /// One address per family (the model allows at most one of each).

@@ -363,9 +363,19 @@ impl Env {
 
     /// Opens one connection and keeps it for `Held::echo`.
     pub fn hold(&mut self, pod: &Pod, addr: &str) -> Held {
+        self.hold_args(pod, addr, &[])
+    }
+
+    /// As `hold`, from the fixed local address `bind`.
+    pub fn hold_from(&mut self, pod: &Pod, addr: &str, bind: &str) -> Held {
+        self.hold_args(pod, addr, &["--bind", bind])
+    }
+
+    fn hold_args(&mut self, pod: &Pod, addr: &str, extra: &[&str]) -> Held {
         let mut child = self
             .probe_cmd(pod, true)
             .args(["connect", addr, "--hold", "--timeout-ms", "2000"])
+            .args(extra)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

@@ -8,6 +8,7 @@
 use std::{
     io::{self, BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
     path::PathBuf,
     process::ExitCode,
     time::Duration,
@@ -118,6 +119,9 @@ enum Cmd {
         /// echo printed, until stdin closes.
         #[arg(long)]
         hold: bool,
+        /// Local address and port to connect from.
+        #[arg(long)]
+        bind: Option<SocketAddr>,
     },
 }
 
@@ -201,7 +205,25 @@ pub(crate) fn connect_once(
     addr: SocketAddr,
     timeout: Duration,
 ) -> Result<(TcpStream, String), io::Error> {
-    let s = TcpStream::connect_timeout(&addr, timeout)?;
+    greeted(TcpStream::connect_timeout(&addr, timeout)?, timeout)
+}
+
+/// A connection from a fixed local address (no connect timeout: the tests
+/// use it on loopback only).
+fn connect_from(addr: SocketAddr, local: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = match local {
+        SocketAddr::V4(_) => AddressFamily::Inet,
+        SocketAddr::V6(_) => AddressFamily::Inet6,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
+    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Reads the server's greeting (its name) off a new connection.
+fn greeted(s: TcpStream, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
     s.set_read_timeout(Some(timeout))?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
@@ -215,11 +237,21 @@ pub(crate) fn connect_once(
     Ok((s, line.trim_end().to_string()))
 }
 
-fn connect(addr: SocketAddr, count: u32, timeout: Duration, hold: bool) -> io::Result<bool> {
+fn connect(
+    addr: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    hold: bool,
+    bind: Option<SocketAddr>,
+) -> io::Result<bool> {
     let mut all_ok = true;
     let mut last = None;
     for i in 0..count {
-        match connect_once(addr, timeout) {
+        let conn = match bind {
+            Some(local) => connect_from(addr, local).and_then(|s| greeted(s, timeout)),
+            None => connect_once(addr, timeout),
+        };
+        match conn {
             Ok((s, name)) => {
                 let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                 println!(
@@ -339,7 +371,8 @@ fn main() -> ExitCode {
             count,
             timeout_ms,
             hold,
-        } => connect(addr, count, Duration::from_millis(timeout_ms), hold),
+            bind,
+        } => connect(addr, count, Duration::from_millis(timeout_ms), hold, bind),
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
