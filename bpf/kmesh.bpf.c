@@ -360,11 +360,10 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 	}
 	if (!tlv && !accelerate_on())
 		return 1;
-	struct sock_key key = {}, ck = {};
+	struct sock_key key = {};
 	FILL_KEY(&key, skops);
 	if (passive) {
-		mirror_key(&key, &ck);
-		if (!bpf_map_lookup_elem(&km_conn, &ck)) {
+		if (!conn_of(&key, 1)) {
 			stat_inc(KMESH_STAT_ACCEL_SKIPPED);
 			return 1;
 		}
