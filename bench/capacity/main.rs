@@ -118,7 +118,14 @@ fn run(w: &mut World, n: usize, accelerate: bool) -> Run {
         open_errors,
         open_secs,
         held_entries,
-        accel: ["accel_added", "accel_full", "accel_on", "accel_off"].map(delta),
+        accel: [
+            "accel_added",
+            "accel_full",
+            "accel_on",
+            "accel_off",
+            "accel_left",
+        ]
+        .map(delta),
         check_ok: checks.iter().map(|c| u(c, "ok")).sum(),
         check_failed: checks.iter().map(|c| u(c, "failed")).sum(),
         check_secs,
