@@ -372,8 +372,9 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 			return 1;
 	}
 	long err = bpf_sock_hash_update(skops, &km_sock, &key, BPF_NOEXIST);
-	/* Already in: a second sockops program, during a daemon handover. */
-	if (err == -EEXIST)
+	/* EBUSY: the socket is in already, added by a second sockops program
+	 * during a daemon handover. EEXIST: another socket holds the key. */
+	if (err == -EBUSY || err == -EEXIST)
 		return 1;
 	if (err) {
 		stat_inc(tlv ? KMESH_STAT_TLV_FAILED : KMESH_STAT_ACCEL_FULL);
@@ -387,15 +388,13 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 		st->unchecked_bytes = 0;
 		st->unchecked_sends = 0;
 	}
-	bool conn = false;
 	if (!passive) {
 		/* After the socket entered, so that while a km_conn entry exists
 		 * its connecting end is in km_sock or has been (the daemon's
 		 * sweep relies on it). BPF_ANY: replaces what a closed connection
 		 * with the same addresses left. */
 		struct conn_value zero = {};
-		conn = bpf_map_update_elem(&km_conn, &key, &zero, BPF_ANY) == 0;
-		if (!conn && !tlv) {
+		if (bpf_map_update_elem(&km_conn, &key, &zero, BPF_ANY) && !tlv) {
 			bpf_map_delete_elem(&km_sock, &key);
 			stat_inc(KMESH_STAT_ACCEL_FULL);
 			return 1;
@@ -403,12 +402,30 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 	}
 	stat_inc(KMESH_STAT_ACCEL_ADDED);
 	/* RTT: an ACK of data sent through TCP (see leave_if_on_tcp). STATE:
-	 * the connecting end removes the km_conn entry when it closes. */
-	int flags = skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG;
-	if (conn)
-		flags |= BPF_SOCK_OPS_STATE_CB_FLAG;
-	bpf_sock_ops_cb_flags_set(skops, flags);
+	 * TCP_CLOSE (see sock_closed). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_RTT_CB_FLAG |
+						 BPF_SOCK_OPS_STATE_CB_FLAG);
 	return 1;
+}
+
+/*
+ * TCP_CLOSE. The kernel takes a TCP socket out of a sockhash only when the
+ * application closes it (sock_map_close, before this runs), not when the
+ * connection ends by a reset, a timeout or connect(AF_UNSPEC). Left in, the
+ * socket would hold its old key: a new connection with the same addresses
+ * (the client port is free again) would redirect into it, and after a
+ * reconnect its own bytes of the old connection would stay readable and
+ * the socket could not enter again (EBUSY). So it leaves here; bytes
+ * redirected to it and not read yet go with it, as RFC 793 has a reset
+ * flush the queues (Linux TCP lets them be read first).
+ */
+static __always_inline void sock_closed(struct bpf_sock_ops *skops)
+{
+	struct sock_key key = {};
+	FILL_KEY(&key, skops);
+	/* km_conn holds connecting ends' keys: no-op for an accepting end. */
+	bpf_map_delete_elem(&km_conn, &key);
+	bpf_map_delete_elem(&km_sock, &key);
 }
 
 /*
@@ -452,11 +469,8 @@ int kmesh_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_RTT_CB:
 		return leave_if_on_tcp(skops);
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			struct sock_key key = {};
-			FILL_KEY(&key, skops);
-			bpf_map_delete_elem(&km_conn, &key);
-		}
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			sock_closed(skops);
 		return 1;
 	}
 	return 1;

@@ -4,8 +4,10 @@
 use std::{
     fs,
     io::{self, Read},
+    net::TcpStream,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    time::Instant,
 };
 
 use nix::sched::{setns, CloneFlags};
@@ -86,11 +88,23 @@ pub fn netns_cookie(path: &Path) -> io::Result<u64> {
 /// blocking read return EAGAIN after a wake-up that brought no data, such
 /// as the peer's FIN or send space freed by ACKs: the kernel's
 /// tcp_bpf_recvmsg waits once and then gives up (README, Known limits).
-/// Retrying is what a non-blocking application does anyway. Ok(0) is EOF.
-pub fn read_blocking(mut r: impl Read, buf: &mut [u8], eagain: &mut u32) -> io::Result<usize> {
+/// Retrying is what a non-blocking application does anyway. A read that
+/// waited out the socket's read timeout is not retried: that EAGAIN is the
+/// timeout (TimedOut). Ok(0) is EOF.
+pub fn read_blocking(s: &TcpStream, buf: &mut [u8], eagain: &mut u32) -> io::Result<usize> {
+    let timeout = s.read_timeout()?;
     loop {
-        match r.read(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && *eagain < 10_000 => *eagain += 1,
+        let start = Instant::now();
+        match (&*s).read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if timeout.is_some_and(|t| start.elapsed() >= t.mul_f32(0.9)) {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "read timed out"));
+                }
+                if *eagain >= 10_000 {
+                    return Err(e);
+                }
+                *eagain += 1;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             res => return res,
         }
@@ -98,10 +112,10 @@ pub fn read_blocking(mut r: impl Read, buf: &mut [u8], eagain: &mut u32) -> io::
 }
 
 /// read_exact over `read_blocking`.
-pub fn read_exact_blocking(mut r: impl Read, buf: &mut [u8], eagain: &mut u32) -> io::Result<()> {
+pub fn read_exact_blocking(s: &TcpStream, buf: &mut [u8], eagain: &mut u32) -> io::Result<()> {
     let mut got = 0;
     while got < buf.len() {
-        match read_blocking(&mut r, &mut buf[got..], eagain)? {
+        match read_blocking(s, &mut buf[got..], eagain)? {
             0 => return Err(io::ErrorKind::UnexpectedEof.into()),
             n => got += n,
         }

@@ -296,6 +296,67 @@ fn ends_that_cannot_be_accelerated_stay_out_of_the_map() {
     });
 }
 
+/// A socket disconnected with connect(AF_UNSPEC) and connected again is a
+/// new connection to the data path: its ends are decided afresh. Plain to
+/// a server outside the mesh (the client leaves km_sock), accelerated to
+/// one in it, and plain again; every echo byte-exact.
+#[test]
+fn a_reconnected_socket_is_decided_afresh() {
+    let (mut env, client, server) = setup();
+    let outside = env.pod(12, &[]);
+    let out_addr = format!("{}:8080", outside.v4);
+    env.serve(&outside, std::slice::from_ref(&out_addr), "outside");
+    let d = env.daemon(&config(&client, &server, true));
+    let vip = "10.96.0.10:80";
+    let order = [out_addr.as_str(), vip, vip, out_addr.as_str()];
+    let mut args = vec!["reconnect", "--sizes", "1,65536"];
+    args.extend(order);
+    let lines = transfer_ok(&env, &client, &args);
+    let names: Vec<_> = lines.iter().map(|l| l["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["outside", "web-1", "web-1", "outside"]);
+    assert!(lines.iter().all(|l| l["bytes"] == 65537), "{lines:?}");
+    // Both directions of each mesh connection; the client's end of each
+    // outside one left once its data was acknowledged. The socket kept
+    // its decisions across a reconnect if accel_on were below 4.
+    let dump = d.wait_dump(Duration::from_secs(5), |v| {
+        v["stats"]["accel_left"] == 2 && entries(v) == 0 && v["maps"]["km_conn"]["entries"] == 0
+    });
+    assert_eq!(dump["stats"]["accel_on"], 4, "{dump}");
+    assert_eq!(
+        dump["stats"]["accel_added"], 6,
+        "4 client ends, 2 server ends"
+    );
+}
+
+/// A reset ends a connection without close(), and the kernel keeps a
+/// socket in a sockhash until close(). The reset end must leave km_sock at
+/// once: its client's port is free again, and a new connection from it
+/// would find the old socket under its key and send its bytes there. The
+/// server here reads only a second after greeting, so the reset
+/// connection's socket is still open when the new one sends.
+#[test]
+fn a_reset_socket_leaves_before_its_addresses_are_reused() {
+    let (mut env, client, server) = setup();
+    let addr = format!("{}:8083", server.v4);
+    env.serve_in_mesh(
+        &server,
+        std::slice::from_ref(&addr),
+        "slow",
+        &["--read-delay-ms", "1000"],
+    );
+    let d = env.daemon(&config(&client, &server, true));
+    let bind = format!("{}:41000", client.v4);
+    let from = ["--bind", bind.as_str()];
+    let mut args = vec!["transfer", addr.as_str(), "--abort-after", "1"];
+    args.extend(from);
+    transfer_ok(&env, &client, &args);
+    let mut args = vec!["transfer", addr.as_str(), "--sizes", "5,4096"];
+    args.extend(from);
+    let lines = transfer_ok(&env, &client, &args);
+    assert_eq!(lines[0]["bytes"], 4101, "{lines:?}");
+    assert_eq!(d.stat("accel_added"), 4, "both ends of both connections");
+}
+
 /// Every pod has 127.0.0.1, so the same loopback connection (addresses
 /// and ports) can be live in two pods at once. Each must be accelerated
 /// between its own two ends, never into the other pod's socket.

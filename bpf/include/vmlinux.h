@@ -88,6 +88,7 @@ enum {
 };
 
 #define EEXIST 17
+#define EBUSY 16
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1

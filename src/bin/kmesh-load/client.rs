@@ -38,7 +38,7 @@ fn abort(s: TcpStream) {
 
 /// read_exact that retries a blocking sockhash socket's spurious EAGAIN
 /// (kmesh::sys::read_blocking); returns the retries.
-fn read_exact_blocking(s: &mut TcpStream, buf: &mut [u8]) -> io::Result<u32> {
+fn read_exact_blocking(s: &TcpStream, buf: &mut [u8]) -> io::Result<u32> {
     let mut retries = 0;
     kmesh::sys::read_exact_blocking(s, buf, &mut retries)?;
     Ok(retries)
@@ -124,7 +124,7 @@ fn rr_conn(
             exchange_polled(&mut s, &out, &mut back)
         } else {
             s.write_all(&out)
-                .and_then(|()| read_exact_blocking(&mut s, &mut back).map(drop))
+                .and_then(|()| read_exact_blocking(&s, &mut back).map(drop))
         };
         let t1 = Instant::now();
         r.map_err(Error::io("request/response"))?;
@@ -197,7 +197,7 @@ pub fn stream(addr: SocketAddr, size: usize, duration: Duration) -> Result<Value
     s.shutdown(std::net::Shutdown::Write)
         .map_err(Error::io("shutdown"))?;
     let mut got = [0u8; 8];
-    let retries = read_exact_blocking(&mut s, &mut got).map_err(Error::io("byte count"))?;
+    let retries = read_exact_blocking(&s, &mut got).map_err(Error::io("byte count"))?;
     let secs = start.elapsed().as_secs_f64();
     let received = u64::from_le_bytes(got);
     let v = json!({
@@ -222,7 +222,7 @@ pub fn connect_rate(addr: SocketAddr, duration: Duration, echo: bool) -> Result<
                 s.set_nodelay(true).map_err(Error::io("TCP_NODELAY"))?;
                 s.write_all(&[HDR_ECHO, 0xa5]).map_err(Error::io("write"))?;
                 let mut b = [0u8; 1];
-                read_exact_blocking(&mut s, &mut b).map_err(Error::io("read"))?;
+                read_exact_blocking(&s, &mut b).map_err(Error::io("read"))?;
                 if b[0] != 0xa5 {
                     return Err(Error::Mismatch(1, Value::Null));
                 }

@@ -57,6 +57,9 @@ enum Cmd {
         /// Close a connection once this many bytes were echoed.
         #[arg(long)]
         close_after: Option<usize>,
+        /// After the greeting, wait this long before reading.
+        #[arg(long)]
+        read_delay_ms: Option<u64>,
     },
     /// A test waypoint: record each connection's TLV to LOG, then forward
     /// to the original destination.
@@ -80,6 +83,19 @@ enum Cmd {
         half_close: bool,
         #[arg(long)]
         abort_after: Option<usize>,
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        /// Local address and port to connect from (one connection).
+        #[arg(long)]
+        bind: Option<SocketAddr>,
+    },
+    /// Connect one socket to each ADDR in turn, echo SIZES on each and
+    /// disconnect it (connect(AF_UNSPEC)) before the next.
+    Reconnect {
+        #[arg(required = true)]
+        addrs: Vec<SocketAddr>,
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        sizes: Vec<usize>,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
@@ -130,6 +146,7 @@ struct ServeOpts {
     drain_after: Option<Duration>,
     close_after: Option<usize>,
     rcvbuf: Option<usize>,
+    read_delay: Option<Duration>,
 }
 
 fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> {
@@ -138,6 +155,7 @@ fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> 
         drain_after,
         close_after,
         rcvbuf,
+        read_delay,
     } = o;
     let mut listeners = Vec::new();
     for a in &listen {
@@ -175,6 +193,9 @@ fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> 
                     if c.write_all(greeting.as_bytes()).is_err() {
                         return;
                     }
+                    if let Some(d) = read_delay {
+                        std::thread::sleep(d);
+                    }
                     let mut buf = [0u8; 16384];
                     let mut echoed = 0;
                     loop {
@@ -208,6 +229,18 @@ pub(crate) fn connect_once(
     greeted(TcpStream::connect_timeout(&addr, timeout)?, timeout)
 }
 
+/// A connection, from `bind` if given.
+pub(crate) fn connect_plain(
+    addr: SocketAddr,
+    bind: Option<SocketAddr>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    match bind {
+        Some(local) => connect_from(addr, local),
+        None => TcpStream::connect_timeout(&addr, timeout),
+    }
+}
+
 /// A connection from a fixed local address (no connect timeout: the tests
 /// use it on loopback only).
 fn connect_from(addr: SocketAddr, local: SocketAddr) -> io::Result<TcpStream> {
@@ -223,7 +256,7 @@ fn connect_from(addr: SocketAddr, local: SocketAddr) -> io::Result<TcpStream> {
 }
 
 /// Reads the server's greeting (its name) off a new connection.
-fn greeted(s: TcpStream, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
+pub(crate) fn greeted(s: TcpStream, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
     s.set_read_timeout(Some(timeout))?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
@@ -248,7 +281,7 @@ fn connect(
     let mut last = None;
     for i in 0..count {
         let conn = match bind {
-            Some(local) => connect_from(addr, local).and_then(|s| greeted(s, timeout)),
+            Some(_) => connect_plain(addr, bind, timeout).and_then(|s| greeted(s, timeout)),
             None => connect_once(addr, timeout),
         };
         match conn {
@@ -315,6 +348,7 @@ fn main() -> ExitCode {
             drain_after_ms,
             close_after,
             rcvbuf,
+            read_delay_ms,
         } => serve(
             listen,
             name,
@@ -323,6 +357,7 @@ fn main() -> ExitCode {
                 drain_after: drain_after_ms.map(Duration::from_millis),
                 close_after,
                 rcvbuf,
+                read_delay: read_delay_ms.map(Duration::from_millis),
             },
         )
         .map(|()| true),
@@ -340,6 +375,7 @@ fn main() -> ExitCode {
             half_close,
             abort_after,
             timeout_ms,
+            bind,
         } => transfer::run(
             addr,
             conns,
@@ -349,6 +385,22 @@ fn main() -> ExitCode {
                 half_close,
                 abort_after,
                 timeout: Duration::from_millis(timeout_ms),
+                bind,
+            },
+        ),
+        Cmd::Reconnect {
+            addrs,
+            sizes,
+            timeout_ms,
+        } => transfer::reconnect(
+            &addrs,
+            transfer::Opts {
+                sizes,
+                chunk: 0,
+                half_close: false,
+                abort_after: None,
+                timeout: Duration::from_millis(timeout_ms),
+                bind: None,
             },
         ),
         Cmd::Fill {

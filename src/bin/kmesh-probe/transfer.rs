@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::json;
 
-use super::connect_once;
+use super::{connect_plain, greeted};
 
 pub struct Opts {
     pub sizes: Vec<usize>,
@@ -22,6 +22,8 @@ pub struct Opts {
     /// Send this many bytes, then reset the connection (SO_LINGER 0).
     pub abort_after: Option<usize>,
     pub timeout: Duration,
+    /// Local address to connect from.
+    pub bind: Option<SocketAddr>,
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
@@ -56,9 +58,9 @@ fn reset_after(
     addr: SocketAddr,
     n: usize,
     seed: usize,
-    timeout: Duration,
+    o: &Opts,
 ) -> io::Result<(String, usize, u32)> {
-    let (s, name) = connect_once(addr, timeout)?;
+    let (s, name) = greeted(connect_plain(addr, o.bind, o.timeout)?, o.timeout)?;
     (&s).write_all(&pattern(seed, n))?;
     let linger = libc::linger {
         l_onoff: 1,
@@ -78,17 +80,15 @@ fn reset_after(
     Ok((name, 0, 0))
 }
 
-/// One connection; returns (server name, bytes verified, EAGAINs retried). The client
-/// sends first and reads the greeting after: a waypoint learns where to
-/// forward only from the first bytes (the TLV in front of them).
-fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u32)> {
-    if let Some(n) = o.abort_after {
-        return reset_after(addr, n, seed, o.timeout);
-    }
-    let s = TcpStream::connect_timeout(&addr, o.timeout)?;
-    s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
+/// Sends each message of `o.sizes` and checks its echo; returns the
+/// server's greeting (read after the first write) and the bytes verified.
+fn echo_messages(
+    s: &TcpStream,
+    o: &Opts,
+    seed: usize,
+    eagain: &mut u32,
+) -> io::Result<(String, usize)> {
     let mut name = String::new();
-    let mut eagain = 0;
     let mut verified = 0;
     for (k, &size) in o.sizes.iter().enumerate() {
         let msg = pattern(seed + k, size);
@@ -104,10 +104,10 @@ fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u3
             Ok(())
         });
         if k == 0 {
-            name = greeting(&s, &mut eagain)?;
+            name = greeting(s, eagain)?;
         }
         let mut back = vec![0u8; size];
-        read_full(&s, &mut back, &mut eagain)?;
+        read_full(s, &mut back, eagain)?;
         writer.join().expect("writer thread")?;
         if back != msg {
             let at = back.iter().zip(&msg).position(|(a, b)| a != b);
@@ -118,6 +118,20 @@ fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u3
         }
         verified += size;
     }
+    Ok((name, verified))
+}
+
+/// One connection; returns (server name, bytes verified, EAGAINs retried). The client
+/// sends first and reads the greeting after: a waypoint learns where to
+/// forward only from the first bytes (the TLV in front of them).
+fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u32)> {
+    if let Some(n) = o.abort_after {
+        return reset_after(addr, n, seed, o);
+    }
+    let s = connect_plain(addr, o.bind, o.timeout)?;
+    s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
+    let mut eagain = 0;
+    let (name, verified) = echo_messages(&s, o, seed, &mut eagain)?;
     if o.half_close {
         s.shutdown(Shutdown::Write)?;
         let mut rest = Vec::new();
@@ -302,7 +316,7 @@ pub fn sink(mut c: TcpStream, delay: Duration) {
 /// (the closed peer answers it with RST) and fails the next ones (EPIPE);
 /// the JSON line lists what each write returned.
 pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Result<bool> {
-    let (s, name) = connect_once(addr, timeout)?;
+    let (s, name) = greeted(connect_plain(addr, None, timeout)?, timeout)?;
     let mut eagain = 0;
     (&s).write_all(b"x")?;
     let mut b = [0u8; 1];
@@ -322,4 +336,57 @@ pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Resu
         json!({"name": name, "eof": eof, "writes": results, "eagain": eagain})
     );
     Ok(eof)
+}
+
+/// One socket connected to each address in turn and disconnected in
+/// between with connect(AF_UNSPEC), as some clients reuse a socket. Each
+/// connection echoes `o.sizes`; one JSON line per connection.
+pub fn reconnect(addrs: &[SocketAddr], o: Opts) -> io::Result<bool> {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = match addrs.first() {
+        Some(SocketAddr::V6(_)) => AddressFamily::Inet6,
+        _ => AddressFamily::Inet,
+    };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    let s = TcpStream::from(fd);
+    s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
+    let mut all_ok = true;
+    for (i, addr) in addrs.iter().enumerate() {
+        let mut eagain = 0;
+        let r = socket::connect(s.as_raw_fd(), &SockaddrStorage::from(*addr))
+            .map_err(io::Error::from)
+            .and_then(|()| echo_messages(&s, &o, i, &mut eagain));
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        match r {
+            Ok((name, bytes)) => println!(
+                "{}",
+                json!({"i": i, "ok": true, "name": name, "bytes": bytes, "local": local, "eagain": eagain})
+            ),
+            Err(e) => {
+                all_ok = false;
+                println!("{}", json!({"i": i, "ok": false, "error": e.to_string()}));
+            }
+        }
+        disconnect(&s)?;
+    }
+    Ok(all_ok)
+}
+
+fn disconnect(s: &TcpStream) -> io::Result<()> {
+    // SAFETY: a zeroed sockaddr is a valid value; only its family is read.
+    let mut sa: libc::sockaddr = unsafe { std::mem::zeroed() };
+    sa.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    // SAFETY: valid fd, and sa lives across the call with its true size.
+    let r = unsafe {
+        libc::connect(
+            s.as_raw_fd(),
+            &sa,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
