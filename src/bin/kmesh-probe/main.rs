@@ -222,11 +222,13 @@ fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> 
     Ok(())
 }
 
+/// A connection (from `bind` if given) and its server's greeting.
 pub(crate) fn connect_once(
     addr: SocketAddr,
+    bind: Option<SocketAddr>,
     timeout: Duration,
 ) -> Result<(TcpStream, String), io::Error> {
-    greeted(TcpStream::connect_timeout(&addr, timeout)?, timeout)
+    greeted(connect_plain(addr, bind, timeout)?, timeout)
 }
 
 /// A connection, from `bind` if given.
@@ -241,22 +243,28 @@ pub(crate) fn connect_plain(
     }
 }
 
-/// A connection from a fixed local address (no connect timeout: the tests
-/// use it on loopback only).
-fn connect_from(addr: SocketAddr, local: SocketAddr) -> io::Result<TcpStream> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = match local {
+/// An unconnected TCP socket of `addr`'s family.
+pub(crate) fn tcp_socket(addr: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let family = match addr {
         SocketAddr::V4(_) => AddressFamily::Inet,
         SocketAddr::V6(_) => AddressFamily::Inet6,
     };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(local))?;
-    socket::connect(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    Ok(TcpStream::from(fd))
+    Ok(socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?.into())
+}
+
+/// A connection from a fixed local address (no connect timeout: the tests
+/// use it on loopback only).
+fn connect_from(addr: SocketAddr, local: SocketAddr) -> io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, SockaddrStorage};
+    let s = tcp_socket(local)?;
+    bind(s.as_raw_fd(), &SockaddrStorage::from(local))?;
+    connect(s.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    Ok(s)
 }
 
 /// Reads the server's greeting (its name) off a new connection.
-pub(crate) fn greeted(s: TcpStream, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
+fn greeted(s: TcpStream, timeout: Duration) -> Result<(TcpStream, String), io::Error> {
     s.set_read_timeout(Some(timeout))?;
     let mut r = BufReader::new(s.try_clone()?);
     let mut line = String::new();
@@ -280,10 +288,7 @@ fn connect(
     let mut all_ok = true;
     let mut last = None;
     for i in 0..count {
-        let conn = match bind {
-            Some(_) => connect_plain(addr, bind, timeout).and_then(|s| greeted(s, timeout)),
-            None => connect_once(addr, timeout),
-        };
+        let conn = connect_once(addr, bind, timeout);
         match conn {
             Ok((s, name)) => {
                 let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();

@@ -11,7 +11,7 @@ use std::{
 
 use serde_json::json;
 
-use super::{connect_plain, greeted};
+use super::{connect_once, connect_plain, tcp_socket};
 
 pub struct Opts {
     pub sizes: Vec<usize>,
@@ -60,7 +60,7 @@ fn reset_after(
     seed: usize,
     o: &Opts,
 ) -> io::Result<(String, usize, u32)> {
-    let (s, name) = greeted(connect_plain(addr, o.bind, o.timeout)?, o.timeout)?;
+    let (s, name) = connect_once(addr, o.bind, o.timeout)?;
     (&s).write_all(&pattern(seed, n))?;
     let linger = libc::linger {
         l_onoff: 1,
@@ -316,7 +316,7 @@ pub fn sink(mut c: TcpStream, delay: Duration) {
 /// (the closed peer answers it with RST) and fails the next ones (EPIPE);
 /// the JSON line lists what each write returned.
 pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Result<bool> {
-    let (s, name) = greeted(connect_plain(addr, None, timeout)?, timeout)?;
+    let (s, name) = connect_once(addr, None, timeout)?;
     let mut eagain = 0;
     (&s).write_all(b"x")?;
     let mut b = [0u8; 1];
@@ -342,13 +342,11 @@ pub fn after_close(addr: SocketAddr, writes: u32, timeout: Duration) -> io::Resu
 /// between with connect(AF_UNSPEC), as some clients reuse a socket. Each
 /// connection echoes `o.sizes`; one JSON line per connection.
 pub fn reconnect(addrs: &[SocketAddr], o: Opts) -> io::Result<bool> {
-    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = match addrs.first() {
-        Some(SocketAddr::V6(_)) => AddressFamily::Inet6,
-        _ => AddressFamily::Inet,
+    use nix::sys::socket::{self, SockaddrStorage};
+    let Some(&first) = addrs.first() else {
+        return Ok(true);
     };
-    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    let s = TcpStream::from(fd);
+    let s = tcp_socket(first)?;
     s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
     let mut all_ok = true;
     for (i, addr) in addrs.iter().enumerate() {
