@@ -406,6 +406,43 @@ fn a_new_daemon_sweeps_connections_closed_while_none_ran() {
     assert_eq!(entries(&dump), 0);
 }
 
+/// In a handover two sockops programs are on the cgroup for a moment (the
+/// new daemon attaches its own before it drops the old link), and both run
+/// for a new connection, the older first. Each end enters km_sock once,
+/// through the first; the second finds the socket taken (EBUSY) and leaves
+/// it alone, which is not a full map. Kept apart here (a daemon pinned
+/// elsewhere does not take the old links over), so the overlap lasts.
+#[test]
+fn a_second_sockops_program_leaves_a_taken_socket_alone() {
+    let (mut env, client, server) = setup();
+    let cfg = config(&client, &server, true);
+    let mut old = env.daemon_args(&cfg, &["--keep-attached"]).unwrap();
+    assert!(old.stop().success());
+    let elsewhere = env.bpffs.join("elsewhere");
+    let mut new = env
+        .daemon_args(&cfg, &["--bpffs", elsewhere.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_SOCK_OPS), 2);
+
+    let mut held = env.hold(&client, "10.96.0.10:80");
+    assert_eq!(held.echo("during").unwrap(), "during");
+    let dump = new.dump();
+    assert_eq!(dump["stats"]["accel_full"], 0, "{dump}");
+    assert_eq!(dump["stats"]["accel_added"], 0, "{dump}");
+    assert_eq!(entries(&dump), 0);
+    assert!(new.stop().success());
+
+    // The old maps hold both ends: a daemon taking them over sees them.
+    let d = env.daemon(&cfg);
+    assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_SOCK_OPS), 1);
+    let dump = d.dump();
+    assert_eq!(entries(&dump), 2, "{dump}");
+    assert_eq!(dump["maps"]["km_conn"]["entries"], 1, "{dump}");
+    assert_eq!(held.echo("after").unwrap(), "after");
+    drop(held);
+    d.wait_dump(Duration::from_secs(5), |d| entries(d) == 0);
+}
+
 /// Capacity at CI size: thousands of connections held at once, both ends
 /// of each in km_sock, every one echoing, and the map empty again once
 /// they close. bench/capacity.sh runs the same at 100k.

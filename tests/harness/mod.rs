@@ -398,7 +398,8 @@ impl Env {
         self.daemon_args(config, &[]).expect("daemon starts")
     }
 
-    /// Starts the daemon; Err(stderr) if it exits before serving.
+    /// Starts the daemon; Err(stderr) if it exits before serving. `extra`
+    /// may name another `--bpffs` directory (it must be under `self.bpffs`).
     pub fn daemon_args(&mut self, config: &Value, extra: &[&str]) -> Result<Daemon, String> {
         let cfg = self.dir.join("config.json");
         fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
@@ -418,7 +419,11 @@ impl Env {
         let mut child = cmd
             .args(["daemon", "--config", cfg.to_str().unwrap()])
             .args(["--cgroup", self.cgroup.to_str().unwrap()])
-            .args(["--bpffs", self.bpffs.join("kmesh").to_str().unwrap()])
+            .args(if extra.contains(&"--bpffs") {
+                vec![]
+            } else {
+                vec!["--bpffs".into(), self.bpffs.join("kmesh").into_os_string()]
+            })
             .args([
                 "--admin-socket",
                 sock.to_str().unwrap(),
