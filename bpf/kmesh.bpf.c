@@ -353,6 +353,7 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 		return 1;
 	bool passive = skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
 	struct sock_state *st = NULL;
+	struct conn_value *conn = NULL;
 	bool tlv = false;
 	if (!passive) {
 		st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
@@ -363,7 +364,8 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 	struct sock_key key = {};
 	FILL_KEY(&key, skops);
 	if (passive) {
-		if (!conn_of(&key, 1)) {
+		conn = conn_of(&key, 1);
+		if (!conn) {
 			stat_inc(KMESH_STAT_ACCEL_SKIPPED);
 			return 1;
 		}
@@ -388,6 +390,8 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 		st->unchecked_bytes = 0;
 		st->unchecked_sends = 0;
 	}
+	if (conn)
+		__sync_fetch_and_or(&conn->bits, KMESH_CONN_ACCEPTED_IN);
 	if (!passive) {
 		/* After the socket entered, so that while a km_conn entry exists
 		 * its connecting end is in km_sock or has been (the daemon's
@@ -409,15 +413,59 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 }
 
 /*
+ * Bytes queued in sk's psock for its reader (msg_tot_len); false where
+ * sk has no psock or the kernel lacks the field.
+ */
+static __always_inline bool psock_queued(struct sock *sk, __u32 *queued)
+{
+	unsigned long ud = 0;
+	if (!bpf_core_field_exists(struct sk_psock, msg_tot_len) ||
+	    bpf_core_read(&ud, sizeof(ud), &sk->sk_user_data) || !(ud & SK_USER_DATA_PSOCK))
+		return false;
+	struct sk_psock *psock = (void *)(ud & SK_USER_DATA_PTRMASK);
+	return !bpf_core_read(queued, sizeof(*queued), &psock->msg_tot_len);
+}
+
+/*
+ * Whether a socket reaching TCP_CLOSE ended in order (the peer's FIN
+ * received after its own, or its own acknowledged after the peer's; no
+ * error) with redirected bytes its application has not read yet. TCP
+ * keeps such bytes readable until close(): a client that half-closed
+ * before the reply and the server's FIN arrived enters TIME_WAIT, and
+ * TCP_CLOSE with it, before it reads them. Unknown (no psock field):
+ * kept, as losing bytes is worse than holding a key.
+ */
+static __always_inline bool ended_in_order_unread(struct bpf_sock_ops *skops)
+{
+	__u32 old = skops->args[0];
+	if (old != BPF_TCP_FIN_WAIT1 && old != BPF_TCP_FIN_WAIT2 && old != BPF_TCP_CLOSING &&
+	    old != BPF_TCP_LAST_ACK)
+		return false;
+	struct sock *sk = NULL;
+	if (bpf_core_read(&sk, sizeof(sk), &((struct bpf_sock_ops_kern *)(void *)skops)->sk) ||
+	    !sk)
+		return false;
+	int err = 0;
+	__u8 shut = 0;
+	if (bpf_core_read(&err, sizeof(err), &sk->sk_err) || err ||
+	    bpf_core_read(&shut, sizeof(shut), &sk->sk_shutdown) || !(shut & RCV_SHUTDOWN))
+		return false;
+	__u32 queued = 0;
+	return !psock_queued(sk, &queued) || queued;
+}
+
+/*
  * TCP_CLOSE. The kernel takes a TCP socket out of a sockhash only when the
  * application closes it (sock_map_close, before this runs), not when the
- * connection ends by a reset, a timeout or connect(AF_UNSPEC). Left in, the
- * socket would hold its old key: a new connection with the same addresses
- * (the client port is free again) would redirect into it, and after a
- * reconnect its own bytes of the old connection would stay readable and
- * the socket could not enter again (EBUSY). So it leaves here; bytes
- * redirected to it and not read yet go with it, as RFC 793 has a reset
- * flush the queues (Linux TCP lets them be read first).
+ * connection ends otherwise. Left in, the socket would hold its old key: a
+ * new connection with the same addresses (after a reset the client port is
+ * free again) would redirect into it, and after connect(AF_UNSPEC) its own
+ * bytes of the old connection would stay readable and the socket could not
+ * enter again (EBUSY). So it leaves here, unless it ended in order with
+ * bytes unread (then close() takes it out; TIME_WAIT keeps its addresses
+ * from a new connection meanwhile). Bytes not read before a reset or a
+ * disconnect go with it, as RFC 793 has a reset flush the queues (Linux TCP
+ * lets them be read first after a reset; a disconnect drops them too).
  */
 static __always_inline void sock_closed(struct bpf_sock_ops *skops)
 {
@@ -425,7 +473,8 @@ static __always_inline void sock_closed(struct bpf_sock_ops *skops)
 	FILL_KEY(&key, skops);
 	/* km_conn holds connecting ends' keys: no-op for an accepting end. */
 	bpf_map_delete_elem(&km_conn, &key);
-	bpf_map_delete_elem(&km_sock, &key);
+	if (!ended_in_order_unread(skops))
+		bpf_map_delete_elem(&km_sock, &key);
 }
 
 /*
@@ -543,19 +592,15 @@ static __always_inline __u64 msg_overhead(void)
 static __always_inline bool peer_backlogged(struct sk_msg_md *msg, __u64 bytes, __u64 sends)
 {
 	struct config_value *c = config();
-	if (!c || !c->queue_limit || !bpf_core_field_exists(struct sk_psock, msg_tot_len))
+	if (!c || !c->queue_limit)
 		return false;
 	struct sock *sk = NULL;
 	if (bpf_core_read(&sk, sizeof(sk), &((struct sk_msg *)(void *)msg)->sk_redir) || !sk)
 		return false;
-	unsigned long ud = 0;
 	__u8 locks = 0;
 	int rcvbuf = 0;
 	__u32 queued = 0, limit = c->queue_limit;
-	if (bpf_core_read(&ud, sizeof(ud), &sk->sk_user_data) || !(ud & SK_USER_DATA_PSOCK))
-		return false;
-	struct sk_psock *psock = (void *)(ud & SK_USER_DATA_PTRMASK);
-	if (bpf_core_read(&queued, sizeof(queued), &psock->msg_tot_len))
+	if (!psock_queued(sk, &queued))
 		return false;
 	if (!bpf_core_read(&locks, sizeof(locks), &sk->sk_userlocks) &&
 	    (locks & SOCK_RCVBUF_LOCK) &&
@@ -604,7 +649,7 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 			 * connecting end never entered km_sock. */
 			__u32 old = __sync_fetch_and_or(&c->bits, KMESH_CONN_REDIRECT(end));
 			mirror_key(&self, &peer);
-			if (!(old & KMESH_CONN_LEAVING(!end)) &&
+			if (!(old & KMESH_CONN_LEAVING(!end)) && (end || (old & KMESH_CONN_ACCEPTED_IN)) &&
 			    bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
 				stat_inc(KMESH_STAT_ACCEL_ON);

@@ -134,6 +134,24 @@ fn half_close_reset_and_full_receiver_behave_like_tcp() {
             "4",
         ],
     );
+    // Half-closed first: the echoes and the server's FIN arrive while
+    // nothing reads, so the client's socket is closed (TIME_WAIT) with its
+    // bytes unread; TCP keeps them readable, and so must the map.
+    transfer_ok(
+        &env,
+        &client,
+        &[
+            "transfer",
+            "10.96.0.10:80",
+            "--sizes",
+            "1,70000",
+            "--half-close",
+            "--late-read-ms",
+            "300",
+            "--conns",
+            "4",
+        ],
+    );
     // Reset mid-stream, then the server still serves.
     transfer_ok(
         &env,
@@ -146,6 +164,8 @@ fn half_close_reset_and_full_receiver_behave_like_tcp() {
         &["transfer", "10.96.0.10:80", "--sizes", "4096"],
     );
     assert!(d.stat("accel_added") > 0);
+    // Sockets kept for their unread bytes left at close().
+    d.wait_dump(Duration::from_secs(5), |d| entries(d) == 0);
 }
 
 /// Writes after the peer closed its end: TCP lets the first one through

@@ -75,6 +75,13 @@ enum kmesh_sock_flag {
  */
 #define KMESH_CONN_REDIRECT(end) (1u << (2 * (end)))
 #define KMESH_CONN_LEAVING(end) (2u << (2 * (end)))
+/*
+ * The accepting end entered km_sock. Until then a socket under its key may
+ * be an old one kept for its unread bytes (see sock_closed), so the
+ * connecting end does not redirect. (The other way needs no bit: the
+ * connecting end entered before it created the entry.)
+ */
+#define KMESH_CONN_ACCEPTED_IN (1u << 4)
 
 struct conn_value {
 	__u32 bits;

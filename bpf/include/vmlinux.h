@@ -84,7 +84,11 @@ enum {
 
 enum {
 	BPF_TCP_ESTABLISHED = 1,
+	BPF_TCP_FIN_WAIT1 = 4,
+	BPF_TCP_FIN_WAIT2 = 5,
 	BPF_TCP_CLOSE = 7,
+	BPF_TCP_LAST_ACK = 9,
+	BPF_TCP_CLOSING = 11,
 };
 
 #define EEXIST 17
@@ -184,13 +188,20 @@ struct sk_msg {
 } __attribute__((preserve_access_index));
 struct sock {
 	__u8 sk_userlocks;
+	__u8 sk_shutdown;
 	int sk_rcvbuf;
+	int sk_err;
 	void *sk_user_data;
+} __attribute__((preserve_access_index));
+/* The kernel's context behind struct bpf_sock_ops. */
+struct bpf_sock_ops_kern {
+	struct sock *sk;
 } __attribute__((preserve_access_index));
 struct sk_psock {
 	__u32 msg_tot_len; /* bytes in ingress_msg (kernel 6.18+) */
 } __attribute__((preserve_access_index));
 #define SOCK_RCVBUF_LOCK 2
+#define RCV_SHUTDOWN 1
 /* Low bits of sk_user_data (include/net/sock.h); PSOCK marks a psock. */
 #define SK_USER_DATA_PSOCK 4UL
 #define SK_USER_DATA_PTRMASK (~7UL)

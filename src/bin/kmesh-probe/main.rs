@@ -81,6 +81,10 @@ enum Cmd {
         chunk: usize,
         #[arg(long)]
         half_close: bool,
+        /// With --half-close: send everything and shut down first, wait
+        /// this long, then read the echoes (they arrive unread).
+        #[arg(long, requires = "half_close")]
+        late_read_ms: Option<u64>,
         #[arg(long)]
         abort_after: Option<usize>,
         #[arg(long, default_value_t = 5000)]
@@ -378,6 +382,7 @@ fn main() -> ExitCode {
             conns,
             chunk,
             half_close,
+            late_read_ms,
             abort_after,
             timeout_ms,
             bind,
@@ -391,6 +396,7 @@ fn main() -> ExitCode {
                 abort_after,
                 timeout: Duration::from_millis(timeout_ms),
                 bind,
+                late_read: late_read_ms.map(Duration::from_millis),
             },
         ),
         Cmd::Reconnect {
@@ -406,6 +412,7 @@ fn main() -> ExitCode {
                 abort_after: None,
                 timeout: Duration::from_millis(timeout_ms),
                 bind: None,
+                late_read: None,
             },
         ),
         Cmd::Fill {

@@ -24,6 +24,11 @@ pub struct Opts {
     pub timeout: Duration,
     /// Local address to connect from.
     pub bind: Option<SocketAddr>,
+    /// With `half_close`: send every message and shut down first, wait
+    /// this long, then read the echoes. They and the server's FIN arrive
+    /// while nothing reads, so the socket is closed (TIME_WAIT) before its
+    /// bytes are read, as an HTTP/1.0 client's can be.
+    pub late_read: Option<Duration>,
 }
 
 fn pattern(seed: usize, len: usize) -> Vec<u8> {
@@ -106,19 +111,71 @@ fn echo_messages(
         if k == 0 {
             name = greeting(s, eagain)?;
         }
-        let mut back = vec![0u8; size];
-        read_full(s, &mut back, eagain)?;
+        read_echo(s, &msg, eagain)?;
         writer.join().expect("writer thread")?;
-        if back != msg {
-            let at = back.iter().zip(&msg).position(|(a, b)| a != b);
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("message of {size} bytes came back different (first difference at {at:?})"),
-            ));
-        }
         verified += size;
     }
     Ok((name, verified))
+}
+
+/// Reads `msg.len()` bytes and checks they are `msg`.
+fn read_echo(s: &TcpStream, msg: &[u8], eagain: &mut u32) -> io::Result<()> {
+    let mut back = vec![0u8; msg.len()];
+    read_full(s, &mut back, eagain)?;
+    if back != msg {
+        let at = back.iter().zip(msg).position(|(a, b)| a != b);
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "message of {} bytes came back different (first difference at {at:?})",
+                msg.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Half-closed, the server's EOF must come next.
+fn expect_eof(s: &TcpStream) -> io::Result<()> {
+    let mut rest = Vec::new();
+    let mut r = s;
+    r.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} unexpected bytes after half-close", rest.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// Sends every message, shuts down the sending side, waits, then reads
+/// the greeting, the echoes and EOF (see `Opts::late_read`).
+fn half_close_then_read(
+    s: &TcpStream,
+    o: &Opts,
+    seed: usize,
+    wait: Duration,
+    eagain: &mut u32,
+) -> io::Result<(String, usize)> {
+    let msgs: Vec<Vec<u8>> = o
+        .sizes
+        .iter()
+        .enumerate()
+        .map(|(k, &size)| pattern(seed + k, size))
+        .collect();
+    let mut w = s;
+    for m in &msgs {
+        w.write_all(m)?;
+    }
+    s.shutdown(Shutdown::Write)?;
+    std::thread::sleep(wait);
+    let name = greeting(s, eagain)?;
+    for m in &msgs {
+        read_echo(s, m, eagain)?;
+    }
+    expect_eof(s)?;
+    Ok((name, msgs.iter().map(Vec::len).sum()))
 }
 
 /// One connection; returns (server name, bytes verified, EAGAINs retried). The client
@@ -131,17 +188,14 @@ fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u3
     let s = connect_plain(addr, o.bind, o.timeout)?;
     s.set_read_timeout(Some(o.timeout.max(Duration::from_secs(10))))?;
     let mut eagain = 0;
+    if let (true, Some(wait)) = (o.half_close, o.late_read) {
+        let (name, verified) = half_close_then_read(&s, o, seed, wait, &mut eagain)?;
+        return Ok((name, verified, eagain));
+    }
     let (name, verified) = echo_messages(&s, o, seed, &mut eagain)?;
     if o.half_close {
         s.shutdown(Shutdown::Write)?;
-        let mut rest = Vec::new();
-        (&s).read_to_end(&mut rest)?;
-        if !rest.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("{} unexpected bytes after half-close", rest.len()),
-            ));
-        }
+        expect_eof(&s)?;
     }
     Ok((name, verified, eagain))
 }
