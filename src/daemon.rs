@@ -117,8 +117,8 @@ fn apply_layers(writer: &Mutex<MapWriter>, layers: Layers, why: &str) -> BTreeSe
             layers.services().count(),
             layers.workloads().count(),
             layers.enrolled().len(),
-            st.updates,
-            st.deletes
+            st.stats.updates,
+            st.stats.deletes
         ),
         Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
     }
@@ -241,7 +241,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .map_or("(no config)".into(), |p| p.display().to_string()),
         source,
     })?;
-    tracing::info!("applied {file_model} ({} map updates)", st.updates);
+    tracing::info!("applied {file_model} ({} map updates)", st.stats.updates);
     watch_hosts(Layers(&[&file_model]).hostnames());
     w.datapath_mut().attach(&opts.cgroup)?;
     w.datapath_mut().pin(&opts.bpffs)?;

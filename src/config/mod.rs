@@ -245,7 +245,7 @@ impl<'de> Deserialize<'de> for Addr {
         let address: IpAddr = ip
             .parse()
             .map_err(|_| de::Error::custom(format!("{s:?} is not an IP address ([network/]ip)")))?;
-        Ok(Addr(NetworkAddress { network, address }))
+        Ok(Addr(NetworkAddress::new(network, address)))
     }
 }
 
@@ -256,7 +256,7 @@ impl<'de> Deserialize<'de> for IpAddrField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         s.parse()
-            .map(IpAddrField)
+            .map(|ip: IpAddr| IpAddrField(ip.to_canonical()))
             .map_err(|_| de::Error::custom(format!("{s:?} is not an IP address")))
     }
 }

@@ -44,6 +44,52 @@ pub struct NetworkAddress {
     pub address: IpAddr,
 }
 
+impl NetworkAddress {
+    /// The address in canonical form (see `canonical`).
+    pub fn new(network: impl Into<String>, address: IpAddr) -> Self {
+        NetworkAddress {
+            network: network.into(),
+            address: canonical(address),
+        }
+    }
+}
+
+/// One spelling per address: an IPv4 address written in its v4-mapped
+/// IPv6 form (`::ffff:10.96.0.10`) is that IPv4 address. The data path
+/// keys both forms identically, so every check and every piece of
+/// bookkeeping above it must too, or one entry can silently replace or
+/// delete the other's.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+/// Istio's LoadBalancing.Scope names, in the order of the proto. Each may
+/// appear once in a routing preference, so a priority is at most 6 and
+/// always fits the data path's table of `MAX_PRIO` levels.
+pub const ROUTING_SCOPES: [&str; 6] = ["REGION", "ZONE", "SUBZONE", "NODE", "CLUSTER", "NETWORK"];
+
+/// An entry of the model, as named in refusals and in the dump.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(tag = "kind", content = "key", rename_all = "snake_case")]
+pub enum EntryKey {
+    /// "namespace/hostname"
+    Service(Arc<str>),
+    /// uid
+    Workload(Arc<str>),
+    /// The netns path (or other source) of an enrollment.
+    Enrollment(Arc<str>),
+}
+
+impl fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntryKey::Service(k) => write!(f, "service {k}"),
+            EntryKey::Workload(k) => write!(f, "workload {k}"),
+            EntryKey::Enrollment(k) => write!(f, "enrollment {k}"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub struct PortMapping {
     pub service_port: u16,
@@ -105,6 +151,7 @@ impl Service {
                 self.ports.len()
             )));
         }
+        check_routing_preference(&self.load_balancing.routing_preference).map_err(err)?;
         let mut seen = Vec::new();
         for p in &self.ports {
             if p.service_port == 0 {
@@ -117,6 +164,25 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Each scope known and listed once: anything else would rank endpoints
+/// by a level the data path has no slot for.
+fn check_routing_preference(scopes: &[String]) -> Result<(), String> {
+    for (i, scope) in scopes.iter().enumerate() {
+        if !ROUTING_SCOPES.contains(&scope.as_str()) {
+            return Err(format!(
+                "load_balancing.routing_preference[{i}] {scope:?} is not a scope (one of {})",
+                ROUTING_SCOPES.join(", ")
+            ));
+        }
+        if scopes[..i].contains(scope) {
+            return Err(format!(
+                "load_balancing.routing_preference[{i}] {scope:?} is listed twice"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where a waypoint is: an address, or a service (its VIP, then one of its
@@ -183,6 +249,9 @@ pub fn endpoint_priority(lb: &LoadBalancing, local: &LocalNode, w: &Workload) ->
     let prio = (lb.routing_preference.len() - matched) as u32;
     match lb.mode {
         LbMode::Strict if prio != 0 => None,
+        // Validation keeps routing preferences to distinct known scopes;
+        // a priority past the data path's table is never an endpoint.
+        _ if prio as usize >= crate::bpf::MAX_PRIO => None,
         _ => Some(prio),
     }
 }
@@ -412,44 +481,37 @@ impl<'a> Layers<'a> {
     }
 
     /// Checks each entry and the cross-entry invariants the data path
-    /// relies on: one owner per frontend address.
+    /// relies on: one owner per frontend address on a network. For a
+    /// single source (a config file), where any problem refuses the file;
+    /// the daemon instead admits entries one by one (writer::admit).
     pub fn validate(self) -> Result<(), ModelError> {
-        #[derive(PartialEq)]
-        enum Owner<'a> {
-            Service(&'a str),
-            Workload(&'a str),
-        }
-        impl fmt::Display for Owner<'_> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                match self {
-                    Owner::Service(k) => write!(f, "service {k}"),
-                    Owner::Workload(k) => write!(f, "workload {k}"),
-                }
+        let mut owner: HashMap<(&str, IpAddr), EntryKey> = HashMap::new();
+        let mut claim = |network: &'a str, ip: IpAddr, who: EntryKey| match owner
+            .entry((network, canonical(ip)))
+        {
+            std::collections::hash_map::Entry::Occupied(first) if *first.get() != who => {
+                Err(ModelError::AddressConflict {
+                    address: canonical(ip),
+                    first: first.get().to_string(),
+                    second: who.to_string(),
+                })
             }
-        }
-        let mut owner: HashMap<IpAddr, Owner> = HashMap::new();
-        let mut claim = |ip: IpAddr, who: Owner<'a>| match owner.get(&ip) {
-            Some(first) if *first != who => Err(ModelError::AddressConflict {
-                address: ip,
-                first: first.to_string(),
-                second: who.to_string(),
-            }),
-            _ => {
-                owner.insert(ip, who);
+            e => {
+                e.or_insert(who);
                 Ok(())
             }
         };
         for (key, s) in self.services() {
             s.validate()?;
             for a in &s.addresses {
-                claim(a.address, Owner::Service(key))?;
+                claim(&a.network, a.address, EntryKey::Service(key.clone()))?;
             }
         }
         for w in self.workloads() {
             w.validate()?;
             if !w.host_network {
                 for a in w.addresses.iter() {
-                    claim(*a, Owner::Workload(w.uid()))?;
+                    claim(w.network(), *a, EntryKey::Workload(w.uid().into()))?;
                 }
             }
         }

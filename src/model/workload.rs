@@ -223,7 +223,12 @@ impl Workload {
             }
             super::check_hostname(h).map_err(|e| err(format!("hostname {h:?}: {e}")))?;
         }
-        let v4 = self.addresses.iter().filter(|a| a.is_ipv4()).count();
+        // Counted in canonical form: a v4-mapped address is an IPv4 one.
+        let v4 = self
+            .addresses
+            .iter()
+            .filter(|a| super::canonical(**a).is_ipv4())
+            .count();
         let v6 = self.addresses.len() - v4;
         // The backend entry holds one address per family.
         if v4 > 1 || v6 > 1 {

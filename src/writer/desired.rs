@@ -9,15 +9,18 @@ use std::{
     sync::Arc,
 };
 
-use super::MapWriter;
+use super::{
+    admit::{local_network, Admission},
+    MapWriter,
+};
 use crate::{
     bpf::{
         backend_addr, config_value, endpoint_value, kmesh_addr, manage_value, port_to_map,
         service_value, waypoint, workload_value, EP_PORTS, NETNS_WAYPOINT,
     },
     model::{
-        endpoint_priority, fresh_id, HealthStatus, Layers, LbMode, LoadBalancing, PortMapping,
-        Waypoint, WaypointTarget,
+        canonical, endpoint_priority, fresh_id, HealthStatus, Layers, LbMode, LoadBalancing,
+        PortMapping, Waypoint, WaypointTarget,
     },
 };
 
@@ -91,6 +94,10 @@ pub(super) struct Desired {
     pub(super) config: config_value,
     /// Services whose connections keep their original destination.
     pub(super) passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
+    /// A DNS workload's k-th endpoint id (k ≥ 1) → the workload's id.
+    pub(super) owner: HashMap<u32, u32>,
+    /// Hostname → the answer its endpoints carry.
+    pub(super) answers: HashMap<Box<str>, Vec<IpAddr>>,
 }
 
 impl Desired {
@@ -154,7 +161,9 @@ fn resolve_waypoint(wp: Option<&Waypoint>, model: Layers, owner: &str) -> waypoi
 }
 
 impl MapWriter {
-    pub(super) fn desired(&mut self, model: Layers) -> Desired {
+    /// What the maps should hold for the entries `a` admitted.
+    pub(super) fn desired<'a>(&mut self, model: Layers<'a>, a: &Admission<'a>) -> Desired {
+        let local = self.local.network.clone();
         let mut d = Desired {
             services: HashMap::new(),
             workload_ips: HashMap::new(),
@@ -164,6 +173,7 @@ impl MapWriter {
             manage: model
                 .enrolled()
                 .into_iter()
+                .filter(|(cookie, _)| !a.cookies.contains(cookie))
                 .map(|(cookie, e)| {
                     let flags = if e.waypoint { NETNS_WAYPOINT } else { 0 };
                     (cookie, manage_value { enrolled: 1, flags })
@@ -174,16 +184,29 @@ impl MapWriter {
                 queue_limit: model.accel_queue_limit(),
             },
             passthrough: Vec::new(),
+            owner: HashMap::new(),
+            answers: HashMap::new(),
         };
         // A service without a VIP cannot be connected to: nothing to write.
         let mut routable: HashMap<&str, (u32, &LoadBalancing, &[PortMapping])> = HashMap::new();
         for (key, svc) in model.services() {
+            if a.services.contains(&**key) {
+                continue;
+            }
             if svc.load_balancing.mode == LbMode::Passthrough {
                 let addrs = svc.addresses.iter().map(|a| a.address).collect();
                 d.passthrough.push((key.clone(), addrs));
                 continue;
             }
-            if svc.addresses.is_empty() {
+            // Only addresses on this node's network are frontends here.
+            let mut vips: Vec<IpAddr> = svc
+                .addresses
+                .iter()
+                .filter(|x| local_network(&x.network, &local))
+                .map(|x| canonical(x.address))
+                .collect();
+            vips.dedup();
+            if vips.is_empty() {
                 continue;
             }
             let id = self.service_ids.get_or_alloc(key);
@@ -205,20 +228,22 @@ impl MapWriter {
                     v.target_port[i] = port_to_map(p.target_port);
                 }
             }
-            let vips = svc.addresses.iter().map(|a| a.address).collect();
             d.services.insert(id, (v, vips));
         }
         let mut ids = Vec::new();
         for w in model.workloads() {
             let id = w.id();
+            if a.workloads.contains(&id) {
+                continue;
+            }
             let wp = resolve_waypoint(w.waypoint(), model, w.uid());
-            if !w.host_network {
-                for a in w.addresses.iter() {
+            if !w.host_network && local_network(w.network(), &local) {
+                for ip in w.addresses.iter() {
                     let v = workload_value {
                         workload_id: id,
                         waypoint: wp,
                     };
-                    d.workload_ips.insert(*a, v);
+                    d.workload_ips.insert(canonical(*ip), v);
                 }
             }
             // A static workload is one endpoint; a hostname workload one per
@@ -231,7 +256,14 @@ impl MapWriter {
                     &single
                 }
                 Some(host) => {
-                    pairs = pair_families(self.resolved.get(host).map_or(&[][..], Vec::as_slice));
+                    let answer = a
+                        .answers
+                        .get(host)
+                        .or_else(|| self.resolved.get(host))
+                        .map_or(&[][..], Vec::as_slice);
+                    let answer = usable_answer(&mut self.refused_answers, host, answer, a);
+                    pairs = pair_families(&answer);
+                    d.answers.insert(host.into(), answer);
                     &pairs
                 }
             };
@@ -239,10 +271,14 @@ impl MapWriter {
             for (k, &addr) in addrs.iter().enumerate() {
                 let eid = match k {
                     0 => id,
-                    _ => *self
-                        .extra_ids
-                        .entry((id, k as u32))
-                        .or_insert_with(fresh_id),
+                    _ => {
+                        let eid = *self
+                            .extra_ids
+                            .entry((id, k as u32))
+                            .or_insert_with(fresh_id);
+                        d.owner.insert(eid, id);
+                        eid
+                    }
                 };
                 let v = endpoint_value {
                     workload_id: eid,
@@ -279,4 +315,32 @@ impl MapWriter {
         }
         d
     }
+}
+
+/// A DNS answer's addresses that may become endpoints: not the address
+/// of a service or workload the maps route (a name answering with another
+/// service's VIP would hand its connections to that service). Each address
+/// left out is logged once (`logged` remembers).
+fn usable_answer(
+    logged: &mut std::collections::HashSet<(Box<str>, IpAddr)>,
+    host: &str,
+    answer: &[IpAddr],
+    a: &Admission,
+) -> Vec<IpAddr> {
+    let mut out = Vec::with_capacity(answer.len());
+    for ip in answer.iter().map(|ip| canonical(*ip)) {
+        if let Some((_, holder)) = a.frontends.get(&ip) {
+            if logged.insert((host.into(), ip)) {
+                tracing::warn!(
+                    "DNS {host}: answer {ip} is the address of {}; not used as an endpoint",
+                    holder.key()
+                );
+            }
+            continue;
+        }
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    out
 }

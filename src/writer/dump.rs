@@ -25,9 +25,15 @@ pub struct Dump {
     /// (ServiceEntry resolution NONE, LoadBalancing PASSTHROUGH): they
     /// have no km_vip entry on purpose.
     pub passthrough: Vec<PassthroughDump>,
-    /// Hostnames of DNS workloads → the addresses last resolved (the
-    /// endpoints carry them); empty: not resolved or no such name.
+    /// Hostnames of DNS workloads → the addresses their endpoints carry
+    /// (the newest answer, less unusable addresses, or the previous one if
+    /// the newest did not fit); empty: not resolved or no such name.
     pub dns: BTreeMap<String, Vec<String>>,
+    /// Entries the last apply left out of the maps, with the reason
+    /// (invalid, an address another entry holds, no room).
+    pub rejected: Vec<super::Rejected>,
+    /// What the last apply held back without refusing an entry.
+    pub notes: Vec<String>,
     pub stats: BTreeMap<&'static str, u64>,
     pub maps: BTreeMap<&'static str, MapUsage>,
     /// Programs on the cgroup; sockops only once acceleration or a
@@ -249,7 +255,7 @@ impl MapWriter {
             .dns_hosts
             .iter()
             .map(|h| {
-                let addrs = self.resolved.get(h.as_str()).map_or(&[][..], Vec::as_slice);
+                let addrs = self.answered.get(h.as_str()).map_or(&[][..], Vec::as_slice);
                 (h.clone(), addrs.iter().map(ToString::to_string).collect())
             })
             .collect();
@@ -259,6 +265,8 @@ impl MapWriter {
             enrolled_netns,
             passthrough,
             dns,
+            rejected: self.last.rejected.clone(),
+            notes: self.last.notes.clone(),
             stats: self.dp.stats().into_iter().collect(),
             maps,
             attached: self.dp.attached(),

@@ -4,9 +4,11 @@
 //! last wrote, and issues the minimal updates in an order that keeps every
 //! state the BPF programs can observe consistent:
 //! - a VIP or workload address is removed before anything it leads to;
-//! - endpoint indices 1..count always exist: additions are written before
-//!   the count grows, and a removal moves the last entry into the hole
-//!   before the count shrinks (the programs never see a gap);
+//! - endpoint indices 1..count always exist, and the lists change without
+//!   needing more room than the larger of the old and new state (lists.rs);
+//! - entries that cannot go in (invalid, an address another entry holds,
+//!   no room) are left out one by one and reported; the rest applies
+//!   (admit.rs);
 //! - the layout is denormalized (see bpf/include/kmesh.h): every VIP entry
 //!   carries its whole service, every endpoint entry its backend's
 //!   addresses, so a service change rewrites all its VIPs and a workload
@@ -14,8 +16,10 @@
 //!
 //! Re-applying the same model writes nothing.
 
+mod admit;
 mod desired;
 mod dump;
+mod lists;
 mod written;
 
 use std::{
@@ -29,13 +33,14 @@ use thiserror::Error;
 
 use crate::{
     bpf::{
-        addr_key, endpoint_key, port_key, port_to_map, BpfError, Datapath, MapId, Pod, MAX_PRIO,
+        addr_key, port_key, port_to_map, service_value, BpfError, Datapath, MapId, Pod, MAX_PRIO,
     },
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
 use desired::{Desired, IdSpace};
 use written::{Prints, Written};
 
+pub use admit::Rejected;
 pub use dump::Dump;
 
 #[derive(Debug, Error)]
@@ -67,6 +72,17 @@ pub struct ApplyStats {
     pub deletes: usize,
 }
 
+/// What one `apply` did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub stats: ApplyStats,
+    /// Entries left out of the maps, each with the reason.
+    pub rejected: Vec<Rejected>,
+    /// What was held back without refusing an entry (an older DNS answer
+    /// kept because the newest did not fit).
+    pub notes: Vec<String>,
+}
+
 pub struct MapWriter {
     dp: Datapath,
     service_ids: IdSpace,
@@ -84,6 +100,12 @@ pub struct MapWriter {
     dns_hosts: BTreeSet<String>,
     /// Whether the kernel was checked for push-back support (once).
     pushback_checked: bool,
+    /// Hostname → the answer its endpoints carry, as last written.
+    answered: HashMap<Box<str>, Vec<IpAddr>>,
+    /// DNS answers already logged as unusable.
+    refused_answers: HashSet<(Box<str>, IpAddr)>,
+    /// As of the last successful apply, for the dump.
+    last: ApplyReport,
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -112,6 +134,9 @@ impl MapWriter {
             passthrough: Vec::new(),
             dns_hosts: BTreeSet::new(),
             pushback_checked: false,
+            answered: HashMap::new(),
+            refused_answers: HashSet::new(),
+            last: ApplyReport::default(),
         }
     }
 
@@ -140,57 +165,25 @@ impl MapWriter {
         self.dp.shutdown(keep_attached);
     }
 
-    fn check_capacity(&self, d: &Desired) -> Result<(), WriterError> {
-        let w = &self.written;
-        // Lists grow before they shrink, so each needs its larger length.
-        let mut keys: HashSet<(u32, u32)> = d.endpoints.keys().copied().collect();
-        keys.extend(w.endpoints.keys().copied());
-        let endpoints: usize = keys
-            .iter()
-            .map(|k| {
-                let new = d.endpoints.get(k).map_or(0, BTreeSet::len);
-                new.max(w.endpoints.get(k).map_or(0, Vec::len))
-            })
-            .sum();
-        let manage = d.manage.len()
-            + w.manage
-                .keys()
-                .filter(|c| !d.manage.contains_key(c))
-                .count();
-        let ports = d.ports.len() + w.ports.keys().filter(|k| !d.ports.contains_key(k)).count();
-        // Stale VIPs and workload addresses are deleted before new ones go in.
-        for (id, needed, flag) in [
-            (MapId::Vip, d.vips().count(), "max-vips"),
-            (MapId::Workload, d.workload_ips.len(), "max-workload-ips"),
-            (MapId::Endpoint, endpoints, "max-endpoints"),
-            (MapId::Manage, manage, "max-enrolled-netns"),
-            (MapId::Port, ports, "max-port-overrides"),
-        ] {
-            let capacity = self.dp.capacity(id);
-            if needed > capacity as usize {
-                return Err(WriterError::Capacity {
-                    map: id.name(),
-                    needed,
-                    capacity,
-                    flag,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes the maps hold exactly `model`. On a validation or capacity
-    /// error nothing is written. A kernel error part-way leaves the maps
+    /// Makes the maps hold `model`, less the entries that cannot go in
+    /// (reported, each named). A kernel error part-way leaves the maps
     /// consistent (the ordering above) and the next apply converges.
-    pub fn apply(&mut self, model: &Model) -> Result<ApplyStats, WriterError> {
+    pub fn apply(&mut self, model: &Model) -> Result<ApplyReport, WriterError> {
         self.apply_layers(Layers(&[model]))
     }
 
     /// `apply` for several sources at once (see model::Layers).
-    pub fn apply_layers(&mut self, model: Layers) -> Result<ApplyStats, WriterError> {
-        model.validate()?;
-        let d = self.desired(model);
-        let result = self.check_capacity(&d).and_then(|()| {
+    pub fn apply_layers(&mut self, model: Layers) -> Result<ApplyReport, WriterError> {
+        let mut a = self.admit(model);
+        let mut d = self.desired(model, &a);
+        // Each round leaves out at least one more entry, so this ends.
+        let mut fitted = self.fit(&d, model, &mut a);
+        while let Ok(true) = fitted {
+            d = self.desired(model, &a);
+            fitted = self.fit(&d, model, &mut a);
+        }
+        let mut st = ApplyStats::default();
+        let result = fitted.and_then(|_| {
             // Before any entry that routes to a waypoint or turns on
             // acceleration is visible to connect().
             if d.needs_sockops() {
@@ -201,8 +194,7 @@ impl MapWriter {
                 .into_iter()
                 .map(|(c, e)| (c, e.source.clone()))
                 .collect();
-            let mut st = ApplyStats::default();
-            self.write(&d, model, &mut st).map(|()| st)
+            self.write(&d, model, &mut st)
         });
         // Ids neither wanted nor still referenced by a map entry go.
         let w = &self.written;
@@ -227,14 +219,19 @@ impl MapWriter {
         self.extra_ids.retain(|_, id| {
             wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
         });
-        if result.is_ok() {
-            if d.config.accelerate != 0 && d.config.queue_limit != 0 {
-                self.check_pushback_once();
-            }
-            self.passthrough = d.passthrough;
-            self.dns_hosts = model.hostnames();
+        result?;
+        if d.config.accelerate != 0 && d.config.queue_limit != 0 {
+            self.check_pushback_once();
         }
-        result
+        self.passthrough = d.passthrough;
+        self.dns_hosts = model.hostnames();
+        self.answered = d.answers;
+        self.last = ApplyReport {
+            stats: st,
+            rejected: a.rejected,
+            notes: a.notes,
+        };
+        Ok(self.last.clone())
     }
 
     fn check_pushback_once(&mut self) {
@@ -256,7 +253,9 @@ impl MapWriter {
         model: Layers,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        // 1. Stop routing to anything going away.
+        // 1. Stop routing to anything going away, and free its room before
+        // anything new needs it: VIPs and workload addresses, the endpoint
+        // lists behind removed VIPs, removed enrollments.
         let wanted_vips: HashSet<&IpAddr> = d.vips().collect();
         let stale: Vec<IpAddr> = self
             .written
@@ -282,6 +281,32 @@ impl MapWriter {
                 st,
             )?;
             self.written.workload_ips.remove(&ip);
+        }
+        let gone: BTreeSet<u32> = self
+            .written
+            .endpoints
+            .keys()
+            .map(|(s, _)| *s)
+            .filter(|s| !d.services.contains_key(s))
+            .collect();
+        for sid in gone {
+            self.trim_endpoints(sid, &[0; MAX_PRIO], st)?;
+        }
+        let gone: Vec<u64> = self
+            .written
+            .manage
+            .keys()
+            .filter(|c| !d.manage.contains_key(c))
+            .copied()
+            .collect();
+        for cookie in gone {
+            self.delete(
+                MapId::Manage,
+                &cookie,
+                || format!("netns cookie {cookie}"),
+                st,
+            )?;
+            self.written.manage.remove(&cookie);
         }
         // 2. Enrollment and settings.
         for (cookie, v) in &d.manage {
@@ -322,7 +347,8 @@ impl MapWriter {
             )?;
             self.written.ports.insert((sid, wid, port), target);
         }
-        // 3. Endpoint lists, including entries whose backend moved. The
+        // 3. Endpoint lists (lists.rs): in place and shrinking first, then
+        // growing, so the map never holds old and new lists at once. The
         // fingerprints are kept only once the workload addresses (step 5),
         // which rely on them too, are written.
         let prints = Prints::new(d.backends.iter().map(|(id, v)| (*id, self.print(v))));
@@ -331,38 +357,12 @@ impl MapWriter {
             .filter(|&(id, p)| self.written.backends.get(id) != Some(p))
             .map(|(id, _)| id)
             .collect();
-        let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
-        keys.extend(
-            self.written
-                .endpoints
-                .keys()
-                .filter(|(s, _)| d.services.contains_key(s)),
-        );
-        let mut counts: HashMap<u32, [u32; MAX_PRIO]> = HashMap::new();
-        for key in keys {
-            let want = d.endpoints.get(&key).cloned().unwrap_or_default();
-            let len = self.sync_endpoints(key, &want, &moved, d, st)?;
-            counts.entry(key.0).or_default()[key.1 as usize] = len;
-        }
+        let counts = self.sync_lists(d, &moved, st)?;
         // 4. Services: every VIP carries the full value, counts included.
         for (id, (template, vips)) in &d.services {
-            let mut v = *template;
-            v.prio_endpoint_count = counts.get(id).copied().unwrap_or_default();
-            let print = (*id, self.print(&v));
-            for ip in vips {
-                if self.written.vips.get(ip) == Some(&print) {
-                    continue;
-                }
-                self.update(
-                    MapId::Vip,
-                    &addr_key::from_ip(*ip),
-                    &v,
-                    || self.service_name(*id),
-                    st,
-                )?;
-                self.written.vips.insert(*ip, print);
-            }
-            self.trim_endpoints(*id, &v.prio_endpoint_count, st)?;
+            let counts = counts.get(id).copied().unwrap_or_default();
+            self.write_vips(*id, template, vips, counts, st)?;
+            self.trim_endpoints(*id, &counts, st)?;
         }
         // 5. Workload addresses: the value is the workload id and the
         // backend's waypoint, so it changed if either did.
@@ -381,17 +381,7 @@ impl MapWriter {
             self.written.workload_ips.insert(*ip, wid);
         }
         self.written.backends = prints;
-        // 6. Endpoint lists of removed services, and removed enrollments.
-        let gone: Vec<(u32, u32)> = self
-            .written
-            .endpoints
-            .keys()
-            .filter(|(s, _)| !d.services.contains_key(s))
-            .copied()
-            .collect();
-        for key in gone {
-            self.trim_endpoints(key.0, &[0; MAX_PRIO], st)?;
-        }
+        // 6. Own ports no endpoint entry is flagged for any more.
         let gone: Vec<(u32, u32, u16)> = self
             .written
             .ports
@@ -404,102 +394,34 @@ impl MapWriter {
             self.delete(MapId::Port, &own_port_key(sid, wid, port), what, st)?;
             self.written.ports.remove(&(sid, wid, port));
         }
-        let gone: Vec<u64> = self
-            .written
-            .manage
-            .keys()
-            .filter(|c| !d.manage.contains_key(c))
-            .copied()
-            .collect();
-        for cookie in gone {
-            self.delete(
-                MapId::Manage,
-                &cookie,
-                || format!("netns cookie {cookie}"),
-                st,
-            )?;
-            self.written.manage.remove(&cookie);
-        }
         Ok(())
     }
 
-    /// Brings one (service, priority) list to the set `want` without gaps:
-    /// removals swap the last entry into the hole, additions append, and
-    /// entries of `moved` workloads are rewritten with their new addresses.
-    /// Entries past the new length are deleted by `trim_endpoints` once the
-    /// service's count has shrunk. Returns the new length.
-    fn sync_endpoints(
+    /// Writes a service's value, with `counts`, to each of its VIPs whose
+    /// entry differs.
+    fn write_vips(
         &mut self,
-        key: (u32, u32),
-        want: &BTreeSet<u32>,
-        moved: &HashSet<u32>,
-        d: &Desired,
-        st: &mut ApplyStats,
-    ) -> Result<u32, WriterError> {
-        let old = self
-            .written
-            .endpoints
-            .get(&key)
-            .cloned()
-            .unwrap_or_default();
-        let mut list = old.clone();
-        let mut i = 0;
-        while i < list.len() {
-            if want.contains(&list[i]) {
-                i += 1;
-            } else {
-                list.swap_remove(i);
-            }
-        }
-        let present: HashSet<u32> = list.iter().copied().collect();
-        list.extend(want.iter().filter(|b| !present.contains(b)));
-        let what = || self.service_name(key.0);
-        for (pos, wid) in list.iter().enumerate() {
-            if old.get(pos) == Some(wid) && !moved.contains(wid) {
-                continue;
-            }
-            let k = endpoint_key {
-                service_id: key.0,
-                prio: key.1,
-                index: pos as u32 + 1,
-            };
-            let v = d.backends.get(wid).copied().unwrap_or_default();
-            self.update(MapId::Endpoint, &k, &v, what, st)?;
-        }
-        // Indices beyond the new length stay in the map until trimmed.
-        let len = list.len() as u32;
-        if old.len() > list.len() {
-            list.extend_from_slice(&old[list.len()..]);
-        }
-        self.written.endpoints.insert(key, list);
-        Ok(len)
-    }
-
-    /// Deletes endpoint indices beyond each list's count, once no VIP entry
-    /// covers them any more.
-    fn trim_endpoints(
-        &mut self,
-        service: u32,
-        counts: &[u32; MAX_PRIO],
+        id: u32,
+        template: &service_value,
+        vips: &[IpAddr],
+        counts: [u32; MAX_PRIO],
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        for (prio, &count) in counts.iter().enumerate() {
-            let key = (service, prio as u32);
-            let Some(tracked) = self.written.endpoints.get(&key) else {
+        let mut v = *template;
+        v.prio_endpoint_count = counts;
+        let print = (id, self.print(&v));
+        for ip in vips {
+            if self.written.vips.get(ip) == Some(&print) {
                 continue;
-            };
-            for index in (count + 1..=tracked.len() as u32).rev() {
-                let k = endpoint_key {
-                    service_id: service,
-                    prio: prio as u32,
-                    index,
-                };
-                self.delete(MapId::Endpoint, &k, || self.service_name(service), st)?;
-                self.written.endpoints.get_mut(&key).expect("tracked").pop();
             }
-            if count == 0 {
-                self.written.endpoints.remove(&key);
-            }
+            self.update(
+                MapId::Vip,
+                &addr_key::from_ip(*ip),
+                &v,
+                || self.service_name(id),
+                st,
+            )?;
+            self.written.vips.insert(*ip, print);
         }
         Ok(())
     }
@@ -591,5 +513,7 @@ impl MapWriter {
     }
 }
 
+#[cfg(test)]
+mod robust_tests;
 #[cfg(test)]
 mod tests;

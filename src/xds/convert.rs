@@ -30,7 +30,8 @@ pub enum Resource {
 fn ip_from_bytes(b: &[u8], what: &str) -> Result<IpAddr, String> {
     match b.len() {
         4 => Ok(IpAddr::from(<[u8; 4]>::try_from(b).expect("len 4"))),
-        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("len 16"))),
+        // An IPv4 address sent in its v4-mapped form is that IPv4 address.
+        16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("len 16")).to_canonical()),
         n => Err(format!("{what} has {n} bytes; an IP address has 4 or 16")),
     }
 }
