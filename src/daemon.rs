@@ -12,7 +12,7 @@ use std::{
 use thiserror::Error;
 use tokio::{
     signal::unix::{signal, SignalKind},
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
@@ -22,7 +22,7 @@ use crate::{
     dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
     model::{Layers, LocalNode, Model, ResolvedHosts},
     writer::{MapWriter, WriterError},
-    xds::client::{self as xds, SharedStore, XdsOptions, XdsStatus},
+    xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
 };
 
 #[derive(Debug, Error)]
@@ -97,33 +97,50 @@ impl Sources {
 }
 
 /// Makes the maps hold the sources' models. Returns the hostnames the
-/// resolver must watch.
-fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> BTreeSet<String> {
-    let hosts = sources.with_layers(|layers| apply_layers(writer, layers, why));
+/// resolver must watch, and what was left out (for the xDS client's ACK).
+fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> (BTreeSet<String>, Verdict) {
+    let out = sources.with_layers(|layers| apply_layers(writer, layers, why));
     // An apply of 100k workloads frees tens of MB of temporaries; glibc
     // keeps them mapped unless asked.
     trim_heap();
-    hosts
+    out
 }
 
-fn apply_layers(writer: &Mutex<MapWriter>, layers: Layers, why: &str) -> BTreeSet<String> {
+fn apply_layers(
+    writer: &Mutex<MapWriter>,
+    layers: Layers,
+    why: &str,
+) -> (BTreeSet<String>, Verdict) {
     for key in layers.shadowed() {
         tracing::warn!("{key} is defined by the config file and by xDS; using xDS");
     }
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    match w.apply_layers(layers) {
-        Ok(st) => tracing::info!(
-            "{why}: applied {} services, {} workloads, {} enrolled netns ({} map updates, {} deletes)",
-            layers.services().count(),
-            layers.workloads().count(),
-            layers.enrolled().len(),
-            st.stats.updates,
-            st.stats.deletes
-        ),
-        Err(e) => tracing::error!("{why}: apply failed, previous state kept: {e}"),
-    }
+    let verdict = match w.apply_layers(layers) {
+        Ok(r) => {
+            tracing::info!(
+                "{why}: applied {} services, {} workloads, {} enrolled netns ({} map updates, {} deletes, {} entries left out)",
+                layers.services().count(),
+                layers.workloads().count(),
+                layers.enrolled().len(),
+                r.stats.updates,
+                r.stats.deletes,
+                r.rejected.len(),
+            );
+            Verdict {
+                rejected: r.rejected,
+                failed: None,
+            }
+        }
+        Err(e) => {
+            tracing::error!("{why}: apply failed, the maps converge at the next apply: {e}");
+            Verdict {
+                rejected: Vec::new(),
+                failed: Some(e.to_string()),
+            }
+        }
+    };
     drop(w);
-    layers.hostnames()
+    (layers.hostnames(), verdict)
 }
 
 /// The writer's form of the resolver's answers. A failing host keeps its
@@ -264,40 +281,35 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     };
     let admin = admin::serve(&opts.admin_socket, dump)?;
 
-    let (xds_tx, mut xds_rx) = watch::channel(XdsStatus::default());
+    let (xds_tx, _xds_rx) = watch::channel(XdsStatus::default());
+    // The xDS client waits for each apply's verdict before it ACKs.
+    let (apply_tx, mut apply_rx) = mpsc::channel::<oneshot::Sender<Verdict>>(1);
     let xds_task = opts.xds.clone().zip(xds_store.clone()).map(|(o, store)| {
         tracing::info!("xDS: subscribing to {} as {}", o.address, o.node_id);
-        tokio::spawn(xds::run(o, store, xds_tx))
+        tokio::spawn(xds::run(o, store, xds_tx, apply_tx))
     });
-    let mut applied_generation = 0;
 
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
-        // (why, whether the config file must be re-read)
-        let (why, reread_file) = tokio::select! {
-            _ = hup.recv() => ("SIGHUP", true),
+        // (why, whether the config file must be re-read, who waits for
+        // the verdict)
+        let (why, reread_file, reply) = tokio::select! {
+            _ = hup.recv() => ("SIGHUP", true, None),
             _ = tick.tick() => {
                 let now = opts.config.as_deref().and_then(file_stamp);
                 if now.is_none() || now == stamp {
                     continue;
                 }
-                ("config file changed", true)
+                ("config file changed", true, None)
             }
-            r = xds_rx.changed(), if xds_task.is_some() => {
-                let generation = xds_rx.borrow_and_update().generation;
-                if r.is_err() || generation == applied_generation {
-                    continue;
-                }
-                applied_generation = generation;
-                ("xDS update", false)
-            }
+            Some(reply) = apply_rx.recv() => ("xDS update", false, Some(reply)),
             Some(answers) = next_answers(dns_rx.as_mut()) => {
                 writer
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .set_resolved(resolved_hosts(&answers));
-                ("DNS answers changed", false)
+                ("DNS answers changed", false, None)
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -318,8 +330,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         }
-        let hosts = apply(&writer, &sources, why);
+        let (hosts, verdict) = apply(&writer, &sources, why);
         watch_hosts(hosts);
+        if let Some(reply) = reply {
+            // The client may have gone with its stream: nothing to tell.
+            let _ = reply.send(verdict);
+        }
     }
     if let Some(t) = xds_task {
         t.abort();

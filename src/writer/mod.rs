@@ -226,6 +226,23 @@ impl MapWriter {
         self.passthrough = d.passthrough;
         self.dns_hosts = model.hostnames();
         self.answered = d.answers;
+        // Each refusal is logged when it starts and when it ends, not at
+        // every apply it lasts through.
+        for r in a
+            .rejected
+            .iter()
+            .filter(|r| !self.last.rejected.contains(r))
+        {
+            tracing::warn!("left out {}: {}", r.entry, r.reason);
+        }
+        for r in &self.last.rejected {
+            if !a.rejected.iter().any(|x| x.entry == r.entry) {
+                tracing::info!("{} is no longer left out", r.entry);
+            }
+        }
+        for n in a.notes.iter().filter(|n| !self.last.notes.contains(n)) {
+            tracing::warn!("{n}");
+        }
         self.last = ApplyReport {
             stats: st,
             rejected: a.rejected,

@@ -17,7 +17,7 @@ use std::{
 use http::HeaderValue;
 use prost::Message;
 use thiserror::Error;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
@@ -37,7 +37,10 @@ const DELTA_ADS: &str =
 /// Largest response accepted (istiod's first push for a large mesh is
 /// tens of MB).
 const MAX_MESSAGE: usize = 256 << 20;
-use crate::model::{Interner, Model, Placement, Scope, ServiceRef};
+use crate::{
+    model::{EntryKey, Interner, Model, Placement, Scope, ServiceRef},
+    writer::Rejected,
+};
 
 #[derive(Debug, Error)]
 pub enum XdsError {
@@ -81,9 +84,54 @@ pub struct XdsOptions {
 /// the shared `XdsStore`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdsStatus {
-    /// Bumped whenever the store's model changed.
-    pub generation: u64,
     pub connected: bool,
+}
+
+/// The daemon's answer to a change of the store: the entries it left out of
+/// the maps, or why it applied nothing. A response is ACKed only after it,
+/// so the control plane never sees an ACK for what is not in the maps.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    pub rejected: Vec<Rejected>,
+    /// The apply failed as a whole (e.g. the kernel refused a map write).
+    pub failed: Option<String>,
+}
+
+/// Where the client asks for an apply after each change to the store.
+pub type Applier = mpsc::Sender<oneshot::Sender<Verdict>>;
+
+/// Which resource names one response carried, as hashes (a set of 100k
+/// names would cost megabytes for the few that are ever looked up).
+pub struct Touched {
+    hasher: std::hash::RandomState,
+    names: HashSet<u64>,
+}
+
+impl Touched {
+    fn new() -> Self {
+        Touched {
+            hasher: std::hash::RandomState::new(),
+            names: HashSet::new(),
+        }
+    }
+
+    fn add(&mut self, name: &str) {
+        self.names
+            .insert(std::hash::BuildHasher::hash_one(&self.hasher, name));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names
+            .contains(&std::hash::BuildHasher::hash_one(&self.hasher, name))
+    }
+}
+
+/// What one response did to the store.
+pub struct Outcome {
+    pub changed: bool,
+    /// Resources refused at conversion, each named.
+    pub errors: Vec<String>,
+    pub touched: Touched,
 }
 
 /// The xDS source's accepted resources: the only copy the process keeps
@@ -150,6 +198,28 @@ impl XdsStore {
                 .map(|(n, (v, _))| (n.clone(), v.clone()))
                 .collect(),
         }
+    }
+
+    /// The resource name an admitted or refused model entry came from.
+    pub fn resource_name(&self, entry: &EntryKey) -> Option<String> {
+        let (key, service) = match entry {
+            EntryKey::Service(k) => (&**k, true),
+            EntryKey::Workload(k) => (&**k, false),
+            EntryKey::Enrollment(_) => return None,
+        };
+        let held = if service {
+            self.model.services.contains_key(key)
+        } else {
+            self.model.workloads.contains_key(key)
+        };
+        if !held {
+            return None;
+        }
+        let alias = self
+            .aliases
+            .iter()
+            .find(|(_, a)| a.key() == key && matches!(a, Alias::Service(_)) == service);
+        Some(alias.map_or(key, |(n, _)| &**n).to_string())
     }
 
     fn remove_address(&mut self, name: &str) -> bool {
@@ -222,9 +292,16 @@ impl XdsStore {
     }
 
     /// Applies one response; returns whether the model changed and the
-    /// per-resource errors. Resources are decoded one at a time from the
-    /// received message. (Public for the scale benchmark.)
+    /// per-resource errors. (Public for the scale benchmark.)
     pub fn apply_response(&mut self, resp: &DeltaDiscoveryResponseFrame) -> (bool, Vec<String>) {
+        let o = self.apply_response_tracked(resp);
+        (o.changed, o.errors)
+    }
+
+    /// Applies one response, remembering which names it carried.
+    /// Resources are decoded one at a time from the received message.
+    pub fn apply_response_tracked(&mut self, resp: &DeltaDiscoveryResponseFrame) -> Outcome {
+        let mut touched = Touched::new();
         let mut errors = Vec::new();
         let mut changed = false;
         // istiod stamps a push's resources with one version: share it.
@@ -267,6 +344,7 @@ impl XdsStore {
                 if *version != *r.version {
                     version = r.version.as_str().into();
                 }
+                touched.add(&r.name);
                 let result = match resp.type_url.as_str() {
                     ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
                         changed = true;
@@ -295,7 +373,11 @@ impl XdsStore {
         self.scopes.prune();
         self.places.prune();
         self.memberships.prune();
-        (changed, errors)
+        Outcome {
+            changed,
+            errors,
+            touched,
+        }
     }
 }
 
@@ -352,10 +434,39 @@ fn lock(store: &SharedStore) -> std::sync::MutexGuard<'_, XdsStore> {
     store.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Has the daemon apply the store and turns its verdict into the
+/// per-resource errors of this response (entries left out that this
+/// response carried; an entry still left out from an earlier push was
+/// NACKed then).
+async fn verdict(
+    applier: &Applier,
+    store: &SharedStore,
+    touched: &Touched,
+) -> Result<Vec<String>, XdsError> {
+    let (reply_tx, reply_rx) = oneshot::channel();
+    applier.send(reply_tx).await.map_err(|_| XdsError::Closed)?;
+    let v = reply_rx.await.unwrap_or_else(|_| Verdict {
+        failed: Some("the daemon stopped before applying it".into()),
+        ..Verdict::default()
+    });
+    let mut errors = Vec::new();
+    if let Some(e) = v.failed {
+        errors.push(format!("not applied: {e}"));
+    }
+    let s = lock(store);
+    for r in v.rejected {
+        if let Some(name) = s.resource_name(&r.entry).filter(|n| touched.contains(n)) {
+            errors.push(format!("resource {name:?}: {}", r.reason));
+        }
+    }
+    Ok(errors)
+}
+
 async fn session(
     opts: &XdsOptions,
     store: &SharedStore,
     tx: &watch::Sender<XdsStatus>,
+    applier: &Applier,
 ) -> (bool, XdsError) {
     let mut got_response = false;
     let err = async {
@@ -390,7 +501,11 @@ async fn session(
             let started = Instant::now();
             let resp = DeltaDiscoveryResponseFrame::decode(raw)
                 .map_err(|e| XdsError::Decode(e.to_string()))?;
-            let (changed, errors) = lock(store).apply_response(&resp);
+            let Outcome {
+                changed,
+                mut errors,
+                touched,
+            } = lock(store).apply_response_tracked(&resp);
             let counts = (resp.resources.len(), resp.removed_resources.len());
             let DeltaDiscoveryResponseFrame {
                 type_url, nonce, ..
@@ -398,9 +513,11 @@ async fn session(
             // The received message goes before the daemon starts applying:
             // freed while the writer allocates, it would leave the heap
             // fragmented (measured: ~20 MB of resident free pages).
+            drop(resp.resources);
             if changed {
-                tx.send_modify(|s| s.generation += 1);
+                errors.extend(verdict(applier, store, &touched).await?);
             }
+            drop(touched);
             let error_detail = (!errors.is_empty()).then(|| {
                 let message = errors.join("; ");
                 tracing::warn!("NACK {type_url} nonce {nonce}: {message}");
@@ -449,11 +566,16 @@ pub fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
 
 /// Runs the client forever, keeping `store` current and announcing each
 /// change on `tx`.
-pub async fn run(opts: XdsOptions, store: SharedStore, tx: watch::Sender<XdsStatus>) {
+pub async fn run(
+    opts: XdsOptions,
+    store: SharedStore,
+    tx: watch::Sender<XdsStatus>,
+    applier: Applier,
+) {
     let mut attempt = 0;
     let mut seed = u64::from(std::process::id()) << 32 | 0x9e37_79b9;
     loop {
-        let (got_response, err) = session(&opts, &store, &tx).await;
+        let (got_response, err) = session(&opts, &store, &tx, &applier).await;
         tx.send_if_modified(|s| std::mem::replace(&mut s.connected, false));
         if got_response {
             attempt = 0;
