@@ -274,6 +274,7 @@ fn hostname_workload_from_xds_is_resolved() {
                     ports: vec![pb::Port {
                         service_port: 443,
                         target_port: 9443,
+                        ..Default::default()
                     }],
                 },
             )]
