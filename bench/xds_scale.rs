@@ -66,6 +66,7 @@ fn resources() -> Vec<(String, prost_types::Any)> {
                 .map(|(service_port, target_port)| pb::Port {
                     service_port,
                     target_port,
+                    ..Default::default()
                 })
                 .to_vec();
         }

@@ -139,6 +139,15 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
         let many: Vec<(u32, u32)> = (1..=11).map(|p| (p, p)).collect();
         let (n, s) = service("manyports", &["10.96.0.30"], &many);
         b.set(&n, s);
+        // A ServiceEntry's CIDR, as istiod sends it (length set only for a
+        // range): km_vip matches exact addresses, so it is refused.
+        let (n, mut cidr) = service_pb("range", &["10.96.1.0"], &[(80, 8080)]);
+        cidr.addresses[0].length = Some(24);
+        b.set(&n, address(pb::address::Type::Service(cidr)));
+        // Namespace-scoped: the data path cannot tell clients' namespaces.
+        let (n, mut local) = service_pb("local", &["10.96.0.50"], &[(80, 8080)]);
+        local.visibility = pb::service::Visibility::Namespace as i32;
+        b.set(&n, address(pb::address::Type::Service(local)));
     });
     let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1"]);
@@ -156,12 +165,18 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
         "no uid",
         "\"default/manyports.default.svc.cluster.local\"",
         "11 ports",
+        "\"default/range.default.svc.cluster.local\"",
+        "addresses[0] 10.96.1.0/24 is a CIDR range",
+        "\"default/local.default.svc.cluster.local\"",
+        "visibility NAMESPACE",
     ] {
         assert!(nack.contains(want), "NACK lacks {want:?}: {nack}");
     }
-    // Only the valid service made it in, and it carries traffic.
+    // Only the valid service made it in, and it carries traffic; nothing
+    // of the range was installed as a single address.
     let dump = d.dump();
     assert_eq!(dump["services"].as_array().unwrap().len(), 1, "{dump:#}");
+    assert_eq!(dump["maps"]["km_vip"]["entries"], 1, "{dump:#}");
     assert_eq!(
         tally(&env.connect(&client, "10.96.0.10:80", 10)).get("web-1"),
         Some(&10)
@@ -274,6 +289,7 @@ fn hostname_workload_from_xds_is_resolved() {
                     ports: vec![pb::Port {
                         service_port: 443,
                         target_port: 9443,
+                        ..Default::default()
                     }],
                 },
             )]
@@ -301,4 +317,74 @@ fn hostname_workload_from_xds_is_resolved() {
         tally(&env.connect(&client, "10.96.0.20:443", 10))["ext"],
         10
     );
+}
+
+/// Kubernetes' publishNotReadyAddresses, as istiod sends it: the service
+/// "ready" has LoadBalancing.health_policy ALLOW_ALL, "web" the default.
+/// Both are backed by web-1 (healthy) and web-2 (unhealthy): connections
+/// to ready reach web-2, connections to web never do. A VIP given with a
+/// full-length prefix (/32) is one address, as without a length.
+#[test]
+fn allow_all_service_reaches_an_unhealthy_backend() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &[VIP], &[(80, 8080)]);
+        b.set(&n, s);
+        let (n, mut ready) = service_pb("ready", &["10.96.0.11"], &[(80, 8080)]);
+        ready.addresses[0].length = Some(32);
+        ready.load_balancing = Some(pb::LoadBalancing {
+            health_policy: pb::load_balancing::HealthPolicy::AllowAll as i32,
+            ..Default::default()
+        });
+        b.set(&n, address(pb::address::Type::Service(ready)));
+        for (i, p) in pods.iter().enumerate() {
+            let (n, mut w) = workload_pb(&format!("web-{}", i + 1), &ips(p), &["web", "ready"]);
+            if i == 1 {
+                w.status = pb::WorkloadStatus::Unhealthy as i32;
+            }
+            b.set(&n, address(pb::address::Type::Workload(w)));
+        }
+    });
+    let d = xds_daemon(&mut env, &client, &cp);
+    let service = |v: &Value, host: &str| -> Value {
+        let name = format!("default/{host}.default.svc.cluster.local");
+        v["services"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["name"] == name.as_str()))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    let dump = d.wait_dump(Duration::from_secs(10), |v| {
+        !service(v, "ready").is_null() && !service(v, "web").is_null()
+    });
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
+    let (ready, web) = (service(&dump, "ready"), service(&dump, "web"));
+    assert_eq!(ready["health_policy"], "ALLOW_ALL", "{dump:#}");
+    assert_eq!(web["health_policy"], "ONLY_HEALTHY", "{dump:#}");
+    assert_eq!(ready["addresses"], json!(["10.96.0.11"]), "{dump:#}");
+    assert_eq!(
+        ready["endpoints"]["0"].as_array().map(Vec::len),
+        Some(2),
+        "{dump:#}"
+    );
+    assert_eq!(
+        web["endpoints"]["0"],
+        json!(["Kubernetes//Pod/default/web-1"]),
+        "{dump:#}"
+    );
+
+    let to_ready = tally(&env.connect(&client, "10.96.0.11:80", 40));
+    assert!(
+        to_ready.get("web-2").is_some_and(|n| *n > 0),
+        "{to_ready:?}"
+    );
+    assert!(
+        to_ready.keys().all(|k| k == "web-1" || k == "web-2"),
+        "{to_ready:?}"
+    );
+    let to_web = tally(&env.connect(&client, "10.96.0.10:80", 40));
+    assert_eq!(to_web.get("web-1"), Some(&40), "{to_web:?}");
 }

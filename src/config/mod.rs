@@ -18,8 +18,9 @@ use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::model::{
-    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, NetworkAddress, Placement,
-    PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
+    Enrollment, HealthPolicy, HealthStatus, LbMode, LoadBalancing, Model, ModelError,
+    NetworkAddress, Placement, PortMapping, Service, ServiceRef, Waypoint, WaypointTarget,
+    Workload, WorkloadExtra,
 };
 
 #[derive(Debug, Error)]
@@ -163,6 +164,9 @@ struct LbEntry {
     mode: LbModeEntry,
     #[serde(default)]
     routing_preference: Vec<String>,
+    /// ONLY_HEALTHY or ALLOW_ALL, as Istio names them.
+    #[serde(default)]
+    health_policy: HealthPolicy,
 }
 
 /// Istio's LoadBalancing.Mode names.
@@ -323,7 +327,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 }
                 (Resolution::None, _) => LoadBalancing {
                     mode: LbMode::Passthrough,
-                    routing_preference: Vec::new(),
+                    ..Default::default()
                 },
                 (_, lb) => lb
                 .as_ref()
@@ -335,6 +339,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                         LbModeEntry::Passthrough => LbMode::Passthrough,
                     },
                     routing_preference: lb.routing_preference.clone(),
+                    health_policy: lb.health_policy,
                 })
                 .unwrap_or_default(),
             },

@@ -181,3 +181,24 @@ fn accel_queue_limit_is_read_and_layered() {
     );
     assert!(err(r#"{"accel_queue_limit": -1}"#).contains("accel_queue_limit"));
 }
+
+#[test]
+fn health_policy_takes_istio_names() {
+    let with = |p: &str| {
+        GOOD.replace(
+            r#""routing_preference": ["REGION", "ZONE"]"#,
+            &format!(r#""routing_preference": ["REGION", "ZONE"], "health_policy": "{p}""#),
+        )
+    };
+    let (m, _) = parse(Path::new("t.json"), &with("ALLOW_ALL")).unwrap();
+    let lb = &m.services["shop/web.shop.svc.cluster.local"].load_balancing;
+    assert_eq!(lb.health_policy, HealthPolicy::AllowAll);
+    let (m, _) = parse(Path::new("t.json"), GOOD).unwrap();
+    let lb = &m.services["shop/web.shop.svc.cluster.local"].load_balancing;
+    assert_eq!(lb.health_policy, HealthPolicy::OnlyHealthy);
+    let e = err(&with("SOME"));
+    assert!(
+        e.contains("services[0].load_balancing.health_policy") && e.contains("SOME"),
+        "{e}"
+    );
+}

@@ -112,11 +112,22 @@ pub enum LbMode {
     Passthrough,
 }
 
+/// Istio's LoadBalancing.HealthPolicy: which workloads are endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum HealthPolicy {
+    #[default]
+    OnlyHealthy,
+    /// Unhealthy workloads too (Kubernetes' publishNotReadyAddresses).
+    AllowAll,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
 pub struct LoadBalancing {
     pub mode: LbMode,
     /// Istio's routing_preference scopes (REGION, ZONE, …), in order.
     pub routing_preference: Vec<String>,
+    pub health_policy: HealthPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -569,6 +580,7 @@ mod tests {
         let prefs = |mode| LoadBalancing {
             mode,
             routing_preference: ["REGION", "ZONE", "NODE"].map(String::from).to_vec(),
+            ..Default::default()
         };
         let f = prefs(LbMode::Failover);
         assert_eq!(endpoint_priority(&f, &local, &at("z1", "n1")), Some(0));

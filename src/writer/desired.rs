@@ -19,8 +19,8 @@ use crate::{
         service_value, waypoint, workload_value, EP_PORTS, NETNS_WAYPOINT,
     },
     model::{
-        canonical, endpoint_priority, fresh_id, HealthStatus, Layers, LbMode, LoadBalancing,
-        PortMapping, Waypoint, WaypointTarget,
+        canonical, endpoint_priority, fresh_id, HealthPolicy, HealthStatus, Layers, LbMode,
+        LoadBalancing, PortMapping, Waypoint, WaypointTarget,
     },
 };
 
@@ -289,16 +289,16 @@ impl MapWriter {
                 d.backends.insert(eid, v);
                 ids.push(eid);
             }
-            // Unhealthy workloads stay reachable directly but take no new
-            // service traffic.
-            if w.status != HealthStatus::Healthy {
-                continue;
-            }
             for r in w.services.iter() {
                 // xDS may send a workload before its service.
                 let Some(&(sid, lb, svc_ports)) = routable.get(&*r.key) else {
                     continue;
                 };
+                // Unhealthy workloads stay reachable directly but take no
+                // new service traffic, unless the service takes them all.
+                if w.status != HealthStatus::Healthy && lb.health_policy != HealthPolicy::AllowAll {
+                    continue;
+                }
                 let Some(prio) = endpoint_priority(lb, &self.local, w) else {
                     continue;
                 };

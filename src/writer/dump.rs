@@ -13,7 +13,7 @@ use crate::{
         addr_key, endpoint_key, endpoint_value, port_from_map, port_key, service_value,
         workload_value, MapId, Pod, MAX_PORTS,
     },
-    model::Layers,
+    model::{HealthPolicy, Layers},
 };
 
 #[derive(Debug, Serialize)]
@@ -47,6 +47,9 @@ pub struct ServiceDump {
     pub name: String,
     pub addresses: Vec<String>,
     pub lb_policy: &'static str,
+    /// Whether unhealthy workloads are endpoints too (ALLOW_ALL), from the
+    /// model: the maps hold only the resulting endpoint lists.
+    pub health_policy: Option<HealthPolicy>,
     pub ports: Vec<PortDump>,
     /// Endpoint lists by priority, in index order (index = position + 1),
     /// as workload uid and the backend address the entry carries.
@@ -174,9 +177,11 @@ impl MapWriter {
                     endpoints.insert(prio as u32, names);
                     endpoint_addresses.insert(prio as u32, addrs);
                 }
+                let name = svc_name(id);
                 ServiceDump {
                     id,
-                    name: svc_name(id),
+                    health_policy: model.service(&name).map(|s| s.load_balancing.health_policy),
+                    name,
                     addresses,
                     lb_policy: match v.lb_policy {
                         0 => "RANDOM",

@@ -95,6 +95,7 @@ fn routing_preferences_never_index_past_the_table() {
     let prefs = |scopes: &[&str]| LoadBalancing {
         mode: LbMode::Failover,
         routing_preference: scopes.iter().map(|s| s.to_string()).collect(),
+        ..LoadBalancing::default()
     };
     let mut far = workload("far", "10.244.9.1", &service("x", "10.96.0.1"));
     far.placement = Some(Arc::new(Placement {

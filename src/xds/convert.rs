@@ -9,8 +9,9 @@ use thiserror::Error;
 
 use super::proto::{security, workload as pb};
 use crate::model::{
-    Addresses, HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement, PortMapping,
-    Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra, MAX_SERVICE_PORTS,
+    Addresses, HealthPolicy, HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement,
+    PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
+    MAX_SERVICE_PORTS,
 };
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -33,6 +34,27 @@ fn ip_from_bytes(b: &[u8], what: &str) -> Result<IpAddr, String> {
         // An IPv4 address sent in its v4-mapped form is that IPv4 address.
         16 => Ok(IpAddr::from(<[u8; 16]>::try_from(b).expect("len 16")).to_canonical()),
         n => Err(format!("{what} has {n} bytes; an IP address has 4 or 16")),
+    }
+}
+
+/// A NetworkAddress that must be one address. A prefix length (a
+/// ServiceEntry's CIDR, e.g. 10.0.0.0/24) is refused: km_vip matches exact
+/// addresses, and installing the range's first address would redirect one
+/// address and silently miss the rest. istiod leaves `length` unset for a
+/// single address; a full-length prefix (/32, /128) is one address too.
+fn single_address(a: &pb::NetworkAddress, what: &str) -> Result<IpAddr, String> {
+    let ip = ip_from_bytes(&a.address, what)?;
+    let full = if ip.is_ipv4() { 32 } else { 128 };
+    match a.length {
+        None => Ok(ip),
+        Some(len) if len == full => Ok(ip),
+        Some(len) if len > full => Err(format!(
+            "{what} {ip}/{len}: a prefix length of {len} exceeds {full}"
+        )),
+        Some(len) => Err(format!(
+            "{what} {ip}/{len} is a CIDR range; the data path matches single \
+             addresses only (a /{full} or no length)"
+        )),
     }
 }
 
@@ -66,9 +88,20 @@ fn load_balancing(lb: Option<&pb::LoadBalancing>) -> Result<LoadBalancing, Strin
                 .map_err(|_| format!("load_balancing.routing_preference {s} is unknown"))
         })
         .collect::<Result<_, _>>()?;
+    let health_policy = match pb::load_balancing::HealthPolicy::try_from(lb.health_policy) {
+        Ok(pb::load_balancing::HealthPolicy::OnlyHealthy) => HealthPolicy::OnlyHealthy,
+        Ok(pb::load_balancing::HealthPolicy::AllowAll) => HealthPolicy::AllowAll,
+        Err(_) => {
+            return Err(format!(
+                "load_balancing.health_policy {} is unknown",
+                lb.health_policy
+            ))
+        }
+    };
     Ok(LoadBalancing {
         mode,
         routing_preference,
+        health_policy,
     })
 }
 
@@ -76,7 +109,7 @@ fn waypoint(g: Option<&pb::GatewayAddress>) -> Result<Option<Waypoint>, String> 
     let Some(g) = g else { return Ok(None) };
     let target = match &g.destination {
         Some(pb::gateway_address::Destination::Address(a)) => {
-            WaypointTarget::Address(ip_from_bytes(&a.address, "waypoint.address")?)
+            WaypointTarget::Address(single_address(a, "waypoint.address")?)
         }
         Some(pb::gateway_address::Destination::Hostname(h)) => {
             WaypointTarget::Service(format!("{}/{}", h.namespace, h.hostname).into())
@@ -105,6 +138,22 @@ fn service(s: &pb::Service) -> Result<Service, String> {
             s.ports.len()
         ));
     }
+    // A namespace-scoped service (Istio's "safer ServiceEntry") must not
+    // capture other namespaces' connections, and km_vip serves every
+    // enrolled pod alike: refused rather than widened.
+    match pb::service::Visibility::try_from(s.visibility) {
+        Ok(pb::service::Visibility::Public) => {}
+        Ok(pb::service::Visibility::Namespace) => {
+            return Err(format!(
+                "visibility NAMESPACE (only clients in {:?}) cannot be honoured: \
+                 the data path does not tell one client's namespace from another's",
+                s.namespace
+            ))
+        }
+        Err(_) => return Err(format!("visibility {} is unknown", s.visibility)),
+    }
+    // weighted_waypoints is not used: `waypoint` stays the primary, which
+    // Istio keeps set for data planes that do not split.
     let addresses = s
         .addresses
         .iter()
@@ -112,7 +161,7 @@ fn service(s: &pb::Service) -> Result<Service, String> {
         .map(|(i, a)| {
             Ok(NetworkAddress {
                 network: a.network.clone(),
-                address: ip_from_bytes(&a.address, &format!("addresses[{i}]"))?,
+                address: single_address(a, &format!("addresses[{i}]"))?,
             })
         })
         .collect::<Result<_, String>>()?;
@@ -230,151 +279,4 @@ pub fn authorization(name: &str, bytes: &[u8]) -> Result<security::Authorization
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn svc_pb() -> pb::Service {
-        pb::Service {
-            name: "web".into(),
-            namespace: "default".into(),
-            hostname: "web.default.svc.cluster.local".into(),
-            addresses: vec![pb::NetworkAddress {
-                network: String::new(),
-                address: vec![10, 96, 0, 10],
-            }],
-            ports: vec![pb::Port {
-                service_port: 80,
-                target_port: 8080,
-            }],
-            ..Default::default()
-        }
-    }
-
-    fn enc(t: pb::address::Type) -> Vec<u8> {
-        pb::Address { r#type: Some(t) }.encode_to_vec()
-    }
-
-    #[test]
-    fn service_converts() {
-        let r = address("default/web", &enc(pb::address::Type::Service(svc_pb()))).unwrap();
-        let Resource::Service(s) = r else {
-            panic!("{r:?}")
-        };
-        assert_eq!(s.key(), "default/web.default.svc.cluster.local");
-        assert_eq!(
-            s.addresses[0].address,
-            "10.96.0.10".parse::<IpAddr>().unwrap()
-        );
-        assert_eq!(s.ports[0].target_port, 8080);
-    }
-
-    #[test]
-    fn bad_ip_bytes_named() {
-        let mut s = svc_pb();
-        s.addresses[0].address = vec![10, 96, 0, 10, 1];
-        let e = address("default/web", &enc(pb::address::Type::Service(s))).unwrap_err();
-        assert!(e.to_string().contains("addresses[0] has 5 bytes"), "{e}");
-        assert_eq!(e.name, "default/web");
-    }
-
-    #[test]
-    fn too_many_ports_named() {
-        let mut s = svc_pb();
-        s.ports = (1..=11)
-            .map(|p| pb::Port {
-                service_port: p,
-                target_port: 0,
-            })
-            .collect();
-        let e = address("default/web", &enc(pb::address::Type::Service(s))).unwrap_err();
-        assert!(e.reason.contains("11 ports"), "{e}");
-    }
-
-    #[test]
-    fn workload_without_uid_rejected() {
-        let w = pb::Workload {
-            name: "w".into(),
-            addresses: vec![vec![10, 244, 0, 1]],
-            ..Default::default()
-        };
-        let e = address("x", &enc(pb::address::Type::Workload(w))).unwrap_err();
-        assert!(e.reason.contains("no uid"), "{e}");
-    }
-
-    #[test]
-    fn workload_converts_with_services_and_host_network() {
-        let w = pb::Workload {
-            uid: "cluster1//Pod/default/w".into(),
-            name: "w".into(),
-            namespace: "default".into(),
-            addresses: vec![
-                vec![10, 244, 0, 1],
-                "fd00::1"
-                    .parse::<std::net::Ipv6Addr>()
-                    .unwrap()
-                    .octets()
-                    .to_vec(),
-            ],
-            services: [(
-                "default/web.default.svc.cluster.local".to_string(),
-                pb::PortList {
-                    ports: vec![pb::Port {
-                        service_port: 80,
-                        target_port: 9090,
-                    }],
-                },
-            )]
-            .into(),
-            status: pb::WorkloadStatus::Unhealthy as i32,
-            network_mode: pb::NetworkMode::HostNetwork as i32,
-            ..Default::default()
-        };
-        let Resource::Workload(w) = address(
-            "cluster1//Pod/default/w",
-            &enc(pb::address::Type::Workload(w)),
-        )
-        .unwrap() else {
-            panic!()
-        };
-        assert_eq!(w.addresses.len(), 2);
-        assert_eq!(w.status, HealthStatus::Unhealthy);
-        assert!(w.host_network);
-        assert_eq!(&*w.services[0].key, "default/web.default.svc.cluster.local");
-        assert_eq!(w.services[0].ports[0].target_port, 9090);
-    }
-
-    #[test]
-    fn garbage_bytes_are_not_an_address() {
-        let e = address("x", &[0xff, 0xff, 0xff]).unwrap_err();
-        assert!(e.reason.contains("not an istio.workload.Address"), "{e}");
-    }
-
-    #[test]
-    fn hostname_workload_converts_and_excludes_addresses() {
-        let w = pb::Workload {
-            uid: "Kubernetes/networking.istio.io/ServiceEntry/default/ext/api.example.com".into(),
-            name: "ext".into(),
-            namespace: "default".into(),
-            hostname: "api.example.com".into(),
-            ..Default::default()
-        };
-        let Resource::Workload(m) =
-            address("x", &enc(pb::address::Type::Workload(w.clone()))).unwrap()
-        else {
-            panic!()
-        };
-        assert_eq!(m.hostname(), Some("api.example.com"));
-        let both = pb::Workload {
-            addresses: vec![vec![10, 0, 0, 1]],
-            ..w.clone()
-        };
-        let e = address("x", &enc(pb::address::Type::Workload(both))).unwrap_err();
-        assert!(e.reason.contains("exclusive"), "{e}");
-        let bad = pb::Workload {
-            hostname: "api..example.com".into(),
-            ..w
-        };
-        let e = address("x", &enc(pb::address::Type::Workload(bad))).unwrap_err();
-        assert!(e.reason.contains("api..example.com"), "{e}");
-    }
-}
+mod tests;

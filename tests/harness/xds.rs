@@ -96,6 +96,7 @@ pub fn service_pb(name: &str, vips: &[&str], ports: &[(u32, u32)]) -> (String, p
             .map(|v| pb::NetworkAddress {
                 network: String::new(),
                 address: ip_bytes(&v.parse().unwrap()),
+                ..Default::default()
             })
             .collect(),
         ports: ports
@@ -103,6 +104,7 @@ pub fn service_pb(name: &str, vips: &[&str], ports: &[(u32, u32)]) -> (String, p
             .map(|&(service_port, target_port)| pb::Port {
                 service_port,
                 target_port,
+                ..Default::default()
             })
             .collect(),
         ..Default::default()
