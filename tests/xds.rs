@@ -388,3 +388,71 @@ fn allow_all_service_reaches_an_unhealthy_backend() {
     let to_web = tally(&env.connect(&client, "10.96.0.10:80", 40));
     assert_eq!(to_web.get("web-1"), Some(&40), "{to_web:?}");
 }
+
+/// Issue 17 item 4: a resource that claims an address another entry holds
+/// is NACKed by name and left out; every other resource, and every later
+/// push, still reaches the maps. Before, the daemon ACKed the push, refused
+/// the whole apply, and froze until the conflict went away. The same pod
+/// address on another network is no conflict at all.
+#[test]
+fn a_conflicting_resource_is_nacked_and_later_pushes_still_apply() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 3);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| set_web(b, &pods[..1]));
+    let d = xds_daemon(&mut env, &client, &cp);
+    wait_endpoints(&d, &["web-1"]);
+    let acks = cp.cp.acks();
+
+    // The same address on a remote network, and a ServiceEntry whose VIP
+    // is web-1's address.
+    cp.cp.update(|b| {
+        let (_, mut remote) = workload_pb("remote-1", &ips(&pods[0]), &[]);
+        remote.uid = "cluster2//Pod/default/remote-1".into();
+        remote.network = "network2".into();
+        b.set(
+            "cluster2//Pod/default/remote-1",
+            address(pb::address::Type::Workload(remote)),
+        );
+        let (n, se) = service("clash", &[&pods[0].v4.to_string()], &[(80, 8080)]);
+        b.set(&n, se);
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.cp.nacks().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no NACK");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nack = cp.cp.nacks().join("\n");
+    assert!(
+        nack.contains("\"default/clash.default.svc.cluster.local\"")
+            && nack.contains(&format!("address {} is already held by", pods[0].v4))
+            && !nack.contains("remote-1"),
+        "{nack}"
+    );
+    let dump = d.dump();
+    let rejected = dump["rejected"].to_string();
+    assert!(
+        rejected.contains("clash") && !rejected.contains("remote"),
+        "{rejected}"
+    );
+
+    // A later push (web-2, web-3 join) applies and carries traffic.
+    cp.cp.update(|b| set_web(b, &pods));
+    wait_endpoints(&d, &["web-1", "web-2", "web-3"]);
+    let t = tally(&env.connect(&client, "10.96.0.10:80", 60));
+    assert_eq!(t.len(), 3, "{t:?}");
+    assert!(cp.cp.acks() > acks, "the later push is ACKed");
+    // Direct access to web-1 still reaches web-1, not the ServiceEntry.
+    let direct = format!("{}:8080", pods[0].v4);
+    assert_eq!(
+        tally(&env.connect(&client, &direct, 5)).get("web-1"),
+        Some(&5)
+    );
+    // The conflict goes: the ServiceEntry would now get the address.
+    cp.cp
+        .remove(ADDRESS_TYPE, "default/clash.default.svc.cluster.local");
+    d.wait_dump(Duration::from_secs(10), |v| {
+        v["rejected"].as_array().is_some_and(|r| r.is_empty())
+    });
+}
