@@ -4,6 +4,7 @@
 //! `model::Model`; `writer::MapWriter` turns it into BPF map contents; the
 //! programs in bpf/ act on them at connect() time.
 pub mod admin;
+pub mod authz;
 pub mod bpf;
 pub mod config;
 pub mod daemon;

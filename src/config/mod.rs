@@ -390,6 +390,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 .map(waypoint)
                 .transpose()
                 .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?,
+            ..WorkloadExtra::default()
         });
         wl.placement = (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
             .then(|| {

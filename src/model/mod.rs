@@ -360,6 +360,8 @@ pub struct Model {
     pub workloads: Workloads,
     /// netns cookie → enrollment.
     pub enrolled: BTreeMap<u64, Enrollment>,
+    /// L4 authorization policies (istio.security.Authorization).
+    pub policies: crate::authz::PolicyStore,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
     /// Unread bytes an accelerated receiver may hold before its sender falls

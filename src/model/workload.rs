@@ -77,12 +77,15 @@ pub struct ServiceRef {
     pub ports: Vec<PortMapping>,
 }
 
-/// A workload's namespace and network: one shared value for all the
-/// workloads of a namespace where the source interns it.
+/// A workload's namespace, network and identity: one shared value for all
+/// the replicas of a deployment where the source interns it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Scope {
     pub namespace: Box<str>,
     pub network: Box<str>,
+    /// Empty: Istio's defaults ("cluster.local", "default").
+    pub trust_domain: Box<str>,
+    pub service_account: Box<str>,
 }
 
 /// The parts of a workload most do not have, in one optional box.
@@ -95,6 +98,9 @@ pub struct WorkloadExtra {
     /// Connections to this workload (direct, or picked as a service's
     /// endpoint) go to this waypoint instead.
     pub waypoint: Option<Waypoint>,
+    /// Istio's authorization_policies: WORKLOAD_SELECTOR policies
+    /// selecting this workload, as "namespace/name".
+    pub policies: Vec<String>,
 }
 
 /// Process-wide, so that workloads of different sources (config file,
@@ -146,7 +152,7 @@ impl Workload {
             id: 0,
             scope: Arc::new(Scope {
                 namespace: namespace.into(),
-                network: "".into(),
+                ..Scope::default()
             }),
             addresses: Addresses::None,
             services: Arc::from([]),
@@ -193,10 +199,40 @@ impl Workload {
     pub fn set_network(&mut self, network: &str) {
         if network != self.network() {
             self.scope = Arc::new(Scope {
-                namespace: self.scope.namespace.clone(),
                 network: network.into(),
+                ..(*self.scope).clone()
             });
         }
+    }
+
+    /// Sets the service account and trust domain (empty: Istio's default).
+    pub fn set_identity(&mut self, trust_domain: &str, service_account: &str) {
+        if *self.scope.trust_domain != *trust_domain
+            || *self.scope.service_account != *service_account
+        {
+            self.scope = Arc::new(Scope {
+                trust_domain: trust_domain.into(),
+                service_account: service_account.into(),
+                ..(*self.scope).clone()
+            });
+        }
+    }
+
+    /// Who the workload's connections come from, for authorization (as
+    /// istiod would issue its certificate).
+    pub fn identity(&self) -> crate::authz::Identity {
+        let or = |s: &str, default: &str| if s.is_empty() { default } else { s }.to_string();
+        crate::authz::Identity {
+            trust_domain: or(&self.scope.trust_domain, "cluster.local"),
+            namespace: self.namespace().to_string(),
+            service_account: or(&self.scope.service_account, "default"),
+        }
+    }
+
+    /// Keys ("namespace/name") of the WORKLOAD_SELECTOR policies that
+    /// select this workload.
+    pub fn policies(&self) -> &[String] {
+        self.extra.as_ref().map_or(&[], |e| &e.policies)
     }
 
     /// Sets the rare parts; nothing is allocated when they are all empty.

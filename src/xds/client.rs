@@ -24,10 +24,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use super::{
     convert::{self, Resource},
     grpc,
-    proto::{
-        discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponseFrame, Node, Status},
-        security,
-    },
+    proto::discovery::{self, DeltaDiscoveryRequest, DeltaDiscoveryResponseFrame, Node, Status},
     ADDRESS_TYPE, AUTHORIZATION_TYPE,
 };
 
@@ -148,7 +145,9 @@ pub struct XdsStore {
     /// Address resources whose name is not their model key (istiod names
     /// them by key, but the protocol does not promise it).
     aliases: HashMap<Arc<str>, Alias>,
-    authorizations: HashMap<String, (String, security::Authorization)>,
+    /// Authorization resource name → (version, policy key); the policies
+    /// themselves are in `model.policies`.
+    authorizations: HashMap<String, (String, String)>,
     /// Namespace + network pairs, placements, and service memberships
     /// (replicas of a deployment back the same services on the same
     /// ports), shared by the workloads.
@@ -350,8 +349,16 @@ impl XdsStore {
                         changed = true;
                         self.insert_address(&r.name, &version, res);
                     }),
-                    AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|a| {
-                        self.authorizations.insert(r.name, (r.version, a));
+                    AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|p| {
+                        let key = p.key();
+                        if let Some((_, old)) = self.authorizations.get(&r.name) {
+                            if *old != key {
+                                self.model.policies.remove(old);
+                            }
+                        }
+                        self.model.policies.insert(p);
+                        self.authorizations.insert(r.name, (r.version, key));
+                        changed = true;
                     }),
                     other => {
                         errors.push(format!("type {other:?} was not subscribed"));
@@ -366,7 +373,11 @@ impl XdsStore {
         for name in &resp.removed_resources {
             match resp.type_url.as_str() {
                 ADDRESS_TYPE => changed |= self.remove_address(name),
-                _ => drop(self.authorizations.remove(name)),
+                _ => {
+                    if let Some((_, key)) = self.authorizations.remove(name) {
+                        changed |= self.model.policies.remove(&key).is_some();
+                    }
+                }
             };
         }
         // Cheap: one entry per distinct namespace, network and place.

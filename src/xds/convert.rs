@@ -7,7 +7,7 @@ use std::{net::IpAddr, sync::Arc};
 use prost::Message;
 use thiserror::Error;
 
-use super::proto::{security, workload as pb};
+use super::proto::workload as pb;
 use crate::model::{
     Addresses, HealthPolicy, HealthStatus, LbMode, LoadBalancing, NetworkAddress, Placement,
     PortMapping, Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
@@ -219,9 +219,11 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         Err(_) => return Err(format!("status {} is unknown", w.status)),
     };
     wl.host_network = w.network_mode == pb::NetworkMode::HostNetwork as i32;
+    wl.set_identity(&w.trust_domain, &w.service_account);
     wl.set_extra(WorkloadExtra {
         hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         waypoint: waypoint(w.waypoint.as_ref())?,
+        policies: w.authorization_policies.clone(),
     });
     wl.placement =
         (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(|| {
@@ -262,21 +264,8 @@ pub fn address(name: &str, bytes: &[u8]) -> Result<Resource, InvalidResource> {
     }
 }
 
-/// Decodes one istio.security.Authorization resource. Policies are kept
-/// (and counted in dumps) for the L4 authorization data path to come.
-pub fn authorization(name: &str, bytes: &[u8]) -> Result<security::Authorization, InvalidResource> {
-    let a = security::Authorization::decode(bytes).map_err(|e| InvalidResource {
-        name: name.to_string(),
-        reason: format!("not an istio.security.Authorization: {e}"),
-    })?;
-    if a.name.is_empty() {
-        return Err(InvalidResource {
-            name: name.to_string(),
-            reason: "authorization has no name".into(),
-        });
-    }
-    Ok(a)
-}
+mod authz;
+pub use authz::authorization;
 
 #[cfg(test)]
 mod tests;
