@@ -280,6 +280,9 @@ pub struct Model {
     pub workloads: Workloads,
     /// netns cookie → enrollment.
     pub enrolled: BTreeMap<u64, Enrollment>,
+    /// Enroll entries left out because they could not be resolved (e.g. a
+    /// deleted pod netns), one line each, for the log and the dump.
+    pub enroll_errors: Vec<String>,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
     /// Unread bytes an accelerated receiver may hold before its sender falls
