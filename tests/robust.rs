@@ -220,7 +220,7 @@ fn a_reload_of_anything_but_one_object_is_refused_and_changes_nothing() {
     let mut no_enroll: Value = serde_json::from_str(&web2).unwrap();
     no_enroll["enroll"] = json!([]);
     for (text, what) in [
-        ("[]".to_string(), "top level must be a JSON object"),
+        ("[]".to_string(), "top level: must be a JSON object"),
         (no_enroll.to_string(), "enroll"),
         (format!("{web2}\n{{}}"), "exactly one JSON object"),
         (format!("{web2} x"), "trailing characters"),

@@ -341,14 +341,10 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     let tree: serde_json::Value = serde_json::from_str(text)
         .map_err(|e| field_err(format!("line {}", e.line()), e.to_string()))?;
     if let Some(at) = input::misplaced_array(&tree) {
-        let what = if at == "." {
-            "the top level"
-        } else {
-            "this field"
-        };
+        let at = if at == "." { "top level".into() } else { at };
         return Err(field_err(
             at,
-            format!("{what} must be a JSON object ({{...}}), not an array"),
+            "must be a JSON object ({...}), not an array".into(),
         ));
     }
     drop(tree);

@@ -171,7 +171,7 @@ fn enroll_paths_that_are_no_netns_are_refused() {
 #[test]
 fn a_config_that_is_not_one_object_is_refused() {
     for (text, want) in [
-        ("[]", "top level must be a JSON object"),
+        ("[]", "top level: must be a JSON object"),
         (r#"{"enroll": []}"#, "enroll"),
         (
             r#"{"services": [["web", "default", "web.default"]]}"#,
