@@ -1,18 +1,27 @@
 //! Local admin endpoint: a Unix socket taking one-line commands, answered
 //! with JSON. `kmesh ctl` is its client. A Unix socket (mode 0600, root)
 //! rather than a TCP port, so nothing is exposed on the network.
+//!
+//! A client can only cost the daemon a bounded amount: at most
+//! `MAX_CLIENTS` are served at once (the rest wait in the kernel's listen
+//! backlog, holding no descriptor of ours), each has `REQUEST_TIMEOUT` to
+//! send its command and `REPLY_TIMEOUT` to take the answer, and a failing
+//! accept (EMFILE: descriptors exhausted) backs off instead of spinning.
 
 use std::{
     io,
-    os::unix::fs::PermissionsExt,
+    os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use thiserror::Error;
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
+    sync::Semaphore,
+    time::timeout,
 };
 
 use crate::writer::Dump;
@@ -26,13 +35,56 @@ pub enum AdminError {
     Socket { path: PathBuf, source: io::Error },
     #[error("admin socket {path}: daemon answered: {message}")]
     Remote { path: PathBuf, message: String },
+    #[error(
+        "admin socket {path}: no answer for {}s; the daemon is stuck or busy \
+         (a larger --timeout waits longer)", .after.as_secs_f64()
+    )]
+    Timeout { path: PathBuf, after: Duration },
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/kmesh/admin.sock";
 
-/// Binds the admin socket (replacing a stale one) and serves it until the
-/// task is dropped.
-pub fn serve(path: &Path, dump: DumpFn) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+/// Clients served at once; `kmesh ctl` uses one connection per command.
+pub const MAX_CLIENTS: usize = 16;
+/// Time a client has to send its command line after connecting.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to read the whole answer.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time `request` waits for each part of the answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Retry delays after a failed accept, doubling from the first to the
+/// second.
+const ACCEPT_BACKOFF: (Duration, Duration) = (Duration::from_millis(10), Duration::from_secs(1));
+
+/// The served socket. `stop` ends serving and removes the socket file only
+/// if it is still the one bound here: a newer daemon started on the same
+/// path (a rolling update overlaps the two) has replaced it with its own.
+pub struct Server {
+    task: tokio::task::JoinHandle<()>,
+    path: PathBuf,
+    /// (st_dev, st_ino) of the socket file this server bound.
+    bound: (u64, u64),
+}
+
+impl Server {
+    pub fn stop(self) {
+        self.task.abort();
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(m) if (m.dev(), m.ino()) == self.bound => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => tracing::info!(
+                "admin socket {} belongs to another daemon now; left in place",
+                self.path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Binds the admin socket (replacing a stale one, or the one of a daemon
+/// this one takes over from) and serves it until `Server::stop`.
+pub fn serve(path: &Path, dump: DumpFn) -> Result<Server, AdminError> {
     let err = |source| AdminError::Socket {
         path: path.to_path_buf(),
         source,
@@ -43,25 +95,60 @@ pub fn serve(path: &Path, dump: DumpFn) -> Result<tokio::task::JoinHandle<()>, A
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let dump = dump.clone();
-            tokio::spawn(async move {
-                if let Err(e) = handle(stream, dump).await {
-                    tracing::debug!("admin client: {e}");
+    let m = std::fs::symlink_metadata(path).map_err(err)?;
+    Ok(Server {
+        task: tokio::spawn(accept_loop(listener, dump)),
+        path: path.to_path_buf(),
+        bound: (m.dev(), m.ino()),
+    })
+}
+
+async fn accept_loop(listener: UnixListener, dump: DumpFn) {
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut delay = ACCEPT_BACKOFF.0;
+    let mut failures = 0u64;
+    loop {
+        // Waiting for a slot before accepting leaves extra clients in the
+        // backlog rather than holding their descriptors here.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE/ENFILE/ENOMEM leave the connection queued, so an
+                // immediate retry fails again at once: wait, longer each time.
+                if failures == 0 {
+                    tracing::warn!("admin socket: accept failed: {e}; retrying with back-off");
                 }
-            });
+                failures += 1;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(ACCEPT_BACKOFF.1);
+                continue;
+            }
+        };
+        if failures > 0 {
+            tracing::info!("admin socket: accepting again after {failures} failed accepts");
+            failures = 0;
+            delay = ACCEPT_BACKOFF.0;
         }
-    }))
+        let dump = dump.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, dump).await {
+                tracing::debug!("admin client: {e}");
+            }
+            drop(slot);
+        });
+    }
 }
 
 async fn handle(stream: UnixStream, dump: DumpFn) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(r).take(4096).read_line(&mut line).await?;
+    let mut r = BufReader::new(r).take(4096);
+    timeout(REQUEST_TIMEOUT, r.read_line(&mut line))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no command within 5 s"))??;
     let reply = match line.trim() {
         "dump" => {
             // Reads 100k-entry maps: off the async workers.
@@ -72,23 +159,50 @@ async fn handle(stream: UnixStream, dump: DumpFn) -> io::Result<()> {
         }
         other => format!("error: unknown command {other:?} (known: dump)"),
     };
-    w.write_all(reply.as_bytes()).await?;
-    w.write_all(b"\n").await?;
-    w.shutdown().await
+    let write = async {
+        w.write_all(reply.as_bytes()).await?;
+        w.write_all(b"\n").await?;
+        w.shutdown().await
+    };
+    timeout(REPLY_TIMEOUT, write)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "answer not taken within 30 s"))?
 }
 
-/// Client side: sends `cmd`, returns the daemon's reply.
-pub async fn request(path: &Path, cmd: &str) -> Result<String, AdminError> {
+/// Client side: sends `cmd`, returns the daemon's reply. Fails if the
+/// daemon takes longer than `wait` to accept, to start answering, or
+/// between two parts of the answer.
+pub async fn request(path: &Path, cmd: &str, wait: Duration) -> Result<String, AdminError> {
     let err = |source| AdminError::Socket {
         path: path.to_path_buf(),
         source,
     };
-    let mut s = UnixStream::connect(path).await.map_err(err)?;
-    s.write_all(format!("{cmd}\n").as_bytes())
+    let stalled = || AdminError::Timeout {
+        path: path.to_path_buf(),
+        after: wait,
+    };
+    let mut s = timeout(wait, UnixStream::connect(path))
         .await
+        .map_err(|_| stalled())?
         .map_err(err)?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.map_err(err)?;
+    timeout(wait, s.write_all(format!("{cmd}\n").as_bytes()))
+        .await
+        .map_err(|_| stalled())?
+        .map_err(err)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = timeout(wait, s.read(&mut buf))
+            .await
+            .map_err(|_| stalled())?
+            .map_err(err)?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    let out =
+        String::from_utf8(out).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidData, e)))?;
     if let Some(message) = out.strip_prefix("error: ") {
         return Err(AdminError::Remote {
             path: path.to_path_buf(),

@@ -340,8 +340,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     if let Some(t) = xds_task {
         t.abort();
     }
-    admin.abort();
-    let _ = std::fs::remove_file(&opts.admin_socket);
+    // Only if still ours: a newer daemon may have taken the path over.
+    admin.stop();
     writer
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -80,29 +80,29 @@ struct DaemonArgs {
     /// Leave the programs attached when the daemon exits (for restarts).
     #[arg(long)]
     keep_attached: bool,
-    /// Seconds between checks of the config file for changes.
-    #[arg(long, default_value_t = 1.0)]
-    watch_interval: f64,
+    /// Seconds between checks of the config file for changes (0.05 to 86400).
+    #[arg(long, default_value = "1", value_parser = seconds(0.05))]
+    watch_interval: Duration,
     /// Capacity of the service VIP map.
-    #[arg(long, default_value_t = MapSizes::default().vips)]
+    #[arg(long, default_value_t = MapSizes::default().vips, value_parser = map_size())]
     max_vips: u32,
     /// Capacity of the workload address map.
-    #[arg(long, default_value_t = MapSizes::default().workload_ips)]
+    #[arg(long, default_value_t = MapSizes::default().workload_ips, value_parser = map_size())]
     max_workload_ips: u32,
     /// Capacity of the endpoint map (all services, all priorities).
-    #[arg(long, default_value_t = MapSizes::default().endpoints)]
+    #[arg(long, default_value_t = MapSizes::default().endpoints, value_parser = map_size())]
     max_endpoints: u32,
-    #[arg(long, default_value_t = MapSizes::default().enrolled_netns)]
+    #[arg(long, default_value_t = MapSizes::default().enrolled_netns, value_parser = map_size())]
     max_enrolled_netns: u32,
     /// Capacity of the map of workloads' own target ports (where a
     /// workload's port list differs from its service's).
-    #[arg(long, default_value_t = MapSizes::default().port_overrides)]
+    #[arg(long, default_value_t = MapSizes::default().port_overrides, value_parser = map_size())]
     max_port_overrides: u32,
     /// Capacity of the socket map: two entries per accelerated connection,
     /// one per connection to a waypoint until the TLV is sent; also of the
     /// per-connection map (km_conn, one entry per connection with an end
     /// in the socket map, until its connecting end closes).
-    #[arg(long, default_value_t = MapSizes::default().sockets)]
+    #[arg(long, default_value_t = MapSizes::default().sockets, value_parser = map_size())]
     max_sockets: u32,
     /// Same-host acceleration: data between two enrolled sockets on this
     /// host skips the TCP/IP stack (also config key "accelerate").
@@ -128,14 +128,44 @@ struct DaemonArgs {
     #[arg(long, env = "KMESH_DNS_SERVERS", value_delimiter = ',', value_parser = parse_dns_server)]
     dns_server: Vec<SocketAddr>,
     /// Longest time between lookups of a hostname, whatever its TTL (s).
-    #[arg(long, default_value_t = 15.0)]
-    dns_max_refresh: f64,
+    #[arg(long, default_value = "15", value_parser = seconds(0.001))]
+    dns_max_refresh: Duration,
     /// Shortest time between lookups of a hostname, for TTLs of 0 (s).
-    #[arg(long, default_value_t = 1.0)]
-    dns_min_refresh: f64,
+    #[arg(long, default_value = "1", value_parser = seconds(0.001))]
+    dns_min_refresh: Duration,
     /// Time to wait for a DNS server's answer (s).
-    #[arg(long, default_value_t = 5.0)]
-    dns_timeout: f64,
+    #[arg(long, default_value = "5", value_parser = seconds(0.001))]
+    dns_timeout: Duration,
+}
+
+/// Largest map capacity a flag takes. Each map is a hash table whose
+/// bucket array (16 bytes per bucket, rounded up to a power of two) the
+/// kernel allocates whole at creation, so 2^22 entries already cost 64 MiB
+/// before anything is stored; and 4M addresses, endpoints, netns or
+/// sockets is far beyond one node (Kubernetes supports 150k pods per
+/// cluster; a node's sockets are bounded by its file descriptors). Larger
+/// values failed inside the BPF loader with a bare EINVAL or E2BIG.
+const MAX_MAP_SIZE: i64 = 1 << 22;
+
+fn map_size() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=MAX_MAP_SIZE)
+}
+
+/// A number of seconds from `min` to a day: finite and positive, so that
+/// Duration::from_secs_f64 cannot panic (inf, NaN) and a zero interval
+/// cannot spin.
+fn seconds(min: f64) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s: &str| {
+        const DAY: f64 = 86_400.0;
+        let v: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        if !(min..=DAY).contains(&v) {
+            return Err(format!("{s} is not in {min}..={DAY} seconds"));
+        }
+        Ok(Duration::from_secs_f64(v))
+    }
 }
 
 fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
@@ -145,23 +175,23 @@ fn parse_dns_server(s: &str) -> Result<SocketAddr, String> {
 }
 
 fn dns_config(a: &DaemonArgs) -> Result<DnsConfig, String> {
-    let secs = |v: f64, flag: &str| {
-        Duration::try_from_secs_f64(v)
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("--{flag} {v}: give a positive number of seconds"))
-    };
-    let max_refresh = secs(a.dns_max_refresh, "dns-max-refresh")?;
+    let max_refresh = a.dns_max_refresh;
+    if a.dns_min_refresh > max_refresh {
+        return Err(format!(
+            "--dns-min-refresh {:?} exceeds --dns-max-refresh {max_refresh:?}",
+            a.dns_min_refresh
+        ));
+    }
     Ok(DnsConfig {
         upstream: match a.dns_server.as_slice() {
             [] => Upstream::System,
             s => Upstream::Servers(s.to_vec()),
         },
-        min_refresh: secs(a.dns_min_refresh, "dns-min-refresh")?,
+        min_refresh: a.dns_min_refresh,
         max_refresh,
         backoff_initial: max_refresh.min(Duration::from_secs(1)),
         backoff_max: max_refresh,
-        query_timeout: secs(a.dns_timeout, "dns-timeout")?,
+        query_timeout: a.dns_timeout,
     })
 }
 
@@ -186,6 +216,10 @@ enum CtlCmd {
     Dump {
         #[arg(long, env = "KMESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
+        /// Seconds to wait for the daemon to accept, to start answering,
+        /// and between parts of the answer.
+        #[arg(long, default_value = "10", value_parser = seconds(0.001))]
+        timeout: Duration,
     },
     /// Validate a config file without touching the kernel.
     CheckConfig { file: PathBuf },
@@ -287,14 +321,18 @@ fn main() -> ExitCode {
                         port_overrides: a.max_port_overrides,
                         sockets: a.max_sockets,
                     },
-                    watch_interval: Duration::from_secs_f64(a.watch_interval.max(0.05)),
+                    watch_interval: a.watch_interval,
                 };
                 daemon::run(opts).await.map_err(|e| e.to_string())
             }
             Cmd::Ctl {
-                cmd: CtlCmd::Dump { admin_socket },
+                cmd:
+                    CtlCmd::Dump {
+                        admin_socket,
+                        timeout,
+                    },
             } => {
-                let out = admin::request(&admin_socket, "dump")
+                let out = admin::request(&admin_socket, "dump", timeout)
                     .await
                     .map_err(|e| e.to_string())?;
                 print!("{out}");

@@ -29,6 +29,7 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/kmesh.skel.rs"));
 }
 
+mod pins;
 mod types;
 pub use types::*;
 
@@ -428,22 +429,45 @@ impl Datapath {
 
     /// Detaches from the cgroup and removes the pins. With `keep_attached`
     /// the pinned links stay, so the programs keep redirecting (with the
-    /// last map contents) until a new daemon replaces them.
+    /// last map contents) until a new daemon replaces them. Only pins that
+    /// still hold this data path's objects are removed: a newer daemon
+    /// started on the same directory (a rolling update overlaps the two)
+    /// has pinned its own there, and they must outlive this one.
     pub fn shutdown(&mut self, keep_attached: bool) {
+        use std::os::fd::AsFd;
         let Some(dir) = self.pin_dir.take() else {
             return;
         };
         if keep_attached {
             return;
         }
-        for (name, mut link) in self.links.drain(..) {
-            let _ = link.unpin();
+        // The socket maps are shared with a daemon that reused them, so
+        // their ids cannot tell; a written map pinned over ours can.
+        let taken_over = MapId::WRITTEN
+            .into_iter()
+            .any(|id| pins::is_taken(&dir.join(id.name()), self.map(id).as_fd()));
+        let mut left = Vec::new();
+        for (name, link) in self.links.drain(..) {
+            let path = dir.join(format!("link_{name}"));
+            if pins::remove_if_ours(&path, link.as_fd()) {
+                left.push(path);
+            }
             if let Err(e) = link.detach() {
                 tracing::warn!("detaching {name}: {e}");
             }
         }
         for id in MapId::WRITTEN {
-            let _ = fs::remove_file(dir.join(id.name()));
+            let path = dir.join(id.name());
+            if pins::remove_if_ours(&path, self.map(id).as_fd()) {
+                left.push(path);
+            }
+        }
+        if taken_over || !left.is_empty() {
+            tracing::info!(
+                "another daemon has pinned its own maps and links under {}; they stay",
+                dir.display()
+            );
+            return;
         }
         // Connections in km_sock go on being served by the sk_msg program
         // (plain TCP for new ones, since sockops is detached); dropping the
@@ -451,7 +475,7 @@ impl Datapath {
         let sockets = self.socket_count();
         if sockets == 0 {
             for id in MapId::SOCKETS {
-                let _ = fs::remove_file(dir.join(id.name()));
+                pins::remove_if_ours(&dir.join(id.name()), self.map(id).as_fd());
             }
         } else {
             tracing::info!(

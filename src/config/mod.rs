@@ -8,7 +8,6 @@
 
 use std::{
     collections::BTreeMap,
-    fs,
     net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
@@ -22,6 +21,8 @@ use crate::model::{
     NetworkAddress, Placement, PortMapping, Service, ServiceRef, Waypoint, WaypointTarget,
     Workload, WorkloadExtra,
 };
+
+mod input;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -290,6 +291,30 @@ fn ports(list: &[PortEntry]) -> Vec<PortMapping> {
         .collect()
 }
 
+/// A workload's own port list: each entry maps one of the service's ports,
+/// so service_port 0 (also "0 -> 0") matches nothing a client can dial.
+fn own_ports(list: &[PortEntry]) -> Result<Vec<PortMapping>, String> {
+    if let Some(i) = list.iter().position(|p| p.service_port == 0) {
+        return Err(format!("ports[{i}]: service_port 0 is not a port"));
+    }
+    Ok(ports(list))
+}
+
+/// An enroll path must be absolute: the daemon's working directory is no
+/// place to look for a pod's namespace.
+fn check_netns_path(p: &Path) -> Result<(), String> {
+    if p.as_os_str().is_empty() {
+        return Err("empty path (give /run/netns/NAME or /proc/PID/ns/net)".into());
+    }
+    if !p.is_absolute() {
+        return Err(format!(
+            "{} is a relative path; give an absolute one (/run/netns/NAME or /proc/PID/ns/net)",
+            p.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Parses and validates config text without touching the OS: enrollment
 /// paths are returned unresolved.
 fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigError> {
@@ -299,7 +324,7 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
         message,
     };
     let de = &mut serde_json::Deserializer::from_str(text);
-    let file: File = serde_path_to_error::deserialize(de).map_err(|e| {
+    let file: File = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let field = e.path().to_string();
         let inner = e.into_inner();
         let field = if field == "." {
@@ -309,6 +334,28 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
         };
         field_err(field, inner.to_string())
     })?;
+    // A second document or stray bytes after the first: the file is not
+    // what its writer meant (a concatenation, a half-done edit).
+    de.end().map_err(|e| {
+        field_err(
+            format!("line {}", e.line()),
+            format!("{e}: the file must hold exactly one JSON object"),
+        )
+    })?;
+    let tree: serde_json::Value = serde_json::from_str(text)
+        .map_err(|e| field_err(format!("line {}", e.line()), e.to_string()))?;
+    if let Some(at) = input::misplaced_array(&tree) {
+        let at = if at == "." { "top level".into() } else { at };
+        return Err(field_err(
+            at,
+            "must be a JSON object ({...}), not an array".into(),
+        ));
+    }
+    drop(tree);
+    for (i, entry) in file.enroll.netns.iter().enumerate() {
+        check_netns_path(entry.parts().0)
+            .map_err(|e| field_err(format!("enroll.netns[{i}]"), e))?;
+    }
 
     let mut model = Model::default();
     for (i, s) in file.services.iter().enumerate() {
@@ -368,9 +415,11 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                     format!("{key:?} is not a defined service (keys are \"namespace/hostname\")"),
                 ));
             }
+            let ports = own_ports(&list.ports)
+                .map_err(|e| field_err(format!("workloads[{i}].services.{key}"), e))?;
             services.push(ServiceRef {
                 key: model.intern_service_key(key),
-                ports: ports(&list.ports),
+                ports,
             });
         }
         let mut wl = Workload::new(&w.uid, &w.name, w.namespace.as_str());
@@ -452,38 +501,55 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     Ok((model, file.enroll.netns))
 }
 
-/// Checks a config file without touching the kernel or namespaces.
+/// Checks a config file without touching the kernel: every enroll path
+/// must be a network namespace now (opened, never entered).
 pub fn check(path: &Path) -> Result<Model, ConfigError> {
     let text = read(path)?;
-    parse(path, &text).map(|(m, _)| m)
+    let (model, netns) = parse(path, &text)?;
+    for (i, entry) in netns.iter().enumerate() {
+        let (ns, _) = entry.parts();
+        input::open_netns(ns).map_err(|message| ConfigError::Field {
+            path: path.to_path_buf(),
+            field: format!("enroll.netns[{i}]"),
+            message: format!("{}: {message}", ns.display()),
+        })?;
+    }
+    Ok(model)
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
-    fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    input::read_file(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })
 }
 
 /// Reads, validates and resolves a config file into a model (enrolled
-/// namespaces resolved to their cookies).
+/// namespaces resolved to their cookies). An enroll entry that cannot be
+/// resolved (a pod's netns deleted while still listed) is left out and
+/// reported in `Model::enroll_errors`: one gone pod must not hold back
+/// every other change in the file.
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
     let text = read(path)?;
     let (mut model, netns) = parse(path, &text)?;
     for (i, entry) in netns.iter().enumerate() {
         let (ns, waypoint) = entry.parts();
-        let cookie = crate::sys::netns_cookie(ns).map_err(|e| ConfigError::Field {
-            path: path.to_path_buf(),
-            field: format!("enroll.netns[{i}]"),
-            message: e.to_string(),
-        })?;
-        model.enrolled.insert(
-            cookie,
-            Enrollment {
-                source: ns.display().to_string(),
-                waypoint,
-            },
-        );
+        match input::open_netns(ns).and_then(input::netns_cookie) {
+            Ok(cookie) => {
+                model.enrolled.insert(
+                    cookie,
+                    Enrollment {
+                        source: ns.display().to_string(),
+                        waypoint,
+                    },
+                );
+            }
+            Err(e) => {
+                let msg = format!("enroll.netns[{i}] {}: {e}", ns.display());
+                tracing::warn!("config {}: {msg}; not enrolled", path.display());
+                model.enroll_errors.push(msg);
+            }
+        }
     }
     Ok(model)
 }

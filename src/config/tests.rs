@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::{fs, path::Path};
 
 use super::*;
 
@@ -86,22 +86,140 @@ fn syntax_error_names_the_line() {
     assert!(e.contains("line") || e.contains("EOF"), "{e}");
 }
 
+/// A file in a fresh directory, removed on drop.
+struct TempConfig(std::path::PathBuf);
+
+impl TempConfig {
+    fn new(name: &str, text: &str) -> TempConfig {
+        let dir = std::env::temp_dir().join(format!("kmesh-cfg-{}-{name}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("c.json"), text).unwrap();
+        TempConfig(dir)
+    }
+
+    fn file(&self) -> std::path::PathBuf {
+        self.0.join("c.json")
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
-fn missing_netns_names_the_enroll_entry() {
-    let dir = std::env::temp_dir().join(format!("kmesh-cfg-{}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap();
-    let f = dir.join("c.json");
-    fs::write(
-        &f,
-        r#"{"enroll": {"netns": ["/run/netns/kmesh-definitely-missing"]}}"#,
-    )
-    .unwrap();
-    let e = load(&f).unwrap_err().to_string();
-    fs::remove_dir_all(&dir).unwrap();
+fn missing_netns_is_refused_by_check_and_contained_by_load() {
+    let t = TempConfig::new(
+        "missing",
+        r#"{"enroll": {"netns": ["/run/netns/kmesh-definitely-missing", "/proc/self/ns/net"]}}"#,
+    );
+    let e = check(&t.file()).unwrap_err().to_string();
     assert!(
         e.contains("enroll.netns[0]") && e.contains("kmesh-definitely-missing"),
         "{e}"
     );
+    // At run time the entry is left out and reported; the rest applies.
+    let m = load(&t.file()).unwrap();
+    assert_eq!(m.enrolled.len(), 1);
+    assert_eq!(m.enroll_errors.len(), 1);
+    assert!(
+        m.enroll_errors[0].contains("enroll.netns[0]")
+            && m.enroll_errors[0].contains("kmesh-definitely-missing"),
+        "{:?}",
+        m.enroll_errors
+    );
+}
+
+#[test]
+fn enroll_paths_that_are_no_netns_are_refused() {
+    for (bad, want) in [
+        (r#""""#, "empty path"),
+        (r#""run/netns/x""#, "relative path"),
+        (r#"{"path": "ns", "waypoint": true}"#, "relative path"),
+    ] {
+        let e = err(&format!(r#"{{"enroll": {{"netns": [{bad}]}}}}"#));
+        assert!(
+            e.contains("enroll.netns[0]") && e.contains(want),
+            "{bad}: {e}"
+        );
+    }
+    let t = TempConfig::new("kinds", "{}");
+    let fifo = t.0.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for (path, want) in [
+        (t.file(), "not a network namespace"),
+        (fifo, "a FIFO"),
+        (t.0.clone(), "a directory"),
+    ] {
+        let text = format!(
+            r#"{{"enroll": {{"netns": [{:?}]}}}}"#,
+            path.display().to_string()
+        );
+        fs::write(t.0.join("e.json"), &text).unwrap();
+        let e = check(&t.0.join("e.json")).unwrap_err().to_string();
+        assert!(
+            e.contains("enroll.netns[0]") && e.contains(want),
+            "{text}: {e}"
+        );
+        // load() opens none of them in a blocking way: it returns.
+        let m = load(&t.0.join("e.json")).unwrap();
+        assert!(m.enrolled.is_empty() && m.enroll_errors[0].contains(want));
+    }
+}
+
+#[test]
+fn a_config_that_is_not_one_object_is_refused() {
+    for (text, want) in [
+        ("[]", "top level: must be a JSON object"),
+        (r#"{"enroll": []}"#, "enroll"),
+        (
+            r#"{"services": [["web", "default", "web.default"]]}"#,
+            "services[0]",
+        ),
+        ("{}\n{}", "exactly one JSON object"),
+        (r#"{"services": []} x"#, "trailing characters"),
+        (
+            r#"{"services": []}{"services": []}"#,
+            "exactly one JSON object",
+        ),
+    ] {
+        let e = err(text);
+        assert!(e.contains(want), "{text}: {e}");
+    }
+    // Whitespace after the object is fine.
+    assert!(parse(Path::new("t.json"), "{}\n\n").is_ok());
+}
+
+#[test]
+fn a_config_file_that_is_a_fifo_is_refused_without_blocking() {
+    let t = TempConfig::new("fifo", "{}");
+    fs::remove_file(t.file()).unwrap();
+    nix::unistd::mkfifo(&t.file(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let e = load(&t.file()).unwrap_err().to_string();
+    assert!(
+        e.contains("a FIFO") && e.contains("not a regular file"),
+        "{e}"
+    );
+    assert!(check(&t.file()).is_err());
+}
+
+#[test]
+fn a_workload_port_zero_is_refused() {
+    for ports in [
+        r#"{"service_port": 0, "target_port": 0}"#,
+        r#"{"service_port": 0, "target_port": 8080}"#,
+    ] {
+        let e = err(&GOOD.replace(
+            r#"{"service_port": 80, "target_port": 8080}]}}"#,
+            &format!("{ports}]}}}}"),
+        ));
+        assert!(
+            e.contains("workloads[0].services.shop/web.shop.svc.cluster.local")
+                && e.contains("service_port 0"),
+            "{e}"
+        );
+    }
 }
 
 const EGRESS: &str = r#"{

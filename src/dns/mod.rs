@@ -109,7 +109,8 @@ impl DnsConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostState {
-    /// The last lookup returned at least one A or AAAA record.
+    /// The last lookup returned at least one A or AAAA record (`addrs`
+    /// holds those usable as endpoints, possibly none).
     Resolved,
     /// The last lookup said the name does not exist (NXDOMAIN) or has
     /// neither A nor AAAA records: the service has no endpoints from it.
@@ -134,6 +135,9 @@ impl HostState {
 pub struct HostAnswer {
     /// IPv4 then IPv6, each sorted, no duplicates.
     pub addrs: Vec<IpAddr>,
+    /// Addresses of the answer that are never endpoints (see
+    /// [`unusable`]), same order; not in `addrs`.
+    pub refused: Vec<IpAddr>,
     pub state: HostState,
     /// When a lookup last succeeded (addresses or NXDOMAIN); None if none has.
     pub last_good_at: Option<Instant>,
@@ -143,7 +147,25 @@ pub struct HostAnswer {
 impl HostAnswer {
     /// Whether the consumer must hear about the change from `self` to `new`.
     fn differs(&self, new: &HostAnswer) -> bool {
-        self.addrs != new.addrs || !self.state.same_kind(&new.state)
+        self.addrs != new.addrs || self.refused != new.refused || !self.state.same_kind(&new.state)
+    }
+}
+
+/// Why a DNS answer must not become an endpoint, if it must not: a name
+/// outside the mesh's control could otherwise send a pod's connections to
+/// the pod's own loopback (or to every host on a link). Loopback,
+/// unspecified (0.0.0.0/8 and ::; connecting to them reaches this host),
+/// multicast and broadcast, in IPv4, IPv6 and IPv4-mapped IPv6 form.
+pub fn unusable(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(a) if a.is_loopback() => Some("loopback"),
+        IpAddr::V4(a) if a.octets()[0] == 0 => Some("unspecified"),
+        IpAddr::V4(a) if a.is_multicast() => Some("multicast"),
+        IpAddr::V4(a) if a.is_broadcast() => Some("broadcast"),
+        IpAddr::V6(a) if a.is_loopback() => Some("loopback"),
+        IpAddr::V6(a) if a.is_unspecified() => Some("unspecified"),
+        IpAddr::V6(a) if a.is_multicast() => Some("multicast"),
+        _ => None,
     }
 }
 

@@ -1,7 +1,7 @@
 //! When to look a host up next and what its answer becomes after a lookup.
 //! No clock reads and no I/O: the worker passes `now` in.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use tokio::time::Instant;
 
@@ -39,6 +39,8 @@ pub(crate) struct Step {
     pub changed: bool,
     /// State before the lookup (None for the first lookup), for log lines.
     pub prev: Option<HostState>,
+    /// The refused part of the answer changed (to be logged once).
+    pub refused_changed: bool,
 }
 
 /// One host's answer and failure count.
@@ -60,19 +62,28 @@ impl HostSched {
 
     pub(crate) fn apply(&mut self, outcome: &Outcome, now: Instant, t: &Timing) -> Step {
         let prev = self.answer.take();
-        let last_addrs = || prev.as_ref().map(|a| a.addrs.clone()).unwrap_or_default();
-        let (addrs, state, last_good_at, delay) = match outcome {
+        let last = |f: fn(&HostAnswer) -> &Vec<IpAddr>| prev.as_ref().map(f).cloned();
+        let (addrs, refused, state, last_good_at, delay) = match outcome {
             Outcome::Found { addrs, ttl } => {
                 self.failures = 0;
                 let delay = t.refresh_after(*ttl);
-                (normalize(addrs), HostState::Resolved, Some(now), delay)
+                let (refused, addrs): (Vec<IpAddr>, Vec<IpAddr>) = normalize(addrs)
+                    .into_iter()
+                    .partition(|a| super::unusable(*a).is_some());
+                (addrs, refused, HostState::Resolved, Some(now), delay)
             }
             Outcome::NotFound { negative_ttl, .. } => {
                 self.failures = 0;
                 // Without an SOA there is no negative TTL: re-check at the
                 // ceiling, so a name that appears is seen within max_refresh.
                 let delay = t.refresh_after(negative_ttl.unwrap_or(t.max_refresh));
-                (Vec::new(), HostState::NxDomain, Some(now), delay)
+                (
+                    Vec::new(),
+                    Vec::new(),
+                    HostState::NxDomain,
+                    Some(now),
+                    delay,
+                )
             }
             Outcome::Failed(error) => {
                 self.failures = self.failures.saturating_add(1);
@@ -80,28 +91,37 @@ impl HostSched {
                     error: error.clone(),
                 };
                 let last_good_at = prev.as_ref().and_then(|a| a.last_good_at);
-                (last_addrs(), state, last_good_at, t.backoff(self.failures))
+                (
+                    last(|a| &a.addrs).unwrap_or_default(),
+                    last(|a| &a.refused).unwrap_or_default(),
+                    state,
+                    last_good_at,
+                    t.backoff(self.failures),
+                )
             }
         };
         let new = HostAnswer {
             addrs,
+            refused,
             state,
             last_good_at,
             next_refresh: now + delay,
         };
         let changed = prev.as_ref().is_none_or(|p| p.differs(&new));
+        let refused_changed = prev.as_ref().map_or(&[][..], |p| &p.refused[..]) != &new.refused[..];
         self.answer = Some(new);
         Step {
             delay,
             changed,
             prev: prev.map(|p| p.state),
+            refused_changed,
         }
     }
 }
 
 /// IPv4 before IPv6 (IpAddr's order), each ascending, duplicates dropped, so
 /// equal answers compare equal whatever order the server used.
-fn normalize(addrs: &[std::net::IpAddr]) -> Vec<std::net::IpAddr> {
+fn normalize(addrs: &[IpAddr]) -> Vec<IpAddr> {
     let mut v = addrs.to_vec();
     v.sort();
     v.dedup();
@@ -219,6 +239,55 @@ mod tests {
                 .changed
         );
         assert!(h.apply(&found(&["10.0.0.2"], 9), now, &t).changed);
+    }
+
+    #[test]
+    fn loopback_and_friends_are_refused_once_per_change() {
+        let t = timing();
+        let mut h = HostSched::default();
+        let now = Instant::now();
+        let bad = [
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "0.1.2.3",
+            "224.0.0.1",
+            "239.1.1.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:0.0.0.0",
+            "::ffff:224.0.0.1",
+            "::ffff:255.255.255.255",
+        ];
+        let mut answer: Vec<&str> = bad.to_vec();
+        answer.extend(["192.0.2.10", "2001:db8::10", "::ffff:192.0.2.11"]);
+        let s = h.apply(&found(&answer, 5), now, &t);
+        assert!(s.changed && s.refused_changed);
+        let a = h.answer().unwrap();
+        assert_eq!(
+            a.addrs,
+            vec![
+                ip("192.0.2.10"),
+                ip("::ffff:192.0.2.11"),
+                ip("2001:db8::10")
+            ]
+        );
+        assert_eq!(a.refused.len(), bad.len(), "{:?}", a.refused);
+        assert_eq!(a.state, HostState::Resolved);
+        // The same answer again: nothing to publish, nothing to log.
+        let s = h.apply(&found(&answer, 5), now, &t);
+        assert!(!s.changed && !s.refused_changed);
+        // A failure keeps both parts of the last good answer.
+        let s = h.apply(&Outcome::Failed("x".into()), now, &t);
+        assert!(!s.refused_changed);
+        assert_eq!(h.answer().unwrap().refused.len(), bad.len());
+        // Only refused answers: resolved, no endpoints.
+        let s = h.apply(&found(&["127.0.0.1"], 5), now, &t);
+        assert!(s.changed && s.refused_changed);
+        assert!(h.answer().unwrap().addrs.is_empty());
     }
 
     #[test]

@@ -184,6 +184,17 @@ impl<L: Lookup> Worker<L> {
 /// and on entering NXDOMAIN; steady answers log at debug.
 fn log(host: &str, servers: &str, outcome: &Outcome, step: &Step, answer: Option<&HostAnswer>) {
     let addrs = answer.map(|a| a.addrs.as_slice()).unwrap_or_default();
+    let refused = answer.map(|a| a.refused.as_slice()).unwrap_or_default();
+    if step.refused_changed && !refused.is_empty() {
+        let why: Vec<String> = refused
+            .iter()
+            .map(|a| format!("{a} ({})", super::unusable(*a).unwrap_or("unusable")))
+            .collect();
+        tracing::warn!(
+            "DNS {host} via {servers}: answer(s) {} refused: never used as endpoints",
+            why.join(", ")
+        );
+    }
     match outcome {
         Outcome::Found { ttl, .. } if step.changed => {
             let recovered = matches!(step.prev, Some(HostState::Failing { .. }));

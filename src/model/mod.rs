@@ -362,6 +362,9 @@ pub struct Model {
     pub enrolled: BTreeMap<u64, Enrollment>,
     /// L4 authorization policies (istio.security.Authorization).
     pub policies: crate::authz::PolicyStore,
+    /// Enroll entries left out because they could not be resolved (e.g. a
+    /// deleted pod netns), one line each, for the log and the dump.
+    pub enroll_errors: Vec<String>,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
     /// Unread bytes an accelerated receiver may hold before its sender falls

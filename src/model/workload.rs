@@ -259,6 +259,15 @@ impl Workload {
             }
             super::check_hostname(h).map_err(|e| err(format!("hostname {h:?}: {e}")))?;
         }
+        // Any source: a port list entry for service port 0 names no port.
+        for r in self.services.iter() {
+            if r.ports.iter().any(|p| p.service_port == 0) {
+                return Err(err(format!(
+                    "services[{:?}]: service_port 0 is not a port",
+                    r.key
+                )));
+            }
+        }
         // Counted in canonical form: a v4-mapped address is an IPv4 one.
         let v4 = self
             .addresses

@@ -21,6 +21,9 @@ pub struct Dump {
     pub services: Vec<ServiceDump>,
     pub workloads: Vec<WorkloadDump>,
     pub enrolled_netns: Vec<EnrolledDump>,
+    /// Enroll entries of the config that could not be resolved (not in
+    /// enrolled_netns), with the reason.
+    pub enroll_errors: Vec<String>,
     /// Services whose connections keep their original destination
     /// (ServiceEntry resolution NONE, LoadBalancing PASSTHROUGH): they
     /// have no km_vip entry on purpose.
@@ -268,6 +271,11 @@ impl MapWriter {
             services,
             workloads,
             enrolled_netns,
+            enroll_errors: model
+                .0
+                .iter()
+                .flat_map(|m| m.enroll_errors.clone())
+                .collect(),
             passthrough,
             dns,
             rejected: self.last.rejected.clone(),

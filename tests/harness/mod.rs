@@ -246,6 +246,13 @@ impl Env {
         }
     }
 
+    /// Deletes `pod`'s network namespace now (a pod gone while still
+    /// listed somewhere).
+    pub fn delete_netns(&mut self, pod: &Pod) {
+        sh(&["ip", "netns", "del", &pod.netns]);
+        self.netns.retain(|n| *n != pod.netns);
+    }
+
     /// Starts a probe server in `pod` on `listen` addresses, named `name`.
     pub fn serve(&mut self, pod: &Pod, listen: &[String], name: &str) {
         let cg = self.servers_cgroup.clone();
@@ -401,11 +408,36 @@ impl Env {
     /// Starts the daemon; Err(stderr) if it exits before serving. `extra`
     /// may name another `--bpffs` directory (it must be under `self.bpffs`).
     pub fn daemon_args(&mut self, config: &Value, extra: &[&str]) -> Result<Daemon, String> {
-        let cfg = self.dir.join("config.json");
+        self.daemon_named("", config, extra)
+    }
+
+    /// As `daemon_args`, with its own config file and log (`config-NAME.json`,
+    /// `daemon-NAME.log`) but the same admin socket and bpffs: a second
+    /// daemon overlapping a running one, as in a rolling update. Returns
+    /// once it has bound the admin socket (taking it over).
+    pub fn daemon_named(
+        &mut self,
+        name: &str,
+        config: &Value,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
+        use std::os::unix::fs::MetadataExt;
+        let suffix = if name.is_empty() {
+            String::new()
+        } else {
+            format!("-{name}")
+        };
+        let cfg = self.dir.join(format!("config{suffix}.json"));
         fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
         let sock = self.dir.join("admin.sock");
-        let log = self.dir.join("daemon.log");
-        let _ = fs::remove_file(&sock);
+        let log = self.dir.join(format!("daemon{suffix}.log"));
+        let ino = |p: &Path| fs::metadata(p).ok().map(|m| m.ino());
+        let before = if name.is_empty() {
+            let _ = fs::remove_file(&sock);
+            None
+        } else {
+            ino(&sock)
+        };
         let mut cmd = Command::new(KMESH);
         // If the test process dies without running Drop (kill -9), the
         // daemon shuts down (detaching) instead of outliving it. Set from
@@ -436,7 +468,7 @@ impl Env {
             .spawn()
             .expect("spawn daemon");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
+        while ino(&sock).is_none() || ino(&sock) == before {
             if let Some(status) = child.try_wait().unwrap() {
                 return Err(format!(
                     "{status}: {}",
@@ -595,6 +627,13 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// SIGKILL (a crash: no cleanup runs) and wait; returns the exit status.
+    pub fn kill(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        child.wait().unwrap()
     }
 
     /// SIGTERM and wait; returns the exit status.
