@@ -57,6 +57,9 @@ struct File {
     services: Vec<ServiceEntry>,
     #[serde(default)]
     workloads: Vec<WorkloadEntry>,
+    /// L4 authorization policies, shaped like istio.security.Authorization.
+    #[serde(default)]
+    policies: Vec<crate::authz::Policy>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -214,6 +217,15 @@ struct WorkloadEntry {
     node: String,
     #[serde(default)]
     cluster_id: String,
+    /// The identity its connections carry for authorization (Istio's
+    /// defaults when empty: "default", "cluster.local").
+    #[serde(default)]
+    service_account: String,
+    #[serde(default)]
+    trust_domain: String,
+    /// WORKLOAD_SELECTOR policies selecting this workload, "namespace/name".
+    #[serde(default)]
+    authorization_policies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -431,15 +443,16 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             StatusEntry::Unhealthy => HealthStatus::Unhealthy,
         };
         wl.host_network = w.host_network;
+        wl.set_identity(&w.trust_domain, &w.service_account);
         wl.set_extra(WorkloadExtra {
             hostname: w.hostname.as_deref().map(Into::into),
+            policies: w.authorization_policies.clone(),
             waypoint: w
                 .waypoint
                 .as_ref()
                 .map(waypoint)
                 .transpose()
                 .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?,
-            ..WorkloadExtra::default()
         });
         wl.placement = (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
             .then(|| {
@@ -460,6 +473,17 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 format!("uid {:?} used twice", w.uid),
             ));
         }
+    }
+    for (i, p) in file.policies.iter().enumerate() {
+        p.validate()
+            .map_err(|e| field_err(format!("policies[{i}]"), e.to_string()))?;
+        if model.policies.get(&p.key()).is_some() {
+            return Err(field_err(
+                format!("policies[{i}]"),
+                format!("policy {} defined twice", p.key()),
+            ));
+        }
+        model.policies.insert(p.clone());
     }
     // A DNS service no workload backs resolves its own hostname, as
     // istiod does for a ServiceEntry without endpoints.

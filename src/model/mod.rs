@@ -466,6 +466,20 @@ impl<'a> Layers<'a> {
             .unwrap_or(DEFAULT_ACCEL_QUEUE_LIMIT)
     }
 
+    /// Effective authorization policies, each key once (the later layer
+    /// wins).
+    pub fn policies(self) -> impl Iterator<Item = &'a crate::authz::Policy> {
+        let layers = self.0;
+        layers.iter().enumerate().flat_map(move |(i, m)| {
+            m.policies.iter().map(|p| &**p).filter(move |p| {
+                let key = p.key();
+                !layers[i + 1..]
+                    .iter()
+                    .any(|l| l.policies.get(&key).is_some())
+            })
+        })
+    }
+
     /// The names of hostname (DNS) workloads, each once.
     pub fn hostnames(self) -> std::collections::BTreeSet<String> {
         self.workloads()

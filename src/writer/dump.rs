@@ -32,6 +32,9 @@ pub struct Dump {
     /// (the newest answer, less unusable addresses, or the previous one if
     /// the newest did not fit); empty: not resolved or no such name.
     pub dns: BTreeMap<String, Vec<String>>,
+    /// Authorization policies held (not enforced in the data path yet),
+    /// each with the workloads it applies to.
+    pub policies: Vec<PolicyDump>,
     /// Entries the last apply left out of the maps, with the reason
     /// (invalid, an address another entry holds, no room).
     pub rejected: Vec<super::Rejected>,
@@ -61,6 +64,17 @@ pub struct ServiceDump {
     /// Workloads' own target ports: "uid: service port -> target port".
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub own_ports: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyDump {
+    pub name: String,
+    pub scope: crate::authz::Scope,
+    pub action: crate::authz::Action,
+    pub dry_run: bool,
+    pub rules: usize,
+    /// "all workloads", "namespace X", or the selected workloads' uids.
+    pub applies_to: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -267,7 +281,36 @@ impl MapWriter {
                 (h.clone(), addrs.iter().map(ToString::to_string).collect())
             })
             .collect();
+        // One pass over the workloads, not one per policy.
+        let mut selected: HashMap<&str, Vec<String>> = HashMap::new();
+        for w in model.workloads() {
+            for k in w.policies() {
+                selected.entry(k).or_default().push(w.uid().to_string());
+            }
+        }
+        let mut policies: Vec<PolicyDump> = model
+            .policies()
+            .map(|p| {
+                use crate::authz::Scope;
+                let key = p.key();
+                let applies_to = match p.scope {
+                    Scope::Global => vec!["all workloads".to_string()],
+                    Scope::Namespace => vec![format!("namespace {}", p.namespace)],
+                    Scope::WorkloadSelector => selected.remove(key.as_str()).unwrap_or_default(),
+                };
+                PolicyDump {
+                    name: key,
+                    scope: p.scope,
+                    action: p.action,
+                    dry_run: p.dry_run,
+                    rules: p.rules.len(),
+                    applies_to,
+                }
+            })
+            .collect();
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
         Dump {
+            policies,
             services,
             workloads,
             enrolled_netns,
