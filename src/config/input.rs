@@ -109,13 +109,30 @@ pub(super) fn netns_cookie(f: fs::File) -> Result<u64, String> {
 /// array too (its fields in order, missing ones defaulted), so `[]` would
 /// read as an empty config and `"enroll": []` as no enrollment; every
 /// other array in the file is a mistake.
-const ARRAY_KEYS: [&str; 6] = [
+const ARRAY_KEYS: [&str; 23] = [
     "netns",
     "services",
     "addresses",
     "ports",
     "routing_preference",
     "workloads",
+    "authorization_policies",
+    "policies",
+    "rules",
+    "clauses",
+    "matches",
+    "namespaces",
+    "not_namespaces",
+    "service_accounts",
+    "not_service_accounts",
+    "principals",
+    "not_principals",
+    "source_ips",
+    "not_source_ips",
+    "destination_ips",
+    "not_destination_ips",
+    "destination_ports",
+    "not_destination_ports",
 ];
 
 enum Seg<'a> {

@@ -320,3 +320,56 @@ fn health_policy_takes_istio_names() {
         "{e}"
     );
 }
+
+#[test]
+fn policies_and_identities_come_from_the_file() {
+    let text = r#"{
+      "workloads": [{
+        "uid": "vm-1", "name": "vm-1", "namespace": "shop", "addresses": ["10.244.0.11"],
+        "service_account": "web", "authorization_policies": ["shop/only-frontend"]
+      }],
+      "policies": [{
+        "name": "only-frontend", "namespace": "shop", "scope": "WORKLOAD_SELECTOR",
+        "action": "ALLOW",
+        "rules": [{"clauses": [{"matches": [{"namespaces": [{"exact": "frontend"}]}]}]}]
+      }]
+    }"#;
+    let (m, _) = parse(Path::new("t.json"), text).unwrap();
+    let w = &m.workloads["vm-1"];
+    assert_eq!(w.identity().principal(), "cluster.local/ns/shop/sa/web");
+    assert_eq!(w.policies(), ["shop/only-frontend"]);
+    let applied: Vec<String> = m
+        .policies
+        .applicable("shop", w.policies())
+        .map(crate::authz::Policy::key)
+        .collect();
+    assert_eq!(applied, ["shop/only-frontend"]);
+    // Refused naming the field: a bad CIDR, an unknown action, a port 0,
+    // the same policy twice.
+    let policy = |extra: &str| {
+        format!(
+            r#"{{"policies": [{{"name": "p", "namespace": "shop", "scope": "GLOBAL", {extra}}}]}}"#
+        )
+    };
+    let e = err(&policy(
+        r#""action": "DENY", "rules": [{"clauses": [{"matches": [{"source_ips": ["10.0.0.0/40"]}]}]}]"#,
+    ));
+    assert!(
+        e.contains("policies[0].rules[0].clauses[0].matches[0].source_ips[0]")
+            && e.contains("32 bits"),
+        "{e}"
+    );
+    let e = err(&policy(r#""action": "AUDIT""#));
+    assert!(e.contains("policies[0].action"), "{e}");
+    let e = err(&policy(
+        r#""action": "DENY", "rules": [{"clauses": [{"matches": [{"destination_ports": [0]}]}]}]"#,
+    ));
+    assert!(
+        e.contains("policies[0]") && e.contains("0 is not a port"),
+        "{e}"
+    );
+    let twice = r#"{"policies": [
+        {"name": "p", "namespace": "a", "scope": "GLOBAL", "action": "DENY"},
+        {"name": "p", "namespace": "a", "scope": "GLOBAL", "action": "ALLOW"}]}"#;
+    assert!(err(twice).contains("defined twice"));
+}
