@@ -4,7 +4,10 @@ set -euo pipefail
 need=()
 # dnsmasq-base: the DNS server of the resolver tests (only the binary; the
 # dnsmasq package would also start a system service).
-for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base; do
+# rpm (rpmbuild), binutils: scripts/package.sh; systemd: systemd-analyze for
+# the package test (only installed, never started there).
+for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base \
+  rpm binutils systemd; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
