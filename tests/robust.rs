@@ -301,17 +301,7 @@ fn refused(env: &Env, args: &[&str]) -> (Option<i32>, String) {
         .stderr(fs::File::create(&err).unwrap())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = harness::wait_or_kill(&mut child, Duration::from_secs(5));
     (status.code(), fs::read_to_string(&err).unwrap_or_default())
 }
 

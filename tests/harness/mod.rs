@@ -643,17 +643,22 @@ impl Daemon {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                return st;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        wait_or_kill(&mut child, Duration::from_secs(10))
+    }
+}
+
+/// Waits up to `within` for `child` to exit, then kills it.
+pub fn wait_or_kill(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
