@@ -143,6 +143,38 @@ fn apply_layers(
     (layers.hostnames(), verdict)
 }
 
+/// Restores the previous version of each entry the last xDS response
+/// replaced that the apply would leave out; returns those refusals (they
+/// are NACKed, and the previous version is what the maps keep).
+fn keep_replaced_versions(
+    writer: &Mutex<MapWriter>,
+    sources: &Sources,
+    store: &SharedStore,
+) -> Vec<crate::writer::Rejected> {
+    if !store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .replaced_any()
+    {
+        return Vec::new();
+    }
+    let refused =
+        sources.with_layers(|l| writer.lock().unwrap_or_else(|e| e.into_inner()).preview(l));
+    let keys: Vec<_> = refused.iter().map(|r| r.entry.clone()).collect();
+    let restored = store
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .restore(&keys);
+    refused
+        .into_iter()
+        .filter(|r| restored.contains(&r.entry))
+        .map(|mut r| {
+            r.reason.push_str("; the previous version is kept");
+            r
+        })
+        .collect()
+}
+
 /// The writer's form of the resolver's answers. A failing host keeps its
 /// last good addresses (the resolver publishes them); a name that does not
 /// exist has none.
@@ -330,7 +362,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
             }
         }
-        let (hosts, verdict) = apply(&writer, &sources, why);
+        // An xDS update that would be left out goes back to the version it
+        // replaced before anything is written, as a NACKed update should.
+        let kept = match (&reply, &sources.xds) {
+            (Some(_), Some(store)) => keep_replaced_versions(&writer, &sources, store),
+            _ => Vec::new(),
+        };
+        let (hosts, mut verdict) = apply(&writer, &sources, why);
+        verdict.rejected.extend(kept);
         watch_hosts(hosts);
         if let Some(reply) = reply {
             // The client may have gone with its stream: nothing to tell.

@@ -456,3 +456,44 @@ fn a_conflicting_resource_is_nacked_and_later_pushes_still_apply() {
         v["rejected"].as_array().is_some_and(|r| r.is_empty())
     });
 }
+
+/// A NACKed update keeps the last good version: web-2 moving onto web-1's
+/// address is refused, and web-2 stays where it was, reachable and an
+/// endpoint, instead of leaving the maps.
+#[test]
+fn an_update_left_out_keeps_the_previous_version() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 2);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| set_web(b, &pods));
+    let d = xds_daemon(&mut env, &client, &cp);
+    wait_endpoints(&d, &["web-1", "web-2"]);
+    cp.cp.update(|b| {
+        let (n, w) = workload("web-2", &ips(&pods[0]), &["web"]);
+        b.set(&n, w);
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.cp.nacks().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no NACK");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nack = cp.cp.nacks().join("\n");
+    assert!(
+        nack.contains("\"Kubernetes//Pod/default/web-2\"")
+            && nack.contains("previous version is kept"),
+        "{nack}"
+    );
+    let dump = d.dump();
+    let addrs: Vec<String> = dump["workloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["uid"] == "Kubernetes//Pod/default/web-2")
+        .flat_map(|w| w["addresses"].as_array().unwrap().clone())
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(addrs, [pods[1].v4.to_string()], "{dump:#}");
+    let t = tally(&env.connect(&client, "10.96.0.10:80", 40));
+    assert_eq!(t.len(), 2, "both backends still serve: {t:?}");
+}

@@ -172,6 +172,13 @@ impl MapWriter {
         self.apply_layers(Layers(&[model]))
     }
 
+    /// The entries an apply of `model` would leave out as invalid or for
+    /// an address another entry holds (room is not checked); writes
+    /// nothing.
+    pub fn preview(&mut self, model: Layers) -> Vec<Rejected> {
+        self.admit(model).rejected
+    }
+
     /// `apply` for several sources at once (see model::Layers).
     pub fn apply_layers(&mut self, model: Layers) -> Result<ApplyReport, WriterError> {
         let mut a = self.admit(model);

@@ -154,6 +154,10 @@ pub struct XdsStore {
     scopes: Interner<Scope>,
     places: Interner<Placement>,
     memberships: Interner<[ServiceRef]>,
+    /// The versions the last response replaced with different content,
+    /// until its verdict: an update the daemon leaves out goes back to
+    /// the version it replaced (as a NACKed update should).
+    replaced: HashMap<EntryKey, (String, Arc<str>, Resource)>,
 }
 
 enum Alias {
@@ -236,7 +240,14 @@ impl XdsStore {
         }
     }
 
-    fn insert_address(&mut self, name: &str, version: &Arc<str>, res: Resource) {
+    /// Stores one resource; returns the version of the same entry it
+    /// replaced, if that differs.
+    fn insert_address(
+        &mut self,
+        name: &str,
+        version: &Arc<str>,
+        res: Resource,
+    ) -> Option<Resource> {
         // An update of the same entry replaces it in place: a workload
         // keeps its id (and so its map entries). A name that now stands
         // for another entry drops the old one first.
@@ -255,14 +266,16 @@ impl XdsStore {
             self.remove_address(name);
         }
         self.versions.remove(name);
-        match res {
+        let old = match res {
             Resource::Service(svc) => {
                 let key: Arc<str> = svc.key().into();
                 if *key != *name {
                     self.aliases
                         .insert(name.into(), Alias::Service(key.clone()));
                 }
-                self.model.services.insert(key, Box::new(svc));
+                let old = self.model.services.insert(key.clone(), Box::new(svc));
+                old.filter(|o| **o != *self.model.services[&key])
+                    .map(|o| Resource::Service(*o))
             }
             Resource::Workload(mut w) => {
                 // Share the service's key allocation (see model::ServiceRef),
@@ -282,12 +295,35 @@ impl XdsStore {
                     self.aliases
                         .insert(name.into(), Alias::Workload(w.uid().into()));
                 }
-                self.model.workloads.insert(w);
+                let uid: Box<str> = w.uid().into();
+                let old = self.model.workloads.insert(w);
+                old.filter(|o| *o != self.model.workloads[&*uid])
+                    .map(Resource::Workload)
             }
-        }
+        };
         if !version.is_empty() {
             self.versions.insert(name.into(), version.clone());
         }
+        old
+    }
+
+    /// Puts back the versions the last response replaced, for the entries
+    /// in `left_out`; returns those it put back. Forgets the rest.
+    pub fn restore(&mut self, left_out: &[EntryKey]) -> Vec<EntryKey> {
+        let replaced = std::mem::take(&mut self.replaced);
+        let mut back = Vec::new();
+        for (key, (name, version, old)) in replaced {
+            if left_out.contains(&key) {
+                self.insert_address(&name, &version, old);
+                back.push(key);
+            }
+        }
+        back
+    }
+
+    /// Whether the last response replaced any entry with other content.
+    pub fn replaced_any(&self) -> bool {
+        !self.replaced.is_empty()
     }
 
     /// Applies one response; returns whether the model changed and the
@@ -300,6 +336,7 @@ impl XdsStore {
     /// Applies one response, remembering which names it carried.
     /// Resources are decoded one at a time from the received message.
     pub fn apply_response_tracked(&mut self, resp: &DeltaDiscoveryResponseFrame) -> Outcome {
+        self.replaced.clear();
         let mut touched = Touched::new();
         let mut errors = Vec::new();
         let mut changed = false;
@@ -347,7 +384,15 @@ impl XdsStore {
                 let result = match resp.type_url.as_str() {
                     ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
                         changed = true;
-                        self.insert_address(&r.name, &version, res);
+                        let before = self.versions.get(r.name.as_str()).cloned();
+                        if let Some(old) = self.insert_address(&r.name, &version, res) {
+                            let key = match &old {
+                                Resource::Service(s) => EntryKey::Service(s.key().into()),
+                                Resource::Workload(w) => EntryKey::Workload(w.uid().into()),
+                            };
+                            let before = before.unwrap_or_else(|| Arc::from(""));
+                            self.replaced.insert(key, (r.name.clone(), before, old));
+                        }
                     }),
                     AUTHORIZATION_TYPE => convert::authorization(&r.name, &any.value).map(|p| {
                         let key = p.key();
