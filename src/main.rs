@@ -13,7 +13,7 @@ use kmesh::{
     dns::{DnsConfig, Upstream},
     model::{LocalNode, Placement},
     sys,
-    xds::client::XdsOptions,
+    xds::{self, client::XdsOptions},
 };
 
 #[derive(Parser)]
@@ -235,25 +235,15 @@ fn xds_options(a: &DaemonArgs) -> Option<XdsOptions> {
         (None, None) => ISTIOD.to_string(),
         (None, Some(_)) => return None,
     };
-    let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let ns = env("POD_NAMESPACE");
-    let node_id = a.node_id.clone().unwrap_or_else(|| {
-        format!(
-            "ztunnel~{}~{}.{ns}~{ns}.svc.cluster.local",
-            env("INSTANCE_IP"),
-            env("POD_NAME")
-        )
-    });
-    let metadata = [
-        ("NAMESPACE", ns.clone()),
-        ("CLUSTER_ID", a.cluster_id.clone()),
-        ("NODE_NAME", env("NODE_NAME")),
-        ("INSTANCE_IPS", env("INSTANCE_IP")),
-    ]
-    .into_iter()
-    .filter(|(_, v)| !v.is_empty())
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let (default_id, metadata) =
+        xds::client::node_identity(|k| std::env::var(k).ok(), &a.cluster_id);
+    if std::env::var("INSTANCE_IP").map_or(true, |v| v.is_empty()) && a.node_id.is_none() {
+        tracing::info!(
+            "INSTANCE_IP is not set (not in a pod): the xDS node id carries {} as ztunnel's does",
+            xds::client::DEFAULT_INSTANCE_IP
+        );
+    }
+    let node_id = a.node_id.clone().unwrap_or(default_id);
     Some(XdsOptions {
         address,
         ca_file: Some(a.xds_ca_file.clone()),

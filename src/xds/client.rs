@@ -77,6 +77,36 @@ pub struct XdsOptions {
     pub backoff_max: Duration,
 }
 
+/// The address ztunnel puts in its node id when INSTANCE_IP is unset (a
+/// bare host): istiod refuses a node id without a valid IP.
+pub const DEFAULT_INSTANCE_IP: &str = "1.1.1.1";
+
+/// The node id and metadata ztunnel sends, from the downward-API
+/// variables `env` gives (INSTANCE_IP, POD_NAME, POD_NAMESPACE,
+/// NODE_NAME), with ztunnel's defaults where one is missing.
+pub fn node_identity(
+    env: impl Fn(&str) -> Option<String>,
+    cluster_id: &str,
+) -> (String, BTreeMap<String, String>) {
+    let get = |k: &str| env(k).filter(|v| !v.is_empty());
+    let ip = get("INSTANCE_IP").unwrap_or_else(|| DEFAULT_INSTANCE_IP.into());
+    let pod = get("POD_NAME").unwrap_or_default();
+    let ns = get("POD_NAMESPACE").unwrap_or_default();
+    let id = format!("ztunnel~{ip}~{pod}.{ns}~{ns}.svc.cluster.local");
+    let metadata = [
+        ("NAME", pod),
+        ("NAMESPACE", ns),
+        ("INSTANCE_IPS", ip),
+        ("NODE_NAME", get("NODE_NAME").unwrap_or_default()),
+        ("CLUSTER_ID", cluster_id.to_string()),
+    ]
+    .into_iter()
+    .filter(|(_, v)| !v.is_empty())
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    (id, metadata)
+}
+
 /// What the daemon is told about the xDS source; the state itself is in
 /// the shared `XdsStore`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -451,7 +481,8 @@ fn node(opts: &XdsOptions) -> Node {
     Node {
         id: opts.node_id.clone(),
         metadata: Some(prost_types::Struct { fields }),
-        build_version: format!("kmesh-rs/{}", env!("CARGO_PKG_VERSION")),
+        user_agent_name: "kmesh-rs".into(),
+        user_agent_version: env!("CARGO_PKG_VERSION").into(),
         ..Default::default()
     }
 }
@@ -655,6 +686,60 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 20 item 5: off-cluster (no downward API) the id used to be
+    /// `ztunnel~~.~.svc.cluster.local`, which istiod refuses ("no valid IP
+    /// address"); ztunnel defaults the IP.
+    #[test]
+    fn node_identity_as_ztunnel_sends_it() {
+        let (id, md) = node_identity(|_| None, "Kubernetes");
+        assert_eq!(id, "ztunnel~1.1.1.1~.~.svc.cluster.local");
+        assert_eq!(md["INSTANCE_IPS"], "1.1.1.1");
+        assert_eq!(md["CLUSTER_ID"], "Kubernetes");
+        assert!(!md.contains_key("NAME"));
+        let env = |k: &str| {
+            let v = match k {
+                "INSTANCE_IP" => "10.244.0.7",
+                "POD_NAME" => "kmesh-abcde",
+                "POD_NAMESPACE" => "kmesh-system",
+                "NODE_NAME" => "node-1",
+                _ => return None,
+            };
+            Some(v.to_string())
+        };
+        let (id, md) = node_identity(env, "c1");
+        assert_eq!(
+            id,
+            "ztunnel~10.244.0.7~kmesh-abcde.kmesh-system~kmesh-system.svc.cluster.local"
+        );
+        assert_eq!(md["NAME"], "kmesh-abcde");
+        assert_eq!(md["NAMESPACE"], "kmesh-system");
+        assert_eq!(md["NODE_NAME"], "node-1");
+        // The version goes in Envoy v3's user_agent fields (6, 7), never in
+        // the reserved build_version (5).
+        let opts = XdsOptions {
+            address: String::new(),
+            ca_file: None,
+            token_file: None,
+            node_id: id,
+            metadata: md,
+            backoff_initial: Duration::ZERO,
+            backoff_max: Duration::ZERO,
+        };
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct ByNumber {
+            #[prost(string, tag = "5")]
+            build_version: String,
+            #[prost(string, tag = "6")]
+            user_agent_name: String,
+            #[prost(string, tag = "7")]
+            user_agent_version: String,
+        }
+        let n = ByNumber::decode(&node(&opts).encode_to_vec()[..]).unwrap();
+        assert_eq!(n.build_version, "");
+        assert_eq!(n.user_agent_name, "kmesh-rs");
+        assert_eq!(n.user_agent_version, env!("CARGO_PKG_VERSION"));
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap() {
