@@ -497,3 +497,42 @@ fn an_update_left_out_keeps_the_previous_version() {
     let t = tally(&env.connect(&client, "10.96.0.10:80", 40));
     assert_eq!(t.len(), 2, "both backends still serve: {t:?}");
 }
+
+/// Issue 17 item 1: a FAILOVER service with 7 routing-preference scopes
+/// (here REGION repeated) made the daemon index past its 7-level priority
+/// table and exit 101, at every start. Now the service is NACKed by name,
+/// and the daemon keeps serving everything else.
+#[test]
+fn seven_routing_scopes_are_nacked_not_a_crash() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = backends(&mut env, 1);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| {
+        set_web(b, &pods);
+        let (n, mut s) = service_pb("far", &["10.96.0.40"], &[(80, 8080)]);
+        s.load_balancing = Some(pb::LoadBalancing {
+            mode: pb::load_balancing::Mode::Failover as i32,
+            routing_preference: vec![pb::load_balancing::Scope::Region as i32; 7],
+            ..Default::default()
+        });
+        b.set(&n, address(pb::address::Type::Service(s)));
+    });
+    let d = xds_daemon(&mut env, &client, &cp);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.cp.nacks().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no NACK: {}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nack = cp.cp.nacks().join("\n");
+    assert!(
+        nack.contains("\"default/far.default.svc.cluster.local\"")
+            && nack.contains("\"REGION\" is listed twice"),
+        "{nack}"
+    );
+    assert_eq!(
+        tally(&env.connect(&client, "10.96.0.10:80", 10)).get("web-1"),
+        Some(&10)
+    );
+    assert!(d.dump()["rejected"].to_string().contains("far"));
+}
