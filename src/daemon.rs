@@ -308,7 +308,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let dump: admin::DumpFn = {
         let (sources, writer) = (sources.clone(), writer.clone());
         Arc::new(move || {
-            sources.with_layers(|l| writer.lock().unwrap_or_else(|e| e.into_inner()).dump(l))
+            let mut d =
+                sources.with_layers(|l| writer.lock().unwrap_or_else(|e| e.into_inner()).dump(l));
+            if let Some(store) = &sources.xds {
+                let refused = store.lock().unwrap_or_else(|e| e.into_inner()).refused();
+                d.rejected.extend(refused);
+            }
+            d
         })
     };
     let admin = admin::serve(&opts.admin_socket, dump)?;

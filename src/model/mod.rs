@@ -78,6 +78,9 @@ pub enum EntryKey {
     Workload(Arc<str>),
     /// The netns path (or other source) of an enrollment.
     Enrollment(Arc<str>),
+    /// An xDS resource refused before it became an entry (it did not
+    /// convert), by resource name.
+    Resource(Arc<str>),
 }
 
 impl fmt::Display for EntryKey {
@@ -86,6 +89,7 @@ impl fmt::Display for EntryKey {
             EntryKey::Service(k) => write!(f, "service {k}"),
             EntryKey::Workload(k) => write!(f, "workload {k}"),
             EntryKey::Enrollment(k) => write!(f, "enrollment {k}"),
+            EntryKey::Resource(k) => write!(f, "xDS resource {k}"),
         }
     }
 }

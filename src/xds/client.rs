@@ -188,6 +188,9 @@ pub struct XdsStore {
     /// until its verdict: an update the daemon leaves out goes back to
     /// the version it replaced (as a NACKed update should).
     replaced: HashMap<EntryKey, (String, Arc<str>, Resource)>,
+    /// Resources refused at conversion (NACKed, never stored), by name,
+    /// until a valid version or a removal replaces them: for the dump.
+    refused: BTreeMap<String, String>,
 }
 
 enum Alias {
@@ -238,7 +241,7 @@ impl XdsStore {
         let (key, service) = match entry {
             EntryKey::Service(k) => (&**k, true),
             EntryKey::Workload(k) => (&**k, false),
-            EntryKey::Enrollment(_) => return None,
+            EntryKey::Enrollment(_) | EntryKey::Resource(_) => return None,
         };
         let held = if service {
             self.model.services.contains_key(key)
@@ -351,6 +354,18 @@ impl XdsStore {
         back
     }
 
+    /// Resources refused at conversion and not replaced since, as the
+    /// dump lists them.
+    pub fn refused(&self) -> Vec<Rejected> {
+        self.refused
+            .iter()
+            .map(|(name, reason)| Rejected {
+                entry: EntryKey::Resource(name.as_str().into()),
+                reason: reason.clone(),
+            })
+            .collect()
+    }
+
     /// Whether the last response replaced any entry with other content.
     pub fn replaced_any(&self) -> bool {
         !self.replaced.is_empty()
@@ -411,6 +426,9 @@ impl XdsStore {
                     version = r.version.as_str().into();
                 }
                 touched.add(&r.name);
+                if !self.refused.is_empty() {
+                    self.refused.remove(r.name.as_str());
+                }
                 let result = match resp.type_url.as_str() {
                     ADDRESS_TYPE => convert::address(&r.name, &any.value).map(|res| {
                         changed = true;
@@ -442,10 +460,12 @@ impl XdsStore {
                 };
                 if let Err(e) = result {
                     errors.push(e.to_string());
+                    self.refused.insert(e.name, e.reason);
                 }
             }
         }
         for name in &resp.removed_resources {
+            self.refused.remove(name.as_str());
             match resp.type_url.as_str() {
                 ADDRESS_TYPE => changed |= self.remove_address(name),
                 _ => {
