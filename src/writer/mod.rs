@@ -538,6 +538,8 @@ impl MapWriter {
 }
 
 #[cfg(test)]
+mod prop_tests;
+#[cfg(test)]
 mod robust_tests;
 #[cfg(test)]
 mod tests;
