@@ -29,7 +29,10 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/kmesh.skel.rs"));
 }
 
+mod features;
+pub mod netns;
 mod types;
+pub use features::{Features, KernelSupport};
 pub use types::*;
 
 pub use skel::types::{
@@ -180,6 +183,7 @@ pub struct Datapath {
     /// Where `attach` put the programs, kept open so sockops can follow.
     cgroup: Option<(PathBuf, fs::File)>,
     sockops_wanted: bool,
+    kernel: KernelSupport,
 }
 
 /// Every cgroup link the data path may have, as named in its pins.
@@ -232,6 +236,34 @@ pub fn kernel_counts_psock_bytes() -> bool {
         .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
 }
 
+/// Tells the programs what this kernel can run (read-only constants the
+/// verifier uses to skip what it cannot), and loads sockops/sk_msg only
+/// where they can run.
+fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport) {
+    let socket = kernel.socket_programs();
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        ro.km_feat_accel = u32::from(socket && kernel.acceleration.is_none());
+        ro.km_feat_netns_helper = u32::from(kernel.features.netns_cookie_in_sockops);
+        ro.km_feat_probe_read = u32::from(kernel.features.probe_read_in_sockops);
+        ro.km_feat_tlv = u32::from(socket);
+    }
+    for prog in [&mut open.progs.kmesh_sockops, &mut open.progs.kmesh_sendmsg] {
+        prog.set_autoload(socket);
+    }
+}
+
+/// The `memlock:` line of /proc/self/fdinfo/FD (0 if missing).
+fn fd_memlock(fd: i32) -> u64 {
+    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("memlock:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// BPF_FS_MAGIC from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -260,10 +292,49 @@ impl Datapath {
         // storage are leaked rather than tied into a self-referential struct.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = Self::open(storage, sizes, pins)?;
+        let features = Features::probe();
+        let mut kernel = KernelSupport::new(features);
+        set_features(&mut open, &kernel);
+        let skel = match open.load() {
+            Ok(skel) => skel,
+            // An unknown kernel may refuse sockops/sk_msg for a reason no
+            // probe asked about: connect redirect still runs without them.
+            Err(source) if kernel.waypoints.is_none() => {
+                let reason = format!("the kernel refused the sockops/sk_msg programs: {source}");
+                tracing::debug!("{reason}{}", verifier_tail());
+                kernel.without_socket_programs(reason);
+                let storage: &'static mut MaybeUninit<OpenObject> =
+                    Box::leak(Box::new(MaybeUninit::uninit()));
+                let mut open = Self::open(storage, sizes, pins)?;
+                set_features(&mut open, &kernel);
+                open.load().map_err(|source| BpfError::Load { source })?
+            }
+            Err(source) => return Err(BpfError::Load { source }),
+        };
+        kernel.log();
+        Ok(Datapath {
+            skel,
+            links: Vec::new(),
+            pin_dir: None,
+            cgroup: None,
+            sockops_wanted: false,
+            kernel,
+        })
+    }
+
+    /// Opens the object with map sizes set and the pinned socket maps of a
+    /// previous daemon reused.
+    fn open(
+        storage: &'static mut MaybeUninit<OpenObject>,
+        sizes: MapSizes,
+        pins: Option<&Path>,
+    ) -> Result<skel::OpenKmeshSkel<'static>, BpfError> {
         let mut open = skel::KmeshSkelBuilder::default()
             .open(storage)
             .map_err(|source| BpfError::Load { source })?;
         let m = &mut open.maps;
+
         for (map, name, value) in [
             (&mut m.km_vip, "km_vip", sizes.vips),
             (&mut m.km_workload, "km_workload", sizes.workload_ips),
@@ -299,14 +370,12 @@ impl Datapath {
                 }
             }
         }
-        let skel = open.load().map_err(|source| BpfError::Load { source })?;
-        Ok(Datapath {
-            skel,
-            links: Vec::new(),
-            pin_dir: None,
-            cgroup: None,
-            sockops_wanted: false,
-        })
+        Ok(open)
+    }
+
+    /// What this kernel runs of the data path (for the dump).
+    pub fn kernel(&self) -> &KernelSupport {
+        &self.kernel
     }
 
     /// Attaches connect4/connect6 to the cgroup2 directory `cgroup` with
@@ -321,14 +390,16 @@ impl Datapath {
         // The sk_msg program rides on km_sock; the map holds it, so sockets
         // already in the map keep being served after this process exits.
         let sock_fd = std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd();
-        progs
-            .kmesh_sendmsg
-            .attach_sockmap(sock_fd)
-            .map_err(|source| BpfError::Attach {
-                prog: "sendmsg",
-                path: cgroup.to_path_buf(),
-                source,
-            })?;
+        if self.kernel.socket_programs() {
+            progs
+                .kmesh_sendmsg
+                .attach_sockmap(sock_fd)
+                .map_err(|source| BpfError::Attach {
+                    prog: "sendmsg",
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?;
+        }
         self.cgroup = Some((cgroup.to_path_buf(), dir));
         // sockops first: a loopback connect to a waypoint completes inside
         // connect(), so it must not fit between connect4 and sockops.
@@ -350,6 +421,10 @@ impl Datapath {
     /// picked a waypoint just before the change would miss its TLV (and a
     /// daemon taking over kept links keeps it too, see `pin`).
     pub fn want_sockops(&mut self) -> Result<(), BpfError> {
+        // Not loaded on this kernel: load() has said so once.
+        if !self.kernel.socket_programs() {
+            return Ok(());
+        }
         self.sockops_wanted = true;
         if self.cgroup.is_none() || self.attached().contains(&"sockops") {
             return Ok(());
@@ -524,6 +599,27 @@ impl Datapath {
         }
     }
 
+    /// Kernel memory the map holds, as the kernel charges it (fdinfo
+    /// `memlock`): for hash maps mostly the bucket array, allocated at
+    /// creation from max_entries even when empty.
+    pub fn memlock(&self, id: MapId) -> u64 {
+        fd_memlock(std::os::fd::AsFd::as_fd(self.map(id)).as_raw_fd())
+    }
+
+    /// `memlock` summed over every map of the data path, the stats and
+    /// settings arrays included.
+    pub fn memlock_total(&self) -> u64 {
+        let m = &self.skel.maps;
+        MapId::WRITTEN
+            .into_iter()
+            .chain(MapId::SOCKETS)
+            .map(|id| self.memlock(id))
+            .chain([fd_memlock(
+                std::os::fd::AsFd::as_fd(&m.km_stats).as_raw_fd(),
+            )])
+            .sum()
+    }
+
     pub fn capacity(&self, id: MapId) -> u32 {
         self.map(id).max_entries()
     }
@@ -562,10 +658,20 @@ impl Datapath {
         [
             ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
             ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
-            ("sockops", p.kmesh_sockops.as_fd().as_raw_fd()),
-            ("sendmsg", p.kmesh_sendmsg.as_fd().as_raw_fd()),
         ]
         .into_iter()
+        .chain(
+            self.kernel
+                .socket_programs()
+                .then(|| {
+                    [
+                        ("sockops", p.kmesh_sockops.as_fd().as_raw_fd()),
+                        ("sendmsg", p.kmesh_sendmsg.as_fd().as_raw_fd()),
+                    ]
+                })
+                .into_iter()
+                .flatten(),
+        )
         .filter_map(|(name, fd)| {
             let mut info = libbpf_sys::bpf_prog_info::default();
             let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;

@@ -25,6 +25,18 @@ pub mod xds;
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
 pub const KMESH: &str = env!("CARGO_BIN_EXE_kmesh");
 
+/// How many times slower than this machine the kernel under test runs:
+/// `KMESH_TEST_TIME_SCALE` (scripts/kernels.sh sets it in emulated guests,
+/// where loading the BPF programs alone takes seconds). Deadlines that wait
+/// for the daemon scale with it; measured durations do not.
+pub fn time_scale() -> u32 {
+    std::env::var("KMESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
@@ -435,7 +447,7 @@ impl Env {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
         while !sock.exists() {
             if let Some(status) = child.try_wait().unwrap() {
                 return Err(format!(
@@ -582,7 +594,7 @@ impl Daemon {
 
     /// Polls `cond` on the dump until true or `timeout`.
     pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout * time_scale();
         loop {
             let d = self.dump();
             if cond(&d) {
@@ -604,7 +616,7 @@ impl Daemon {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 return st;
