@@ -96,31 +96,47 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-SEC("sockops")
-int kmesh_sockops(struct bpf_sock_ops *skops)
+/*
+ * Each socket program comes twice: with acceleration, and without it for
+ * kernels that cannot run it (their verifier refuses an object that holds
+ * the atomic instructions at all, even unreachable). The loader loads one
+ * of each pair.
+ */
+static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		return sockops_established(skops);
+		return sockops_established(skops, accel);
 	case BPF_SOCK_OPS_RTT_CB:
-		return leave_if_on_tcp(skops);
+		return leave_if_on_tcp(skops, accel);
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE)
-			sock_closed(skops);
+			sock_closed(skops, accel);
 		return 1;
 	}
 	return 1;
 }
 
-SEC("sk_msg")
-int kmesh_sendmsg(struct sk_msg_md *msg)
+SEC("sockops")
+int kmesh_sockops(struct bpf_sock_ops *skops)
+{
+	return sockops(skops, true);
+}
+
+SEC("sockops")
+int kmesh_sockops_tlv(struct bpf_sock_ops *skops)
+{
+	return sockops(skops, false);
+}
+
+static __always_inline int sendmsg(struct sk_msg_md *msg, const bool accel)
 {
 	struct sock_state *st = bpf_sk_storage_get(&km_sock_state, msg->sk, 0, 0);
 	int verdict = waypoint_sendmsg(msg, st);
 	if (verdict >= 0)
 		return verdict;
-	if (!km_feat_accel)
+	if (!accel || !km_feat_accel)
 		return SK_PASS;
 	if (!st) {
 		st = bpf_sk_storage_get(&km_sock_state, msg->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -128,6 +144,18 @@ int kmesh_sendmsg(struct sk_msg_md *msg)
 			return SK_PASS;
 	}
 	return accel_sendmsg(msg, st);
+}
+
+SEC("sk_msg")
+int kmesh_sendmsg(struct sk_msg_md *msg)
+{
+	return sendmsg(msg, true);
+}
+
+SEC("sk_msg")
+int kmesh_sendmsg_tlv(struct sk_msg_md *msg)
+{
+	return sendmsg(msg, false);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -14,7 +14,7 @@
 #                       hides that behind a tmpfs in the guest, and the guest
 #                       needs the kernel's modules from there.
 #   KMESH_KERNEL_TESTS  the test binaries (cargo test target names) to run in
-#                       each guest (default "redirect waypoint accel")
+#                       each guest (default "redirect waypoint accel kernel")
 #   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
 #                       /etc/apt/sources.list*)
 #
@@ -35,6 +35,16 @@ if [ "${1:-}" = "--guest" ]; then
   # modules dir as /lib/modules/<release>).
   modprobe veth || echo "modprobe veth failed"
   ulimit -l unlimited
+  # Binaries are read over 9p without a page cache: every daemon start
+  # would read the whole debug binary again. The host left stripped copies
+  # in OUT/bin; they go to RAM and over the originals' paths (the test
+  # binaries start the daemon by its build path).
+  mkdir -p /run/kmesh-bin
+  for f in "$out"/bin/*; do
+    cp "$f" /run/kmesh-bin/
+    orig=$(cat "$out/orig/$(basename "$f")")
+    mount --bind "/run/kmesh-bin/$(basename "$f")" "$orig"
+  done
   for bin in "$@"; do
     name=$(basename "$bin")
     name=${name%-*}
@@ -48,7 +58,7 @@ fi
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 cache=${KMESH_KERNEL_CACHE:-/var/lib/kmesh-kernels}
-tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel}
+tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel}
 fetch_only=0
 kernels=()
 for a in "$@"; do
@@ -148,13 +158,18 @@ for k in "${kernels[@]}"; do
   kimg=$(fetch "$k")
   out=$(mktemp -d /tmp/kmesh-kernel-XXXXXX)
   start=$(date +%s)
+  mkdir -p "$out/bin" "$out/orig"
+  for f in $bins "$repo/target/debug/kmesh" "$repo/target/debug/kmesh-probe" "$repo/target/debug/kmesh-load"; do
+    objcopy --strip-debug "$f" "$out/bin/$(basename "$f")"
+    echo "$f" >"$out/orig/$(basename "$f")"
+  done
   vrc=0
   # --disable-kvm: this machine's /dev/kvm cannot run guests; --force-9p:
   # virtiofsd is not needed. The guest shares the host's filesystem
   # read-only (with tmpfs overlays on /tmp, /var, /etc), OUT read-write.
   # shellcheck disable=SC2086
   timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
-    --memory 2G --cpus 2 --rwdir "$out" \
+    --memory 3G --cpus 2 --rwdir "$out" \
     --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
     >"$out/vng.log" 2>&1 </dev/null || vrc=$?
   secs=$(($(date +%s) - start))

@@ -19,7 +19,7 @@
  * can be redirected either way, and the map would only slow its sends and
  * reads (sk_msg and the psock's recvmsg run for every call).
  */
-static __always_inline int sockops_established(struct bpf_sock_ops *skops)
+static __always_inline int sockops_established(struct bpf_sock_ops *skops, const bool accel)
 {
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return 1;
@@ -36,7 +36,7 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 	}
 	/* A pending TLV means connect4 found the netns enrolled. Otherwise
 	 * only acceleration needs the socket, and with it the helper. */
-	if (!tlv && !accelerate_on())
+	if (!tlv && !(accel && accelerate_on()))
 		return 1;
 	if (!tlv) {
 		__u64 cookie = km_feat_netns_helper ? bpf_get_netns_cookie(skops) : 0;
@@ -73,9 +73,9 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops)
 		st->unchecked_sends = 0;
 	}
 	if (conn)
-		conn_fetch_or(conn, KMESH_CONN_ACCEPTED_IN);
+		conn_fetch_or(conn, KMESH_CONN_ACCEPTED_IN, accel);
 	/* Without acceleration nothing reads km_conn. */
-	if (!passive && km_feat_accel) {
+	if (!passive && accel && km_feat_accel) {
 		/* After the socket entered, so that while a km_conn entry exists
 		 * its connecting end is in km_sock or has been (the daemon's
 		 * sweep relies on it). BPF_ANY: replaces what a closed connection
@@ -118,10 +118,10 @@ static __always_inline bool psock_queued(struct sock *sk, __u32 *queued)
  * TCP_CLOSE with it, before it reads them. Unknown (no psock field):
  * kept, as losing bytes is worse than holding a key.
  */
-static __always_inline bool ended_in_order_unread(struct bpf_sock_ops *skops)
+static __always_inline bool ended_in_order_unread(struct bpf_sock_ops *skops, const bool accel)
 {
 	/* Nothing is redirected into a socket without acceleration. */
-	if (!km_feat_accel)
+	if (!accel || !km_feat_accel)
 		return false;
 	__u32 old = skops->args[0];
 	if (old != BPF_TCP_FIN_WAIT1 && old != BPF_TCP_FIN_WAIT2 && old != BPF_TCP_CLOSING &&
@@ -153,7 +153,7 @@ static __always_inline bool ended_in_order_unread(struct bpf_sock_ops *skops)
  * disconnect go with it, as RFC 793 has a reset flush the queues (Linux TCP
  * lets them be read first after a reset; a disconnect drops them too).
  */
-static __always_inline void sock_closed(struct bpf_sock_ops *skops)
+static __always_inline void sock_closed(struct bpf_sock_ops *skops, const bool accel)
 {
 	struct sock_key key = {};
 	struct sock_state *st = NULL;
@@ -162,7 +162,7 @@ static __always_inline void sock_closed(struct bpf_sock_ops *skops)
 	FILL_KEY(&key, skops, SOCK_NETNS(skops, st));
 	/* km_conn holds connecting ends' keys: no-op for an accepting end. */
 	bpf_map_delete_elem(&km_conn, &key);
-	if (!ended_in_order_unread(skops))
+	if (!ended_in_order_unread(skops, accel))
 		bpf_map_delete_elem(&km_sock, &key);
 }
 
@@ -173,7 +173,7 @@ static __always_inline void sock_closed(struct bpf_sock_ops *skops)
  * other end never redirected into it (then its queue is empty) and, by the
  * LEAVING bit, never will. One try: the other end's REDIRECT bit stays.
  */
-static __always_inline int leave_if_on_tcp(struct bpf_sock_ops *skops)
+static __always_inline int leave_if_on_tcp(struct bpf_sock_ops *skops, const bool accel)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!sk)
@@ -186,11 +186,11 @@ static __always_inline int leave_if_on_tcp(struct bpf_sock_ops *skops)
 	int end = sock_end(st);
 	struct sock_key key = {};
 	FILL_KEY(&key, skops, SOCK_NETNS(skops, st));
-	if (km_feat_accel) {
+	if (accel && km_feat_accel) {
 		struct conn_value *c = conn_of(&key, end);
 		if (!c)
 			return 1;
-		__u32 old = conn_fetch_or(c, KMESH_CONN_LEAVING(end));
+		__u32 old = conn_fetch_or(c, KMESH_CONN_LEAVING(end), accel);
 		if (old & KMESH_CONN_REDIRECT(!end))
 			return 1;
 	}
@@ -268,7 +268,7 @@ static __always_inline int accel_sendmsg(struct sk_msg_md *msg, struct sock_stat
 			/* Announced before the redirect; the other end, if it is
 			 * leaving, goes first (see KMESH_CONN_*). No entry: the
 			 * connecting end never entered km_sock. */
-			__u32 old = conn_fetch_or(c, KMESH_CONN_REDIRECT(end));
+			__u32 old = conn_fetch_or(c, KMESH_CONN_REDIRECT(end), true);
 			mirror_key(&self, &peer);
 			if (!(old & KMESH_CONN_LEAVING(!end)) && (end || (old & KMESH_CONN_ACCEPTED_IN)) &&
 			    bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
@@ -277,7 +277,7 @@ static __always_inline int accel_sendmsg(struct sk_msg_md *msg, struct sock_stat
 				return SK_PASS;
 			}
 			/* Plain for good: the other end may leave after all. */
-			conn_and(c, ~KMESH_CONN_REDIRECT(end));
+			conn_and(c, ~KMESH_CONN_REDIRECT(end), true);
 		}
 		stat_inc(KMESH_STAT_ACCEL_OFF);
 		return SK_PASS;

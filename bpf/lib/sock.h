@@ -105,18 +105,21 @@ static __always_inline struct conn_value *conn_of(const struct sock_key *self, i
 	return bpf_map_lookup_elem(&km_conn, &ck);
 }
 
-/* Atomics on km_conn, compiled in only where acceleration can run: kernels
- * before 5.12 refuse the instruction even though nothing else would use it. */
-static __always_inline __u32 conn_fetch_or(struct conn_value *c, __u32 bits)
+/*
+ * Atomics on km_conn, only in the programs built with `accel` (a constant
+ * after inlining): kernels before 5.12 refuse a program that merely
+ * contains the instruction, so the TLV-only variants must not have it.
+ */
+static __always_inline __u32 conn_fetch_or(struct conn_value *c, __u32 bits, const bool accel)
 {
-	if (!km_feat_accel)
+	if (!accel || !km_feat_accel)
 		return 0;
 	return __sync_fetch_and_or(&c->bits, bits);
 }
 
-static __always_inline void conn_and(struct conn_value *c, __u32 bits)
+static __always_inline void conn_and(struct conn_value *c, __u32 bits, const bool accel)
 {
-	if (km_feat_accel)
+	if (accel && km_feat_accel)
 		__sync_fetch_and_and(&c->bits, bits);
 }
 

@@ -247,9 +247,14 @@ fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport)
         ro.km_feat_probe_read = u32::from(kernel.features.probe_read_in_sockops);
         ro.km_feat_tlv = u32::from(socket);
     }
-    for prog in [&mut open.progs.kmesh_sockops, &mut open.progs.kmesh_sendmsg] {
-        prog.set_autoload(socket);
-    }
+    // One of each pair (see bpf/kmesh.bpf.c): the TLV-only variants hold no
+    // atomics, which kernels before 5.12 refuse in any program they load.
+    let accel = socket && kernel.acceleration.is_none();
+    let p = &mut open.progs;
+    p.kmesh_sockops.set_autoload(accel);
+    p.kmesh_sendmsg.set_autoload(accel);
+    p.kmesh_sockops_tlv.set_autoload(socket && !accel);
+    p.kmesh_sendmsg_tlv.set_autoload(socket && !accel);
 }
 
 /// The `memlock:` line of /proc/self/fdinfo/FD (0 if missing).
@@ -362,6 +367,18 @@ impl Datapath {
                     continue;
                 }
                 match map.reuse_pinned_map(&path) {
+                    // A reused map keeps the size it was made with: say so
+                    // when --max-sockets asked for another (resizing would
+                    // drop the live sockets it holds).
+                    Ok(()) if name != "km_sock_state" && map.max_entries() != sizes.sockets => {
+                        tracing::warn!(
+                            "reusing {} (live sockets kept) with its {} entries: --max-sockets {} \
+                             takes effect at a start that finds no socket map pinned",
+                            path.display(),
+                            map.max_entries(),
+                            sizes.sockets
+                        )
+                    }
                     Ok(()) => tracing::info!("reusing {} (live sockets kept)", path.display()),
                     Err(e) => tracing::warn!(
                         "{} cannot be reused ({e}); its sockets fall back to plain TCP",
@@ -371,6 +388,26 @@ impl Datapath {
             }
         }
         Ok(open)
+    }
+
+    /// The loaded sockops program: with acceleration where the kernel can
+    /// run it, else the TLV-only variant.
+    fn sockops_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        if self.kernel.acceleration.is_none() {
+            &p.kmesh_sockops
+        } else {
+            &p.kmesh_sockops_tlv
+        }
+    }
+
+    fn sendmsg_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        if self.kernel.acceleration.is_none() {
+            &p.kmesh_sendmsg
+        } else {
+            &p.kmesh_sendmsg_tlv
+        }
     }
 
     /// What this kernel runs of the data path (for the dump).
@@ -386,13 +423,11 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let progs = &self.skel.progs;
         // The sk_msg program rides on km_sock; the map holds it, so sockets
         // already in the map keep being served after this process exits.
         let sock_fd = std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd();
         if self.kernel.socket_programs() {
-            progs
-                .kmesh_sendmsg
+            self.sendmsg_prog()
                 .attach_sockmap(sock_fd)
                 .map_err(|source| BpfError::Attach {
                     prog: "sendmsg",
@@ -450,7 +485,7 @@ impl Datapath {
         let prog = match name {
             "connect4" => &progs.kmesh_connect4,
             "connect6" => &progs.kmesh_connect6,
-            "sockops" => &progs.kmesh_sockops,
+            "sockops" => self.sockops_prog(),
             other => unreachable!("no cgroup program {other}"),
         };
         let mut link = prog
@@ -665,8 +700,8 @@ impl Datapath {
                 .socket_programs()
                 .then(|| {
                     [
-                        ("sockops", p.kmesh_sockops.as_fd().as_raw_fd()),
-                        ("sendmsg", p.kmesh_sendmsg.as_fd().as_raw_fd()),
+                        ("sockops", self.sockops_prog().as_fd().as_raw_fd()),
+                        ("sendmsg", self.sendmsg_prog().as_fd().as_raw_fd()),
                     ]
                 })
                 .into_iter()
@@ -720,9 +755,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_kernel_counts_psock_bytes() {
-        // 6.18 has the field; the push-back tests depend on it.
-        assert!(kernel_counts_psock_bytes());
+    fn psock_byte_count_matches_the_probe() {
+        // 6.18 has the field (6.1 does not); acceleration depends on it.
+        let has = kernel_counts_psock_bytes();
+        assert_eq!(has, Features::probe().psock_queue_length);
+        if !has {
+            println!("SKIP: no sk_psock.msg_tot_len on this kernel");
+        }
     }
 
     #[test]
@@ -736,6 +775,16 @@ mod tests {
             sockets: 64,
         };
         let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("{e}"));
+        // What the probes promise, the load delivers (kernels.sh runs this
+        // in every guest): no program refused for a reason none foresaw.
+        let k = dp.kernel();
+        println!("{k:?}");
+        assert_eq!(
+            k.waypoints.as_deref(),
+            k.features.waypoints_unavailable(),
+            "{}",
+            verifier_tail()
+        );
         assert_eq!(dp.capacity(MapId::Vip), 100);
         assert_eq!(dp.capacity(MapId::Manage), 5);
         assert!(dp.stats().iter().all(|(_, v)| *v == 0));

@@ -37,6 +37,42 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// What the running kernel supports, probed as the daemon does.
+pub fn kernel() -> &'static kmesh::bpf::KernelSupport {
+    static K: std::sync::OnceLock<kmesh::bpf::KernelSupport> = std::sync::OnceLock::new();
+    K.get_or_init(|| kmesh::bpf::KernelSupport::new(kmesh::bpf::Features::probe()))
+}
+
+/// Prints a skip line naming the test and the kernel's reason; never a
+/// silent pass (scripts/kernels.sh counts these lines).
+fn skip(test: &str, what: &str, why: &str) {
+    let line = format!(
+        "SKIP {test}: {what} is off on Linux {}: {why}",
+        kernel().release
+    );
+    println!("{line}");
+    eprintln!("{line}");
+}
+
+/// For a test that needs same-host acceleration: true (after printing why)
+/// on a kernel that cannot run it.
+pub fn skip_unless_acceleration(test: &str) -> bool {
+    kernel()
+        .acceleration
+        .as_deref()
+        .map(|why| skip(test, "acceleration", why))
+        .is_some()
+}
+
+/// For a test that needs waypoints (sockops and sk_msg programs).
+pub fn skip_unless_waypoints(test: &str) -> bool {
+    kernel()
+        .waypoints
+        .as_deref()
+        .map(|why| skip(test, "waypoints", why))
+        .is_some()
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
