@@ -153,6 +153,7 @@ bins=$(cargo test --no-run --message-format=json "${args[@]}" 2>/dev/null |
 
 total_pass=0
 total_fail=0
+total_skip=0
 summary=()
 for k in "${kernels[@]}"; do
   kimg=$(fetch "$k")
@@ -176,6 +177,7 @@ for k in "${kernels[@]}"; do
   line="$k ($(head -n1 "$out/guest.log" 2>/dev/null || echo unknown)), ${secs}s:"
   kpass=0
   kfail=0
+  kskip=0
   for bin in $bins; do
     name=$(basename "$bin")
     name=${name%-*}
@@ -183,7 +185,7 @@ for k in "${kernels[@]}"; do
     p=$(echo "$res" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
     f=$(echo "$res" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
     s=$(echo "$res" | sed -n 's/.* \([0-9]*\) ignored.*/\1/p')
-    skipped=$(grep -c '^SKIP' "$out/$name.log" 2>/dev/null || true)
+    skipped=$(grep '^SKIP' "$out/$name.log" 2>/dev/null | sort -u | wc -l)
     rc=$(cat "$out/$name.rc" 2>/dev/null || echo none)
     if [ -z "$res" ] || [ "$rc" != 0 ]; then
       # No result line (crash, timeout) counts as one failure at least.
@@ -193,18 +195,27 @@ for k in "${kernels[@]}"; do
       grep -E '^(test .* FAILED|---- |thread .* panicked)|Error|error' "$out/$name.log" 2>/dev/null | head -n 40 || true
       [ -f "$out/$name.log" ] || tail -n 30 "$out/vng.log"
     fi
+    # cargo counts a test that returned early as passed.
+    p=$((p - skipped))
     kpass=$((kpass + p))
     kfail=$((kfail + f))
-    line+=" $name ${p}/$((p + f))${skipped:+ (skipped $skipped)}"
+    kskip=$((kskip + skipped))
+    line+=" $name ${p}/$((p + f + skipped))"
+    [ "$skipped" -eq 0 ] || line+=" ($skipped skipped)"
     : "$s"
   done
   [ -f "$out/finished" ] || { line+=" [guest did not finish: vng exit $vrc]"; kfail=$((kfail + 1)); }
   summary+=("$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line")
+  # Each reason for skipping once, with how many tests it skipped.
+  while read -r n why; do
+    [ -n "$why" ] && summary+=("       $n skipped: $why")
+  done < <(grep -h '^SKIP' "$out"/*.log 2>/dev/null | sort -u | sed 's/^SKIP [^:]*: //' | sort | uniq -c)
   total_pass=$((total_pass + kpass))
+  total_skip=$((total_skip + kskip))
   total_fail=$((total_fail + kfail))
   echo "kernels: $k done in ${secs}s (logs in $out)" >&2
 done
 echo "kernel matrix:"
 printf '  %s\n' "${summary[@]}"
-echo "kernels: $total_pass passed, $total_fail failed"
+echo "kernels: $total_pass passed, $total_fail failed, $total_skip skipped"
 [ "$total_fail" -eq 0 ]

@@ -51,7 +51,6 @@ fn skip(test: &str, what: &str, why: &str) {
         kernel().release
     );
     println!("{line}");
-    eprintln!("{line}");
 }
 
 /// For a test that needs same-host acceleration: true (after printing why)
@@ -328,11 +327,17 @@ impl Env {
     /// Runs the probe in `pod` inside the attached cgroup with `args`; one
     /// JSON value per output line, and whether it exited successfully.
     pub fn probe(&self, pod: &Pod, args: &[&str]) -> (Vec<Value>, bool) {
-        let out = self
-            .probe_cmd(pod, true)
-            .args(args)
-            .output()
-            .expect("run probe");
+        let mut cmd = self.probe_cmd(pod, true);
+        cmd.args(args);
+        // Its waits (5 s by default) stretch with the kernel's slowness too.
+        let timed = ["transfer", "reconnect", "fill", "after-close", "connect"];
+        if time_scale() > 1
+            && args.first().is_some_and(|a| timed.contains(a))
+            && !args.contains(&"--timeout-ms")
+        {
+            cmd.args(["--timeout-ms", &(5000 * time_scale()).to_string()]);
+        }
+        let out = cmd.output().expect("run probe");
         let text = String::from_utf8_lossy(&out.stdout);
         let lines = text
             .lines()
