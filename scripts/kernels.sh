@@ -82,7 +82,7 @@ mirror() {
   if [ -n "${KMESH_DEBIAN_MIRROR:-}" ]; then echo "$KMESH_DEBIAN_MIRROR"; return; fi
   local m
   m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
-    grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ')
+    grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
   echo "${m:-http://deb.debian.org/debian}"
 }
 
@@ -185,7 +185,7 @@ for k in "${kernels[@]}"; do
     p=$(echo "$res" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
     f=$(echo "$res" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
     s=$(echo "$res" | sed -n 's/.* \([0-9]*\) ignored.*/\1/p')
-    skipped=$(grep '^SKIP' "$out/$name.log" 2>/dev/null | sort -u | wc -l)
+    skipped=$( (grep '^SKIP' "$out/$name.log" 2>/dev/null || true) | sort -u | wc -l)
     rc=$(cat "$out/$name.rc" 2>/dev/null || echo none)
     if [ -z "$res" ] || [ "$rc" != 0 ]; then
       # No result line (crash, timeout) counts as one failure at least.
@@ -208,8 +208,8 @@ for k in "${kernels[@]}"; do
   summary+=("$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line")
   # Each reason for skipping once, with how many tests it skipped.
   while read -r n why; do
-    [ -n "$why" ] && summary+=("       $n skipped: $why")
-  done < <(grep -h '^SKIP' "$out"/*.log 2>/dev/null | sort -u | sed 's/^SKIP [^:]*: //' | sort | uniq -c)
+    if [ -n "$why" ]; then summary+=("       $n skipped: $why"); fi
+  done < <( (grep -h '^SKIP' "$out"/*.log 2>/dev/null || true) | sort -u | sed 's/^SKIP [^:]*: //' | sort | uniq -c)
   total_pass=$((total_pass + kpass))
   total_skip=$((total_skip + kskip))
   total_fail=$((total_fail + kfail))

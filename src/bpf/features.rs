@@ -41,7 +41,7 @@ impl Features {
             probe_read_in_sockops: both(BPF_FUNC_probe_read_kernel),
             sk_storage_in_sk_msg: helper(BPF_PROG_TYPE_SK_MSG, BPF_FUNC_sk_storage_get),
             atomic_fetch: atomic_fetch_loads(),
-            psock_queue_length: super::kernel_counts_psock_bytes(),
+            psock_queue_length: kernel_counts_psock_bytes(),
         }
     }
 
@@ -143,6 +143,18 @@ impl KernelSupport {
             );
         }
     }
+}
+
+/// Whether the running kernel's psock counts the bytes queued on it
+/// (`sk_psock.msg_tot_len`), which the sk_msg program's push-back reads
+/// (acceleration is off without it).
+pub fn kernel_counts_psock_bytes() -> bool {
+    use libbpf_rs::btf::{types::Composite, Btf};
+    let Ok(btf) = Btf::from_vmlinux() else {
+        return false;
+    };
+    btf.type_by_name::<Composite>("sk_psock")
+        .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
 }
 
 /// Whether libbpf finds `func` allowed in programs of `prog_type`.

@@ -12,7 +12,7 @@ use std::{
 
 use libbpf_rs::{
     skel::{OpenSkel, SkelBuilder},
-    Link, MapCore, MapMut, OpenObject, PrintLevel,
+    Link, MapCore, OpenObject, PrintLevel,
 };
 use thiserror::Error;
 
@@ -30,9 +30,13 @@ pub mod skel {
 }
 
 mod features;
+mod maps;
 pub mod netns;
+mod stats;
 mod types;
-pub use features::{Features, KernelSupport};
+pub use features::{kernel_counts_psock_bytes, Features, KernelSupport};
+pub use maps::{MapId, MapSizes};
+pub use stats::{ProgRunStats, RunStatsGuard, STAT_NAMES};
 pub use types::*;
 
 pub use skel::types::{
@@ -47,26 +51,6 @@ pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
 pub const EP_PORTS: u32 = 1;
-pub const STAT_NAMES: [&str; 17] = [
-    "enrolled_connect",
-    "service_redirect",
-    "workload_direct",
-    "no_endpoint",
-    "strict_reject",
-    "family_mismatch",
-    "port_miss",
-    "waypoint_redirect",
-    "tlv_sent",
-    "tlv_failed",
-    "accel_added",
-    "accel_full",
-    "accel_on",
-    "accel_off",
-    "accel_pushback",
-    "accel_left",
-    "accel_skipped",
-];
-
 #[derive(Debug, Error)]
 pub enum BpfError {
     #[error("loading BPF object: {source}{}", verifier_tail())]
@@ -92,96 +76,6 @@ pub enum BpfError {
     NotBpffs { path: PathBuf },
     #[error("pinning under {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
-}
-
-/// Sizes of the data-path maps (max_entries). Entries are allocated as they
-/// are added (BPF_F_NO_PREALLOC), but each hash map's bucket array (16 bytes
-/// per slot, rounded up to a power of two) is allocated at creation: an
-/// idle daemon holds about 16 bytes per unit of every size below, 4.6 MB at
-/// the defaults (`kmesh ctl dump` shows each map's `memory_bytes`).
-///
-/// The defaults fit a node of a cluster of up to ~5,000 services and
-/// ~30,000 dual-stack pods (every node holds every VIP and pod address),
-/// with up to 1,024 pods per node and 32,768 concurrent accelerated
-/// connections; larger clusters raise the flags.
-#[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
-    /// Service VIPs (km_vip): services x addresses, ServiceEntry VIPs too.
-    pub vips: u32,
-    /// Workload addresses (km_workload): every pod address in the cluster.
-    pub workload_ips: u32,
-    /// Service endpoints, summed over services and priorities (km_endpoint).
-    pub endpoints: u32,
-    /// Pods enrolled on this node (km_manage); kubelet's default max-pods
-    /// is 110.
-    pub enrolled_netns: u32,
-    /// Workloads' own target ports where they differ from the service's
-    /// (km_port).
-    pub port_overrides: u32,
-    /// Sockets in km_sock (both ends of each accelerated connection, and
-    /// waypoint connections until their TLV is sent), and connections in
-    /// km_conn.
-    pub sockets: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            vips: 16_384,
-            workload_ips: 65_536,
-            endpoints: 65_536,
-            enrolled_netns: 1_024,
-            port_overrides: 16_384,
-            sockets: 65_536,
-        }
-    }
-}
-
-/// Which data-path map a handle refers to; used in errors and dumps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MapId {
-    Vip,
-    Workload,
-    Endpoint,
-    Port,
-    Manage,
-    Config,
-    /// Sockhash of sockets the sk_msg program handles (written by sockops).
-    Sock,
-    /// Per-socket storage (written by the programs).
-    SockState,
-    /// Per-connection handshake between the two ends in km_sock (written
-    /// by the programs).
-    Conn,
-}
-
-impl MapId {
-    /// Maps the writer fills.
-    pub const WRITTEN: [MapId; 6] = [
-        MapId::Vip,
-        MapId::Workload,
-        MapId::Endpoint,
-        MapId::Port,
-        MapId::Manage,
-        MapId::Config,
-    ];
-    /// Maps that hold live sockets: they outlive the daemon (see
-    /// `Datapath::shutdown`) and are reused by the next one.
-    pub const SOCKETS: [MapId; 3] = [MapId::Sock, MapId::SockState, MapId::Conn];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MapId::Vip => "km_vip",
-            MapId::Workload => "km_workload",
-            MapId::Endpoint => "km_endpoint",
-            MapId::Port => "km_port",
-            MapId::Manage => "km_manage",
-            MapId::Config => "km_config",
-            MapId::Sock => "km_sock",
-            MapId::SockState => "km_sock_state",
-            MapId::Conn => "km_conn",
-        }
-    }
 }
 
 /// Loaded (not necessarily attached) data path. Dropping it detaches
@@ -234,18 +128,6 @@ fn pin_err(path: &Path, e: impl std::fmt::Display) -> BpfError {
     }
 }
 
-/// Whether the running kernel's psock counts the bytes queued on it
-/// (`sk_psock.msg_tot_len`), which the sk_msg program's push-back reads;
-/// where the field is missing the program skips the check (CO-RE).
-pub fn kernel_counts_psock_bytes() -> bool {
-    use libbpf_rs::btf::{types::Composite, Btf};
-    let Ok(btf) = Btf::from_vmlinux() else {
-        return false;
-    };
-    btf.type_by_name::<Composite>("sk_psock")
-        .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
-}
-
 /// Tells the programs what this kernel can run (read-only constants the
 /// verifier uses to skip what it cannot), and loads sockops/sk_msg only
 /// where they can run.
@@ -265,18 +147,6 @@ fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport)
     p.kmesh_sendmsg.set_autoload(accel);
     p.kmesh_sockops_tlv.set_autoload(socket && !accel);
     p.kmesh_sendmsg_tlv.set_autoload(socket && !accel);
-}
-
-/// The `memlock:` line of /proc/self/fdinfo/FD (0 if missing).
-fn fd_memlock(fd: i32) -> u64 {
-    fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find_map(|l| l.strip_prefix("memlock:"))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -612,151 +482,6 @@ impl Datapath {
     /// Entries in km_sock (each end of an accelerated connection counts).
     pub fn socket_count(&self) -> usize {
         self.skel.maps.km_sock.keys().count()
-    }
-
-    pub fn map(&self, id: MapId) -> &MapMut<'static> {
-        let m = &self.skel.maps;
-        match id {
-            MapId::Vip => &m.km_vip,
-            MapId::Workload => &m.km_workload,
-            MapId::Endpoint => &m.km_endpoint,
-            MapId::Port => &m.km_port,
-            MapId::Manage => &m.km_manage,
-            MapId::Config => &m.km_config,
-            MapId::Sock => &m.km_sock,
-            MapId::SockState => &m.km_sock_state,
-            MapId::Conn => &m.km_conn,
-        }
-    }
-
-    fn map_mut(&mut self, id: MapId) -> &mut MapMut<'static> {
-        let m = &mut self.skel.maps;
-        match id {
-            MapId::Vip => &mut m.km_vip,
-            MapId::Workload => &mut m.km_workload,
-            MapId::Endpoint => &mut m.km_endpoint,
-            MapId::Port => &mut m.km_port,
-            MapId::Manage => &mut m.km_manage,
-            MapId::Config => &mut m.km_config,
-            MapId::Sock => &mut m.km_sock,
-            MapId::SockState => &mut m.km_sock_state,
-            MapId::Conn => &mut m.km_conn,
-        }
-    }
-
-    /// Kernel memory the map holds, as the kernel charges it (fdinfo
-    /// `memlock`): for hash maps mostly the bucket array, allocated at
-    /// creation from max_entries even when empty.
-    pub fn memlock(&self, id: MapId) -> u64 {
-        fd_memlock(std::os::fd::AsFd::as_fd(self.map(id)).as_raw_fd())
-    }
-
-    /// `memlock` summed over every map of the data path, the stats and
-    /// settings arrays included.
-    pub fn memlock_total(&self) -> u64 {
-        let m = &self.skel.maps;
-        MapId::WRITTEN
-            .into_iter()
-            .chain(MapId::SOCKETS)
-            .map(|id| self.memlock(id))
-            .chain([fd_memlock(
-                std::os::fd::AsFd::as_fd(&m.km_stats).as_raw_fd(),
-            )])
-            .sum()
-    }
-
-    pub fn capacity(&self, id: MapId) -> u32 {
-        self.map(id).max_entries()
-    }
-
-    /// Per-counter sums over CPUs of the data path's stats array.
-    pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        let map = &self.skel.maps.km_stats;
-        STAT_NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let key = (i as u32).to_ne_bytes();
-                let sum = map
-                    .lookup_percpu(&key, libbpf_rs::MapFlags::ANY)
-                    .ok()
-                    .flatten()
-                    .map(|cpus| {
-                        cpus.iter()
-                            .filter_map(|v| {
-                                v.get(..8)
-                                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-                            })
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                (*name, sum)
-            })
-            .collect()
-    }
-
-    /// Kernel-side run statistics of each program: (name, runs, total ns).
-    /// Counted only while a `RunStatsGuard` is alive somewhere on the host.
-    pub fn run_stats(&self) -> Vec<ProgRunStats> {
-        use std::os::fd::AsFd;
-        let p = &self.skel.progs;
-        [
-            ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
-            ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
-        ]
-        .into_iter()
-        .chain(
-            self.kernel
-                .socket_programs()
-                .then(|| {
-                    [
-                        ("sockops", self.sockops_prog().as_fd().as_raw_fd()),
-                        ("sendmsg", self.sendmsg_prog().as_fd().as_raw_fd()),
-                    ]
-                })
-                .into_iter()
-                .flatten(),
-        )
-        .filter_map(|(name, fd)| {
-            let mut info = libbpf_sys::bpf_prog_info::default();
-            let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
-            // SAFETY: fd is a live program fd; info/len describe a valid buffer.
-            let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
-            (rc == 0).then_some(ProgRunStats {
-                prog: name,
-                runs: info.run_cnt,
-                run_time_ns: info.run_time_ns,
-            })
-        })
-        .collect()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProgRunStats {
-    pub prog: &'static str,
-    pub runs: u64,
-    pub run_time_ns: u64,
-}
-
-/// Keeps the kernel's BPF run-time accounting (BPF_STATS_RUN_TIME) on while
-/// alive. It costs two clock reads per program run, so it is off by default.
-pub struct RunStatsGuard {
-    _fd: std::os::fd::OwnedFd,
-}
-
-impl RunStatsGuard {
-    pub fn enable() -> std::io::Result<Self> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall wrapper; a non-negative result is a new fd we own.
-        let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
-        if fd < 0 {
-            return Err(std::io::Error::from_raw_os_error(-fd));
-        }
-        // SAFETY: fd was just returned to us and is owned by nobody else.
-        Ok(RunStatsGuard {
-            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-        })
     }
 }
 
