@@ -4,10 +4,12 @@ set -euo pipefail
 need=()
 # dnsmasq-base: the DNS server of the resolver tests (only the binary; the
 # dnsmasq package would also start a system service).
-# rpm (rpmbuild), binutils: scripts/package.sh; systemd: systemd-analyze for
-# the package test (only installed, never started there).
+# rpm (rpmbuild), binutils (also objcopy for the matrix): scripts/package.sh;
+# systemd: systemd-analyze for the package test (only installed, never
+# started there). qemu-system-x86, kmod (depmod), file, busybox-static: the
+# kernel matrix's guests (scripts/kernels.sh, booted by virtme-ng).
 for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base \
-  rpm binutils systemd; do
+  rpm binutils systemd qemu-system-x86 kmod file busybox-static python3; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then
@@ -45,4 +47,13 @@ fi
 if ! rust_ok; then
   echo "Rust >= $min_rust is needed; cargo is $(cargo --version 2>/dev/null || echo missing)" >&2
   exit 1
+fi
+# virtme-ng (PyPI) boots the matrix's kernels with the host's filesystem.
+if ! command -v vng >/dev/null 2>&1; then
+  echo "installing virtme-ng (pip)"
+  python3 -m pip --version >/dev/null 2>&1 || {
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  }
+  python3 -m pip install -q virtme-ng 2>/dev/null || python3 -m pip install -q --break-system-packages virtme-ng
+  hash -r
 fi

@@ -12,3 +12,14 @@ source scripts/deps.sh
 cargo fmt --check
 cargo clippy --all-targets --quiet -- -D warnings
 cargo test --all-features 2>&1
+# The kernel matrix: the data-path tests again on Debian's 5.10, 6.1 and
+# 6.12 kernels in emulated guests (docs/kernels.md). KMESH_KERNELS=0 skips
+# it; KMESH_KERNELS="5.10" runs only those.
+if [ "${KMESH_KERNELS:-all}" != 0 ]; then
+  if [ "${KMESH_KERNELS:-all}" = all ]; then
+    bash scripts/kernels.sh
+  else
+    # shellcheck disable=SC2086
+    bash scripts/kernels.sh $KMESH_KERNELS
+  fi
+fi

@@ -71,15 +71,22 @@ pub fn current_netns_cookie() -> io::Result<u64> {
 
 /// Cookie of the network namespace at `path` (e.g. /run/netns/NAME or
 /// /proc/PID/ns/net), read from a short-lived thread so the caller's own
-/// namespace never changes.
+/// namespace never changes. Kernels without SO_NETNS_COOKIE (before 5.14)
+/// answer through a BPF probe instead (see `crate::bpf::netns`).
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    let path = path.to_path_buf();
-    std::thread::spawn(move || {
-        enter_netns(&path)?;
+    let owned = path.to_path_buf();
+    let by_sockopt = std::thread::spawn(move || {
+        enter_netns(&owned)?;
         current_netns_cookie()
     })
     .join()
-    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
+    .map_err(|_| io::Error::other("netns cookie thread panicked"))?;
+    match by_sockopt {
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
+            crate::bpf::netns::netns_cookie_by_connect(path)
+        }
+        other => other,
+    }
 }
 
 /// One read() on a blocking socket that retries EAGAIN, counting the

@@ -68,6 +68,9 @@ fn transfer_ok(env: &Env, client: &Pod, args: &[&str]) -> Vec<Value> {
 
 #[test]
 fn accelerated_transfers_are_byte_exact_both_ways() {
+    if harness::skip_unless_acceleration("accelerated_transfers_are_byte_exact_both_ways") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let d = env.daemon(&config(&client, &server, true));
     let sizes = "1,64,4096,262144,4194304";
@@ -118,6 +121,9 @@ fn accelerated_transfers_are_byte_exact_both_ways() {
 
 #[test]
 fn half_close_reset_and_full_receiver_behave_like_tcp() {
+    if harness::skip_unless_acceleration("half_close_reset_and_full_receiver_behave_like_tcp") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let d = env.daemon(&config(&client, &server, true));
     // Half-close: the echo of everything sent arrives, then EOF. With
@@ -162,6 +168,9 @@ fn half_close_reset_and_full_receiver_behave_like_tcp() {
 /// (a cached redirect to the gone peer's queue would) nor hang.
 #[test]
 fn writes_after_the_peer_closed_fail_like_tcp() {
+    if harness::skip_unless_acceleration("writes_after_the_peer_closed_fail_like_tcp") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let addr = format!("{}:8082", server.v4);
     env.serve_in_mesh(
@@ -188,6 +197,11 @@ fn writes_after_the_peer_closed_fail_like_tcp() {
 
 #[test]
 fn connections_survive_enabling_acceleration_and_daemon_stop() {
+    if harness::skip_unless_acceleration(
+        "connections_survive_enabling_acceleration_and_daemon_stop",
+    ) {
+        return;
+    }
     let (mut env, client, server) = setup();
     let d = env.daemon(&config(&client, &server, false));
     // Established before acceleration: stays plain and keeps working.
@@ -219,6 +233,9 @@ fn connections_survive_enabling_acceleration_and_daemon_stop() {
 /// reach the reader once each, in order, when it starts reading.
 #[test]
 fn full_receiver_pushes_back_on_the_sender() {
+    if harness::skip_unless_acceleration("full_receiver_pushes_back_on_the_sender") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let drain = ["--stall", "--drain-after-ms", "1000"];
     env.serve_in_mesh(&server, &[format!("{}:9091", server.v4)], "sink", &drain);
@@ -264,6 +281,9 @@ fn full_receiver_pushes_back_on_the_sender() {
 /// The connections go on working, byte-exact.
 #[test]
 fn ends_that_cannot_be_accelerated_stay_out_of_the_map() {
+    if harness::skip_unless_acceleration("ends_that_cannot_be_accelerated_stay_out_of_the_map") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let outside = env.pod(12, &[]);
     let out_addr = format!("{}:8080", outside.v4);
@@ -310,6 +330,9 @@ fn ends_that_cannot_be_accelerated_stay_out_of_the_map() {
 /// one in it, and plain again; every echo byte-exact.
 #[test]
 fn a_reconnected_socket_is_decided_afresh() {
+    if harness::skip_unless_acceleration("a_reconnected_socket_is_decided_afresh") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let outside = env.pod(12, &[]);
     let out_addr = format!("{}:8080", outside.v4);
@@ -344,6 +367,9 @@ fn a_reconnected_socket_is_decided_afresh() {
 /// connection's socket is still open when the new one sends.
 #[test]
 fn a_reset_socket_leaves_before_its_addresses_are_reused() {
+    if harness::skip_unless_acceleration("a_reset_socket_leaves_before_its_addresses_are_reused") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let addr = format!("{}:8083", server.v4);
     env.serve_in_mesh(
@@ -370,6 +396,9 @@ fn a_reset_socket_leaves_before_its_addresses_are_reused() {
 /// between its own two ends, never into the other pod's socket.
 #[test]
 fn the_same_loopback_connection_in_two_pods_is_kept_apart() {
+    if harness::skip_unless_acceleration("the_same_loopback_connection_in_two_pods_is_kept_apart") {
+        return;
+    }
     let (mut env, client, server) = setup();
     for (pod, name) in [(&client, "lo-a"), (&server, "lo-b")] {
         env.serve_in_mesh(pod, &["127.0.0.1:9000".to_string()], name, &[]);
@@ -395,6 +424,9 @@ fn the_same_loopback_connection_in_two_pods_is_kept_apart() {
 /// detached, so nothing removed them) are swept by the next daemon.
 #[test]
 fn a_new_daemon_sweeps_connections_closed_while_none_ran() {
+    if harness::skip_unless_acceleration("a_new_daemon_sweeps_connections_closed_while_none_ran") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let mut d = env.daemon(&config(&client, &server, true));
     let mut held = env.hold(&client, "10.96.0.10:80");
@@ -422,6 +454,9 @@ fn a_new_daemon_sweeps_connections_closed_while_none_ran() {
 /// elsewhere does not take the old links over), so the overlap lasts.
 #[test]
 fn a_second_sockops_program_leaves_a_taken_socket_alone() {
+    if harness::skip_unless_acceleration("a_second_sockops_program_leaves_a_taken_socket_alone") {
+        return;
+    }
     let (mut env, client, server) = setup();
     let cfg = config(&client, &server, true);
     let mut old = env.daemon_args(&cfg, &["--keep-attached"]).unwrap();
@@ -456,6 +491,9 @@ fn a_second_sockops_program_leaves_a_taken_socket_alone() {
 /// they close. bench/capacity.sh runs the same at 100k.
 #[test]
 fn thousands_of_held_connections_are_accelerated() {
+    if harness::skip_unless_acceleration("thousands_of_held_connections_are_accelerated") {
+        return;
+    }
     const N: u64 = 3000;
     let (mut env, client, server) = setup();
     load_servers(&mut env, &server);
@@ -499,6 +537,9 @@ fn thousands_of_held_connections_are_accelerated() {
 /// the connection stays plain TCP: every byte still arrives, in order.
 #[test]
 fn a_full_socket_map_leaves_connections_on_plain_tcp() {
+    if harness::skip_unless_acceleration("a_full_socket_map_leaves_connections_on_plain_tcp") {
+        return;
+    }
     const CAP: u64 = 64;
     const N: u64 = 100;
     let (mut env, client, server) = setup();

@@ -99,6 +99,9 @@ fn transfer(w: &World, addr: &str, args: &[&str], conns: usize) {
 
 #[test]
 fn service_waypoint_gets_one_tlv_per_connection_v4() {
+    if harness::skip_unless_waypoints("service_waypoint_gets_one_tlv_per_connection_v4") {
+        return;
+    }
     let mut w = world();
     let wp = json!({"address": w.waypoint.v4.to_string(), "port": 15008});
     let cfg = config(
@@ -143,6 +146,9 @@ fn service_waypoint_gets_one_tlv_per_connection_v4() {
 
 #[test]
 fn service_waypoint_gets_one_tlv_per_connection_v6() {
+    if harness::skip_unless_waypoints("service_waypoint_gets_one_tlv_per_connection_v6") {
+        return;
+    }
     let mut w = world();
     let wp = json!({"address": w.waypoint.v6.to_string(), "port": 15008});
     let cfg = config(
@@ -176,6 +182,9 @@ fn service_waypoint_gets_one_tlv_per_connection_v6() {
 
 #[test]
 fn connections_not_via_a_waypoint_carry_no_tlv() {
+    if harness::skip_unless_waypoints("connections_not_via_a_waypoint_carry_no_tlv") {
+        return;
+    }
     let mut w = world();
     let cfg = config(
         &w,
@@ -209,6 +218,9 @@ fn connections_not_via_a_waypoint_carry_no_tlv() {
 
 #[test]
 fn workload_waypoint_takes_direct_pod_traffic() {
+    if harness::skip_unless_waypoints("workload_waypoint_takes_direct_pod_traffic") {
+        return;
+    }
     let mut w = world();
     let wp = json!({"address": w.waypoint.v4.to_string(), "port": 15008});
     let cfg = config(
@@ -228,6 +240,9 @@ fn workload_waypoint_takes_direct_pod_traffic() {
 
 #[test]
 fn hostname_waypoint_is_resolved_through_its_service() {
+    if harness::skip_unless_waypoints("hostname_waypoint_is_resolved_through_its_service") {
+        return;
+    }
     let mut w = world();
     // The waypoint as a service (VIP 10.96.0.100:15008) backed by pod 3.
     let wp_svc = json!({
@@ -267,6 +282,9 @@ fn wait_reloads(d: &harness::Daemon, n: usize) {
 /// own list of programs on the cgroup is checked, not just the dump.
 #[test]
 fn sockops_is_attached_once_a_waypoint_is_configured() {
+    if harness::skip_unless_waypoints("sockops_is_attached_once_a_waypoint_is_configured") {
+        return;
+    }
     let mut w = world();
     let plain = config(
         &w,

@@ -182,6 +182,10 @@ struct sock_state {
 	/* Sent to the peer since its queue was last looked at: */
 	__u32 unchecked_bytes;
 	__u32 unchecked_sends;
+	__u32 pad;
+	/* The socket's netns cookie, from connect4: where sockops and sk_msg
+	 * cannot ask for it (bpf_get_netns_cookie there needs Linux 5.15). */
+	__u64 netns;
 };
 
 /* Settings the daemon writes into km_config[0]. */

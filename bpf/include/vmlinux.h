@@ -198,7 +198,7 @@ struct bpf_sock_ops_kern {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 struct sk_psock {
-	__u32 msg_tot_len; /* bytes in ingress_msg (kernel 6.18+) */
+	__u32 msg_tot_len; /* bytes in ingress_msg (not in 6.1) */
 } __attribute__((preserve_access_index));
 #define SOCK_RCVBUF_LOCK 2
 #define RCV_SHUTDOWN 1

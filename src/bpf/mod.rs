@@ -12,7 +12,7 @@ use std::{
 
 use libbpf_rs::{
     skel::{OpenSkel, SkelBuilder},
-    Link, MapCore, MapMut, OpenObject, PrintLevel,
+    Link, MapCore, OpenObject, PrintLevel,
 };
 use thiserror::Error;
 
@@ -29,8 +29,15 @@ pub mod skel {
     include!(concat!(env!("OUT_DIR"), "/kmesh.skel.rs"));
 }
 
+mod features;
+mod maps;
+pub mod netns;
 mod pins;
+mod stats;
 mod types;
+pub use features::{kernel_counts_psock_bytes, Features, KernelSupport};
+pub use maps::{MapId, MapSizes};
+pub use stats::{ProgRunStats, RunStatsGuard, STAT_NAMES};
 pub use types::*;
 
 pub use skel::types::{
@@ -45,26 +52,6 @@ pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
 pub const EP_PORTS: u32 = 1;
-pub const STAT_NAMES: [&str; 17] = [
-    "enrolled_connect",
-    "service_redirect",
-    "workload_direct",
-    "no_endpoint",
-    "strict_reject",
-    "family_mismatch",
-    "port_miss",
-    "waypoint_redirect",
-    "tlv_sent",
-    "tlv_failed",
-    "accel_added",
-    "accel_full",
-    "accel_on",
-    "accel_off",
-    "accel_pushback",
-    "accel_left",
-    "accel_skipped",
-];
-
 #[derive(Debug, Error)]
 pub enum BpfError {
     #[error("loading BPF object: {source}{}", verifier_tail())]
@@ -92,86 +79,6 @@ pub enum BpfError {
     Pin { path: PathBuf, reason: String },
 }
 
-/// Sizes of the data-path maps. Hash maps are created without preallocation,
-/// so these are limits, not memory spent up front.
-#[derive(Debug, Clone, Copy)]
-pub struct MapSizes {
-    /// Service VIPs (km_vip).
-    pub vips: u32,
-    /// Workload addresses (km_workload).
-    pub workload_ips: u32,
-    /// Service endpoints, summed over services and priorities (km_endpoint).
-    pub endpoints: u32,
-    pub enrolled_netns: u32,
-    /// Workloads' own target ports where they differ from the service's
-    /// (km_port).
-    pub port_overrides: u32,
-    /// Sockets in km_sock (both ends of each accelerated connection, and
-    /// waypoint connections until their TLV is sent), and connections in
-    /// km_conn.
-    pub sockets: u32,
-}
-
-impl Default for MapSizes {
-    fn default() -> Self {
-        MapSizes {
-            vips: 65_536,
-            workload_ips: 262_144,
-            endpoints: 262_144,
-            enrolled_netns: 8_192,
-            port_overrides: 65_536,
-            sockets: 262_144,
-        }
-    }
-}
-
-/// Which data-path map a handle refers to; used in errors and dumps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MapId {
-    Vip,
-    Workload,
-    Endpoint,
-    Port,
-    Manage,
-    Config,
-    /// Sockhash of sockets the sk_msg program handles (written by sockops).
-    Sock,
-    /// Per-socket storage (written by the programs).
-    SockState,
-    /// Per-connection handshake between the two ends in km_sock (written
-    /// by the programs).
-    Conn,
-}
-
-impl MapId {
-    /// Maps the writer fills.
-    pub const WRITTEN: [MapId; 6] = [
-        MapId::Vip,
-        MapId::Workload,
-        MapId::Endpoint,
-        MapId::Port,
-        MapId::Manage,
-        MapId::Config,
-    ];
-    /// Maps that hold live sockets: they outlive the daemon (see
-    /// `Datapath::shutdown`) and are reused by the next one.
-    pub const SOCKETS: [MapId; 3] = [MapId::Sock, MapId::SockState, MapId::Conn];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            MapId::Vip => "km_vip",
-            MapId::Workload => "km_workload",
-            MapId::Endpoint => "km_endpoint",
-            MapId::Port => "km_port",
-            MapId::Manage => "km_manage",
-            MapId::Config => "km_config",
-            MapId::Sock => "km_sock",
-            MapId::SockState => "km_sock_state",
-            MapId::Conn => "km_conn",
-        }
-    }
-}
-
 /// Loaded (not necessarily attached) data path. Dropping it detaches
 /// links that are not pinned; pinned ones stay (see `shutdown`).
 pub struct Datapath {
@@ -181,6 +88,7 @@ pub struct Datapath {
     /// Where `attach` put the programs, kept open so sockops can follow.
     cgroup: Option<(PathBuf, fs::File)>,
     sockops_wanted: bool,
+    kernel: KernelSupport,
 }
 
 /// Every cgroup link the data path may have, as named in its pins.
@@ -221,16 +129,25 @@ fn pin_err(path: &Path, e: impl std::fmt::Display) -> BpfError {
     }
 }
 
-/// Whether the running kernel's psock counts the bytes queued on it
-/// (`sk_psock.msg_tot_len`), which the sk_msg program's push-back reads;
-/// where the field is missing the program skips the check (CO-RE).
-pub fn kernel_counts_psock_bytes() -> bool {
-    use libbpf_rs::btf::{types::Composite, Btf};
-    let Ok(btf) = Btf::from_vmlinux() else {
-        return false;
-    };
-    btf.type_by_name::<Composite>("sk_psock")
-        .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
+/// Tells the programs what this kernel can run (read-only constants the
+/// verifier uses to skip what it cannot), and loads sockops/sk_msg only
+/// where they can run.
+fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport) {
+    let socket = kernel.socket_programs();
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        ro.km_feat_accel = u32::from(socket && kernel.acceleration.is_none());
+        ro.km_feat_netns_helper = u32::from(kernel.features.netns_cookie_in_sockops);
+        ro.km_feat_probe_read = u32::from(kernel.features.probe_read_in_sockops);
+        ro.km_feat_tlv = u32::from(socket);
+    }
+    // One of each pair (see bpf/kmesh.bpf.c): the TLV-only variants hold no
+    // atomics, which kernels before 5.12 refuse in any program they load.
+    let accel = socket && kernel.acceleration.is_none();
+    let p = &mut open.progs;
+    p.kmesh_sockops.set_autoload(accel);
+    p.kmesh_sendmsg.set_autoload(accel);
+    p.kmesh_sockops_tlv.set_autoload(socket && !accel);
+    p.kmesh_sendmsg_tlv.set_autoload(socket && !accel);
 }
 
 /// BPF_FS_MAGIC from linux/magic.h.
@@ -261,10 +178,49 @@ impl Datapath {
         // storage are leaked rather than tied into a self-referential struct.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = Self::open(storage, sizes, pins)?;
+        let features = Features::probe();
+        let mut kernel = KernelSupport::new(features);
+        set_features(&mut open, &kernel);
+        let skel = match open.load() {
+            Ok(skel) => skel,
+            // An unknown kernel may refuse sockops/sk_msg for a reason no
+            // probe asked about: connect redirect still runs without them.
+            Err(source) if kernel.waypoints.is_none() => {
+                let reason = format!("the kernel refused the sockops/sk_msg programs: {source}");
+                tracing::debug!("{reason}{}", verifier_tail());
+                kernel.without_socket_programs(reason);
+                let storage: &'static mut MaybeUninit<OpenObject> =
+                    Box::leak(Box::new(MaybeUninit::uninit()));
+                let mut open = Self::open(storage, sizes, pins)?;
+                set_features(&mut open, &kernel);
+                open.load().map_err(|source| BpfError::Load { source })?
+            }
+            Err(source) => return Err(BpfError::Load { source }),
+        };
+        kernel.log();
+        Ok(Datapath {
+            skel,
+            links: Vec::new(),
+            pin_dir: None,
+            cgroup: None,
+            sockops_wanted: false,
+            kernel,
+        })
+    }
+
+    /// Opens the object with map sizes set and the pinned socket maps of a
+    /// previous daemon reused.
+    fn open(
+        storage: &'static mut MaybeUninit<OpenObject>,
+        sizes: MapSizes,
+        pins: Option<&Path>,
+    ) -> Result<skel::OpenKmeshSkel<'static>, BpfError> {
         let mut open = skel::KmeshSkelBuilder::default()
             .open(storage)
             .map_err(|source| BpfError::Load { source })?;
         let m = &mut open.maps;
+
         for (map, name, value) in [
             (&mut m.km_vip, "km_vip", sizes.vips),
             (&mut m.km_workload, "km_workload", sizes.workload_ips),
@@ -292,6 +248,18 @@ impl Datapath {
                     continue;
                 }
                 match map.reuse_pinned_map(&path) {
+                    // A reused map keeps the size it was made with: say so
+                    // when --max-sockets asked for another (resizing would
+                    // drop the live sockets it holds).
+                    Ok(()) if name != "km_sock_state" && map.max_entries() != sizes.sockets => {
+                        tracing::warn!(
+                            "reusing {} (live sockets kept) with its {} entries: --max-sockets {} \
+                             takes effect at a start that finds no socket map pinned",
+                            path.display(),
+                            map.max_entries(),
+                            sizes.sockets
+                        )
+                    }
                     Ok(()) => tracing::info!("reusing {} (live sockets kept)", path.display()),
                     Err(e) => tracing::warn!(
                         "{} cannot be reused ({e}); its sockets fall back to plain TCP",
@@ -300,14 +268,32 @@ impl Datapath {
                 }
             }
         }
-        let skel = open.load().map_err(|source| BpfError::Load { source })?;
-        Ok(Datapath {
-            skel,
-            links: Vec::new(),
-            pin_dir: None,
-            cgroup: None,
-            sockops_wanted: false,
-        })
+        Ok(open)
+    }
+
+    /// The loaded sockops program: with acceleration where the kernel can
+    /// run it, else the TLV-only variant.
+    fn sockops_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        if self.kernel.acceleration.is_none() {
+            &p.kmesh_sockops
+        } else {
+            &p.kmesh_sockops_tlv
+        }
+    }
+
+    fn sendmsg_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        let p = &self.skel.progs;
+        if self.kernel.acceleration.is_none() {
+            &p.kmesh_sendmsg
+        } else {
+            &p.kmesh_sendmsg_tlv
+        }
+    }
+
+    /// What this kernel runs of the data path (for the dump).
+    pub fn kernel(&self) -> &KernelSupport {
+        &self.kernel
     }
 
     /// Attaches connect4/connect6 to the cgroup2 directory `cgroup` with
@@ -318,18 +304,18 @@ impl Datapath {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        let progs = &self.skel.progs;
         // The sk_msg program rides on km_sock; the map holds it, so sockets
         // already in the map keep being served after this process exits.
         let sock_fd = std::os::fd::AsFd::as_fd(&self.skel.maps.km_sock).as_raw_fd();
-        progs
-            .kmesh_sendmsg
-            .attach_sockmap(sock_fd)
-            .map_err(|source| BpfError::Attach {
-                prog: "sendmsg",
-                path: cgroup.to_path_buf(),
-                source,
-            })?;
+        if self.kernel.socket_programs() {
+            self.sendmsg_prog()
+                .attach_sockmap(sock_fd)
+                .map_err(|source| BpfError::Attach {
+                    prog: "sendmsg",
+                    path: cgroup.to_path_buf(),
+                    source,
+                })?;
+        }
         self.cgroup = Some((cgroup.to_path_buf(), dir));
         // sockops first: a loopback connect to a waypoint completes inside
         // connect(), so it must not fit between connect4 and sockops.
@@ -351,6 +337,10 @@ impl Datapath {
     /// picked a waypoint just before the change would miss its TLV (and a
     /// daemon taking over kept links keeps it too, see `pin`).
     pub fn want_sockops(&mut self) -> Result<(), BpfError> {
+        // Not loaded on this kernel: load() has said so once.
+        if !self.kernel.socket_programs() {
+            return Ok(());
+        }
         self.sockops_wanted = true;
         if self.cgroup.is_none() || self.attached().contains(&"sockops") {
             return Ok(());
@@ -376,7 +366,7 @@ impl Datapath {
         let prog = match name {
             "connect4" => &progs.kmesh_connect4,
             "connect6" => &progs.kmesh_connect6,
-            "sockops" => &progs.kmesh_sockops,
+            "sockops" => self.sockops_prog(),
             other => unreachable!("no cgroup program {other}"),
         };
         let mut link = prog
@@ -517,120 +507,6 @@ impl Datapath {
     pub fn socket_count(&self) -> usize {
         self.skel.maps.km_sock.keys().count()
     }
-
-    pub fn map(&self, id: MapId) -> &MapMut<'static> {
-        let m = &self.skel.maps;
-        match id {
-            MapId::Vip => &m.km_vip,
-            MapId::Workload => &m.km_workload,
-            MapId::Endpoint => &m.km_endpoint,
-            MapId::Port => &m.km_port,
-            MapId::Manage => &m.km_manage,
-            MapId::Config => &m.km_config,
-            MapId::Sock => &m.km_sock,
-            MapId::SockState => &m.km_sock_state,
-            MapId::Conn => &m.km_conn,
-        }
-    }
-
-    fn map_mut(&mut self, id: MapId) -> &mut MapMut<'static> {
-        let m = &mut self.skel.maps;
-        match id {
-            MapId::Vip => &mut m.km_vip,
-            MapId::Workload => &mut m.km_workload,
-            MapId::Endpoint => &mut m.km_endpoint,
-            MapId::Port => &mut m.km_port,
-            MapId::Manage => &mut m.km_manage,
-            MapId::Config => &mut m.km_config,
-            MapId::Sock => &mut m.km_sock,
-            MapId::SockState => &mut m.km_sock_state,
-            MapId::Conn => &mut m.km_conn,
-        }
-    }
-
-    pub fn capacity(&self, id: MapId) -> u32 {
-        self.map(id).max_entries()
-    }
-
-    /// Per-counter sums over CPUs of the data path's stats array.
-    pub fn stats(&self) -> Vec<(&'static str, u64)> {
-        let map = &self.skel.maps.km_stats;
-        STAT_NAMES
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let key = (i as u32).to_ne_bytes();
-                let sum = map
-                    .lookup_percpu(&key, libbpf_rs::MapFlags::ANY)
-                    .ok()
-                    .flatten()
-                    .map(|cpus| {
-                        cpus.iter()
-                            .filter_map(|v| {
-                                v.get(..8)
-                                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-                            })
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                (*name, sum)
-            })
-            .collect()
-    }
-
-    /// Kernel-side run statistics of each program: (name, runs, total ns).
-    /// Counted only while a `RunStatsGuard` is alive somewhere on the host.
-    pub fn run_stats(&self) -> Vec<ProgRunStats> {
-        use std::os::fd::AsFd;
-        let p = &self.skel.progs;
-        [
-            ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
-            ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
-            ("sockops", p.kmesh_sockops.as_fd().as_raw_fd()),
-            ("sendmsg", p.kmesh_sendmsg.as_fd().as_raw_fd()),
-        ]
-        .into_iter()
-        .filter_map(|(name, fd)| {
-            let mut info = libbpf_sys::bpf_prog_info::default();
-            let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;
-            // SAFETY: fd is a live program fd; info/len describe a valid buffer.
-            let rc = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd, &mut info, &mut len) };
-            (rc == 0).then_some(ProgRunStats {
-                prog: name,
-                runs: info.run_cnt,
-                run_time_ns: info.run_time_ns,
-            })
-        })
-        .collect()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProgRunStats {
-    pub prog: &'static str,
-    pub runs: u64,
-    pub run_time_ns: u64,
-}
-
-/// Keeps the kernel's BPF run-time accounting (BPF_STATS_RUN_TIME) on while
-/// alive. It costs two clock reads per program run, so it is off by default.
-pub struct RunStatsGuard {
-    _fd: std::os::fd::OwnedFd,
-}
-
-impl RunStatsGuard {
-    pub fn enable() -> std::io::Result<Self> {
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain syscall wrapper; a non-negative result is a new fd we own.
-        let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
-        if fd < 0 {
-            return Err(std::io::Error::from_raw_os_error(-fd));
-        }
-        // SAFETY: fd was just returned to us and is owned by nobody else.
-        Ok(RunStatsGuard {
-            _fd: unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) },
-        })
-    }
 }
 
 #[cfg(test)]
@@ -638,9 +514,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn this_kernel_counts_psock_bytes() {
-        // 6.18 has the field; the push-back tests depend on it.
-        assert!(kernel_counts_psock_bytes());
+    fn psock_byte_count_matches_the_probe() {
+        // 6.18 has the field (6.1 does not); acceleration depends on it.
+        let has = kernel_counts_psock_bytes();
+        assert_eq!(has, Features::probe().psock_queue_length);
+        if !has {
+            println!("SKIP: no sk_psock.msg_tot_len on this kernel");
+        }
+    }
+
+    /// The default sizes' kernel memory, idle: the bucket arrays. (18.6 MB
+    /// before the defaults were sized for a node.)
+    #[test]
+    fn default_sizes_hold_under_six_megabytes_idle() {
+        let dp = Datapath::load(MapSizes::default()).unwrap_or_else(|e| panic!("{e}"));
+        for id in MapId::WRITTEN.into_iter().chain(MapId::SOCKETS) {
+            println!("{}: {} bytes", id.name(), dp.memlock(id));
+        }
+        let total = dp.memlock_total();
+        println!("total: {total} bytes");
+        assert!(total > 1_000_000, "memlock not read: {total}");
+        assert!(total < 6_000_000, "{total} bytes at default sizes");
     }
 
     #[test]
@@ -654,6 +548,16 @@ mod tests {
             sockets: 64,
         };
         let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("{e}"));
+        // What the probes promise, the load delivers (kernels.sh runs this
+        // in every guest): no program refused for a reason none foresaw.
+        let k = dp.kernel();
+        println!("{k:?}");
+        assert_eq!(
+            k.waypoints.as_deref(),
+            k.features.waypoints_unavailable(),
+            "{}",
+            verifier_tail()
+        );
         assert_eq!(dp.capacity(MapId::Vip), 100);
         assert_eq!(dp.capacity(MapId::Manage), 5);
         assert!(dp.stats().iter().all(|(_, v)| *v == 0));

@@ -45,6 +45,10 @@ pub struct Dump {
     /// Programs on the cgroup; sockops only once acceleration or a
     /// waypoint has been configured.
     pub attached: Vec<&'static str>,
+    /// Kernel memory all the data path's maps hold (fdinfo memlock).
+    pub map_memory_bytes: u64,
+    /// What this kernel runs (features found at start, and why any is off).
+    pub kernel: crate::bpf::KernelSupport,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +110,8 @@ pub struct PassthroughDump {
 pub struct MapUsage {
     pub entries: usize,
     pub capacity: u32,
+    /// Kernel memory the map holds (fdinfo memlock).
+    pub memory_bytes: u64,
 }
 
 fn entries<K: Pod, V: Pod>(w: &MapWriter, id: MapId) -> Vec<(K, V)> {
@@ -260,6 +266,7 @@ impl MapWriter {
                 let usage = MapUsage {
                     entries: self.dp.map(id).keys().count(),
                     capacity: self.dp.capacity(id),
+                    memory_bytes: self.dp.memlock(id),
                 };
                 (id.name(), usage)
             })
@@ -326,6 +333,8 @@ impl MapWriter {
             stats: self.dp.stats().into_iter().collect(),
             maps,
             attached: self.dp.attached(),
+            map_memory_bytes: self.dp.memlock_total(),
+            kernel: self.dp.kernel().clone(),
         }
     }
 }

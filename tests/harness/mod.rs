@@ -25,6 +25,53 @@ pub mod xds;
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
 pub const KMESH: &str = env!("CARGO_BIN_EXE_kmesh");
 
+/// How many times slower than this machine the kernel under test runs:
+/// `KMESH_TEST_TIME_SCALE` (scripts/kernels.sh sets it in emulated guests,
+/// where loading the BPF programs alone takes seconds). Deadlines that wait
+/// for the daemon scale with it; measured durations do not.
+pub fn time_scale() -> u32 {
+    std::env::var("KMESH_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 1)
+        .unwrap_or(1)
+}
+
+/// What the running kernel supports, probed as the daemon does.
+pub fn kernel() -> &'static kmesh::bpf::KernelSupport {
+    static K: std::sync::OnceLock<kmesh::bpf::KernelSupport> = std::sync::OnceLock::new();
+    K.get_or_init(|| kmesh::bpf::KernelSupport::new(kmesh::bpf::Features::probe()))
+}
+
+/// Prints a skip line naming the test and the kernel's reason; never a
+/// silent pass (scripts/kernels.sh counts these lines).
+fn skip(test: &str, what: &str, why: &str) {
+    let line = format!(
+        "SKIP {test}: {what} is off on Linux {}: {why}",
+        kernel().release
+    );
+    println!("{line}");
+}
+
+/// For a test that needs same-host acceleration: true (after printing why)
+/// on a kernel that cannot run it.
+pub fn skip_unless_acceleration(test: &str) -> bool {
+    kernel()
+        .acceleration
+        .as_deref()
+        .map(|why| skip(test, "acceleration", why))
+        .is_some()
+}
+
+/// For a test that needs waypoints (sockops and sk_msg programs).
+pub fn skip_unless_waypoints(test: &str) -> bool {
+    kernel()
+        .waypoints
+        .as_deref()
+        .map(|why| skip(test, "waypoints", why))
+        .is_some()
+}
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
@@ -287,11 +334,17 @@ impl Env {
     /// Runs the probe in `pod` inside the attached cgroup with `args`; one
     /// JSON value per output line, and whether it exited successfully.
     pub fn probe(&self, pod: &Pod, args: &[&str]) -> (Vec<Value>, bool) {
-        let out = self
-            .probe_cmd(pod, true)
-            .args(args)
-            .output()
-            .expect("run probe");
+        let mut cmd = self.probe_cmd(pod, true);
+        cmd.args(args);
+        // Its waits (5 s by default) stretch with the kernel's slowness too.
+        let timed = ["transfer", "reconnect", "fill", "after-close", "connect"];
+        if time_scale() > 1
+            && args.first().is_some_and(|a| timed.contains(a))
+            && !args.contains(&"--timeout-ms")
+        {
+            cmd.args(["--timeout-ms", &(5000 * time_scale()).to_string()]);
+        }
+        let out = cmd.output().expect("run probe");
         let text = String::from_utf8_lossy(&out.stdout);
         let lines = text
             .lines()
@@ -467,7 +520,7 @@ impl Env {
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn daemon");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
         while ino(&sock).is_none() || ino(&sock) == before {
             if let Some(status) = child.try_wait().unwrap() {
                 return Err(format!(
@@ -614,7 +667,7 @@ impl Daemon {
 
     /// Polls `cond` on the dump until true or `timeout`.
     pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now() + timeout * time_scale();
         loop {
             let d = self.dump();
             if cond(&d) {
@@ -643,7 +696,7 @@ impl Daemon {
             nix::unistd::Pid::from_raw(child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        wait_or_kill(&mut child, Duration::from_secs(10))
+        wait_or_kill(&mut child, Duration::from_secs(10) * time_scale())
     }
 }
 

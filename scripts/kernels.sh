@@ -1,0 +1,221 @@
+#!/usr/bin/env bash
+# The kernel matrix: boots Debian's kernels (5.10 from bullseye, 6.1 from
+# bookworm, 6.12 from bookworm-backports) in QEMU guests with virtme-ng and
+# runs the data-path system tests inside each, with the host's built test
+# binaries and the host's filesystem shared read-only. Prints one line per
+# kernel and a closing "N passed, N failed".
+#
+#   scripts/kernels.sh [--fetch-only] [KERNEL...]    KERNEL: 5.10 6.1 6.12
+#
+# Environment:
+#   KMESH_KERNEL_CACHE  where the kernel packages are fetched and unpacked
+#                       (default /var/lib/kmesh-kernels; a second run does
+#                       not download again). Not under /var/cache: virtme-ng
+#                       hides that behind a tmpfs in the guest, and the guest
+#                       needs the kernel's modules from there.
+#   KMESH_KERNEL_TESTS  the test binaries (cargo test target names) to run in
+#                       each guest (default "redirect waypoint accel kernel")
+#   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
+#                       /etc/apt/sources.list*)
+#
+# apt runs with its own sources list, state and cache under the cache dir: the
+# host's apt lists and sources, and /boot, are never touched.
+set -euo pipefail
+
+# Inside a guest: `kernels.sh --guest OUT BIN...` runs each test binary and
+# leaves its output and exit code in OUT (a directory shared read-write with
+# the host; the guest's console is not reliable output).
+if [ "${1:-}" = "--guest" ]; then
+  out=$2
+  shift 2
+  exec >"$out/guest.log" 2>&1
+  uname -r
+  # The test harness mounts its own bpffs and finds cgroup2 in /proc/mounts;
+  # veth is a module in Debian's kernels (virtme-ng exposes the package's
+  # modules dir as /lib/modules/<release>).
+  modprobe veth || echo "modprobe veth failed"
+  ulimit -l unlimited
+  # Binaries are read over 9p without a page cache: every daemon start
+  # would read the whole debug binary again. The host left stripped copies
+  # in OUT/bin; they go to RAM and over the originals' paths (the test
+  # binaries start the daemon by its build path).
+  mkdir -p /run/kmesh-bin
+  for f in "$out"/bin/*; do
+    cp "$f" /run/kmesh-bin/
+    orig=$(cat "$out/orig/$(basename "$f")")
+    mount --bind "/run/kmesh-bin/$(basename "$f")" "$orig"
+  done
+  for bin in "$@"; do
+    name=$(basename "$bin")
+    name=${name%-*}
+    rc=0
+    timeout "${KMESH_GUEST_TEST_TIMEOUT:-600}" "$bin" --test-threads=2 --show-output >"$out/$name.log" 2>&1 || rc=$?
+    echo "$rc" >"$out/$name.rc"
+  done
+  echo done >"$out/finished"
+  exit 0
+fi
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+cache=${KMESH_KERNEL_CACHE:-/var/lib/kmesh-kernels}
+tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel}
+fetch_only=0
+kernels=()
+for a in "$@"; do
+  case "$a" in
+    --fetch-only) fetch_only=1 ;;
+    5.10 | 6.1 | 6.12) kernels+=("$a") ;;
+    *) echo "kernels.sh: unknown argument '$a' (expected --fetch-only, 5.10, 6.1 or 6.12)" >&2; exit 2 ;;
+  esac
+done
+[ "${#kernels[@]}" -gt 0 ] || kernels=(5.10 6.1 6.12)
+
+suite_of() {
+  case "$1" in
+    5.10) echo bullseye ;;
+    6.1) echo bookworm ;;
+    6.12) echo bookworm-backports ;;
+  esac
+}
+
+mirror() {
+  if [ -n "${KMESH_DEBIAN_MIRROR:-}" ]; then echo "$KMESH_DEBIAN_MIRROR"; return; fi
+  local m
+  m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources 2>/dev/null |
+    grep -oE 'https?://[^ ]+/debian/?( |$)' | grep -v security | head -n1 | tr -d ' ' || true)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
+# apt with everything of its own under $cache/apt.
+apt_own() {
+  local tool=$1
+  shift
+  "$tool" -o Dir::State="$cache/apt/state" -o Dir::Cache="$cache/apt/cache" \
+    -o Dir::Etc::SourceList="$cache/apt/sources.list" -o Dir::Etc::SourceParts="$cache/apt/empty" \
+    -o Dir::Etc::Preferences="$cache/apt/preferences" -o Dir::Etc::PreferencesParts="$cache/apt/empty" \
+    -o APT::Sandbox::User=root -o Debug::NoLocking=1 -q "$@"
+}
+
+# Unpacks the newest linux-image of the kernel's suite into $cache/<kernel>;
+# prints the vmlinuz path. Does nothing when it is already there.
+fetch() {
+  local k=$1 dir="$cache/$1"
+  if [ -f "$dir/.done" ]; then
+    ls "$dir"/boot/vmlinuz-* | head -n1
+    return
+  fi
+  mkdir -p "$cache/apt/state/lists/partial" "$cache/apt/cache/archives/partial" "$cache/apt/empty"
+  if [ ! -f "$cache/apt/.updated" ]; then
+    local m
+    m=$(mirror)
+    {
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $m bullseye main"
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $m bookworm main"
+      echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $m bookworm-backports main"
+    } >"$cache/apt/sources.list"
+    : >"$cache/apt/preferences"
+    echo "kernels: apt-get update (own lists under $cache/apt) from $m" >&2
+    apt_own apt-get update -qq >&2
+    touch "$cache/apt/.updated"
+  fi
+  local suite pkg
+  suite=$(suite_of "$k")
+  # The suite's linux-image-amd64 names the real package (linux-image-<abi>-amd64).
+  pkg=$(apt_own apt-cache show "linux-image-amd64/$suite" 2>/dev/null |
+    sed -n 's/^Depends: .*\(linux-image-[0-9][^ ,]*-amd64\).*/\1/p' | head -n1)
+  pkg=${pkg%-unsigned}
+  [ -n "$pkg" ] || { echo "kernels: no linux-image-amd64 in $suite" >&2; return 1; }
+  echo "kernels: $k: downloading $pkg from $suite" >&2
+  local tmp
+  tmp=$(mktemp -d)
+  (cd "$tmp" && apt_own apt-get download -qq "$pkg/$suite" >&2)
+  rm -rf "$dir"
+  mkdir -p "$dir"
+  dpkg-deb -x "$tmp"/*.deb "$dir"
+  rm -rf "$tmp"
+  # Debian's kernels are readable by root only; virtme-ng reads them as is.
+  touch "$dir/.done"
+  ls "$dir"/boot/vmlinuz-* | head -n1
+}
+
+for k in "${kernels[@]}"; do
+  fetch "$k" >/dev/null
+done
+[ "$fetch_only" -eq 0 ] || exit 0
+
+# The test binaries, built once on the host and run from the shared
+# filesystem in every guest.
+args=()
+for t in $tests; do args+=(--test "$t"); done
+bins=$(cargo test --no-run --message-format=json "${args[@]}" 2>/dev/null |
+  sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
+[ -n "$bins" ] || { echo "kernels: building the test binaries failed (cargo test --no-run ${args[*]})" >&2; exit 1; }
+
+total_pass=0
+total_fail=0
+total_skip=0
+summary=()
+for k in "${kernels[@]}"; do
+  kimg=$(fetch "$k")
+  out=$(mktemp -d /tmp/kmesh-kernel-XXXXXX)
+  start=$(date +%s)
+  mkdir -p "$out/bin" "$out/orig"
+  for f in $bins "$repo/target/debug/kmesh" "$repo/target/debug/kmesh-probe" "$repo/target/debug/kmesh-load"; do
+    objcopy --strip-debug "$f" "$out/bin/$(basename "$f")"
+    echo "$f" >"$out/orig/$(basename "$f")"
+  done
+  vrc=0
+  # --disable-kvm: this machine's /dev/kvm cannot run guests; --force-9p:
+  # virtiofsd is not needed. The guest shares the host's filesystem
+  # read-only (with tmpfs overlays on /tmp, /var, /etc), OUT read-write.
+  # shellcheck disable=SC2086
+  timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
+    --memory 3G --cpus 2 --rwdir "$out" \
+    --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
+    >"$out/vng.log" 2>&1 </dev/null || vrc=$?
+  secs=$(($(date +%s) - start))
+  line="$k ($(head -n1 "$out/guest.log" 2>/dev/null || echo unknown)), ${secs}s:"
+  kpass=0
+  kfail=0
+  kskip=0
+  for bin in $bins; do
+    name=$(basename "$bin")
+    name=${name%-*}
+    res=$(grep -E '^test result:' "$out/$name.log" 2>/dev/null | tail -n1 || true)
+    p=$(echo "$res" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
+    f=$(echo "$res" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
+    s=$(echo "$res" | sed -n 's/.* \([0-9]*\) ignored.*/\1/p')
+    skipped=$( (grep '^SKIP' "$out/$name.log" 2>/dev/null || true) | sort -u | wc -l)
+    rc=$(cat "$out/$name.rc" 2>/dev/null || echo none)
+    if [ -z "$res" ] || [ "$rc" != 0 ]; then
+      # No result line (crash, timeout) counts as one failure at least.
+      [ -n "$f" ] && [ "$f" -gt 0 ] || f=1
+      p=${p:-0}
+      echo "---- $k: $name (exit $rc) ----"
+      grep -E '^(test .* FAILED|---- |thread .* panicked)|Error|error' "$out/$name.log" 2>/dev/null | head -n 40 || true
+      [ -f "$out/$name.log" ] || tail -n 30 "$out/vng.log"
+    fi
+    # cargo counts a test that returned early as passed.
+    p=$((p - skipped))
+    kpass=$((kpass + p))
+    kfail=$((kfail + f))
+    kskip=$((kskip + skipped))
+    line+=" $name ${p}/$((p + f + skipped))"
+    [ "$skipped" -eq 0 ] || line+=" ($skipped skipped)"
+    : "$s"
+  done
+  [ -f "$out/finished" ] || { line+=" [guest did not finish: vng exit $vrc]"; kfail=$((kfail + 1)); }
+  summary+=("$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line")
+  # Each reason for skipping once, with how many tests it skipped.
+  while read -r n why; do
+    if [ -n "$why" ]; then summary+=("       $n skipped: $why"); fi
+  done < <( (grep -h '^SKIP' "$out"/*.log 2>/dev/null || true) | sort -u | sed 's/^SKIP [^:]*: //' | sort | uniq -c)
+  total_pass=$((total_pass + kpass))
+  total_skip=$((total_skip + kskip))
+  total_fail=$((total_fail + kfail))
+  echo "kernels: $k done in ${secs}s (logs in $out)" >&2
+done
+echo "kernel matrix:"
+printf '  %s\n' "${summary[@]}"
+echo "kernels: $total_pass passed, $total_fail failed, $total_skip skipped"
+[ "$total_fail" -eq 0 ]
