@@ -120,8 +120,14 @@ impl MapWriter {
     }
 
     fn claim_frontends<'a>(&mut self, model: Layers<'a>, a: &mut Admission<'a>) {
+        // Sized once: about one address per entry.
+        let estimate = model
+            .0
+            .iter()
+            .map(|m| m.services.len() + m.workloads.len())
+            .sum();
         let mut best: HashMap<IpAddr, (Rank, Holder<'a>)> =
-            HashMap::with_capacity(a.frontends.len());
+            HashMap::with_capacity(a.frontends.len().max(estimate));
         let mut losers: Vec<(Holder<'a>, IpAddr)> = Vec::new();
         let mut offer = |ip: IpAddr, rank: Rank, who: Holder<'a>| match best.entry(ip) {
             Entry::Vacant(v) => {
