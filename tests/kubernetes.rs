@@ -109,11 +109,7 @@ fn manifests_pass_the_kubernetes_openapi_schema_strictly() {
         // Every resource was checked against a schema (none skipped for
         // want of one, which the validator only warns about).
         let short = &version[..version.rfind('.').unwrap()];
-        assert_eq!(
-            out.matches(&format!("passed for resource")).count(),
-            5,
-            "{out}"
-        );
+        assert_eq!(out.matches("passed for resource").count(), 5, "{out}");
         assert!(out.contains(&format!("against version {short}")), "{out}");
         assert!(!out.contains("WARN"), "{out}");
     }
