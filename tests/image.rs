@@ -212,13 +212,15 @@ fn capabilities() -> Vec<&'static str> {
     caps
 }
 
-/// `podman run -d` of the image as the DaemonSet runs it.
+/// `podman run -d` of the image as the DaemonSet runs it, with `run_extra`
+/// for podman and `extra` for the daemon.
 fn start(
     p: &Podman,
     env: &Env,
     image: &Image,
     m: &Mounts,
     name: &str,
+    run_extra: &[&str],
     extra: &[&str],
 ) -> Container {
     let cg_root = kmesh::sys::cgroup2_mount().unwrap();
@@ -257,6 +259,7 @@ fn start(
         args.push(c.into());
     }
     args.extend(p.run.iter().cloned());
+    args.extend(run_extra.iter().map(|s| s.to_string()));
     args.push(image.tag.clone());
     args.extend(
         [
@@ -405,7 +408,7 @@ fn image_redirects_answers_ctl_over_the_mounted_socket_and_stops_clean() {
     let (p, image) = podman_or_skip!(env);
     let (client, backends) = pods(&mut env);
     let m = Mounts::new(&env, &config(&client, &backends));
-    let c = start(p, &env, &image, &m, &format!("{}-kmesh", env.tag), &[]);
+    let c = start(p, &env, &image, &m, &format!("{}-kmesh", env.tag), &[], &[]);
     let ready = wait_ready(p, &c);
     eprintln!("ready (ctl dump in the container answers) after {ready:?}");
 
@@ -458,6 +461,7 @@ fn image_with_keep_attached_redirects_through_a_container_restart() {
         &image,
         &m,
         &format!("{}-kmesh", env.tag),
+        &[],
         &["--keep-attached"],
     );
     wait_ready(p, &c);
@@ -493,7 +497,7 @@ fn image_with_keep_attached_redirects_through_a_container_restart() {
 
     // The next version without --keep-attached (the uninstall): it takes
     // over and its stop detaches everything.
-    let next = start(p, &env, &image, &m, &format!("{}-next", env.tag), &[]);
+    let next = start(p, &env, &image, &m, &format!("{}-next", env.tag), &[], &[]);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !logs(p, &next).contains("attached to cgroup") {
         assert!(Instant::now() < deadline, "{}", logs(p, &next));
@@ -506,4 +510,86 @@ fn image_with_keep_attached_redirects_through_a_container_restart() {
     assert_eq!(state(p, &next), ("exited".into(), 0), "{}", logs(p, &next));
     assert_eq!(env.cgroup_progs(libbpf_sys::BPF_CGROUP_INET4_CONNECT), 0);
     assert!(!env.bpffs.join("kmesh").exists(), "{}", logs(p, &next));
+}
+
+/// The DaemonSet's way to istiod, in miniature: a TLS control plane (the
+/// harness's) reached by a hostname the image resolves with glibc through
+/// /etc/hosts (podman --add-host; the kubelet writes cluster DNS the same
+/// way), its CA and a token at the paths the DaemonSet mounts them, which
+/// are the daemon's defaults. Services and workloads come only from it.
+#[test]
+fn image_takes_services_from_a_tls_control_plane_by_hostname() {
+    use harness::xds::{service, workload, Cp};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    const HOST: &str = "istiod.kmesh-image.test";
+
+    let mut env = Env::new();
+    let (p, image) = podman_or_skip!(env);
+    let (client, backends) = pods(&mut env);
+
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec![HOST.to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let cp = Cp::start(Some((
+        cert.pem().into_bytes(),
+        key.serialize_pem().into_bytes(),
+    )));
+    cp.cp.update(|b| {
+        let (n, s) = service("web", &["10.96.0.10"], &[(80, 8080)]);
+        b.set(&n, s);
+        for (i, pod) in backends.iter().enumerate() {
+            let (n, w) = workload(&format!("web-{}", i + 1), &[pod.v4], &["web"]);
+            b.set(&n, w);
+        }
+    });
+
+    let (ca_dir, token_dir) = (env.dir.join("istio"), env.dir.join("tokens"));
+    fs::create_dir_all(&ca_dir).unwrap();
+    fs::create_dir_all(&token_dir).unwrap();
+    fs::write(ca_dir.join("root-cert.pem"), ca_cert.pem()).unwrap();
+    fs::write(token_dir.join("istio-token"), "not-a-real-jwt").unwrap();
+    let m = Mounts::new(
+        &env,
+        &json!({"enroll": {"netns": Env::enroll_list(&[&client])}}),
+    );
+    let add_host = format!("{HOST}:127.0.0.1");
+    let ca_mount = format!("{}:/var/run/secrets/istio:ro", ca_dir.display());
+    let token_mount = format!("{}:/var/run/secrets/tokens:ro", token_dir.display());
+    let address = format!("https://{HOST}:{}", cp.addr.port());
+    let c = start(
+        p,
+        &env,
+        &image,
+        &m,
+        &format!("{}-kmesh", env.tag),
+        &["--add-host", &add_host, "-v", &ca_mount, "-v", &token_mount],
+        &["--xds-address", &address],
+    );
+    wait_ready(p, &c);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let dump = host_dump(&m);
+        if dump["workloads"].as_array().map(Vec::len) == Some(2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing from the control plane: {dump:#}\n{}",
+            logs(p, &c)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(cp.cp.acks() >= 1, "{}", logs(p, &c));
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
+    let t = tally(&env.connect(&client, VIP, 40));
+    assert_eq!(t.len(), 2, "{t:?}");
+    p.ok(&["stop", "-t", "10", &c.name]);
+    assert_eq!(state(p, &c), ("exited".into(), 0), "{}", logs(p, &c));
 }
