@@ -116,8 +116,9 @@ podman build --quiet --timestamp 0 --network none \
   -f "$ctx/Containerfile" -t "$tag" "$ctx" >/dev/null
 if [ -n "$save" ]; then
   rm -f "$save"
-  podman save --format oci-archive -o "$save" "$tag"
+  podman save --quiet --format oci-archive -o "$save" "$tag"
 fi
 size=$(podman image inspect --format '{{.Size}}' "$tag")
 echo "$tag ($((size / 1024)) KiB)"
+[ -z "$save" ] || echo "$save ($(du -k "$save" | cut -f1) KiB, OCI archive)"
 echo "image built in $((SECONDS - started)) s (binary $(du -k "$fs/usr/bin/kmesh" | cut -f1) KiB stripped)"
