@@ -111,9 +111,15 @@ install -m 644 packaging/licenses/BSD-2-Clause "$fs/usr/share/doc/kmesh/LICENSE.
 cp deploy/Containerfile "$ctx/Containerfile"
 
 # The same inputs give the same image (layer times fixed at the epoch).
+previous=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 podman build --quiet --timestamp 0 --network none \
   --label "org.opencontainers.image.version=$cargo_version" \
   -f "$ctx/Containerfile" -t "$tag" "$ctx" >/dev/null
+# A rebuild moves the tag: the image it leaves without any tag is ours to drop.
+if [ -n "$previous" ] && [ "$(podman image inspect --format '{{.Id}}' "$tag")" != "$previous" ] &&
+  [ -z "$(podman image inspect --format '{{join .RepoTags ""}}' "$previous" 2>/dev/null)" ]; then
+  podman rmi "$previous" >/dev/null 2>&1 || true
+fi
 if [ -n "$save" ]; then
   rm -f "$save"
   podman save --quiet --format oci-archive -o "$save" "$tag"
