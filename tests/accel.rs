@@ -237,7 +237,10 @@ fn full_receiver_pushes_back_on_the_sender() {
         return;
     }
     let (mut env, client, server) = setup();
-    let drain = ["--stall", "--drain-after-ms", "1000"];
+    // The sink starts reading after this; the fill must reach EAGAIN before
+    // (both stretch on a slow, emulated kernel).
+    let drain_ms = (1000 * harness::time_scale()).to_string();
+    let drain = ["--stall", "--drain-after-ms", drain_ms.as_str()];
     env.serve_in_mesh(&server, &[format!("{}:9091", server.v4)], "sink", &drain);
     let small = [&drain[..], &["--rcvbuf", "131072"]].concat();
     env.serve_in_mesh(&server, &[format!("{}:9092", server.v4)], "small", &small);
@@ -250,7 +253,10 @@ fn full_receiver_pushes_back_on_the_sender() {
         assert!(ok, "{lines:?}");
         let r = lines[0].clone();
         // Otherwise the sink was reading before EAGAIN: inconclusive.
-        assert!(r["fill_ms"].as_u64().unwrap() < 800, "{r}");
+        assert!(
+            r["fill_ms"].as_u64().unwrap() < 800 * u64::from(harness::time_scale()),
+            "{r}"
+        );
         assert_eq!(r["sink"]["received"], r["total"], "{r}");
         assert_eq!(r["sink"]["in_order"], true, "{r}");
         r["written"].as_u64().unwrap()

@@ -316,7 +316,7 @@ fn strict_service_without_local_endpoints_fails_fast() {
     assert!(!c.ok);
     assert_eq!(c.errno, Some(nix::libc::EPERM as i64), "{c:?}");
     assert!(
-        started.elapsed() < Duration::from_millis(900),
+        started.elapsed() < Duration::from_millis(900) * harness::time_scale(),
         "must not wait for a timeout"
     );
     assert_eq!(d.stat("strict_reject"), 1);
