@@ -40,6 +40,26 @@ use serde_json::json;
 const SERVICES: u32 = 10_000;
 const WORKLOADS: u32 = 100_000;
 
+/// Maps sized for this mesh (the defaults are a node's: 64k endpoints).
+fn sizes() -> MapSizes {
+    MapSizes {
+        vips: 16_384,
+        workload_ips: 131_072,
+        endpoints: 131_072,
+        ..MapSizes::default()
+    }
+}
+
+/// The same sizes as daemon flags.
+const SIZE_FLAGS: [&str; 6] = [
+    "--max-vips",
+    "16384",
+    "--max-workload-ips",
+    "131072",
+    "--max-endpoints",
+    "131072",
+];
+
 fn resources() -> Vec<(String, prost_types::Any)> {
     let mut v = Vec::with_capacity((SERVICES + WORKLOADS) as usize);
     for i in 0..SERVICES {
@@ -188,7 +208,7 @@ fn main() {
         let before = heap_in_use();
         let store = to_store(&raw);
         let model = heap_in_use() - before;
-        let mut w = MapWriter::new(Datapath::load(MapSizes::default()).unwrap());
+        let mut w = MapWriter::new(Datapath::load(sizes()).unwrap());
         let before = heap_in_use();
         w.apply(&store.model).unwrap();
         let writer = heap_in_use() - before;
@@ -208,7 +228,7 @@ fn main() {
 
     c.bench_function("xds/convert_and_apply_10k_services_100k_workloads", |b| {
         b.iter_batched(
-            || MapWriter::new(Datapath::load(MapSizes::default()).unwrap()),
+            || MapWriter::new(Datapath::load(sizes()).unwrap()),
             |mut w| {
                 let store = to_store(&raw);
                 w.apply(&store.model).unwrap();
@@ -220,7 +240,7 @@ fn main() {
 
     // End to end through the daemon.
     let mut env = harness::Env::new();
-    let idle = env.daemon_args(&json!({}), &[]).unwrap();
+    let idle = env.daemon_args(&json!({}), &SIZE_FLAGS).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let idle_rss = rss_kib(idle.pid());
     let idle_parts = (
@@ -238,7 +258,7 @@ fn main() {
     });
     let started = Instant::now();
     let d = env
-        .daemon_args(&json!({}), &["--xds-address", &cp.url()])
+        .daemon_args(&json!({}), &[&["--xds-address", &cp.url()][..], &SIZE_FLAGS].concat())
         .unwrap();
     let deadline = started + Duration::from_secs(60);
     loop {
