@@ -258,7 +258,10 @@ fn main() {
     });
     let started = Instant::now();
     let d = env
-        .daemon_args(&json!({}), &[&["--xds-address", &cp.url()][..], &SIZE_FLAGS].concat())
+        .daemon_args(
+            &json!({}),
+            &[&["--xds-address", &cp.url()][..], &SIZE_FLAGS].concat(),
+        )
         .unwrap();
     let deadline = started + Duration::from_secs(60);
     loop {

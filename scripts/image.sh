@@ -50,24 +50,12 @@ if ! command -v podman >/dev/null; then
   apt-get install -y -qq --no-install-recommends podman >/dev/null
 fi
 
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-bin=$target_dir/release/kmesh
-cargo_version=$(awk -F'"' '/^\[/ { p = ($0 == "[package]") } p && /^version *=/ { print $2; exit }' Cargo.toml)
-tag=${tag:-localhost/kmesh:$cargo_version}
-
 if [ "$build" = 1 ]; then
   source scripts/deps.sh
-  cargo build --release --locked --bin kmesh
 fi
-[ -x "$bin" ] || {
-  echo "image.sh: $bin missing (run without --no-build)" >&2
-  exit 1
-}
-built=$("$bin" version)
-[ "$built" = "kmesh $cargo_version" ] || {
-  echo "image.sh: $bin says \"$built\", Cargo.toml has $cargo_version: rebuild (drop --no-build)" >&2
-  exit 1
-}
+me=image.sh
+source scripts/release-bin.sh
+tag=${tag:-localhost/kmesh:$cargo_version}
 
 ctx=$(mktemp -d "${TMPDIR:-/tmp}/kmesh-image.XXXXXX")
 trap 'rm -rf "$ctx"' EXIT

@@ -38,32 +38,14 @@ done
 
 started=$SECONDS
 out=${KMESH_PACKAGE_OUT:-$root/target/package}
-target_dir=${CARGO_TARGET_DIR:-$root/target}
-bin=$target_dir/release/kmesh
 maintainer=${KMESH_PACKAGE_MAINTAINER:-kmesh-rs developers <kmesh-rs@localhost>}
 
-# Version: [package] version of Cargo.toml; "-pre" parts become "~pre", which
-# both dpkg and rpm sort before the release.
-cargo_version=$(awk -F'"' '/^\[/ { p = ($0 == "[package]") } p && /^version *=/ { print $2; exit }' Cargo.toml)
-[ -n "$cargo_version" ] || {
-  echo "package.sh: no [package] version in Cargo.toml" >&2
-  exit 1
-}
+# Version: [package] version of Cargo.toml.
+me=package.sh
+source scripts/release-bin.sh
+# "-pre" parts become "~pre", which both dpkg and rpm sort before the release.
 version=${cargo_version//-/\~}
 release=1
-
-if [ "$build" = 1 ]; then
-  cargo build --release --locked --bin kmesh
-fi
-[ -x "$bin" ] || {
-  echo "package.sh: $bin missing (run without --no-build)" >&2
-  exit 1
-}
-built=$("$bin" version)
-[ "$built" = "kmesh $cargo_version" ] || {
-  echo "package.sh: $bin says \"$built\", Cargo.toml has $cargo_version: rebuild (drop --no-build)" >&2
-  exit 1
-}
 # The shipped configs must be ones the shipped binary accepts.
 "$bin" ctl check-config packaging/etc/config.json >/dev/null
 "$bin" ctl check-config packaging/examples/config.json >/dev/null

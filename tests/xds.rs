@@ -46,6 +46,16 @@ fn set_web(b: &mut Batch, pods: &[Pod]) {
     }
 }
 
+/// The control plane's NACK messages, once there is one (10 s at most).
+fn wait_nacks(cp: &Cp) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while cp.cp.nacks().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no NACK");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cp.cp.nacks().join("\n")
+}
+
 fn wait_endpoints(d: &harness::Daemon, want: &[&str]) -> Value {
     let want: Vec<String> = want
         .iter()
@@ -152,12 +162,7 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
     let d = xds_daemon(&mut env, &client, &cp);
     wait_endpoints(&d, &["web-1"]);
 
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cp.cp.nacks().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no NACK");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let nack = cp.cp.nacks().join("\n");
+    let nack = wait_nacks(&cp);
     for want in [
         "\"default/badip.default.svc.cluster.local\"",
         "addresses[0] has 5 bytes",
@@ -418,12 +423,7 @@ fn a_conflicting_resource_is_nacked_and_later_pushes_still_apply() {
         let (n, se) = service("clash", &[&pods[0].v4.to_string()], &[(80, 8080)]);
         b.set(&n, se);
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cp.cp.nacks().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no NACK");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let nack = cp.cp.nacks().join("\n");
+    let nack = wait_nacks(&cp);
     assert!(
         nack.contains("\"default/clash.default.svc.cluster.local\"")
             && nack.contains(&format!("address {} is already held by", pods[0].v4))
@@ -473,12 +473,7 @@ fn an_update_left_out_keeps_the_previous_version() {
         let (n, w) = workload("web-2", &ips(&pods[0]), &["web"]);
         b.set(&n, w);
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cp.cp.nacks().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no NACK");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let nack = cp.cp.nacks().join("\n");
+    let nack = wait_nacks(&cp);
     assert!(
         nack.contains("\"Kubernetes//Pod/default/web-2\"")
             && nack.contains("previous version is kept"),
@@ -519,12 +514,7 @@ fn seven_routing_scopes_are_nacked_not_a_crash() {
         b.set(&n, address(pb::address::Type::Service(s)));
     });
     let d = xds_daemon(&mut env, &client, &cp);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while cp.cp.nacks().is_empty() {
-        assert!(std::time::Instant::now() < deadline, "no NACK: {}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let nack = cp.cp.nacks().join("\n");
+    let nack = wait_nacks(&cp);
     assert!(
         nack.contains("\"default/far.default.svc.cluster.local\"")
             && nack.contains("\"REGION\" is listed twice"),

@@ -98,8 +98,6 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     passthrough: Vec<(Arc<str>, Vec<IpAddr>)>,
     dns_hosts: BTreeSet<String>,
-    /// Whether the kernel was checked for push-back support (once).
-    pushback_checked: bool,
     /// Hostname → the answer its endpoints carry, as last written.
     answered: HashMap<Box<str>, Vec<IpAddr>>,
     /// DNS answers already logged as unusable.
@@ -133,7 +131,6 @@ impl MapWriter {
             fingerprint: std::hash::RandomState::new(),
             passthrough: Vec::new(),
             dns_hosts: BTreeSet::new(),
-            pushback_checked: false,
             answered: HashMap::new(),
             refused_answers: HashSet::new(),
             last: ApplyReport::default(),
@@ -227,9 +224,6 @@ impl MapWriter {
             wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
         });
         result?;
-        if d.config.accelerate != 0 && d.config.queue_limit != 0 {
-            self.check_pushback_once();
-        }
         self.passthrough = d.passthrough;
         self.dns_hosts = model.hostnames();
         self.answered = d.answers;
@@ -256,19 +250,6 @@ impl MapWriter {
             notes: a.notes,
         };
         Ok(self.last.clone())
-    }
-
-    fn check_pushback_once(&mut self) {
-        if std::mem::replace(&mut self.pushback_checked, true) {
-            return;
-        }
-        if !crate::bpf::kernel_counts_psock_bytes() {
-            tracing::warn!(
-                "this kernel's sk_psock has no msg_tot_len: accel_queue_limit cannot be \
-                 applied, so a sender whose accelerated reader stalls queues without bound \
-                 (set accelerate: false where that matters)"
-            );
-        }
     }
 
     fn write(
