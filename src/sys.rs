@@ -70,20 +70,33 @@ pub fn current_netns_cookie() -> io::Result<u64> {
 }
 
 /// Cookie of the network namespace at `path` (e.g. /run/netns/NAME or
-/// /proc/PID/ns/net), read from a short-lived thread so the caller's own
-/// namespace never changes. Kernels without SO_NETNS_COOKIE (before 5.14)
-/// answer through a BPF probe instead (see `crate::bpf::netns`).
+/// /proc/PID/ns/net); see `netns_file_cookie`.
 pub fn netns_cookie(path: &Path) -> io::Result<u64> {
-    let owned = path.to_path_buf();
-    let by_sockopt = std::thread::spawn(move || {
-        enter_netns(&owned)?;
-        current_netns_cookie()
+    let f = std::fs::File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    netns_file_cookie(f)
+}
+
+/// Cookie of the network namespace `f` (an open nsfs file), read from a
+/// short-lived thread so the caller's own namespace never changes. Kernels
+/// without SO_NETNS_COOKIE (before 5.14) answer through a BPF probe
+/// instead (see `crate::bpf::netns`). Every reader of a netns cookie goes
+/// through here, so both ways serve every caller.
+pub fn netns_file_cookie(f: std::fs::File) -> io::Result<u64> {
+    let (f, by_sockopt) = std::thread::spawn(move || {
+        let r = nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&f),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )
+        .map_err(io::Error::from)
+        .and_then(|()| current_netns_cookie());
+        (f, r)
     })
     .join()
     .map_err(|_| io::Error::other("netns cookie thread panicked"))?;
     match by_sockopt {
         Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => {
-            crate::bpf::netns::netns_cookie_by_connect(path)
+            crate::bpf::netns::netns_cookie_by_connect(&f)
         }
         other => other,
     }

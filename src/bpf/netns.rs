@@ -10,7 +10,7 @@ use std::{
     fs, io,
     mem::MaybeUninit,
     os::{fd::AsRawFd, unix::ffi::OsStrExt},
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::Mutex,
 };
 
@@ -45,13 +45,11 @@ fn err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("netns cookie probe: {what}: {e}"))
 }
 
-/// The cookie of the network namespace at `netns`.
-pub fn netns_cookie_by_connect(netns: &Path) -> io::Result<u64> {
+/// The cookie of the network namespace `ns` (an open nsfs file).
+pub fn netns_cookie_by_connect(ns: &fs::File) -> io::Result<u64> {
     // One question at a time: the cgroup name and the map's one slot.
     static ONE: Mutex<()> = Mutex::new(());
     let _one = ONE.lock().unwrap_or_else(|e| e.into_inner());
-    let ns = fs::File::open(netns)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", netns.display())))?;
     let root = crate::sys::cgroup2_mount()?;
     let dir = CgroupDir(root.join(format!("kmesh-netns-probe-{}", std::process::id())));
     let _ = fs::remove_dir(&dir.0);
@@ -149,7 +147,8 @@ mod tests {
     /// Agrees with getsockopt(SO_NETNS_COOKIE) where the kernel has both.
     #[test]
     fn probe_reads_the_same_cookie_as_getsockopt() {
-        let by_bpf = netns_cookie_by_connect(Path::new("/proc/self/ns/net")).unwrap();
+        let own = fs::File::open("/proc/self/ns/net").unwrap();
+        let by_bpf = netns_cookie_by_connect(&own).unwrap();
         match crate::sys::current_netns_cookie() {
             Ok(by_sockopt) => assert_eq!(by_bpf, by_sockopt),
             Err(e) => println!("SKIP: no SO_NETNS_COOKIE here ({e}); probe read {by_bpf}"),

@@ -93,16 +93,9 @@ pub(super) fn open_netns(path: &Path) -> Result<fs::File, String> {
     Ok(f)
 }
 
-/// Cookie of the network namespace `f` (from `open_netns`), read from a
-/// short-lived thread so the caller's own namespace never changes.
+/// Cookie of the network namespace `f` (from `open_netns`).
 pub(super) fn netns_cookie(f: fs::File) -> Result<u64, String> {
-    std::thread::spawn(move || {
-        nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("setns: {e}"))?;
-        crate::sys::current_netns_cookie().map_err(|e| e.to_string())
-    })
-    .join()
-    .map_err(|_| "netns cookie thread panicked".to_string())?
+    crate::sys::netns_file_cookie(f).map_err(|e| e.to_string())
 }
 
 /// Keys whose value may be a JSON array. serde builds a struct from an
