@@ -20,7 +20,6 @@ use harness::{tally, Env, Pod, KMESH};
 use serde_json::{json, Value};
 
 const REPO: &str = env!("CARGO_MANIFEST_DIR");
-const SVC: &str = "default/web.default.svc.cluster.local";
 const VIP: &str = "10.96.0.10:80";
 
 fn run(args: &[&str]) -> Output {
@@ -339,27 +338,9 @@ fn state(p: &Podman, c: &Container) -> (String, i64) {
 }
 
 fn config(client: &Pod, backends: &[Pod]) -> Value {
-    let workloads: Vec<Value> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, pod)| {
-            let name = format!("web-{}", i + 1);
-            json!({
-                "uid": format!("Kubernetes//Pod/default/{name}"), "name": name,
-                "addresses": [pod.v4.to_string()],
-                "services": {SVC: {}}
-            })
-        })
-        .collect();
-    json!({
-        "enroll": {"netns": Env::enroll_list(&[client])},
-        "services": [{
-            "name": "web", "namespace": "default", "hostname": "web.default.svc.cluster.local",
-            "addresses": ["10.96.0.10"],
-            "ports": [{"service_port": 80, "target_port": 8080}]
-        }],
-        "workloads": workloads,
-    })
+    let names: Vec<String> = (1..=backends.len()).map(|i| format!("web-{i}")).collect();
+    let named: Vec<(&str, &Pod)> = names.iter().map(String::as_str).zip(backends).collect();
+    harness::web_config(Env::enroll_list(&[client]), &named)
 }
 
 /// A client pod and two backends serving on :8080.

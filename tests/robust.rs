@@ -13,45 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use harness::{tally, Env, Pod, KMESH};
+use harness::{tally, Env, KMESH};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
-const SVC: &str = "default/web.default.svc.cluster.local";
 const VIP: &str = "10.96.0.10:80";
-
-fn config(enrolled: Value, backends: &[(&str, &Pod)]) -> Value {
-    let workloads: Vec<Value> = backends
-        .iter()
-        .map(|(name, pod)| {
-            json!({
-                "uid": format!("Kubernetes//Pod/default/{name}"), "name": name,
-                "addresses": [pod.v4.to_string()],
-                "services": {SVC: {}}
-            })
-        })
-        .collect();
-    json!({
-        "enroll": {"netns": enrolled},
-        "services": [{
-            "name": "web", "namespace": "default", "hostname": "web.default.svc.cluster.local",
-            "addresses": ["10.96.0.10"],
-            "ports": [{"service_port": 80, "target_port": 8080}]
-        }],
-        "workloads": workloads,
-    })
-}
-
-/// `n` backend pods serving on :8080, named web-1..web-n.
-fn backends(env: &mut Env, n: u8) -> Vec<Pod> {
-    (1..=n)
-        .map(|i| {
-            let pod = env.pod(10 + i, &[]);
-            env.serve(&pod, &[format!("{}:8080", pod.v4)], &format!("web-{i}"));
-            pod
-        })
-        .collect()
-}
 
 fn wait_log(d: &harness::Daemon, needle: &str, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -80,11 +46,18 @@ fn workload_uids(dump: &Value) -> Vec<String> {
 fn old_daemon_stopping_leaves_a_newer_daemons_pins_and_socket() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let enrolled = Env::enroll_list(&[&client]);
-    let mut a = env.daemon(&config(enrolled.clone(), &[("web-1", &pods[0])]));
+    let mut a = env.daemon(&harness::web_config(
+        enrolled.clone(),
+        &[("web-1", &pods[0])],
+    ));
     let mut b = env
-        .daemon_named("b", &config(enrolled, &[("web-2", &pods[1])]), &[])
+        .daemon_named(
+            "b",
+            &harness::web_config(enrolled, &[("web-2", &pods[1])]),
+            &[],
+        )
         .unwrap();
     let pins = env.bpffs.join("kmesh");
     let names = [
@@ -130,16 +103,20 @@ fn old_daemon_stopping_leaves_a_newer_daemons_pins_and_socket() {
 fn old_daemon_keeping_attached_hands_over_and_the_new_one_cleans_up_its_own() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let enrolled = Env::enroll_list(&[&client]);
     let mut a = env
         .daemon_args(
-            &config(enrolled.clone(), &[("web-1", &pods[0])]),
+            &harness::web_config(enrolled.clone(), &[("web-1", &pods[0])]),
             &["--keep-attached"],
         )
         .unwrap();
     let mut b = env
-        .daemon_named("b", &config(enrolled, &[("web-2", &pods[1])]), &[])
+        .daemon_named(
+            "b",
+            &harness::web_config(enrolled, &[("web-2", &pods[1])]),
+            &[],
+        )
         .unwrap();
     assert!(a.stop().success());
     assert!(b.sock.exists(), "A's exit removed B's admin socket");
@@ -166,16 +143,22 @@ fn a_deleted_pod_netns_is_reported_and_the_rest_applies() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let gone = env.pod(3, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let enrolled = Env::enroll_list(&[&client, &gone]);
-    let mut d = env.daemon(&config(enrolled.clone(), &[("web-1", &pods[0])]));
+    let mut d = env.daemon(&harness::web_config(
+        enrolled.clone(),
+        &[("web-1", &pods[0])],
+    ));
     assert_eq!(
         tally(&env.connect(&client, VIP, 10)).get("web-1"),
         Some(&10)
     );
 
     env.delete_netns(&gone);
-    d.write_config(&config(enrolled.clone(), &[("web-2", &pods[1])]));
+    d.write_config(&harness::web_config(
+        enrolled.clone(),
+        &[("web-2", &pods[1])],
+    ));
     let dump = d.wait_dump(Duration::from_secs(5), |d| {
         workload_uids(d) == ["Kubernetes//Pod/default/web-2"]
     });
@@ -195,7 +178,7 @@ fn a_deleted_pod_netns_is_reported_and_the_rest_applies() {
 
     // A daemon starting with the entry listed starts, and says so too.
     assert!(d.stop().success());
-    let d = env.daemon(&config(enrolled, &[("web-2", &pods[1])]));
+    let d = env.daemon(&harness::web_config(enrolled, &[("web-2", &pods[1])]));
     assert_eq!(d.dump()["enroll_errors"].as_array().unwrap().len(), 1);
     assert_eq!(tally(&env.connect(&client, VIP, 5)).get("web-2"), Some(&5));
 }
@@ -211,12 +194,16 @@ fn rejections(d: &harness::Daemon) -> usize {
 fn a_reload_of_anything_but_one_object_is_refused_and_changes_nothing() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let enrolled = Env::enroll_list(&[&client]);
-    let d = env.daemon(&config(enrolled.clone(), &[("web-1", &pods[0])]));
+    let d = env.daemon(&harness::web_config(
+        enrolled.clone(),
+        &[("web-1", &pods[0])],
+    ));
     let before = d.dump();
 
-    let web2 = serde_json::to_string(&config(enrolled, &[("web-2", &pods[1])])).unwrap();
+    let web2 =
+        serde_json::to_string(&harness::web_config(enrolled, &[("web-2", &pods[1])])).unwrap();
     let mut no_enroll: Value = serde_json::from_str(&web2).unwrap();
     no_enroll["enroll"] = json!([]);
     for (text, what) in [
@@ -258,8 +245,8 @@ fn a_reload_of_anything_but_one_object_is_refused_and_changes_nothing() {
 fn fifos_as_config_or_enroll_path_never_block_the_daemon() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
-    let mut d = env.daemon(&config(
+    let pods = env.backends(2);
+    let mut d = env.daemon(&harness::web_config(
         Env::enroll_list(&[&client]),
         &[("web-1", &pods[0])],
     ));
@@ -276,7 +263,7 @@ fn fifos_as_config_or_enroll_path_never_block_the_daemon() {
     nix::unistd::mkfifo(&fifo, mode).unwrap();
     fs::remove_file(&d.config).unwrap();
     let enrolled = json!([client.path(), fifo.to_str().unwrap()]);
-    d.write_config(&config(enrolled, &[("web-2", &pods[1])]));
+    d.write_config(&harness::web_config(enrolled, &[("web-2", &pods[1])]));
     let dump = d.wait_dump(Duration::from_secs(5), |d| {
         workload_uids(d) == ["Kubernetes//Pod/default/web-2"]
     });
@@ -313,7 +300,11 @@ fn bad_numbers_on_the_command_line_are_refused_naming_the_flag() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
     let cfg = env.dir.join("cli.json");
-    fs::write(&cfg, config(Env::enroll_list(&[&client]), &[]).to_string()).unwrap();
+    fs::write(
+        &cfg,
+        harness::web_config(Env::enroll_list(&[&client]), &[]).to_string(),
+    )
+    .unwrap();
     let sock = env.dir.join("cli.sock");
     let bpffs = env.bpffs.join("cli");
     let base = [
@@ -372,7 +363,7 @@ fn bad_numbers_on_the_command_line_are_refused_naming_the_flag() {
     // The largest size is accepted and loads.
     let d = env
         .daemon_args(
-            &config(Env::enroll_list(&[&client]), &[]),
+            &harness::web_config(Env::enroll_list(&[&client]), &[]),
             &["--max-endpoints", "4194304"],
         )
         .unwrap();
@@ -490,9 +481,12 @@ fn admin_clients_are_bounded_timed_out_and_emfile_backs_off() {
     use std::io::Read;
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let enrolled = Env::enroll_list(&[&client]);
-    let mut d = env.daemon(&config(enrolled.clone(), &[("web-1", &pods[0])]));
+    let mut d = env.daemon(&harness::web_config(
+        enrolled.clone(),
+        &[("web-1", &pods[0])],
+    ));
     let pid = d.pid();
 
     // Descriptors exhausted: accept fails with EMFILE and must back off.
@@ -521,7 +515,7 @@ fn admin_clients_are_bounded_timed_out_and_emfile_backs_off() {
     let fds = open_fds(pid);
     assert!(fds <= base + 16, "{fds} fds open, {base} before 50 clients");
     let (c0, t0) = (cpu_ticks(pid), Instant::now());
-    d.write_config(&config(enrolled, &[("web-2", &pods[1])]));
+    d.write_config(&harness::web_config(enrolled, &[("web-2", &pods[1])]));
     wait_log(&d, "config file changed: applied", Duration::from_secs(5));
     let ticks = cpu_ticks(pid) - c0;
     eprintln!(

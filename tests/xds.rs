@@ -11,17 +11,6 @@ use serde_json::{json, Value};
 
 const VIP: &str = "10.96.0.10";
 
-/// `n` backend pods serving on :8080, named web-1..web-n.
-fn backends(env: &mut Env, n: u8) -> Vec<Pod> {
-    (1..=n)
-        .map(|i| {
-            let pod = env.pod(10 + i, &[]);
-            env.serve(&pod, &[format!("{}:8080", pod.v4)], &format!("web-{i}"));
-            pod
-        })
-        .collect()
-}
-
 fn enroll_only(client: &Pod) -> Value {
     json!({"enroll": {"netns": [client.path()]}})
 }
@@ -68,7 +57,7 @@ fn wait_endpoints(d: &harness::Daemon, want: &[&str]) -> Value {
 fn pushed_services_and_workloads_carry_traffic() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods));
     let d = xds_daemon(&mut env, &client, &cp);
@@ -84,7 +73,7 @@ fn pushed_services_and_workloads_carry_traffic() {
 fn updates_and_removals_converge() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods));
     let d = xds_daemon(&mut env, &client, &cp);
@@ -133,7 +122,7 @@ fn updates_and_removals_converge() {
 fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 1);
+    let pods = env.backends(1);
     let cp = Cp::start(None);
     cp.cp.update(|b| {
         set_web(b, &pods[..1]);
@@ -192,7 +181,7 @@ fn invalid_resources_are_nacked_by_name_and_the_rest_applies() {
 fn control_plane_restart_keeps_redirects_then_converges() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let mut cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods[..1]));
     let d = xds_daemon(&mut env, &client, &cp);
@@ -239,7 +228,7 @@ fn tls_control_plane() {
 
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 1);
+    let pods = env.backends(1);
     let cp = Cp::start(Some((
         cert.pem().into_bytes(),
         key.serialize_pem().into_bytes(),
@@ -333,7 +322,7 @@ fn hostname_workload_from_xds_is_resolved() {
 fn allow_all_service_reaches_an_unhealthy_backend() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let cp = Cp::start(None);
     cp.cp.update(|b| {
         let (n, s) = service("web", &[VIP], &[(80, 8080)]);
@@ -403,7 +392,7 @@ fn allow_all_service_reaches_an_unhealthy_backend() {
 fn a_conflicting_resource_is_nacked_and_later_pushes_still_apply() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 3);
+    let pods = env.backends(3);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods[..1]));
     let d = xds_daemon(&mut env, &client, &cp);
@@ -464,7 +453,7 @@ fn a_conflicting_resource_is_nacked_and_later_pushes_still_apply() {
 fn an_update_left_out_keeps_the_previous_version() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 2);
+    let pods = env.backends(2);
     let cp = Cp::start(None);
     cp.cp.update(|b| set_web(b, &pods));
     let d = xds_daemon(&mut env, &client, &cp);
@@ -501,7 +490,7 @@ fn an_update_left_out_keeps_the_previous_version() {
 fn seven_routing_scopes_are_nacked_not_a_crash() {
     let mut env = Env::new();
     let client = env.pod(2, &[]);
-    let pods = backends(&mut env, 1);
+    let pods = env.backends(1);
     let cp = Cp::start(None);
     cp.cp.update(|b| {
         set_web(b, &pods);

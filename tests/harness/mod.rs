@@ -192,6 +192,17 @@ pub struct Env {
 }
 
 impl Env {
+    /// `n` backend pods serving on their IPv4 :8080, named web-1..web-n.
+    pub fn backends(&mut self, n: u8) -> Vec<Pod> {
+        (1..=n)
+            .map(|i| {
+                let pod = self.pod(10 + i, &[]);
+                self.serve(&pod, &[format!("{}:8080", pod.v4)], &format!("web-{i}"));
+                pod
+            })
+            .collect()
+    }
+
     pub fn new() -> Env {
         SWEEP.call_once(sweep);
         let tag = format!(
@@ -741,4 +752,28 @@ pub fn tally(conns: &[Conn]) -> std::collections::BTreeMap<String, u32> {
         *m.entry(c.name.clone()).or_insert(0) += 1;
     }
     m
+}
+
+/// A config with service web (VIP 10.96.0.10:80 -> 8080) backed by the
+/// named pods, enrolling `enroll` (a netns list, e.g. `Env::enroll_list`).
+pub fn web_config(enroll: Value, backends: &[(&str, &Pod)]) -> Value {
+    let workloads: Vec<Value> = backends
+        .iter()
+        .map(|(name, pod)| {
+            json!({
+                "uid": format!("Kubernetes//Pod/default/{name}"), "name": name,
+                "addresses": [pod.v4.to_string()],
+                "services": {"default/web.default.svc.cluster.local": {}}
+            })
+        })
+        .collect();
+    json!({
+        "enroll": {"netns": enroll},
+        "services": [{
+            "name": "web", "namespace": "default", "hostname": "web.default.svc.cluster.local",
+            "addresses": ["10.96.0.10"],
+            "ports": [{"service_port": 80, "target_port": 8080}]
+        }],
+        "workloads": workloads,
+    })
 }
