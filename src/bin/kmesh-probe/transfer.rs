@@ -3,7 +3,7 @@
 //! and checks that exactly the same bytes come back.
 
 use std::{
-    io::{self, Read, Write},
+    io::{self, Write},
     net::{Shutdown, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     time::Duration,
@@ -135,15 +135,21 @@ fn read_echo(s: &TcpStream, msg: &[u8], eagain: &mut u32) -> io::Result<()> {
     Ok(())
 }
 
-/// Half-closed, the server's EOF must come next.
-fn expect_eof(s: &TcpStream) -> io::Result<()> {
-    let mut rest = Vec::new();
-    let mut r = s;
-    r.read_to_end(&mut rest)?;
-    if !rest.is_empty() {
+/// Half-closed, the server's EOF must come next. Read with the retrying
+/// read: the FIN's wake-up is one that can bring a spurious EAGAIN.
+fn expect_eof(s: &TcpStream, eagain: &mut u32) -> io::Result<()> {
+    let mut buf = [0u8; 4096];
+    let mut rest = 0;
+    loop {
+        match kmesh::sys::read_blocking(s, &mut buf, eagain)? {
+            0 => break,
+            n => rest += n,
+        }
+    }
+    if rest != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} unexpected bytes after half-close", rest.len()),
+            format!("{rest} unexpected bytes after half-close"),
         ));
     }
     Ok(())
@@ -174,7 +180,7 @@ fn half_close_then_read(
     for m in &msgs {
         read_echo(s, m, eagain)?;
     }
-    expect_eof(s)?;
+    expect_eof(s, eagain)?;
     Ok((name, msgs.iter().map(Vec::len).sum()))
 }
 
@@ -195,7 +201,7 @@ fn one(addr: SocketAddr, o: &Opts, seed: usize) -> io::Result<(String, usize, u3
     let (name, verified) = echo_messages(&s, o, seed, &mut eagain)?;
     if o.half_close {
         s.shutdown(Shutdown::Write)?;
-        expect_eof(&s)?;
+        expect_eof(&s, &mut eagain)?;
     }
     Ok((name, verified, eagain))
 }
