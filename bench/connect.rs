@@ -88,6 +88,7 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         Enrollment {
             source: "bench netns".into(),
             waypoint: false,
+            addrs: Vec::new(),
         },
     );
     m

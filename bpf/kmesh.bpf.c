@@ -17,6 +17,10 @@
  * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.
+ * sk_lookup (on each enrolled netns): refuses a connection that an
+ *   authorization policy of its destination denies, before any listener
+ *   can take it (the client gets a reset: connection refused). The connect
+ *   programs refuse it earlier still where the client is enrolled here.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -28,6 +32,7 @@
 #include "lib/sock.h"
 #include "lib/waypoint.h"
 #include "lib/accel.h"
+#include "lib/authz.h"
 
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
@@ -59,6 +64,9 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		ctx->user_ip4 = addr.ip6[3];
 		ctx->user_port = port;
 	}
+	/* A waypoint's own policies are its destination's business. */
+	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, true))
+		return 0;
 	return 1;
 }
 
@@ -93,7 +101,47 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = addr.ip6[3];
 		ctx->user_port = port;
 	}
+	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, addr_is_v4(&addr)))
+		return 0;
 	return 1;
+}
+
+/*
+ * Reads one context field where it is written: the verifier refuses a
+ * context pointer plus offset, which the compiler would otherwise form by
+ * sharing one load between the two families' branches.
+ */
+#define ctx_read(dst, field)                  \
+	do {                                  \
+		__u32 __v = (field);          \
+		asm volatile("" : "+r"(__v)); \
+		(dst) = __v;                  \
+	} while (0)
+
+SEC("sk_lookup")
+int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	struct kmesh_addr src = {}, dst = {};
+	__u32 port;
+	ctx_read(port, ctx->local_port);
+	if (ctx->family == AF_INET) {
+		src.ip6[2] = bpf_htonl(0x0000ffff);
+		dst.ip6[2] = bpf_htonl(0x0000ffff);
+		ctx_read(src.ip6[3], ctx->remote_ip4);
+		ctx_read(dst.ip6[3], ctx->local_ip4);
+	} else {
+		ctx_read(src.ip6[0], ctx->remote_ip6[0]);
+		ctx_read(src.ip6[1], ctx->remote_ip6[1]);
+		ctx_read(src.ip6[2], ctx->remote_ip6[2]);
+		ctx_read(src.ip6[3], ctx->remote_ip6[3]);
+		ctx_read(dst.ip6[0], ctx->local_ip6[0]);
+		ctx_read(dst.ip6[1], ctx->local_ip6[1]);
+		ctx_read(dst.ip6[2], ctx->local_ip6[2]);
+		ctx_read(dst.ip6[3], ctx->local_ip6[3]);
+	}
+	return authz_destination(&src, &dst, port) ? SK_PASS : SK_DROP;
 }
 
 /*

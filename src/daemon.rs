@@ -299,7 +299,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         opts.cgroup.display(),
         opts.bpffs.display()
     );
+    // Logs the netns it cannot go on; the next apply reports them too.
+    w.sync_netns();
     let writer = Arc::new(Mutex::new(w));
+    if let Err(e) = crate::enforce::spawn_denial_log(writer.clone()) {
+        tracing::error!("authz: denial log unavailable: {e}");
+    }
     let xds_store = opts.xds.as_ref().map(|_| SharedStore::default());
     let sources = Arc::new(Sources {
         file: Mutex::new(file_model),

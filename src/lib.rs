@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod config;
 pub mod daemon;
 pub mod dns;
+pub mod enforce;
 pub mod model;
 pub mod sys;
 pub mod writer;

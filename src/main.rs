@@ -104,6 +104,11 @@ struct DaemonArgs {
     /// in the socket map, until its connecting end closes).
     #[arg(long, default_value_t = MapSizes::default().sockets, value_parser = map_size())]
     max_sockets: u32,
+    /// Capacity of each authorization table (verdicts, identity, port and
+    /// source-address classes) the policies of this node's destinations
+    /// compile to.
+    #[arg(long, default_value_t = MapSizes::default().authz_entries, value_parser = map_size())]
+    max_authz_entries: u32,
     /// Same-host acceleration: data between two enrolled sockets on this
     /// host skips the TCP/IP stack (also config key "accelerate").
     #[arg(long, env = "KMESH_ACCELERATE")]
@@ -310,6 +315,7 @@ fn main() -> ExitCode {
                         enrolled_netns: a.max_enrolled_netns,
                         port_overrides: a.max_port_overrides,
                         sockets: a.max_sockets,
+                        authz_entries: a.max_authz_entries,
                     },
                     watch_interval: a.watch_interval,
                 };

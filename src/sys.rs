@@ -102,6 +102,40 @@ pub fn netns_file_cookie(f: std::fs::File) -> io::Result<u64> {
     }
 }
 
+/// The global addresses of the network namespace `f` (an open nsfs file):
+/// neither loopback nor link-local. Read from a short-lived thread, as
+/// `netns_file_cookie`.
+pub fn netns_file_addresses(f: &std::fs::File) -> io::Result<Vec<std::net::IpAddr>> {
+    let f = f.try_clone()?;
+    std::thread::spawn(move || -> io::Result<Vec<std::net::IpAddr>> {
+        nix::sched::setns(
+            std::os::fd::AsFd::as_fd(&f),
+            nix::sched::CloneFlags::CLONE_NEWNET,
+        )?;
+        let mut out = Vec::new();
+        for ifa in nix::ifaddrs::getifaddrs()? {
+            let Some(a) = ifa.address else { continue };
+            let ip: std::net::IpAddr = if let Some(v4) = a.as_sockaddr_in() {
+                v4.ip().into()
+            } else if let Some(v6) = a.as_sockaddr_in6() {
+                v6.ip().into()
+            } else {
+                continue;
+            };
+            let link_local = match ip {
+                std::net::IpAddr::V4(v4) => v4.is_link_local(),
+                std::net::IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+            };
+            if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+                out.push(ip);
+            }
+        }
+        Ok(out)
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns address thread panicked"))?
+}
+
 /// One read() on a blocking socket that retries EAGAIN, counting the
 /// retries in `eagain` (up to 10,000 in all, then the error is returned).
 /// A socket in a sockhash (accelerated and waypoint connections) can see a

@@ -49,7 +49,12 @@ enum kmesh_stat {
 	KMESH_STAT_ACCEL_PUSHBACK = 14,  /* peer's queue full: direction now TCP */
 	KMESH_STAT_ACCEL_LEFT = 15,      /* socket left the map: on TCP for good */
 	KMESH_STAT_ACCEL_SKIPPED = 16,   /* accepted from a client not in the map */
-	KMESH_STAT_MAX = 17,
+	KMESH_STAT_AUTHZ_ALLOW = 17,     /* policied destination: connection allowed */
+	KMESH_STAT_AUTHZ_DENY = 18,      /* denied at the destination (refused) */
+	KMESH_STAT_AUTHZ_DENY_CONNECT = 19, /* denied at the client's connect() */
+	KMESH_STAT_AUTHZ_DRY_RUN_DENY = 20, /* a dry-run policy would have denied */
+	KMESH_STAT_AUTHZ_EVENT_LOST = 21, /* denial not logged: ring buffer full */
+	KMESH_STAT_MAX = 22,
 };
 
 /* km_manage flags */
@@ -117,6 +122,9 @@ struct service_value {
 struct workload_value {
 	__u32 workload_id;
 	struct waypoint waypoint; /* the workload's own waypoint */
+	/* Its identity (trust domain, namespace, service account) as a number
+	 * the authorization tables know; 0: none. */
+	__u32 identity;
 };
 
 /* A backend's addresses, one per family. */
@@ -157,6 +165,77 @@ struct port_key {
 struct manage_value {
 	__u32 enrolled;
 	__u32 flags; /* enum kmesh_netns_flag */
+	/*
+	 * The netns's one global address per family, the source of its
+	 * unbound sockets (authorization at connect); 0 / all zero: none or
+	 * several (then the destination decides alone).
+	 */
+	__u32 src4; /* network order */
+	struct kmesh_addr src6;
+};
+
+/*
+ * L4 authorization (bpf/lib/authz.h, compiled by src/authz/compile.rs).
+ * The policies that apply to a destination are one "policy set"; a set
+ * reduces each input to a small class number (the inputs its policies
+ * cannot tell apart share one), and a dense table gives the verdict of
+ * every class combination. Class 0 is every input no entry names.
+ */
+struct authz_dst {
+	__u32 set;  /* policy set id, never reused: a flip is one update */
+	__u32 dst_class;
+};
+
+struct authz_port_key {
+	__u32 set;
+	__u32 port; /* host order */
+};
+
+struct authz_id_key {
+	__u32 set;
+	__u32 identity; /* km_authz_ident's value */
+};
+
+struct authz_src_key {
+	__u32 prefixlen; /* 32 (the set) + bits of addr */
+	__u32 set;       /* big-endian: the trie compares bytes */
+	struct kmesh_addr addr;
+};
+
+struct authz_verdict_key {
+	__u32 set;
+	__u32 id_class;
+	__u32 src_class;
+	__u32 dst_class;
+	__u32 port_class;
+};
+
+enum kmesh_authz_flag {
+	KMESH_AUTHZ_DENY = 1,     /* enforced: refuse */
+	KMESH_AUTHZ_DRY_DENY = 2, /* a dry-run policy would refuse */
+};
+
+struct authz_verdict {
+	__u32 flags;      /* enum kmesh_authz_flag */
+	__u32 policy;     /* deciding policy's index (deny or allow), 0: none */
+	__u32 dry_policy; /* the dry-run policy that would deny, 0: none */
+};
+
+/* km_authz_count index: policy index * 3 + this. */
+enum kmesh_authz_count {
+	KMESH_AUTHZ_COUNT_ALLOW = 0,
+	KMESH_AUTHZ_COUNT_DENY = 1,
+	KMESH_AUTHZ_COUNT_DRY_DENY = 2,
+};
+
+/* One denial, for the daemon's log (km_authz_events ring buffer). */
+struct authz_event {
+	__u32 policy;  /* 0: no ALLOW policy matched */
+	__u32 at_connect; /* 1: refused at the client's connect() */
+	struct kmesh_addr src;
+	struct kmesh_addr dst;
+	__u32 dst_port; /* host order */
+	__u32 pad;
 };
 
 /*

@@ -33,6 +33,7 @@ enum bpf_map_type {
 	BPF_MAP_TYPE_PERCPU_HASH = 5,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_LRU_HASH = 9,
+	BPF_MAP_TYPE_LPM_TRIE = 11,
 	BPF_MAP_TYPE_SOCKMAP = 15,
 	BPF_MAP_TYPE_SOCKHASH = 18,
 	BPF_MAP_TYPE_SK_STORAGE = 24,
@@ -121,6 +122,19 @@ struct bpf_sock_addr {
 		type name;          \
 		__u64 : 64;         \
 	} __attribute__((aligned(8)))
+
+/* As of Linux 5.9 (later kernels only add fields at the end). */
+struct bpf_sk_lookup {
+	__kmesh_md_ptr(struct bpf_sock *, sk);
+	__u32 family;
+	__u32 protocol;
+	__u32 remote_ip4;
+	__u32 remote_ip6[4];
+	__u32 remote_port;
+	__u32 local_ip4;
+	__u32 local_ip6[4];
+	__u32 local_port; /* host order */
+};
 
 struct bpf_sock_ops {
 	__u32 op;

@@ -14,9 +14,10 @@ use std::{
 use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
+pub mod compile;
 mod eval;
 
-pub use eval::{decide, Conn, Decision, Identity, Verdict};
+pub use eval::{decide, decide_with, Conn, Decision, Facts, Identity, Verdict};
 
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("policy {policy}: {reason}")]
@@ -270,12 +271,22 @@ impl PolicyStore {
 
     /// Inserts or replaces under the policy's own key.
     pub fn insert(&mut self, p: Policy) {
+        self.insert_shared(Arc::new(p));
+    }
+
+    /// `insert` of a policy another store holds too.
+    pub fn insert_shared(&mut self, p: Arc<Policy>) {
         let key: Arc<str> = p.key().into();
         self.remove(&key);
         if let Some(ns) = index_of(&p) {
             self.by_namespace.entry(ns).or_default().insert(key.clone());
         }
-        self.by_key.insert(key, Arc::new(p));
+        self.by_key.insert(key, p);
+    }
+
+    /// Every policy held.
+    pub fn iter_shared(&self) -> impl Iterator<Item = &Arc<Policy>> {
+        self.by_key.values()
     }
 
     pub fn remove(&mut self, key: &str) -> Option<Arc<Policy>> {
@@ -300,6 +311,15 @@ impl PolicyStore {
         namespace: &str,
         selected: &'a [String],
     ) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.applicable_shared(namespace, selected).map(|p| &**p)
+    }
+
+    /// `applicable`, as the store's shared handles.
+    pub fn applicable_shared<'a>(
+        &'a self,
+        namespace: &str,
+        selected: &'a [String],
+    ) -> impl Iterator<Item = &'a Arc<Policy>> + 'a {
         let ns = self.by_namespace.get(namespace).into_iter().flatten();
         let global = self.by_namespace.get("").into_iter().flatten();
         let mut seen = BTreeSet::new();
@@ -307,7 +327,7 @@ impl PolicyStore {
             .map(|k| &**k)
             .chain(selected.iter().map(String::as_str))
             .filter(move |k| seen.insert(*k))
-            .filter_map(|k| self.by_key.get(k).map(|p| &**p))
+            .filter_map(|k| self.by_key.get(k))
     }
 }
 

@@ -35,6 +35,10 @@ pub struct MapSizes {
     /// waypoint connections until their TLV is sent), and connections in
     /// km_conn.
     pub sockets: u32,
+    /// Authorization tables (km_authz_verdict, km_authz_id, km_authz_port,
+    /// km_authz_src each): what the policies of this node's destinations
+    /// compile to (src/authz/compile.rs).
+    pub authz_entries: u32,
 }
 
 impl Default for MapSizes {
@@ -46,6 +50,7 @@ impl Default for MapSizes {
             enrolled_netns: 1_024,
             port_overrides: 16_384,
             sockets: 65_536,
+            authz_entries: 16_384,
         }
     }
 }
@@ -66,17 +71,32 @@ pub enum MapId {
     /// Per-connection handshake between the two ends in km_sock (written
     /// by the programs).
     Conn,
+    /// Policied destination address → its policy set and class.
+    AuthzDst,
+    AuthzPort,
+    AuthzId,
+    /// LPM trie: (set, source prefix) → source address class.
+    AuthzSrc,
+    AuthzVerdict,
+    /// Per-CPU counters per policy index.
+    AuthzCount,
 }
 
 impl MapId {
     /// Maps the writer fills.
-    pub const WRITTEN: [MapId; 6] = [
+    pub const WRITTEN: [MapId; 12] = [
         MapId::Vip,
         MapId::Workload,
         MapId::Endpoint,
         MapId::Port,
         MapId::Manage,
         MapId::Config,
+        MapId::AuthzDst,
+        MapId::AuthzPort,
+        MapId::AuthzId,
+        MapId::AuthzSrc,
+        MapId::AuthzVerdict,
+        MapId::AuthzCount,
     ];
     /// Maps that hold live sockets: they outlive the daemon (see
     /// `Datapath::shutdown`) and are reused by the next one.
@@ -93,6 +113,12 @@ impl MapId {
             MapId::Sock => "km_sock",
             MapId::SockState => "km_sock_state",
             MapId::Conn => "km_conn",
+            MapId::AuthzDst => "km_authz_dst",
+            MapId::AuthzPort => "km_authz_port",
+            MapId::AuthzId => "km_authz_id",
+            MapId::AuthzSrc => "km_authz_src",
+            MapId::AuthzVerdict => "km_authz_verdict",
+            MapId::AuthzCount => "km_authz_count",
         }
     }
 }
@@ -110,6 +136,12 @@ impl Datapath {
             MapId::Sock => &m.km_sock,
             MapId::SockState => &m.km_sock_state,
             MapId::Conn => &m.km_conn,
+            MapId::AuthzDst => &m.km_authz_dst,
+            MapId::AuthzPort => &m.km_authz_port,
+            MapId::AuthzId => &m.km_authz_id,
+            MapId::AuthzSrc => &m.km_authz_src,
+            MapId::AuthzVerdict => &m.km_authz_verdict,
+            MapId::AuthzCount => &m.km_authz_count,
         }
     }
 
@@ -125,6 +157,12 @@ impl Datapath {
             MapId::Sock => &mut m.km_sock,
             MapId::SockState => &mut m.km_sock_state,
             MapId::Conn => &mut m.km_conn,
+            MapId::AuthzDst => &mut m.km_authz_dst,
+            MapId::AuthzPort => &mut m.km_authz_port,
+            MapId::AuthzId => &mut m.km_authz_id,
+            MapId::AuthzSrc => &mut m.km_authz_src,
+            MapId::AuthzVerdict => &mut m.km_authz_verdict,
+            MapId::AuthzCount => &mut m.km_authz_count,
         }
     }
 

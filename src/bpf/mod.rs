@@ -30,6 +30,7 @@ pub mod skel {
 }
 
 mod features;
+mod lookup;
 mod maps;
 pub mod netns;
 mod pins;
@@ -41,8 +42,9 @@ pub use stats::{ProgRunStats, RunStatsGuard, STAT_NAMES};
 pub use types::*;
 
 pub use skel::types::{
-    addr_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr, manage_value,
-    port_key, service_value, sock_key, sock_state, waypoint, workload_value,
+    addr_key, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
+    authz_verdict_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
+    manage_value, port_key, service_value, sock_key, sock_state, waypoint, workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -89,6 +91,7 @@ pub struct Datapath {
     cgroup: Option<(PathBuf, fs::File)>,
     sockops_wanted: bool,
     kernel: KernelSupport,
+    netns_links: lookup::NetnsLinks,
 }
 
 /// Every cgroup link the data path may have, as named in its pins.
@@ -206,6 +209,7 @@ impl Datapath {
             cgroup: None,
             sockops_wanted: false,
             kernel,
+            netns_links: Default::default(),
         })
     }
 
@@ -229,6 +233,19 @@ impl Datapath {
             (&mut m.km_manage, "km_manage", sizes.enrolled_netns),
             (&mut m.km_sock, "km_sock", sizes.sockets),
             (&mut m.km_conn, "km_conn", sizes.sockets),
+            (
+                &mut m.km_authz_dst,
+                "km_authz_dst",
+                sizes.enrolled_netns.saturating_mul(4),
+            ),
+            (&mut m.km_authz_port, "km_authz_port", sizes.authz_entries),
+            (&mut m.km_authz_id, "km_authz_id", sizes.authz_entries),
+            (&mut m.km_authz_src, "km_authz_src", sizes.authz_entries),
+            (
+                &mut m.km_authz_verdict,
+                "km_authz_verdict",
+                sizes.authz_entries,
+            ),
         ] {
             map.set_max_entries(value)
                 .map_err(|source| BpfError::Size {
@@ -426,8 +443,10 @@ impl Datapath {
     pub fn shutdown(&mut self, keep_attached: bool) {
         use std::os::fd::AsFd;
         let Some(dir) = self.pin_dir.take() else {
+            self.release_netns_links(None, keep_attached);
             return;
         };
+        self.release_netns_links(Some(&dir), keep_attached);
         if keep_attached {
             return;
         }
@@ -546,6 +565,7 @@ mod tests {
             enrolled_netns: 5,
             port_overrides: 7,
             sockets: 64,
+            authz_entries: 32,
         };
         let dp = Datapath::load(sizes).unwrap_or_else(|e| panic!("{e}"));
         // What the probes promise, the load delivers (kernels.sh runs this

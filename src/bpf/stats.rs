@@ -9,7 +9,7 @@ use super::Datapath;
 
 /// Names of km_stats' counters, in the order of enum kmesh_stat
 /// (bpf/include/kmesh.h).
-pub const STAT_NAMES: [&str; 17] = [
+pub const STAT_NAMES: [&str; 22] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -27,6 +27,11 @@ pub const STAT_NAMES: [&str; 17] = [
     "accel_pushback",
     "accel_left",
     "accel_skipped",
+    "authz_allow",
+    "authz_deny",
+    "authz_deny_connect",
+    "authz_dry_run_deny",
+    "authz_event_lost",
 ];
 
 impl Datapath {

@@ -36,6 +36,12 @@ impl Pod for manage_value {}
 impl Pod for config_value {}
 impl Pod for sock_key {}
 impl Pod for waypoint {}
+impl Pod for authz_dst {}
+impl Pod for authz_port_key {}
+impl Pod for authz_id_key {}
+impl Pod for authz_src_key {}
+impl Pod for authz_verdict_key {}
+impl Pod for authz_verdict {}
 impl Pod for u32 {}
 impl Pod for u64 {}
 

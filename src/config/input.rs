@@ -93,9 +93,12 @@ pub(super) fn open_netns(path: &Path) -> Result<fs::File, String> {
     Ok(f)
 }
 
-/// Cookie of the network namespace `f` (from `open_netns`).
-pub(super) fn netns_cookie(f: fs::File) -> Result<u64, String> {
-    crate::sys::netns_file_cookie(f).map_err(|e| e.to_string())
+/// Cookie and global addresses of the network namespace `f` (from
+/// `open_netns`).
+pub(super) fn netns_cookie(f: fs::File) -> Result<(u64, Vec<std::net::IpAddr>), String> {
+    let addrs = crate::sys::netns_file_addresses(&f).map_err(|e| e.to_string())?;
+    let cookie = crate::sys::netns_file_cookie(f).map_err(|e| e.to_string())?;
+    Ok((cookie, addrs))
 }
 
 /// Keys whose value may be a JSON array. serde builds a struct from an
@@ -230,7 +233,7 @@ mod tests {
             .contains("not a network namespace"));
         let own = open_netns(Path::new("/proc/self/ns/net")).unwrap();
         assert_eq!(
-            netns_cookie(own).unwrap(),
+            netns_cookie(own).unwrap().0,
             crate::sys::current_netns_cookie().unwrap()
         );
     }

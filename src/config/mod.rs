@@ -559,12 +559,13 @@ pub fn load(path: &Path) -> Result<Model, ConfigError> {
     for (i, entry) in netns.iter().enumerate() {
         let (ns, waypoint) = entry.parts();
         match input::open_netns(ns).and_then(input::netns_cookie) {
-            Ok(cookie) => {
+            Ok((cookie, addrs)) => {
                 model.enrolled.insert(
                     cookie,
                     Enrollment {
                         source: ns.display().to_string(),
                         waypoint,
+                        addrs,
                     },
                 );
             }

@@ -352,6 +352,9 @@ pub struct Enrollment {
     /// A waypoint's netns: its own connections are never sent to a
     /// waypoint (that would loop).
     pub waypoint: bool,
+    /// Its global addresses when it was enrolled: the destinations this
+    /// node enforces authorization for, and the source of its sockets.
+    pub addrs: Vec<IpAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -473,9 +476,14 @@ impl<'a> Layers<'a> {
     /// Effective authorization policies, each key once (the later layer
     /// wins).
     pub fn policies(self) -> impl Iterator<Item = &'a crate::authz::Policy> {
+        self.policy_arcs().map(|p| &**p)
+    }
+
+    /// `policies`, as shared handles.
+    pub fn policy_arcs(self) -> impl Iterator<Item = &'a Arc<crate::authz::Policy>> {
         let layers = self.0;
         layers.iter().enumerate().flat_map(move |(i, m)| {
-            m.policies.iter().map(|p| &**p).filter(move |p| {
+            m.policies.iter_shared().filter(move |p| {
                 let key = p.key();
                 !layers[i + 1..]
                     .iter()

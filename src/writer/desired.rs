@@ -82,6 +82,31 @@ fn own_ports<'a>(
     })
 }
 
+/// A netns's km_manage value: its one global address per family is where
+/// its unbound sockets connect from (two or more: left to the kernel's
+/// choice, so not used).
+fn enrolled_value(flags: u32, addrs: &[IpAddr]) -> manage_value {
+    let one = |v4: bool| {
+        let mut of = addrs
+            .iter()
+            .map(|a| canonical(*a))
+            .filter(|a| a.is_ipv4() == v4);
+        match (of.next(), of.next()) {
+            (Some(a), None) => Some(a),
+            _ => None,
+        }
+    };
+    manage_value {
+        enrolled: 1,
+        flags,
+        src4: match one(true) {
+            Some(IpAddr::V4(a)) => crate::bpf::ip4_to_map(a),
+            _ => 0,
+        },
+        src6: one(false).map(kmesh_addr::from_ip).unwrap_or_default(),
+    }
+}
+
 /// The desired map contents for a model, before endpoint ordering.
 pub(super) struct Desired {
     /// Service id → (value without endpoint counts, VIPs).
@@ -98,6 +123,8 @@ pub(super) struct Desired {
     pub(super) owner: HashMap<u32, u32>,
     /// Hostname → the answer its endpoints carry.
     pub(super) answers: HashMap<Box<str>, Vec<IpAddr>>,
+    /// Identity numbers the workload entries hold (none without policies).
+    pub(super) identities: std::collections::HashSet<u32>,
 }
 
 impl Desired {
@@ -176,7 +203,7 @@ impl MapWriter {
                 .filter(|(cookie, _)| !a.cookies.contains(cookie))
                 .map(|(cookie, e)| {
                     let flags = if e.waypoint { NETNS_WAYPOINT } else { 0 };
-                    (cookie, manage_value { enrolled: 1, flags })
+                    (cookie, enrolled_value(flags, &e.addrs))
                 })
                 .collect(),
             config: config_value {
@@ -186,7 +213,9 @@ impl MapWriter {
             passthrough: Vec::new(),
             owner: HashMap::new(),
             answers: HashMap::new(),
+            identities: Default::default(),
         };
+        let authz_on = model.policies().next().is_some();
         // A service without a VIP cannot be connected to: nothing to write.
         let mut routable: HashMap<&str, (u32, &LoadBalancing, &[PortMapping])> = HashMap::new();
         for (key, svc) in model.services() {
@@ -238,10 +267,18 @@ impl MapWriter {
             }
             let wp = resolve_waypoint(w.waypoint(), model, w.uid());
             if !w.host_network && local_network(w.network(), &local) {
+                let identity = if authz_on {
+                    let n = self.authz.identity(w.identity());
+                    d.identities.insert(n);
+                    n
+                } else {
+                    0
+                };
                 for ip in w.addresses.iter() {
                     let v = workload_value {
                         workload_id: id,
                         waypoint: wp,
+                        identity,
                     };
                     d.workload_ips.insert(canonical(*ip), v);
                 }

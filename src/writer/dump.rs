@@ -32,9 +32,8 @@ pub struct Dump {
     /// (the newest answer, less unusable addresses, or the previous one if
     /// the newest did not fit); empty: not resolved or no such name.
     pub dns: BTreeMap<String, Vec<String>>,
-    /// Authorization policies held (not enforced in the data path yet),
-    /// each with the workloads it applies to.
-    pub policies: Vec<PolicyDump>,
+    /// L4 authorization: the policies, where they are enforced, counters.
+    pub authz: AuthzDump,
     /// Entries the last apply left out of the maps, with the reason
     /// (invalid, an address another entry holds, no room).
     pub rejected: Vec<super::Rejected>,
@@ -71,14 +70,36 @@ pub struct ServiceDump {
 }
 
 #[derive(Debug, Serialize)]
+pub struct AuthzDump {
+    pub policies: Vec<PolicyDump>,
+    /// Destinations enforced here (workload uids) by policy set (the keys
+    /// of the policies that apply, in order).
+    pub sets: BTreeMap<String, Vec<String>>,
+    /// Enrolled netns with the authorization program attached.
+    pub netns_attached: usize,
+    /// Policy sets that did not fit the tables (their destinations deny).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
 pub struct PolicyDump {
-    pub name: String,
+    /// "namespace/name".
+    pub key: String,
     pub scope: crate::authz::Scope,
     pub action: crate::authz::Action,
     pub dry_run: bool,
     pub rules: usize,
     /// "all workloads", "namespace X", or the selected workloads' uids.
+    pub selects: Vec<String>,
+    /// The workloads it applies to on this node (uids), where it is
+    /// enforced.
     pub applies_to: Vec<String>,
+    /// Connections it allowed (the first ALLOW that matched), denied, and
+    /// would have denied (dry run), counted at the destination since it
+    /// was loaded.
+    pub allow: u64,
+    pub deny: u64,
+    pub dry_run_deny: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -295,29 +316,56 @@ impl MapWriter {
                 selected.entry(k).or_default().push(w.uid().to_string());
             }
         }
+        let counters = self.authz_counters();
+        let mut enforced: HashMap<&str, Vec<String>> = HashMap::new();
+        for (set, uids) in &self.authz.applied {
+            for k in set.split(',') {
+                enforced.entry(k).or_default().extend(uids.iter().cloned());
+            }
+        }
         let mut policies: Vec<PolicyDump> = model
             .policies()
             .map(|p| {
                 use crate::authz::Scope;
                 let key = p.key();
-                let applies_to = match p.scope {
+                let selects = match p.scope {
                     Scope::Global => vec!["all workloads".to_string()],
                     Scope::Namespace => vec![format!("namespace {}", p.namespace)],
                     Scope::WorkloadSelector => selected.remove(key.as_str()).unwrap_or_default(),
                 };
+                let [allow, deny, dry_run_deny] =
+                    counters.get(key.as_str()).copied().unwrap_or_default();
+                let mut applies_to = enforced.remove(key.as_str()).unwrap_or_default();
+                applies_to.sort();
+                applies_to.dedup();
                 PolicyDump {
-                    name: key,
+                    key,
                     scope: p.scope,
                     action: p.action,
                     dry_run: p.dry_run,
                     rules: p.rules.len(),
+                    selects,
                     applies_to,
+                    allow,
+                    deny,
+                    dry_run_deny,
                 }
             })
             .collect();
-        policies.sort_by(|a, b| a.name.cmp(&b.name));
-        Dump {
+        policies.sort_by(|a, b| a.key.cmp(&b.key));
+        let authz = AuthzDump {
             policies,
+            sets: self
+                .authz
+                .applied
+                .iter()
+                .map(|(k, uids)| (k.to_string(), uids.clone()))
+                .collect(),
+            netns_attached: self.dp.netns_attached(),
+            notes: self.authz.notes.clone(),
+        };
+        Dump {
+            authz,
             services,
             workloads,
             enrolled_netns,

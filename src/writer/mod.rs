@@ -17,6 +17,7 @@
 //! Re-applying the same model writes nothing.
 
 mod admit;
+mod authz;
 mod desired;
 mod dump;
 mod lists;
@@ -104,6 +105,7 @@ pub struct MapWriter {
     refused_answers: HashSet<(Box<str>, IpAddr)>,
     /// As of the last successful apply, for the dump.
     last: ApplyReport,
+    authz: authz::AuthzState,
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -134,6 +136,7 @@ impl MapWriter {
             answered: HashMap::new(),
             refused_answers: HashSet::new(),
             last: ApplyReport::default(),
+            authz: authz::AuthzState::default(),
         }
     }
 
@@ -187,6 +190,7 @@ impl MapWriter {
             fitted = self.fit(&d, model, &mut a);
         }
         let mut st = ApplyStats::default();
+        let compiled = self.compile_authz(model, &d.identities);
         let result = fitted.and_then(|_| {
             // Before any entry that routes to a waypoint or turns on
             // acceleration is visible to connect().
@@ -198,7 +202,8 @@ impl MapWriter {
                 .into_iter()
                 .map(|(c, e)| (c, e.source.clone()))
                 .collect();
-            self.write(&d, model, &mut st)
+            a.notes.extend(self.sync_netns());
+            self.write(&d, &compiled, model, &mut st)
         });
         // Ids neither wanted nor still referenced by a map entry go.
         let w = &self.written;
@@ -244,6 +249,7 @@ impl MapWriter {
         for n in a.notes.iter().filter(|n| !self.last.notes.contains(n)) {
             tracing::warn!("{n}");
         }
+        a.notes.extend(compiled.notes);
         self.last = ApplyReport {
             stats: st,
             rejected: a.rejected,
@@ -255,6 +261,7 @@ impl MapWriter {
     fn write(
         &mut self,
         d: &Desired,
+        authz: &crate::authz::compile::Compiled,
         model: Layers,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
@@ -369,11 +376,18 @@ impl MapWriter {
             self.write_vips(*id, template, vips, counts, st)?;
             self.trim_endpoints(*id, &counts, st)?;
         }
-        // 5. Workload addresses: the value is the workload id and the
-        // backend's waypoint, so it changed if either did.
+        // Authorization: new policy sets in, destinations flipped to them
+        // (writer/authz.rs), before the workload entries change identity.
+        let retired = self.write_authz(authz, st)?;
+        // 5. Workload addresses: the value is the workload id, the
+        // backend's waypoint and the identity number, so it changed if any
+        // did.
         for (ip, v) in &d.workload_ips {
             let wid = v.workload_id;
-            if self.written.workload_ips.get(ip) == Some(&wid) && !moved.contains(&wid) {
+            if self.written.workload_ips.get(ip) == Some(&wid)
+                && !moved.contains(&wid)
+                && self.authz.ip_identity(ip) == v.identity
+            {
                 continue;
             }
             self.update(
@@ -384,7 +398,9 @@ impl MapWriter {
                 st,
             )?;
             self.written.workload_ips.insert(*ip, wid);
+            self.authz.set_ip_identity(*ip, v.identity);
         }
+        self.retire_authz(retired, d.identities.clone(), st)?;
         self.written.backends = prints;
         // 6. Own ports no endpoint entry is flagged for any more.
         let gone: Vec<(u32, u32, u16)> = self
@@ -465,6 +481,25 @@ impl MapWriter {
     fn workload_name(&self, model: Layers, id: u32) -> String {
         self.workload_uid(model, id)
             .unwrap_or_else(|| format!("workload id {id}"))
+    }
+
+    /// Puts the authorization program on each enrolled netns, once the
+    /// data path is attached (see Datapath::sync_netns_links); returns
+    /// the netns it could not go on.
+    pub fn sync_netns(&mut self) -> Vec<String> {
+        if !self.dp.attached().contains(&"connect4") {
+            return Vec::new();
+        }
+        let enrolled = self
+            .enroll_sources
+            .iter()
+            .map(|(c, s)| (*c, s.clone()))
+            .collect();
+        let errors = self.dp.sync_netns_links(&enrolled);
+        for e in errors.iter().filter(|e| !self.last.notes.contains(e)) {
+            tracing::warn!("{e}");
+        }
+        errors
     }
 
     pub(crate) fn enroll_source(&self, cookie: u64) -> Option<&str> {

@@ -1,0 +1,409 @@
+//! Policies → the data path's tables (bpf/lib/authz.h).
+//!
+//! A verdict depends on four inputs: the source's identity, the source
+//! address, the destination address and the destination port. The
+//! policies that apply to a destination (its "set") can only tell apart
+//! the values their conditions name, so each input reduces to a class: the
+//! tuple of answers it gives to every condition of that kind in the set.
+//! The verdict of every class combination is computed here, by the same
+//! evaluator that decides a concrete connection (`eval::decide_with` over
+//! the classes' answers), and the data path only looks classes and the
+//! verdict up. Class 0 of each input is the answer tuple of every value no
+//! table entry names (no identity, no named prefix, an unnamed port), so
+//! those values need no entry.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use super::{
+    eval::{self, Facts},
+    Cidr, Identity, Policy, ServiceAccountMatch, StringMatch,
+};
+
+/// A destination this node enforces: a workload with an address in an
+/// enrolled netns here.
+#[derive(Debug, Clone)]
+pub struct Destination<'a> {
+    pub uid: &'a str,
+    pub addrs: Vec<IpAddr>,
+    /// The policies that apply to it, in applicable order.
+    pub policies: Vec<Arc<Policy>>,
+}
+
+/// One entry of the verdict table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Verdict {
+    pub deny: bool,
+    pub dry_deny: bool,
+    /// Index (PolicyIndex) of the deciding DENY or ALLOW policy; 0: none.
+    pub policy: u32,
+    /// Index of the dry-run policy that would deny; 0: none.
+    pub dry_policy: u32,
+}
+
+/// (identity class, source class, destination class, port class).
+pub type Combo = (u32, u32, u32, u32);
+
+/// What one set's tables hold, less the identity entries: two sets with
+/// equal cores decide alike for identities of equal class.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Core {
+    pub ports: BTreeMap<u16, u32>,
+    /// Source prefixes (IPv4 as IPv4) → class.
+    pub sources: BTreeMap<(IpAddr, u8), u32>,
+    pub verdicts: BTreeMap<Combo, Verdict>,
+    /// The answer tuple of each identity class, so that a class number
+    /// keeps its meaning while the core is unchanged.
+    pub id_classes: Vec<Vec<bool>>,
+}
+
+impl Core {
+    pub fn entries(&self) -> usize {
+        self.ports.len() + self.sources.len() + self.verdicts.len()
+    }
+}
+
+/// The tables of one policy set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    /// The policy keys, in applicable order: the set's name.
+    pub key: Arc<str>,
+    pub core: Core,
+    /// Identity number → class (class 0 left out).
+    pub identities: BTreeMap<u32, u32>,
+    /// Workloads it applies to (uids), for the dump.
+    pub workloads: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Compiled {
+    pub sets: Vec<Set>,
+    /// Destination address → (index into `sets`, destination class).
+    pub dsts: HashMap<IpAddr, (usize, u32)>,
+    /// Sets that did not fit and deny every connection instead.
+    pub notes: Vec<String>,
+}
+
+/// The conditions of one set, each with its position in an answer tuple.
+#[derive(Default)]
+struct Atoms<'p> {
+    src: Index<Cidr>,
+    dst: Index<Cidr>,
+    ports: Index<u16>,
+    /// Identity conditions: namespaces, principals, service accounts.
+    ns: Index<&'p StringMatch>,
+    principals: Index<&'p StringMatch>,
+    sas: Index<&'p ServiceAccountMatch>,
+}
+
+struct Index<T> {
+    at: HashMap<T, usize>,
+    items: Vec<T>,
+}
+
+impl<T> Default for Index<T> {
+    fn default() -> Self {
+        Index {
+            at: HashMap::new(),
+            items: Vec::new(),
+        }
+    }
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Index<T> {
+    fn add(&mut self, x: T) {
+        if !self.at.contains_key(&x) {
+            self.at.insert(x.clone(), self.items.len());
+            self.items.push(x);
+        }
+    }
+
+    fn pos(&self, x: &T) -> usize {
+        self.at[x]
+    }
+}
+
+impl<'p> Atoms<'p> {
+    fn of(policies: &'p [Arc<Policy>]) -> Self {
+        let mut a = Atoms::default();
+        let matches = policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .flat_map(|r| &r.clauses)
+            .flat_map(|c| &c.matches);
+        for m in matches {
+            m.source_ips
+                .iter()
+                .chain(&m.not_source_ips)
+                .for_each(|c| a.src.add(*c));
+            m.destination_ips
+                .iter()
+                .chain(&m.not_destination_ips)
+                .for_each(|c| a.dst.add(*c));
+            m.destination_ports
+                .iter()
+                .chain(&m.not_destination_ports)
+                .for_each(|p| a.ports.add(*p));
+            m.namespaces
+                .iter()
+                .chain(&m.not_namespaces)
+                .for_each(|x| a.ns.add(x));
+            m.principals
+                .iter()
+                .chain(&m.not_principals)
+                .for_each(|x| a.principals.add(x));
+            m.service_accounts
+                .iter()
+                .chain(&m.not_service_accounts)
+                .for_each(|x| a.sas.add(x));
+        }
+        a
+    }
+
+    fn identity_answers(&self, id: Option<&Identity>) -> Vec<bool> {
+        let ns = self
+            .ns
+            .items
+            .iter()
+            .map(|m| eval::identity_namespace(id, m));
+        let pr = self
+            .principals
+            .items
+            .iter()
+            .map(|m| eval::identity_principal(id, m));
+        let sa = self
+            .sas
+            .items
+            .iter()
+            .map(|m| eval::identity_service_account(id, m));
+        ns.chain(pr).chain(sa).collect()
+    }
+}
+
+/// The answers of one class combination.
+struct ClassFacts<'a, 'p> {
+    atoms: &'a Atoms<'p>,
+    id: &'a [bool],
+    src: &'a [bool],
+    dst: &'a [bool],
+    /// None: a port no condition names.
+    port: Option<u16>,
+}
+
+impl Facts for ClassFacts<'_, '_> {
+    fn src_in(&self, c: &Cidr) -> bool {
+        self.src[self.atoms.src.pos(c)]
+    }
+    fn dst_in(&self, c: &Cidr) -> bool {
+        self.dst[self.atoms.dst.pos(c)]
+    }
+    fn port_is(&self, port: u16) -> bool {
+        self.port == Some(port)
+    }
+    fn namespace_is(&self, m: &StringMatch) -> bool {
+        self.id[self.atoms.ns.pos(&m)]
+    }
+    fn principal_is(&self, m: &StringMatch) -> bool {
+        self.id[self.atoms.ns.items.len() + self.atoms.principals.pos(&m)]
+    }
+    fn service_account_is(&self, m: &ServiceAccountMatch) -> bool {
+        let a = self.atoms;
+        self.id[a.ns.items.len() + a.principals.items.len() + a.sas.pos(&m)]
+    }
+}
+
+/// Numbers distinct answer tuples; the tuple of class 0 is given.
+struct Classes {
+    by_answers: HashMap<Vec<bool>, u32>,
+    answers: Vec<Vec<bool>>,
+}
+
+impl Classes {
+    fn new(zero: Vec<bool>) -> Self {
+        Classes {
+            by_answers: HashMap::from([(zero.clone(), 0)]),
+            answers: vec![zero],
+        }
+    }
+
+    fn class(&mut self, answers: Vec<bool>) -> u32 {
+        if let Some(c) = self.by_answers.get(&answers) {
+            return *c;
+        }
+        let c = self.answers.len() as u32;
+        self.answers.push(answers.clone());
+        self.by_answers.insert(answers, c);
+        c
+    }
+}
+
+/// Where 1-based policy indices come from (the data path's counters).
+pub trait PolicyIndex {
+    fn index(&self, key: &str) -> u32;
+}
+
+/// Compiles the tables for `dsts`. `identities`: every identity the mesh
+/// knows, by its number. A set whose tables would take the total past
+/// `budget` entries denies every connection to its destinations instead
+/// (fail closed) and is named in `notes`.
+pub fn compile(
+    dsts: &[Destination],
+    identities: &[(u32, &Identity)],
+    index: &impl PolicyIndex,
+    budget: usize,
+) -> Compiled {
+    // Destinations grouped by their set, in first-seen order.
+    let mut groups: Vec<(Arc<str>, Vec<&Destination>)> = Vec::new();
+    let mut by_key: HashMap<Arc<str>, usize> = HashMap::new();
+    for d in dsts.iter().filter(|d| !d.policies.is_empty()) {
+        let key: Arc<str> = d
+            .policies
+            .iter()
+            .map(|p| p.key())
+            .collect::<Vec<_>>()
+            .join(",")
+            .into();
+        let i = *by_key.entry(key.clone()).or_insert_with(|| {
+            groups.push((key, Vec::new()));
+            groups.len() - 1
+        });
+        groups[i].1.push(d);
+    }
+    let mut out = Compiled::default();
+    let mut used = 0usize;
+    for (key, members) in groups {
+        let policies = &members[0].policies;
+        let (mut set, mut classes) =
+            compile_set(key.clone(), policies, &members, identities, index);
+        let size = set.core.entries() + set.identities.len();
+        if used + size > budget {
+            out.notes.push(format!(
+                "authorization: the {} policies of {} compile to {size} table entries, more than \
+                 the {} left (raise --max-authz-entries); connections to it are denied",
+                policies.len(),
+                members[0].uid,
+                budget.saturating_sub(used)
+            ));
+            set = deny_all(key);
+            classes.values_mut().for_each(|c| *c = 0);
+        }
+        used += set.core.entries() + set.identities.len();
+        set.workloads = members.iter().map(|d| d.uid.to_string()).collect();
+        let si = out.sets.len();
+        out.sets.push(set);
+        out.dsts
+            .extend(classes.into_iter().map(|(ip, c)| (ip, (si, c))));
+    }
+    out
+}
+
+/// The set that refuses everything: no class entries, one verdict.
+fn deny_all(key: Arc<str>) -> Set {
+    let mut core = Core::default();
+    core.verdicts.insert(
+        (0, 0, 0, 0),
+        Verdict {
+            deny: true,
+            dry_deny: false,
+            policy: 0,
+            dry_policy: 0,
+        },
+    );
+    Set {
+        key,
+        core,
+        identities: BTreeMap::new(),
+        workloads: Vec::new(),
+    }
+}
+
+/// One set's tables, and the class of each of its destinations' addresses.
+fn compile_set(
+    key: Arc<str>,
+    policies: &[Arc<Policy>],
+    members: &[&Destination],
+    identities: &[(u32, &Identity)],
+    index: &impl PolicyIndex,
+) -> (Set, HashMap<IpAddr, u32>) {
+    let atoms = Atoms::of(policies);
+    let mut core = Core::default();
+    let mut ids = Classes::new(atoms.identity_answers(None));
+    let mut by_identity = BTreeMap::new();
+    for (n, id) in identities {
+        let c = ids.class(atoms.identity_answers(Some(id)));
+        if c != 0 {
+            by_identity.insert(*n, c);
+        }
+    }
+    // Source prefixes: the longest named prefix holding an address decides
+    // its class (the named prefixes holding it are that one's ancestors).
+    let mut srcs = Classes::new(vec![false; atoms.src.items.len()]);
+    for x in &atoms.src.items {
+        let answers = atoms
+            .src
+            .items
+            .iter()
+            .map(|c| c.len <= x.len && c.contains(x.addr))
+            .collect();
+        core.sources.insert((x.addr, x.len), srcs.class(answers));
+    }
+    // Destination addresses always have an entry: no class is implied.
+    let mut dst_tuples: Vec<Vec<bool>> = Vec::new();
+    let mut dst_class = HashMap::new();
+    for ip in members.iter().flat_map(|d| &d.addrs) {
+        let answers: Vec<bool> = atoms.dst.items.iter().map(|c| c.contains(*ip)).collect();
+        let c = match dst_tuples.iter().position(|t| *t == answers) {
+            Some(c) => c,
+            None => {
+                dst_tuples.push(answers);
+                dst_tuples.len() - 1
+            }
+        };
+        dst_class.insert(*ip, c as u32);
+    }
+    for (i, p) in atoms.ports.items.iter().enumerate() {
+        core.ports.insert(*p, i as u32 + 1);
+    }
+    let ports: Vec<Option<u16>> = std::iter::once(None)
+        .chain(atoms.ports.items.iter().map(|p| Some(*p)))
+        .collect();
+    for (ic, id) in ids.answers.iter().enumerate() {
+        for (sc, src) in srcs.answers.iter().enumerate() {
+            for (dc, dst) in dst_tuples.iter().enumerate() {
+                for (pc, port) in ports.iter().enumerate() {
+                    let facts = ClassFacts {
+                        atoms: &atoms,
+                        id,
+                        src,
+                        dst,
+                        port: *port,
+                    };
+                    let d = eval::decide_with(policies.iter().map(|p| &**p), &facts);
+                    let by = |k: Option<&str>| k.map_or(0, |k| index.index(k));
+                    let v = Verdict {
+                        deny: !d.verdict.allowed(),
+                        dry_deny: d.dry_run_by.is_some(),
+                        policy: match &d.verdict {
+                            eval::Verdict::Denied(k) => index.index(k),
+                            _ => by(d.allowed_by.as_deref()),
+                        },
+                        dry_policy: by(d.dry_run_by.as_deref()),
+                    };
+                    let combo = (ic as u32, sc as u32, dc as u32, pc as u32);
+                    core.verdicts.insert(combo, v);
+                }
+            }
+        }
+    }
+    core.id_classes = ids.answers;
+    let set = Set {
+        key,
+        core,
+        identities: by_identity,
+        workloads: Vec::new(),
+    };
+    (set, dst_class)
+}

@@ -1,0 +1,139 @@
+//! Authorization at run time, beside the map writer: the denial log (from
+//! the data path's ring buffer) and closing live connections a policy
+//! change now denies.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    authz::{self, Conn, PolicyStore},
+    bpf::kmesh_addr,
+    model::{canonical, Layers},
+    writer::MapWriter,
+};
+
+/// Denials logged per second at most; the rest are counted in one line.
+const LOG_PER_SECOND: u32 = 20;
+
+/// One denial as the data path reports it (struct authz_event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub policy: u32,
+    pub at_connect: bool,
+    pub src: IpAddr,
+    pub dst: SocketAddr,
+}
+
+impl Denial {
+    pub fn parse(b: &[u8]) -> Option<Denial> {
+        let u32_at = |o: usize| Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?));
+        let addr_at = |o: usize| -> Option<IpAddr> {
+            let mut a = kmesh_addr::default();
+            for (i, w) in a.ip6.iter_mut().enumerate() {
+                *w = u32_at(o + 4 * i)?;
+            }
+            Some(a.to_ip())
+        };
+        Some(Denial {
+            policy: u32_at(0)?,
+            at_connect: u32_at(4)? != 0,
+            src: addr_at(8)?,
+            dst: SocketAddr::new(addr_at(24)?, u32_at(40)? as u16),
+        })
+    }
+}
+
+/// Logs each denial the data path reports, one line naming the policy,
+/// source and destination, at most LOG_PER_SECOND a second.
+pub fn spawn_denial_log(writer: Arc<Mutex<MapWriter>>) -> Result<(), String> {
+    let map = {
+        let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        libbpf_rs::MapHandle::try_from(w.datapath().authz_events()).map_err(|e| e.to_string())?
+    };
+    std::thread::Builder::new()
+        .name("authz-log".into())
+        .spawn(move || {
+            let (mut window, mut logged, mut dropped) = (Instant::now(), 0u32, 0u64);
+            let mut builder = libbpf_rs::RingBufferBuilder::new();
+            let cb = |data: &[u8]| -> i32 {
+                if window.elapsed() >= Duration::from_secs(1) {
+                    if dropped > 0 {
+                        tracing::warn!("authz: {dropped} more denials not logged");
+                    }
+                    (window, logged, dropped) = (Instant::now(), 0, 0);
+                }
+                let Some(d) = Denial::parse(data) else {
+                    return 0;
+                };
+                if logged >= LOG_PER_SECOND {
+                    dropped += 1;
+                    return 0;
+                }
+                logged += 1;
+                let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+                let by = match w.policy_key(d.policy) {
+                    Some(k) => format!("policy {k}"),
+                    None => "no ALLOW policy matched".to_string(),
+                };
+                let at = if d.at_connect {
+                    "at connect"
+                } else {
+                    "at the destination"
+                };
+                tracing::warn!("authz: denied {} -> {} ({by}, {at})", d.src, d.dst);
+                0
+            };
+            if let Err(e) = builder.add(&map, cb) {
+                tracing::error!("authz: denial log unavailable: {e}");
+                return;
+            }
+            let rb = match builder.build() {
+                Ok(rb) => rb,
+                Err(e) => {
+                    tracing::error!("authz: denial log unavailable: {e}");
+                    return;
+                }
+            };
+            loop {
+                if let Err(e) = rb.poll(Duration::from_millis(500)) {
+                    if e.kind() != libbpf_rs::ErrorKind::Interrupted {
+                        tracing::error!("authz: denial log stopped: {e}");
+                        return;
+                    }
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// The decision for an established connection from `remote` to `local`
+/// (a destination's address and listening port), as the data path would
+/// take it now.
+pub fn denies(
+    model: Layers,
+    store: &PolicyStore,
+    dst_workload: &crate::model::Workload,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Option<authz::Decision> {
+    let src = canonical(remote.ip());
+    let source = model
+        .workloads()
+        .find(|w| !w.host_network && w.addresses.iter().any(|a| canonical(*a) == src));
+    let identity = source.map(|w| w.identity());
+    let conn = Conn {
+        src,
+        dst: canonical(local.ip()),
+        dst_port: local.port(),
+        src_identity: identity.as_ref(),
+    };
+    let d = authz::decide(
+        store.applicable(dst_workload.namespace(), dst_workload.policies()),
+        &conn,
+    );
+    (!d.verdict.allowed()).then_some(d)
+}
