@@ -10,6 +10,7 @@ pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod model;
+pub mod sockdiag;
 pub mod sys;
 pub mod writer;
 pub mod xds;
