@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod dns;
 pub mod enforce;
 pub mod model;
+pub mod sockdiag;
 pub mod sys;
 pub mod writer;
 pub mod xds;
