@@ -99,7 +99,11 @@ impl Sources {
 /// Makes the maps hold the sources' models. Returns the hostnames the
 /// resolver must watch, and what was left out (for the xDS client's ACK).
 fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> (BTreeSet<String>, Verdict) {
-    let out = sources.with_layers(|layers| apply_layers(writer, layers, why));
+    let out = sources.with_layers(|layers| {
+        let out = apply_layers(writer, layers, why);
+        cut_denied(writer, layers);
+        out
+    });
     // An apply of 100k workloads frees tens of MB of temporaries; glibc
     // keeps them mapped unless asked.
     trim_heap();
@@ -232,6 +236,27 @@ async fn next_answers(rx: Option<&mut watch::Receiver<Arc<Answers>>>) -> Option<
     }
 }
 
+/// After an apply that may have changed a decision: live connections a
+/// policy now denies are closed (they would otherwise outlive it).
+fn cut_denied(writer: &Mutex<MapWriter>, layers: Layers) {
+    if !writer
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take_authz_changed()
+    {
+        return;
+    }
+    let (cut, errors) = crate::enforce::cut_denied(layers);
+    for e in errors {
+        tracing::error!("authz: live connections not checked: {e}");
+    }
+    if cut > 0 {
+        let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.datapath()
+            .add_daemon_stat(crate::bpf::STAT_AUTHZ_CUT, cut as u64);
+    }
+}
+
 pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // Handlers first: a SIGTERM that arrives while starting up must still
     // go through the orderly shutdown below, not the default kill.
@@ -301,6 +326,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     // Logs the netns it cannot go on; the next apply reports them too.
     w.sync_netns();
+    let writer_at_start = Mutex::new(w);
+    cut_denied(&writer_at_start, Layers(&[&file_model]));
+    let w = writer_at_start
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
     let writer = Arc::new(Mutex::new(w));
     if let Err(e) = crate::enforce::spawn_denial_log(writer.clone()) {
         tracing::error!("authz: denial log unavailable: {e}");

@@ -3,15 +3,17 @@
 //! change now denies.
 
 use std::{
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use crate::{
-    authz::{self, Conn, PolicyStore},
+    authz::{self, Conn, Identity},
     bpf::kmesh_addr,
-    model::{canonical, Layers},
+    model::{canonical, Layers, Workload},
+    sockdiag::{self, TcpSock},
     writer::MapWriter,
 };
 
@@ -110,30 +112,73 @@ pub fn spawn_denial_log(writer: Arc<Mutex<MapWriter>>) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-/// The decision for an established connection from `remote` to `local`
-/// (a destination's address and listening port), as the data path would
-/// take it now.
-pub fn denies(
-    model: Layers,
-    store: &PolicyStore,
-    dst_workload: &crate::model::Workload,
-    local: SocketAddr,
-    remote: SocketAddr,
-) -> Option<authz::Decision> {
-    let src = canonical(remote.ip());
-    let source = model
-        .workloads()
-        .find(|w| !w.host_network && w.addresses.iter().any(|a| canonical(*a) == src));
-    let identity = source.map(|w| w.identity());
-    let conn = Conn {
-        src,
-        dst: canonical(local.ip()),
-        dst_port: local.port(),
-        src_identity: identity.as_ref(),
+/// Closes the established connections into this node's destinations that
+/// the policies now deny (a policy pushed or reloaded, a source's identity
+/// changed), in every enrolled netns; returns how many, and one line per
+/// netns that could not be swept.
+pub fn cut_denied(model: Layers) -> (usize, Vec<String>) {
+    let store = model.policy_store();
+    if store.is_empty() {
+        return (0, Vec::new());
+    }
+    // Destination address → the workload; source address → identity.
+    let mut dsts: HashMap<IpAddr, &Workload> = HashMap::new();
+    let mut ids: HashMap<IpAddr, Identity> = HashMap::new();
+    let local: HashSet<IpAddr> = model
+        .enrolled()
+        .values()
+        .flat_map(|e| e.addrs.iter().map(|a| canonical(*a)))
+        .collect();
+    for w in model.workloads().filter(|w| !w.host_network) {
+        for a in w.addresses.iter().map(|a| canonical(*a)) {
+            if local.contains(&a) {
+                dsts.insert(a, w);
+            }
+            ids.insert(a, w.identity());
+        }
+    }
+    let denied = |sk: &TcpSock| -> bool {
+        if !sk.inbound {
+            return false;
+        }
+        let Some(w) = dsts.get(&sk.local.ip()) else {
+            return false;
+        };
+        let conn = Conn {
+            src: sk.remote.ip(),
+            dst: sk.local.ip(),
+            dst_port: sk.local.port(),
+            src_identity: ids.get(&sk.remote.ip()),
+        };
+        !authz::decide(store.applicable(w.namespace(), w.policies()), &conn)
+            .verdict
+            .allowed()
     };
-    let d = authz::decide(
-        store.applicable(dst_workload.namespace(), dst_workload.policies()),
-        &conn,
-    );
-    (!d.verdict.allowed()).then_some(d)
+    let (mut cut, mut errors) = (0, Vec::new());
+    for e in model.enrolled().values() {
+        if !e.addrs.iter().any(|a| dsts.contains_key(&canonical(*a))) {
+            continue;
+        }
+        let f = match std::fs::File::open(&e.source) {
+            Ok(f) => f,
+            Err(err) => {
+                errors.push(format!("{}: {err}", e.source));
+                continue;
+            }
+        };
+        match sockdiag::destroy_matching(&f, &denied) {
+            Ok(gone) => {
+                for sk in &gone {
+                    tracing::warn!(
+                        "authz: closed {} -> {}: a policy now denies it",
+                        sk.remote,
+                        sk.local
+                    );
+                }
+                cut += gone.len();
+            }
+            Err(err) => errors.push(err.to_string()),
+        }
+    }
+    (cut, errors)
 }

@@ -27,9 +27,12 @@ pub const TCP_CLOSE_WAIT: u8 = 8;
 /// Request sockets live in the established hash as NEW_SYN_RECV but are
 /// reported as SYN_RECV; asking for both bits makes every kernel include them.
 const TCP_NEW_SYN_RECV: u8 = 12;
+const TCP_LISTEN: u8 = 10;
 /// The states in which a connection can still carry data, so a policy
-/// change must cut it. LISTEN and TIME_WAIT are left alone.
-const STATES: u32 = 1 << TCP_ESTABLISHED
+/// change must cut it, and LISTEN, to tell which of them were accepted
+/// (`TcpSock::inbound`). TIME_WAIT is left alone.
+const STATES: u32 = 1 << TCP_LISTEN
+    | 1 << TCP_ESTABLISHED
     | 1 << TCP_SYN_RECV
     | 1 << TCP_NEW_SYN_RECV
     | 1 << TCP_FIN_WAIT1
@@ -43,6 +46,10 @@ pub struct TcpSock {
     pub remote: SocketAddr,
     /// Kernel TCP state (TCP_ESTABLISHED, ...); request sockets say SYN_RECV.
     pub state: u8,
+    /// Its local port is one a listener of the netns accepts on: the
+    /// connection came in (an authorization policy of its local address
+    /// applies), rather than going out from an ephemeral port.
+    pub inbound: bool,
     family: u8,
     /// The kernel's inet_diag_sockid verbatim: SOCK_DESTROY finds the
     /// socket by it, and its cookie keeps a destroy from hitting a newer
@@ -125,6 +132,14 @@ pub fn destroy_matching(
                 .map_err(netlink("dump IPv4 TCP sockets"))?;
             nl.dump(libc::AF_INET6 as u8, &mut socks)
                 .map_err(netlink("dump IPv6 TCP sockets"))?;
+            let (listeners, mut socks): (Vec<TcpSock>, Vec<TcpSock>) =
+                socks.into_iter().partition(|sk| sk.state == TCP_LISTEN);
+            for sk in &mut socks {
+                sk.inbound = listeners.iter().any(|l| {
+                    l.local.port() == sk.local.port()
+                        && (l.local.ip().is_unspecified() || l.local.ip() == sk.local.ip())
+                });
+            }
             let mut destroyed = Vec::new();
             for sk in socks.into_iter().filter(|sk| doom(sk)) {
                 match nl.destroy(&sk) {
@@ -364,6 +379,7 @@ fn parse(p: &[u8]) -> Option<TcpSock> {
         local: addr(&p[4..6], &p[8..24])?,
         remote: addr(&p[6..8], &p[24..40])?,
         state: p[1],
+        inbound: false,
         family,
         id,
     })

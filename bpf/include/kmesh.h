@@ -54,7 +54,8 @@ enum kmesh_stat {
 	KMESH_STAT_AUTHZ_DENY_CONNECT = 19, /* denied at the client's connect() */
 	KMESH_STAT_AUTHZ_DRY_RUN_DENY = 20, /* a dry-run policy would have denied */
 	KMESH_STAT_AUTHZ_EVENT_LOST = 21, /* denial not logged: ring buffer full */
-	KMESH_STAT_MAX = 22,
+	KMESH_STAT_AUTHZ_CUT = 22, /* (daemon) live connections a policy change closed */
+	KMESH_STAT_MAX = 23,
 };
 
 /* km_manage flags */

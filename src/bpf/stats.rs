@@ -9,7 +9,7 @@ use super::Datapath;
 
 /// Names of km_stats' counters, in the order of enum kmesh_stat
 /// (bpf/include/kmesh.h).
-pub const STAT_NAMES: [&str; 22] = [
+pub const STAT_NAMES: [&str; 23] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -32,9 +32,27 @@ pub const STAT_NAMES: [&str; 22] = [
     "authz_deny_connect",
     "authz_dry_run_deny",
     "authz_event_lost",
+    "authz_cut",
 ];
 
+/// km_stats counters the daemon keeps (the programs never write them).
+pub const STAT_AUTHZ_CUT: u32 = 22;
+
 impl Datapath {
+    /// Adds `n` to a counter only the daemon writes (on CPU 0's slot).
+    pub fn add_daemon_stat(&self, idx: u32, n: u64) {
+        let map = &self.skel.maps.km_stats;
+        let key = idx.to_ne_bytes();
+        let Ok(Some(mut cpus)) = map.lookup_percpu(&key, libbpf_rs::MapFlags::ANY) else {
+            return;
+        };
+        if let Some(first) = cpus.first_mut().filter(|v| v.len() >= 8) {
+            let now = u64::from_ne_bytes(first[..8].try_into().unwrap()) + n;
+            first[..8].copy_from_slice(&now.to_ne_bytes());
+            let _ = map.update_percpu(&key, &cpus, libbpf_rs::MapFlags::ANY);
+        }
+    }
+
     /// Per-counter sums over CPUs of the data path's stats array.
     pub fn stats(&self) -> Vec<(&'static str, u64)> {
         let map = &self.skel.maps.km_stats;

@@ -479,6 +479,15 @@ impl<'a> Layers<'a> {
         self.policy_arcs().map(|p| &**p)
     }
 
+    /// Every effective policy, in one store (for `applicable`).
+    pub fn policy_store(self) -> crate::authz::PolicyStore {
+        let mut store = crate::authz::PolicyStore::default();
+        for p in self.policy_arcs() {
+            store.insert_shared(p.clone());
+        }
+        store
+    }
+
     /// `policies`, as shared handles.
     pub fn policy_arcs(self) -> impl Iterator<Item = &'a Arc<crate::authz::Policy>> {
         let layers = self.0;

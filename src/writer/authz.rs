@@ -59,6 +59,8 @@ pub(super) struct AuthzState {
     pub(super) notes: Vec<String>,
     /// Workload address → the identity number its entry holds (nonzero).
     ip_identity: HashMap<IpAddr, u32>,
+    /// Whether a decision may have changed since `take_changed`.
+    changed: bool,
 }
 
 impl AuthzState {
@@ -77,6 +79,7 @@ impl AuthzState {
     }
 
     pub(super) fn set_ip_identity(&mut self, ip: IpAddr, n: u32) {
+        self.changed = true;
         if n == 0 {
             self.ip_identity.remove(&ip);
         } else {
@@ -93,15 +96,6 @@ impl PolicyIndex for AuthzState {
     fn index(&self, key: &str) -> u32 {
         self.policy_index(key)
     }
-}
-
-/// Every effective policy of the layers, in one store.
-pub(super) fn policy_store(model: Layers) -> PolicyStore {
-    let mut store = PolicyStore::default();
-    for p in model.policy_arcs() {
-        store.insert_shared(p.clone());
-    }
-    store
 }
 
 /// The destinations this node enforces: workloads with an address of an
@@ -143,7 +137,7 @@ impl MapWriter {
     /// Compiles the policies for this node's destinations; `used`: the
     /// identity numbers the workload entries will hold.
     pub(super) fn compile_authz(&mut self, model: Layers, used: &HashSet<u32>) -> Compiled {
-        let store = policy_store(model);
+        let store = model.policy_store();
         // Indices for the counters: kept while the policy is, the freed
         // ones reused lowest first.
         self.authz
@@ -210,6 +204,7 @@ impl MapWriter {
         c: &Compiled,
         st: &mut ApplyStats,
     ) -> Result<Vec<WrittenSet>, WriterError> {
+        let before = st.updates + st.deletes;
         let mut retired = Vec::new();
         let mut ids = Vec::with_capacity(c.sets.len());
         for set in &c.sets {
@@ -303,6 +298,7 @@ impl MapWriter {
             tracing::warn!("{n}");
         }
         self.authz.notes = c.notes.clone();
+        self.authz.changed |= st.updates + st.deletes != before || !retired.is_empty();
         Ok(retired)
     }
 
@@ -340,6 +336,12 @@ impl MapWriter {
         self.authz.identities.retain(|_, n| used.contains(n));
         self.authz.in_use = used;
         Ok(())
+    }
+
+    /// Whether an apply since the last call may have changed a decision
+    /// (tables, destinations or identities rewritten).
+    pub fn take_authz_changed(&mut self) -> bool {
+        std::mem::take(&mut self.authz.changed)
     }
 
     /// Per policy key: (allow, deny, dry-run deny) counted by the data
