@@ -166,7 +166,7 @@ pub fn cut_denied(model: Layers) -> (usize, Vec<String>) {
                 continue;
             }
         };
-        match sockdiag::destroy_matching(&f, &denied) {
+        match sockdiag::destroy_matching(&f, denied) {
             Ok(gone) => {
                 for sk in &gone {
                     tracing::warn!(
