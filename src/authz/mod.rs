@@ -340,4 +340,6 @@ fn index_of(p: &Policy) -> Option<String> {
 }
 
 #[cfg(test)]
+mod compile_tests;
+#[cfg(test)]
 mod tests;
