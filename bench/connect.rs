@@ -15,14 +15,17 @@
 
 #[path = "../tests/harness/mod.rs"]
 mod harness;
+#[path = "inproc.rs"]
+mod inproc;
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use criterion::Criterion;
+use inproc::{connect_once, listen, median, rate, InCgroup};
 use kmesh::{
     bpf::{Datapath, MapSizes, RunStatsGuard},
     model::{
@@ -92,80 +95,6 @@ fn model(backend: std::net::IpAddr, cookie: u64) -> Model {
         },
     );
     m
-}
-
-/// One connect + immediate RST close (SO_LINGER 0), so no TIME_WAIT builds
-/// up across hundreds of thousands of connects.
-fn connect_once(addr: &SocketAddr) {
-    let s = TcpStream::connect(addr).expect("connect");
-    let l = nix::libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &l).expect("SO_LINGER");
-}
-
-fn rate(addr: &SocketAddr, n: u32) -> f64 {
-    let t = Instant::now();
-    for _ in 0..n {
-        connect_once(addr);
-    }
-    f64::from(n) / t.elapsed().as_secs_f64()
-}
-
-/// std's listener has a backlog of 128: when the accept thread falls behind
-/// a connect burst, SYNs are dropped and the client waits out a 1 s
-/// retransmit. Use the netns' somaxconn instead.
-fn listen(addr: SocketAddr) -> TcpListener {
-    use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrStorage,
-    };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    setsockopt(&fd, sockopt::ReuseAddr, &true).unwrap();
-    bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(addr),
-    )
-    .unwrap();
-    listen(&fd, Backlog::new(4096).unwrap()).unwrap();
-    TcpListener::from(fd)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-/// Moves this process into a cgroup and back out on drop, so the harness
-/// can remove the cgroup afterwards.
-struct InCgroup(String);
-
-impl InCgroup {
-    fn join(dir: &std::path::Path) -> InCgroup {
-        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-        let rel = own
-            .lines()
-            .find_map(|l| l.strip_prefix("0::"))
-            .unwrap()
-            .to_string();
-        kmesh::sys::join_cgroup(dir).unwrap();
-        InCgroup(rel)
-    }
-}
-
-impl Drop for InCgroup {
-    fn drop(&mut self) {
-        let root = kmesh::sys::cgroup2_mount().unwrap();
-        let back = root.join(self.0.trim_start_matches('/'));
-        kmesh::sys::join_cgroup(&back).unwrap();
-    }
 }
 
 fn main() {

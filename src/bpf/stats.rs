@@ -87,6 +87,7 @@ impl Datapath {
         [
             ("connect4", p.kmesh_connect4.as_fd().as_raw_fd()),
             ("connect6", p.kmesh_connect6.as_fd().as_raw_fd()),
+            ("authz_lookup", p.kmesh_authz_lookup.as_fd().as_raw_fd()),
         ]
         .into_iter()
         .chain(
