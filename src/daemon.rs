@@ -340,11 +340,21 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         file: Mutex::new(file_model),
         xds: xds_store.clone(),
     });
+    // Probed once: closing live connections a policy now denies needs
+    // SOCK_DESTROY (CONFIG_INET_DIAG_DESTROY).
+    let cut_unavailable = crate::sockdiag::probe_destroy().err();
+    if let Some(why) = &cut_unavailable {
+        tracing::warn!(
+            "authz: live connections a policy change denies stay open until they close \
+             (the kernel cannot destroy sockets: {why}); new ones are refused"
+        );
+    }
     let dump: admin::DumpFn = {
         let (sources, writer) = (sources.clone(), writer.clone());
         Arc::new(move || {
             let mut d =
                 sources.with_layers(|l| writer.lock().unwrap_or_else(|e| e.into_inner()).dump(l));
+            d.authz.cut_unavailable = cut_unavailable.clone();
             if let Some(store) = &sources.xds {
                 let refused = store.lock().unwrap_or_else(|e| e.into_inner()).refused();
                 d.rejected.extend(refused);

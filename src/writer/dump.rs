@@ -79,6 +79,10 @@ pub struct AuthzDump {
     pub netns_attached: usize,
     /// Policy sets that did not fit the tables (their destinations deny).
     pub notes: Vec<String>,
+    /// Why live connections cannot be closed when a policy starts denying
+    /// them (the kernel cannot destroy sockets); absent when they can.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut_unavailable: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -363,6 +367,7 @@ impl MapWriter {
                 .collect(),
             netns_attached: self.dp.netns_attached(),
             notes: self.authz.notes.clone(),
+            cut_unavailable: None,
         };
         Dump {
             authz,
