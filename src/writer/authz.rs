@@ -29,7 +29,7 @@ use crate::{
     },
     bpf::{
         addr_key, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
-        authz_verdict_key, kmesh_addr, MapId,
+        authz_verdict_key, kmesh_addr, Datapath, MapId,
     },
     model::{canonical, Layers},
 };
@@ -400,7 +400,7 @@ fn verdict_key(set: u32, (id, src, dst, port): compile::Combo) -> authz_verdict_
 /// Writes a whole set under `id`, recording each entry in `w` as it goes
 /// in (so a failure part-way leaves `w` naming what to delete).
 fn write_set(
-    dp: &crate::bpf::Datapath,
+    dp: &Datapath,
     id: u32,
     set: &compile::Set,
     w: &mut WrittenSet,
@@ -440,7 +440,7 @@ fn write_set(
 }
 
 fn delete_set(
-    dp: &crate::bpf::Datapath,
+    dp: &Datapath,
     w: &WrittenSet,
     st: &mut ApplyStats,
 ) -> Result<(), WriterError> {
@@ -468,42 +468,20 @@ fn delete_set(
 }
 
 fn update<K: crate::bpf::Pod, V: crate::bpf::Pod>(
-    dp: &crate::bpf::Datapath,
+    dp: &Datapath,
     map: MapId,
     key: &K,
     value: &V,
     st: &mut ApplyStats,
 ) -> Result<(), WriterError> {
-    dp.map(map)
-        .update(key.as_bytes(), value.as_bytes(), MapFlags::ANY)
-        .map_err(|source| WriterError::Kernel {
-            op: "update",
-            map: map.name(),
-            what: "authorization tables".into(),
-            source,
-        })?;
-    st.updates += 1;
-    Ok(())
+    super::put(dp, map, key, value, || "authorization tables".into(), st)
 }
 
 fn delete<K: crate::bpf::Pod>(
-    dp: &crate::bpf::Datapath,
+    dp: &Datapath,
     map: MapId,
     key: &K,
     st: &mut ApplyStats,
 ) -> Result<(), WriterError> {
-    match dp.map(map).delete(key.as_bytes()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(WriterError::Kernel {
-                op: "delete",
-                map: map.name(),
-                what: "authorization tables".into(),
-                source,
-            })
-        }
-    }
-    st.deletes += 1;
-    Ok(())
+    super::remove(dp, map, key, || "authorization tables".into(), st)
 }

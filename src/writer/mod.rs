@@ -506,7 +506,6 @@ impl MapWriter {
         self.enroll_sources.get(&cookie).map(String::as_str)
     }
 
-    /// `what` names the entry in an error; only called on one.
     fn update<K: Pod, V: Pod>(
         &self,
         map: MapId,
@@ -515,17 +514,7 @@ impl MapWriter {
         what: impl FnOnce() -> String,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        self.dp
-            .map(map)
-            .update(key.as_bytes(), value.as_bytes(), MapFlags::ANY)
-            .map_err(|source| WriterError::Kernel {
-                op: "update",
-                map: map.name(),
-                what: what(),
-                source,
-            })?;
-        st.updates += 1;
-        Ok(())
+        put(&self.dp, map, key, value, what, st)
     }
 
     fn delete<K: Pod>(
@@ -535,22 +524,54 @@ impl MapWriter {
         what: impl FnOnce() -> String,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        match self.dp.map(map).delete(key.as_bytes()) {
-            Ok(()) => {}
-            // Already gone (e.g. a retry after a partial failure): fine.
-            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(WriterError::Kernel {
-                    op: "delete",
-                    map: map.name(),
-                    what: what(),
-                    source,
-                })
-            }
-        }
-        st.deletes += 1;
-        Ok(())
+        remove(&self.dp, map, key, what, st)
     }
+}
+
+/// One map update; `what` names the entry in an error (only called on
+/// one).
+fn put<K: Pod, V: Pod>(
+    dp: &Datapath,
+    map: MapId,
+    key: &K,
+    value: &V,
+    what: impl FnOnce() -> String,
+    st: &mut ApplyStats,
+) -> Result<(), WriterError> {
+    dp.map(map)
+        .update(key.as_bytes(), value.as_bytes(), MapFlags::ANY)
+        .map_err(|source| WriterError::Kernel {
+            op: "update",
+            map: map.name(),
+            what: what(),
+            source,
+        })?;
+    st.updates += 1;
+    Ok(())
+}
+
+fn remove<K: Pod>(
+    dp: &Datapath,
+    map: MapId,
+    key: &K,
+    what: impl FnOnce() -> String,
+    st: &mut ApplyStats,
+) -> Result<(), WriterError> {
+    match dp.map(map).delete(key.as_bytes()) {
+        Ok(()) => {}
+        // Already gone (e.g. a retry after a partial failure): fine.
+        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(WriterError::Kernel {
+                op: "delete",
+                map: map.name(),
+                what: what(),
+                source,
+            })
+        }
+    }
+    st.deletes += 1;
+    Ok(())
 }
 
 #[cfg(test)]
