@@ -94,7 +94,9 @@ fn model(pod: std::net::IpAddr, cookie: u64, netns: &str, policies: bool) -> Mod
         Scope::Namespace,
         Action::Allow,
         Match {
-            principals: vec![StringMatch::Exact("cluster.local/ns/bench/sa/default".into())],
+            principals: vec![StringMatch::Exact(
+                "cluster.local/ns/bench/sa/default".into(),
+            )],
             ..Match::default()
         },
     ));

@@ -79,4 +79,3 @@ impl Drop for InCgroup {
         kmesh::sys::join_cgroup(&back).unwrap();
     }
 }
-

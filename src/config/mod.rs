@@ -58,8 +58,9 @@ struct File {
     #[serde(default)]
     workloads: Vec<WorkloadEntry>,
     /// L4 authorization policies, shaped like istio.security.Authorization.
+    /// Read one by one (see `parse`): a bad policy is left out alone.
     #[serde(default)]
-    policies: Vec<crate::authz::Policy>,
+    policies: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -474,16 +475,36 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             ));
         }
     }
-    for (i, p) in file.policies.iter().enumerate() {
-        p.validate()
-            .map_err(|e| field_err(format!("policies[{i}]"), e.to_string()))?;
-        if model.policies.get(&p.key()).is_some() {
-            return Err(field_err(
+    // Policies one by one, as xDS NACKs one resource: leaving a DENY out
+    // or keeping the whole previous file would both be wrong for the others.
+    for (i, v) in file.policies.iter().enumerate() {
+        let p: crate::authz::Policy = match serde_path_to_error::deserialize(v) {
+            Ok(p) => p,
+            Err(e) => {
+                let at = e.path().to_string();
+                let field = if at == "." {
+                    format!("policies[{i}]")
+                } else {
+                    format!("policies[{i}].{at}")
+                };
+                model
+                    .policy_errors
+                    .push((field, e.into_inner().to_string()));
+                continue;
+            }
+        };
+        if let Err(e) = p.validate() {
+            model
+                .policy_errors
+                .push((format!("policies[{i}]"), e.to_string()));
+        } else if model.policies.get(&p.key()).is_some() {
+            model.policy_errors.push((
                 format!("policies[{i}]"),
                 format!("policy {} defined twice", p.key()),
             ));
+        } else {
+            model.policies.insert(p);
         }
-        model.policies.insert(p.clone());
     }
     // A DNS service no workload backs resolves its own hostname, as
     // istiod does for a ServiceEntry without endpoints.
@@ -530,6 +551,14 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
 pub fn check(path: &Path) -> Result<Model, ConfigError> {
     let text = read(path)?;
     let (model, netns) = parse(path, &text)?;
+    // What the daemon would leave out is an error here.
+    if let Some((field, message)) = model.policy_errors.first() {
+        return Err(ConfigError::Field {
+            path: path.to_path_buf(),
+            field: field.clone(),
+            message: message.clone(),
+        });
+    }
     for (i, entry) in netns.iter().enumerate() {
         let (ns, _) = entry.parts();
         input::open_netns(ns).map_err(|message| ConfigError::Field {
@@ -556,6 +585,12 @@ fn read(path: &Path) -> Result<String, ConfigError> {
 pub fn load(path: &Path) -> Result<Model, ConfigError> {
     let text = read(path)?;
     let (mut model, netns) = parse(path, &text)?;
+    for (field, message) in &model.policy_errors {
+        tracing::warn!(
+            "config {}: {field}: {message}; policy left out, the others apply",
+            path.display()
+        );
+    }
     for (i, entry) in netns.iter().enumerate() {
         let (ns, waypoint) = entry.parts();
         match input::open_netns(ns).and_then(input::netns_cookie) {

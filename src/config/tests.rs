@@ -344,32 +344,50 @@ fn policies_and_identities_come_from_the_file() {
         .map(crate::authz::Policy::key)
         .collect();
     assert_eq!(applied, ["shop/only-frontend"]);
-    // Refused naming the field: a bad CIDR, an unknown action, a port 0,
-    // the same policy twice.
+    // Left out naming the field: a bad CIDR, an unknown action, a port 0,
+    // the same policy twice; a good policy beside a bad one still applies.
+    let refused = |text: &str| {
+        let (m, _) = parse(Path::new("t.json"), text).unwrap();
+        let keys: Vec<String> = m.policies.iter().map(|p| p.key()).collect();
+        let errors: Vec<String> = m
+            .policy_errors
+            .iter()
+            .map(|(f, e)| format!("{f}: {e}"))
+            .collect();
+        (keys, errors.join("\n"))
+    };
     let policy = |extra: &str| {
         format!(
-            r#"{{"policies": [{{"name": "p", "namespace": "shop", "scope": "GLOBAL", {extra}}}]}}"#
+            r#"{{"policies": [{{"name": "good", "namespace": "shop", "scope": "GLOBAL", "action": "DENY"}},
+                {{"name": "p", "namespace": "shop", "scope": "GLOBAL", {extra}}}]}}"#
         )
     };
-    let e = err(&policy(
+    let (keys, e) = refused(&policy(
         r#""action": "DENY", "rules": [{"clauses": [{"matches": [{"source_ips": ["10.0.0.0/40"]}]}]}]"#,
     ));
+    assert_eq!(keys, ["shop/good"]);
     assert!(
-        e.contains("policies[0].rules[0].clauses[0].matches[0].source_ips[0]")
+        e.contains("policies[1].rules[0].clauses[0].matches[0].source_ips[0]")
             && e.contains("32 bits"),
         "{e}"
     );
-    let e = err(&policy(r#""action": "AUDIT""#));
-    assert!(e.contains("policies[0].action"), "{e}");
-    let e = err(&policy(
+    let (keys, e) = refused(&policy(r#""action": "AUDIT""#));
+    assert_eq!(keys, ["shop/good"]);
+    assert!(e.contains("policies[1].action"), "{e}");
+    let (_, e) = refused(&policy(
         r#""action": "DENY", "rules": [{"clauses": [{"matches": [{"destination_ports": [0]}]}]}]"#,
     ));
     assert!(
-        e.contains("policies[0]") && e.contains("0 is not a port"),
+        e.contains("policies[1]") && e.contains("0 is not a port"),
         "{e}"
     );
     let twice = r#"{"policies": [
         {"name": "p", "namespace": "a", "scope": "GLOBAL", "action": "DENY"},
         {"name": "p", "namespace": "a", "scope": "GLOBAL", "action": "ALLOW"}]}"#;
-    assert!(err(twice).contains("defined twice"));
+    let (keys, e) = refused(twice);
+    assert_eq!(keys, ["a/p"], "the first one stays");
+    assert!(
+        e.contains("policies[1]") && e.contains("defined twice"),
+        "{e}"
+    );
 }

@@ -372,6 +372,8 @@ pub struct Model {
     /// Enroll entries left out because they could not be resolved (e.g. a
     /// deleted pod netns), one line each, for the log and the dump.
     pub enroll_errors: Vec<String>,
+    /// Config-file policies left out as invalid: (field, what is wrong).
+    pub policy_errors: Vec<(String, String)>,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
     /// Unread bytes an accelerated receiver may hold before its sender falls

@@ -439,11 +439,7 @@ fn write_set(
     Ok(())
 }
 
-fn delete_set(
-    dp: &Datapath,
-    w: &WrittenSet,
-    st: &mut ApplyStats,
-) -> Result<(), WriterError> {
+fn delete_set(dp: &Datapath, w: &WrittenSet, st: &mut ApplyStats) -> Result<(), WriterError> {
     for port in w.core.ports.keys() {
         let key = authz_port_key {
             set: w.id,

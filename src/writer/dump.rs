@@ -79,6 +79,8 @@ pub struct AuthzDump {
     pub netns_attached: usize,
     /// Policy sets that did not fit the tables (their destinations deny).
     pub notes: Vec<String>,
+    /// Config-file policies left out as invalid, naming the field.
+    pub refused: Vec<String>,
     /// Why live connections cannot be closed when a policy starts denying
     /// them (the kernel cannot destroy sockets); absent when they can.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -367,6 +369,12 @@ impl MapWriter {
                 .collect(),
             netns_attached: self.dp.netns_attached(),
             notes: self.authz.notes.clone(),
+            refused: model
+                .0
+                .iter()
+                .flat_map(|m| &m.policy_errors)
+                .map(|(field, message)| format!("{field}: {message}"))
+                .collect(),
             cut_unavailable: None,
         };
         Dump {
