@@ -37,6 +37,7 @@ const PODS: [(&str, u8, &str); 8] = [
     ("blog", 13, "blog"),
     ("legacy", 14, "shop"),
 ];
+const WEB: &str = "10.244.0.11:8080";
 const UI_PRINCIPAL: &str = "cluster.local/ns/front/sa/ui";
 
 fn pod_no(name: &str) -> u8 {
@@ -366,6 +367,12 @@ fn namespace_principal_and_service_account() {
     let td = one("principals", json!([{"prefix": "example.org/"}]));
     let p = allow("shop/allow-example-org", td);
     m.case(&[p], "ops>web | ui>web stranger>web");
+    // Servers are clients too; a pod may connect to itself.
+    let p = allow(
+        "shop/allow-shop",
+        one("namespaces", json!([{"exact": "shop"}])),
+    );
+    m.case(&[p], "web>db db>web6 web>web | ui>db stranger>web");
     // The unknown source has no principal at all.
     let any = one("principals", json!([{"presence": {}}]));
     let p = allow("shop/allow-any-principal", any);
@@ -474,9 +481,10 @@ fn dump_counters_and_denial_log() {
     run("ui", "web:9090", 1, true, Some(1));
     let dump = m.d().dump();
     let count = |k: &str, f: &str| policy_entry(&dump, k)[f].as_u64();
-    // Counted at the destination: the EPERM at connect never got there.
+    // Each connection counts once, where it was decided: a policy's deny
+    // counts its EPERMs at connect (1) and refusals at the destination (2).
     let audit = "istio-system/audit-batch";
-    let counts = [("shop/pick", "allow", 5), ("shop/no-9090", "deny", 2)];
+    let counts = [("shop/pick", "allow", 5), ("shop/no-9090", "deny", 3)];
     for (k, f, want) in counts
         .into_iter()
         .chain([(audit, "dry_run_deny", 2), (audit, "deny", 0)])
@@ -612,6 +620,16 @@ fn policies_pushed_over_xds() {
     }
     assert!(!named(&good), "{:?}", cp.cp.nacks());
     m.check("xDS push with bad policies", "ui>web | ui>blog batch>web");
+
+    // The same policy updated in place: it now denies ui instead of batch.
+    let sa_ui = json!([{"namespace": "front", "service_account": "ui"}]);
+    push(&[deny("shop/deny-sa-batch", one("service_accounts", sa_ui))]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !m.env.connect_opts(m.pod("batch"), WEB, 1, false)[0].ok {
+        assert!(Instant::now() < deadline, "the update never applied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    m.check("xDS shop/deny-sa-batch updated", "batch>web | ui>web");
 
     cp.cp.update(|b| {
         for p in all.iter().chain([&front, &no_batch]) {
