@@ -40,10 +40,6 @@ const PODS: [(&str, u8, &str); 8] = [
 const WEB: &str = "10.244.0.11:8080";
 const UI_PRINCIPAL: &str = "cluster.local/ns/front/sa/ui";
 
-fn pod_no(name: &str) -> u8 {
-    PODS.iter().find(|p| p.0 == name).expect(name).1
-}
-
 /// Whether its netns is enrolled (an enrolled client's denials fail at
 /// connect; legacy is never enforced).
 fn enrolled(name: &str) -> bool {
@@ -111,7 +107,7 @@ fn sa_batch() -> Value {
 
 /// A match of both addresses of pod `name`.
 fn src(name: &str) -> Value {
-    let n = pod_no(name);
+    let n = PODS.iter().find(|p| p.0 == name).expect(name).1;
     let (v4, v6) = (format!("10.244.0.{n}/32"), format!("fd00:244::{n}/128"));
     one("source_ips", json!([v4, v6]))
 }
@@ -213,12 +209,12 @@ impl Mesh {
 
     /// The dump once `dump.authz.policies` lists exactly `keys`.
     fn wait_policies(&self, keys: &[String]) -> Value {
-        let want: BTreeSet<&str> = keys.iter().map(String::as_str).collect();
-        let held = |p: &Value| p["key"].as_str().unwrap_or_default().to_string();
-        self.d.wait_dump(Duration::from_secs(10), |v| {
-            let now: BTreeSet<String> = policies(v).iter().map(held).collect();
-            now.iter().map(String::as_str).eq(want.iter().copied())
-        })
+        let want: BTreeSet<String> = keys.iter().map(|k| json!(k).to_string()).collect();
+        let now = |v: &Value| -> BTreeSet<String> {
+            policies(v).iter().map(|p| p["key"].to_string()).collect()
+        };
+        self.d
+            .wait_dump(Duration::from_secs(10), |v| now(v) == want)
     }
 
     fn stat(&self, name: &str) -> u64 {
@@ -423,6 +419,24 @@ fn global_namespace_and_selector_scopes() {
     m.case(&[p], "ui>db batch>web | ui>web ui>web6");
     let p = pol("shop/orphan", "WORKLOAD_SELECTOR", "ALLOW", Value::Null);
     m.case(&[p], "ui>web ui>db stranger>blog");
+
+    // Enrolling legacy's netns by a reload starts enforcing there; leaving
+    // it out again stops.
+    let p = [pol("istio-system/deny-ui", "GLOBAL", "DENY", src("ui"))];
+    for (n, rows) in [
+        (7, "batch>legacy | ui>legacy ui>web"),
+        (6, "ui>legacy | ui>web"),
+    ] {
+        let mut cfg = config(&m.pods, &p);
+        if n == 7 {
+            let legacy = json!(m.pod("legacy").path());
+            cfg["enroll"]["netns"].as_array_mut().unwrap().push(legacy);
+        }
+        m.d.write_config(&cfg);
+        let enrolled = |v: &Value| v["enrolled_netns"].as_array().map(Vec::len) == Some(n);
+        m.d.wait_dump(Duration::from_secs(10), enrolled);
+        m.check(&format!("{n} netns enrolled"), rows);
+    }
 }
 
 #[test]
@@ -512,21 +526,35 @@ fn live_connections_are_cut_when_a_policy_starts_denying_them() {
     let mut m = Mesh::new(None);
     let (mut ui4, mut ui6) = (held(&mut m, "ui", "web"), held(&mut m, "ui", "web6"));
     let (mut batch, mut ops) = (held(&mut m, "batch", "db"), held(&mut m, "ops", "web"));
+    let (mut blog, mut legacy) = (held(&mut m, "ui", "blog"), held(&mut m, "ui", "legacy"));
+    let still = |h: &mut Held, what: &str| assert_eq!(h.echo("x").as_deref(), Ok("x"), "{what}");
+    // A dry-run policy never cuts.
+    m.apply(&[dry(pol(
+        "istio-system/dry-ui",
+        "GLOBAL",
+        "DENY",
+        principal_ui(),
+    ))]);
+    std::thread::sleep(Duration::from_millis(1500));
+    still(&mut ui4, "ui -> web under a dry-run DENY");
     let cut0 = m.stat("authz_cut");
-    m.apply(&[deny("shop/cut-ui", principal_ui())]);
+    m.apply(&[pol("istio-system/cut-ui", "GLOBAL", "DENY", principal_ui())]);
     wait_cut(&mut ui4, "ui -> web (IPv4)");
     wait_cut(&mut ui6, "ui -> web (IPv6)");
-    assert_eq!(batch.echo("still").as_deref(), Ok("still"), "batch -> db");
-    assert_eq!(ops.echo("still").as_deref(), Ok("still"), "ops -> web");
-    assert!(m.stat("authz_cut") - cut0 >= 2, "authz_cut");
-    m.check("after the cut", "batch>web | ui>web");
+    wait_cut(&mut blog, "ui -> blog");
+    still(&mut batch, "batch -> db");
+    still(&mut ops, "ops -> web");
+    // legacy's netns is not enrolled: not enforced, so not cut either.
+    still(&mut legacy, "ui -> legacy");
+    assert!(m.stat("authz_cut") - cut0 >= 3, "authz_cut");
+    m.check("after the cut", "batch>web ui>legacy | ui>web ui>blog");
 
     // A reload replacing the policy cuts what the new one denies.
     let mut batch_web = held(&mut m, "batch", "web");
     m.apply(&[deny("shop/cut-front", front())]);
     wait_cut(&mut batch_web, "batch -> web");
     wait_cut(&mut batch, "batch -> db");
-    assert_eq!(ops.echo("still").as_deref(), Ok("still"), "ops -> web");
+    still(&mut ops, "ops -> web");
     m.case(&[], "ui>web ui>web6 batch>db");
 }
 
