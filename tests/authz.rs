@@ -9,7 +9,7 @@
 //! The mesh: clients ui and batch (namespace front), ops (namespace ops,
 //! trust domain example.org, its netns not enrolled) and a stranger the
 //! mesh does not know; servers web and db (namespace shop; web lists the
-//! WORKLOAD_SELECTOR policy shop/pick), blog (namespace blog) and legacy
+//! WORKLOAD_SELECTOR policy shop/pick), blog (namespace blog, on [::]) and legacy
 //! (namespace shop, its netns not enrolled, so never enforced).
 
 mod harness;
@@ -167,20 +167,27 @@ impl Mesh {
         let pods: Vec<Pod> = PODS.iter().map(|p| env.pod(p.1, &[])).collect();
         let mut accept_logs = vec![];
         for (&(name, ..), pod) in PODS.iter().zip(&pods).filter(|(p, _)| p.1 > 10) {
-            let listen =
-                [8080, 9090].map(|p| [format!("{}:{p}", pod.v4), format!("[{}]:{p}", pod.v6)]);
-            accept_logs.push((name, env.serve_logged(pod, listen.as_flattened(), name)));
+            // blog listens on the dual-stack wildcard: its IPv4 connections
+            // are AF_INET6 sockets with v4-mapped addresses.
+            let ips = match name {
+                "blog" => vec!["[::]".to_string()],
+                _ => vec![pod.v4.to_string(), format!("[{}]", pod.v6)],
+            };
+            let listen = ips
+                .iter()
+                .flat_map(|a| [8080, 9090].map(|p| format!("{a}:{p}")));
+            accept_logs.push((
+                name,
+                env.serve_logged(pod, &listen.collect::<Vec<_>>(), name),
+            ));
         }
         let mut cfg = config(&pods, &[]);
         let mut args = vec![];
         if let Some(cp) = cp {
             cfg.as_object_mut().unwrap().retain(|k, _| k == "enroll");
-            cp.cp.update(|b| {
-                workloads()
-                    .iter()
-                    .map(workload_json)
-                    .for_each(|(n, w)| b.set(&n, w))
-            });
+            let resources: Vec<_> = workloads().iter().map(workload_json).collect();
+            cp.cp
+                .update(|b| resources.into_iter().for_each(|(n, w)| b.set(&n, w)));
             args = vec!["--xds-address".to_string(), cp.url()];
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -414,7 +421,10 @@ fn global_namespace_and_selector_scopes() {
     let rows = "stranger>legacy ui>blog | stranger>web stranger>db6 stranger>blog";
     m.case(&[p], rows);
     let p = deny("blog/deny-ui", src("ui"));
-    m.case(&[p], "ui>web ui>db batch>blog | ui>blog");
+    m.case(
+        &[p],
+        "ui>web ui>db batch>blog batch>blog6 | ui>blog ui>blog6 ui>blogm",
+    );
     let p = pol("shop/pick", "WORKLOAD_SELECTOR", "DENY", src("ui"));
     m.case(&[p], "ui>db batch>web | ui>web ui>web6");
     let p = pol("shop/orphan", "WORKLOAD_SELECTOR", "ALLOW", Value::Null);
