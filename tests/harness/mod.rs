@@ -175,6 +175,8 @@ pub struct Conn {
     pub peer: String,
     pub error: String,
     pub errno: Option<i64>,
+    /// Milliseconds until connected and greeted, or until the error.
+    pub ms: f64,
 }
 
 /// One test's world. Drop order: processes, namespaces, cgroups, mounts.
@@ -315,6 +317,23 @@ impl Env {
     pub fn serve(&mut self, pod: &Pod, listen: &[String], name: &str) {
         let cg = self.servers_cgroup.clone();
         self.spawn_server(pod, &cg, listen, &["serve", "--name", name]);
+    }
+
+    /// As `serve`, recording each accepted peer in the returned file (one
+    /// line each): proof that a refused connection never reached it.
+    pub fn serve_logged(&mut self, pod: &Pod, listen: &[String], name: &str) -> PathBuf {
+        let log = self.dir.join(format!("accepted-{name}.log"));
+        fs::write(&log, "").unwrap();
+        let cg = self.servers_cgroup.clone();
+        let args = [
+            "serve",
+            "--name",
+            name,
+            "--accept-log",
+            log.to_str().unwrap(),
+        ];
+        self.spawn_server(pod, &cg, listen, &args);
+        log
     }
 
     /// A server whose sockets are subject to the data path (the attached
@@ -591,6 +610,7 @@ fn parse_conn(line: &str) -> Conn {
         peer: s("peer"),
         error: s("error"),
         errno: v["errno"].as_i64(),
+        ms: v["ms"].as_f64().unwrap_or(f64::NAN),
     }
 }
 
@@ -615,6 +635,21 @@ impl Held {
         } else {
             Err(v["error"].to_string())
         }
+    }
+}
+
+impl Held {
+    /// Echoes every 20 ms until an echo fails (the connection was closed
+    /// under it): true if that happened within `within` (scaled).
+    pub fn wait_closed(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within * time_scale();
+        while self.echo("ping").is_ok() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 }
 

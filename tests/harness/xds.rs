@@ -144,3 +144,127 @@ pub fn workload(name: &str, ips: &[IpAddr], services: &[&str]) -> (String, prost
     let (n, w) = workload_pb(name, ips, services);
     (n, address(pb::address::Type::Workload(w)))
 }
+
+/// A workload given in the config file's shape (uid, name, namespace,
+/// addresses, service_account, trust_domain, authorization_policies) as
+/// the Address resource istiod would push; named by its uid.
+pub fn workload_json(w: &serde_json::Value) -> (String, prost_types::Any) {
+    let s = |k: &str| w[k].as_str().unwrap_or_default().to_string();
+    let strings = |k: &str| -> Vec<String> {
+        w[k].as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let wl = pb::Workload {
+        uid: s("uid"),
+        name: s("name"),
+        namespace: s("namespace"),
+        service_account: s("service_account"),
+        trust_domain: s("trust_domain"),
+        addresses: strings("addresses")
+            .iter()
+            .map(|a| ip_bytes(&a.parse().unwrap()))
+            .collect(),
+        authorization_policies: strings("authorization_policies"),
+        ..Default::default()
+    };
+    (wl.uid.clone(), address(pb::address::Type::Workload(wl)))
+}
+
+/// A policy in the config file's shape as the istio.security.Authorization
+/// resource istiod would push, named "namespace/name". Converted field by
+/// field without validation, so invalid policies (a /40 prefix, port
+/// 70000, an unknown action or scope: enum value 99) go out as given.
+pub fn authorization_json(p: &serde_json::Value) -> (String, prost_types::Any) {
+    use kmesh::xds::{proto::security as sec, AUTHORIZATION_TYPE};
+    use serde_json::Value;
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    let strings = |v: &Value| -> Vec<sec::StringMatch> {
+        use sec::string_match::MatchType;
+        list(v)
+            .iter()
+            .map(|m| {
+                let (kind, x) = m.as_object().unwrap().iter().next().unwrap();
+                let x = x.as_str().unwrap_or_default().to_string();
+                let t = match kind.as_str() {
+                    "exact" => MatchType::Exact(x),
+                    "prefix" => MatchType::Prefix(x),
+                    "suffix" => MatchType::Suffix(x),
+                    _ => MatchType::Presence(()),
+                };
+                sec::StringMatch {
+                    match_type: Some(t),
+                }
+            })
+            .collect()
+    };
+    let cidrs = |v: &Value| -> Vec<sec::Address> {
+        list(v)
+            .iter()
+            .map(|c| {
+                let c = c.as_str().unwrap();
+                let (ip, len) = c.split_once('/').unwrap_or((c, ""));
+                let ip: IpAddr = ip.parse().unwrap();
+                let full = if ip.is_ipv4() { 32 } else { 128 };
+                sec::Address {
+                    address: ip_bytes(&ip),
+                    length: len.parse().unwrap_or(full),
+                }
+            })
+            .collect()
+    };
+    let ports =
+        |v: &Value| -> Vec<u32> { list(v).iter().map(|p| p.as_u64().unwrap() as u32).collect() };
+    let sas = |v: &Value| -> Vec<sec::ServiceAccountMatch> {
+        list(v)
+            .iter()
+            .map(|s| sec::ServiceAccountMatch {
+                namespace: s["namespace"].as_str().unwrap().into(),
+                service_account: s["service_account"].as_str().unwrap().into(),
+            })
+            .collect()
+    };
+    let one = |m: &Value| sec::Match {
+        namespaces: strings(&m["namespaces"]),
+        not_namespaces: strings(&m["not_namespaces"]),
+        service_accounts: sas(&m["service_accounts"]),
+        not_service_accounts: sas(&m["not_service_accounts"]),
+        principals: strings(&m["principals"]),
+        not_principals: strings(&m["not_principals"]),
+        source_ips: cidrs(&m["source_ips"]),
+        not_source_ips: cidrs(&m["not_source_ips"]),
+        destination_ips: cidrs(&m["destination_ips"]),
+        not_destination_ips: cidrs(&m["not_destination_ips"]),
+        destination_ports: ports(&m["destination_ports"]),
+        not_destination_ports: ports(&m["not_destination_ports"]),
+        extensions: vec![],
+    };
+    let rules = list(&p["rules"])
+        .iter()
+        .map(|r| sec::Rule {
+            clauses: list(&r["clauses"])
+                .iter()
+                .map(|c| sec::Clause {
+                    matches: list(&c["matches"]).iter().map(one).collect(),
+                })
+                .collect(),
+        })
+        .collect();
+    let e = |k: &str, names: &[&str]| {
+        let v = p[k].as_str().unwrap_or_default();
+        names.iter().position(|n| *n == v).map_or(99, |i| i as i32)
+    };
+    let a = sec::Authorization {
+        name: p["name"].as_str().unwrap().into(),
+        namespace: p["namespace"].as_str().unwrap().into(),
+        scope: e("scope", &["GLOBAL", "NAMESPACE", "WORKLOAD_SELECTOR"]),
+        action: e("action", &["ALLOW", "DENY"]),
+        rules,
+        dry_run: p["dry_run"].as_bool().unwrap_or(false),
+        extensions: vec![],
+    };
+    let name = format!("{}/{}", a.namespace, a.name);
+    (name, to_any(AUTHORIZATION_TYPE, &a))
+}

@@ -60,6 +60,10 @@ enum Cmd {
         /// After the greeting, wait this long before reading.
         #[arg(long)]
         read_delay_ms: Option<u64>,
+        /// Append each accepted connection's peer address to this file, so
+        /// a test can tell that a refused connection never reached it.
+        #[arg(long)]
+        accept_log: Option<PathBuf>,
     },
     /// A test waypoint: record each connection's TLV to LOG, then forward
     /// to the original destination.
@@ -151,6 +155,7 @@ struct ServeOpts {
     close_after: Option<usize>,
     rcvbuf: Option<usize>,
     read_delay: Option<Duration>,
+    accept_log: Option<PathBuf>,
 }
 
 fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> {
@@ -160,7 +165,17 @@ fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> 
         close_after,
         rcvbuf,
         read_delay,
+        accept_log,
     } = o;
+    let accept_log = accept_log
+        .map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        })
+        .transpose()?
+        .map(std::sync::Arc::new);
     let mut listeners = Vec::new();
     for a in &listen {
         let l =
@@ -181,10 +196,15 @@ fn serve(listen: Vec<SocketAddr>, name: String, o: ServeOpts) -> io::Result<()> 
     let mut threads = Vec::new();
     for l in listeners {
         let name = name.clone();
+        let accept_log = accept_log.clone();
         threads.push(std::thread::spawn(move || {
             let mut stalled = Vec::new();
             for conn in l.incoming() {
                 let Ok(mut c) = conn else { continue };
+                if let (Some(mut f), Ok(peer)) = (accept_log.as_deref(), c.peer_addr()) {
+                    // One write per line: the listener threads share the file.
+                    let _ = f.write_all(format!("{peer}\n").as_bytes());
+                }
                 if stall {
                     match drain_after {
                         Some(d) => drop(std::thread::spawn(move || transfer::sink(c, d))),
@@ -292,13 +312,17 @@ fn connect(
     let mut all_ok = true;
     let mut last = None;
     for i in 0..count {
+        let start = std::time::Instant::now();
         let conn = connect_once(addr, bind, timeout);
+        // Until connected and greeted, or until the error: how fast a
+        // refused client learns it.
+        let ms = start.elapsed().as_secs_f64() * 1000.0;
         match conn {
             Ok((s, name)) => {
                 let peer = s.peer_addr().map(|p| p.to_string()).unwrap_or_default();
                 println!(
                     "{}",
-                    json!({"i": i, "ok": true, "name": name, "peer": peer})
+                    json!({"i": i, "ok": true, "name": name, "peer": peer, "ms": ms})
                 );
                 last = Some(s);
             }
@@ -306,7 +330,7 @@ fn connect(
                 all_ok = false;
                 println!(
                     "{}",
-                    json!({"i": i, "ok": false, "error": e.to_string(), "errno": e.raw_os_error()})
+                    json!({"i": i, "ok": false, "error": e.to_string(), "errno": e.raw_os_error(), "ms": ms})
                 );
             }
         }
@@ -358,6 +382,7 @@ fn main() -> ExitCode {
             close_after,
             rcvbuf,
             read_delay_ms,
+            accept_log,
         } => serve(
             listen,
             name,
@@ -367,6 +392,7 @@ fn main() -> ExitCode {
                 close_after,
                 rcvbuf,
                 read_delay: read_delay_ms.map(Duration::from_millis),
+                accept_log,
             },
         )
         .map(|()| true),
