@@ -14,7 +14,7 @@
 #                       hides that behind a tmpfs in the guest, and the guest
 #                       needs the kernel's modules from there.
 #   KMESH_KERNEL_TESTS  the test binaries (cargo test target names) to run in
-#                       each guest (default "redirect waypoint accel kernel")
+#                       each guest (default "redirect waypoint accel kernel authz")
 #   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
 #                       /etc/apt/sources.list*)
 #
@@ -58,7 +58,7 @@ fi
 cd "$(dirname "$0")/.."
 repo=$(pwd)
 cache=${KMESH_KERNEL_CACHE:-/var/lib/kmesh-kernels}
-tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel}
+tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel authz}
 fetch_only=0
 kernels=()
 for a in "$@"; do
