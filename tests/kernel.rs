@@ -80,7 +80,8 @@ fn dump_reports_map_memory() {
     let mut sum = 0;
     for (name, m) in dump["maps"].as_object().unwrap() {
         let bytes = m["memory_bytes"].as_u64().unwrap();
-        assert!(bytes > 0, "{name}: {m}");
+        // An LPM trie allocates per entry only: empty, it holds nothing.
+        assert!(bytes > 0 || name == "km_authz_src", "{name}: {m}");
         sum += bytes;
     }
     assert!(total >= sum, "total {total} < sum of the listed maps {sum}");
