@@ -184,7 +184,19 @@ struct manage_value {
  */
 struct authz_dst {
 	__u32 set;  /* policy set id, never reused: a flip is one update */
-	__u32 dst_class;
+	__u32 deny_class;  /* the destination address's class in each part */
+	__u32 allow_class;
+};
+
+/* A value's class in the set's DENY part and in its ALLOW part. */
+struct authz_class {
+	__u32 deny;
+	__u32 allow;
+};
+
+enum kmesh_authz_part {
+	KMESH_AUTHZ_PART_DENY = 0,
+	KMESH_AUTHZ_PART_ALLOW = 1,
 };
 
 struct authz_port_key {
@@ -205,21 +217,35 @@ struct authz_src_key {
 
 struct authz_verdict_key {
 	__u32 set;
+	__u32 part; /* enum kmesh_authz_part */
 	__u32 id_class;
 	__u32 src_class;
 	__u32 dst_class;
 	__u32 port_class;
 };
 
+/*
+ * A part's outcome (km_authz_verdict value). DENY part: flags say whether
+ * an enforced DENY matches (KMESH_AUTHZ_DENY) or only a dry-run one does
+ * (KMESH_AUTHZ_DRY_DENY); policy and dry_policy are their indices. ALLOW
+ * part: flags as below, policy = the first
+ * enforced ALLOW that matches, dry_policy = the first dry-run ALLOW when
+ * only the dry-run ones leave the connection not allowed.
+ * authz_decide() combines the two into the same struct with
+ * KMESH_AUTHZ_DENY / KMESH_AUTHZ_DRY_DENY.
+ */
 enum kmesh_authz_flag {
-	KMESH_AUTHZ_DENY = 1,     /* enforced: refuse */
-	KMESH_AUTHZ_DRY_DENY = 2, /* a dry-run policy would refuse */
+	KMESH_AUTHZ_DENY = 1,     /* combined: refuse. DENY part: one matches.
+				     ALLOW part: not allowed */
+	KMESH_AUTHZ_DRY_DENY = 2, /* combined: a dry-run policy would refuse.
+				     DENY part: only a dry-run one matches.
+				     ALLOW part: not allowed counting dry-run ones */
 };
 
 struct authz_verdict {
 	__u32 flags;      /* enum kmesh_authz_flag */
-	__u32 policy;     /* deciding policy's index (deny or allow), 0: none */
-	__u32 dry_policy; /* the dry-run policy that would deny, 0: none */
+	__u32 policy;
+	__u32 dry_policy;
 };
 
 /* km_authz_count index: policy index * 3 + this. */

@@ -2,11 +2,11 @@
 /*
  * L4 authorization at the destination (sk_lookup, before any listener can
  * take the connection) and at an enrolled client's connect(). The daemon
- * compiles the policies (src/authz/compile.rs); here a decision is five
- * lookups: the destination's policy set, then the class of the port, of
+ * compiles the policies (src/authz/compile.rs); here a decision is six
+ * lookups: the destination's policy set, then the classes of the port, of
  * the source's identity and of the source address in that set, then the
- * verdict of that combination. A destination without policies costs one
- * miss. Needs only what sk_lookup and ring buffers had by Linux 5.9.
+ * outcome of the set's DENY part and of its ALLOW part for those classes.
+ * A destination without policies costs one miss. Needs only what sk_lookup and ring buffers had by Linux 5.9.
  */
 #ifndef __KMESH_LIB_AUTHZ_H__
 #define __KMESH_LIB_AUTHZ_H__
@@ -26,7 +26,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct authz_port_key);
-	__type(value, __u32);
+	__type(value, struct authz_class);
 	__uint(max_entries, 1024);
 } km_authz_port SEC(".maps");
 
@@ -34,7 +34,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct authz_id_key);
-	__type(value, __u32);
+	__type(value, struct authz_class);
 	__uint(max_entries, 1024);
 } km_authz_id SEC(".maps");
 
@@ -42,7 +42,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct authz_src_key);
-	__type(value, __u32);
+	__type(value, struct authz_class);
 	__uint(max_entries, 1024);
 } km_authz_src SEC(".maps");
 
@@ -96,8 +96,10 @@ static __always_inline void authz_event(const struct authz_verdict *v, const str
 
 /*
  * The verdict for src -> dst:port (port in host order) into *out; false
- * if dst has no policies. A missing verdict entry (a table being replaced
- * that a connection raced) denies: authorization fails closed.
+ * if dst has no policies. The two parts' outcomes combine as the evaluator
+ * decides: a matching DENY denies; otherwise, where ALLOW policies exist,
+ * one must match. A missing outcome (a table being replaced that a
+ * connection raced) denies: authorization fails closed.
  */
 static __always_inline bool authz_decide(const struct kmesh_addr *src, const struct kmesh_addr *dst,
 					 __u32 port, struct authz_verdict *out)
@@ -107,18 +109,25 @@ static __always_inline bool authz_decide(const struct kmesh_addr *src, const str
 	if (!d)
 		return false;
 	__u32 set = d->set;
-	struct authz_verdict_key vk = { .set = set, .dst_class = d->dst_class };
+	struct authz_verdict_key dk = { .set = set, .part = KMESH_AUTHZ_PART_DENY,
+					.dst_class = d->deny_class };
+	struct authz_verdict_key ak = { .set = set, .part = KMESH_AUTHZ_PART_ALLOW,
+					.dst_class = d->allow_class };
 	struct authz_port_key pk = { .set = set, .port = port };
-	__u32 *c = bpf_map_lookup_elem(&km_authz_port, &pk);
-	if (c)
-		vk.port_class = *c;
+	struct authz_class *c = bpf_map_lookup_elem(&km_authz_port, &pk);
+	if (c) {
+		dk.port_class = c->deny;
+		ak.port_class = c->allow;
+	}
 	key.addr = *src;
 	struct workload_value *wl = bpf_map_lookup_elem(&km_workload, &key);
 	if (wl && wl->identity) {
 		struct authz_id_key ik = { .set = set, .identity = wl->identity };
 		c = bpf_map_lookup_elem(&km_authz_id, &ik);
-		if (c)
-			vk.id_class = *c;
+		if (c) {
+			dk.id_class = c->deny;
+			ak.id_class = c->allow;
+		}
 	}
 	struct authz_src_key sk = {
 		.prefixlen = 32 + 128,
@@ -126,15 +135,33 @@ static __always_inline bool authz_decide(const struct kmesh_addr *src, const str
 		.addr = *src,
 	};
 	c = bpf_map_lookup_elem(&km_authz_src, &sk);
-	if (c)
-		vk.src_class = *c;
-	struct authz_verdict *v = bpf_map_lookup_elem(&km_authz_verdict, &vk);
-	if (v) {
-		*out = *v;
-	} else {
-		out->flags = KMESH_AUTHZ_DENY;
-		out->policy = 0;
-		out->dry_policy = 0;
+	if (c) {
+		dk.src_class = c->deny;
+		ak.src_class = c->allow;
+	}
+	out->flags = KMESH_AUTHZ_DENY;
+	out->policy = 0;
+	out->dry_policy = 0;
+	struct authz_verdict *dv = bpf_map_lookup_elem(&km_authz_verdict, &dk);
+	if (!dv)
+		return true;
+	struct authz_verdict *av = bpf_map_lookup_elem(&km_authz_verdict, &ak);
+	if (!av)
+		return true;
+	if (dv->flags & KMESH_AUTHZ_DENY) {
+		out->policy = dv->policy;
+		return true;
+	}
+	if (av->flags & KMESH_AUTHZ_DENY)
+		return true;
+	out->flags = 0;
+	out->policy = av->policy;
+	if (dv->flags & KMESH_AUTHZ_DRY_DENY) {
+		out->flags = KMESH_AUTHZ_DRY_DENY;
+		out->dry_policy = dv->dry_policy;
+	} else if (av->flags & KMESH_AUTHZ_DRY_DENY) {
+		out->flags = KMESH_AUTHZ_DRY_DENY;
+		out->dry_policy = av->dry_policy;
 	}
 	return true;
 }

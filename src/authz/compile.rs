@@ -4,13 +4,20 @@
 //! address, the destination address and the destination port. The
 //! policies that apply to a destination (its "set") can only tell apart
 //! the values their conditions name, so each input reduces to a class: the
-//! tuple of answers it gives to every condition of that kind in the set.
-//! The verdict of every class combination is computed here, by the same
+//! tuple of answers it gives to every condition of that kind. A dense table
+//! then gives the outcome of every class combination, computed by the same
 //! evaluator that decides a concrete connection (`eval::decide_with` over
-//! the classes' answers), and the data path only looks classes and the
-//! verdict up. Class 0 of each input is the answer tuple of every value no
-//! table entry names (no identity, no named prefix, an unnamed port), so
-//! those values need no entry.
+//! the classes' answers); the data path only looks classes and outcomes up.
+//! Class 0 of each input is the answer tuple of every value no table entry
+//! names (no identity, no named prefix, an unnamed port), so those values
+//! need no entry.
+//!
+//! A set is split in two parts, its DENY policies and its ALLOW policies,
+//! each with its own classes and table, and the data path combines the two
+//! outcomes as the evaluator does (any matching DENY denies; otherwise some
+//! ALLOW must match if any exists). Tables grow with the product of the
+//! classes of one part, so the common shape "deny these address ranges,
+//! allow these identities" adds up instead of multiplying.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -20,7 +27,7 @@ use std::{
 
 use super::{
     eval::{self, Facts},
-    Cidr, Identity, Policy, ServiceAccountMatch, StringMatch,
+    Action, Cidr, Identity, Policy, ServiceAccountMatch, StringMatch,
 };
 
 /// A destination this node enforces: a workload with an address in an
@@ -33,37 +40,86 @@ pub struct Destination<'a> {
     pub policies: Vec<Arc<Policy>>,
 }
 
-/// One entry of the verdict table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Verdict {
-    pub deny: bool,
-    pub dry_deny: bool,
-    /// Index (PolicyIndex) of the deciding DENY or ALLOW policy; 0: none.
+/// The DENY part's outcome for one class combination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DenyOutcome {
+    /// An enforced DENY matches.
+    pub denied: bool,
+    /// No enforced DENY matches, a dry-run one does.
+    pub dry_denied: bool,
+    /// Index (PolicyIndex) of the first enforced DENY that matches (0: none,
+    /// or a policy past the counters' room).
     pub policy: u32,
-    /// Index of the dry-run policy that would deny; 0: none.
+    /// Index of the first dry-run DENY that matches, as `policy`.
+    pub dry_policy: u32,
+}
+
+/// The ALLOW part's outcome for one class combination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct AllowOutcome {
+    /// Enforced ALLOW policies exist and none matches.
+    pub not_allowed: bool,
+    /// Counting the dry-run ones too, ALLOW policies exist and none matches.
+    pub dry_not_allowed: bool,
+    /// The first enforced ALLOW that matches; 0: none.
+    pub policy: u32,
+    /// The first dry-run ALLOW of the set, when only the dry-run ones make
+    /// the connection not allowed; 0 otherwise.
     pub dry_policy: u32,
 }
 
 /// (identity class, source class, destination class, port class).
 pub type Combo = (u32, u32, u32, u32);
 
-/// What one set's tables hold, less the identity entries: two sets with
-/// equal cores decide alike for identities of equal class.
+/// One part's classes and table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Core {
+pub struct Part<T> {
     pub ports: BTreeMap<u16, u32>,
     /// Source prefixes (IPv4 as IPv4) → class.
     pub sources: BTreeMap<(IpAddr, u8), u32>,
-    pub verdicts: BTreeMap<Combo, Verdict>,
+    pub table: BTreeMap<Combo, T>,
     /// The answer tuple of each identity class, so that a class number
     /// keeps its meaning while the core is unchanged.
     pub id_classes: Vec<Vec<bool>>,
 }
 
+impl<T> Part<T> {
+    fn entries(&self) -> usize {
+        self.ports.len() + self.sources.len() + self.table.len()
+    }
+}
+
+/// What one set's tables hold, less the identity entries: two sets with
+/// equal cores decide alike for identities of equal classes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Core {
+    pub deny: Part<DenyOutcome>,
+    pub allow: Part<AllowOutcome>,
+}
+
 impl Core {
     pub fn entries(&self) -> usize {
-        self.ports.len() + self.sources.len() + self.verdicts.len()
+        self.deny.entries() + self.allow.entries()
     }
+
+    /// Port → (DENY class, ALLOW class), as km_authz_port holds it.
+    pub fn ports(&self) -> BTreeMap<u16, (u32, u32)> {
+        pair(&self.deny.ports, &self.allow.ports)
+    }
+
+    /// Source prefix → (DENY class, ALLOW class), as km_authz_src holds it.
+    pub fn sources(&self) -> BTreeMap<(IpAddr, u8), (u32, u32)> {
+        pair(&self.deny.sources, &self.allow.sources)
+    }
+}
+
+/// Two parts' maps as one, a key missing from one being its class 0.
+fn pair<K: Ord + Copy>(d: &BTreeMap<K, u32>, a: &BTreeMap<K, u32>) -> BTreeMap<K, (u32, u32)> {
+    let mut out: BTreeMap<K, (u32, u32)> = d.iter().map(|(k, c)| (*k, (*c, 0))).collect();
+    for (k, c) in a {
+        out.entry(*k).or_default().1 = *c;
+    }
+    out
 }
 
 /// The tables of one policy set.
@@ -72,8 +128,8 @@ pub struct Set {
     /// The policy keys, in applicable order: the set's name.
     pub key: Arc<str>,
     pub core: Core,
-    /// Identity number → class (class 0 left out).
-    pub identities: BTreeMap<u32, u32>,
+    /// Identity number → (DENY class, ALLOW class); (0, 0) left out.
+    pub identities: BTreeMap<u32, (u32, u32)>,
     /// Workloads it applies to (uids), for the dump.
     pub workloads: Vec<String>,
 }
@@ -81,8 +137,9 @@ pub struct Set {
 #[derive(Debug, Default)]
 pub struct Compiled {
     pub sets: Vec<Set>,
-    /// Destination address → (index into `sets`, destination class).
-    pub dsts: HashMap<IpAddr, (usize, u32)>,
+    /// Destination address → (index into `sets`, its DENY and ALLOW
+    /// classes).
+    pub dsts: HashMap<IpAddr, (usize, (u32, u32))>,
     /// Sets that did not fit and deny every connection instead.
     pub notes: Vec<String>,
 }
@@ -288,7 +345,7 @@ pub fn compile(
                 budget.saturating_sub(used)
             ));
             set = deny_all(key);
-            classes.values_mut().for_each(|c| *c = 0);
+            classes.values_mut().for_each(|c| *c = (0, 0));
         }
         used += set.core.entries() + set.identities.len();
         set.workloads = members.iter().map(|d| d.uid.to_string()).collect();
@@ -300,16 +357,16 @@ pub fn compile(
     out
 }
 
-/// The set that refuses everything: no class entries, one verdict.
+/// The set that refuses everything: no class entries; the ALLOW part says
+/// not allowed.
 fn deny_all(key: Arc<str>) -> Set {
     let mut core = Core::default();
-    core.verdicts.insert(
+    core.deny.table.insert((0, 0, 0, 0), DenyOutcome::default());
+    core.allow.table.insert(
         (0, 0, 0, 0),
-        Verdict {
-            deny: true,
-            dry_deny: false,
-            policy: 0,
-            dry_policy: 0,
+        AllowOutcome {
+            not_allowed: true,
+            ..AllowOutcome::default()
         },
     );
     Set {
@@ -320,16 +377,76 @@ fn deny_all(key: Arc<str>) -> Set {
     }
 }
 
-/// One set's tables, and the class of each of its destinations' addresses.
+/// One set's tables, and the classes of each of its destinations'
+/// addresses.
 fn compile_set(
     key: Arc<str>,
     policies: &[Arc<Policy>],
     members: &[&Destination],
     identities: &[(u32, &Identity)],
     index: &impl PolicyIndex,
-) -> (Set, HashMap<IpAddr, u32>) {
+) -> (Set, HashMap<IpAddr, (u32, u32)>) {
+    let of = |action: Action| -> Vec<Arc<Policy>> {
+        policies
+            .iter()
+            .filter(|p| p.action == action)
+            .cloned()
+            .collect()
+    };
+    let by = |k: Option<&str>| k.map_or(0, |k| index.index(k));
+    let deny = compile_part(&of(Action::Deny), members, identities, |d| DenyOutcome {
+        denied: !d.verdict.allowed(),
+        dry_denied: d.dry_run_by.is_some(),
+        policy: match &d.verdict {
+            eval::Verdict::Denied(k) => index.index(k),
+            _ => 0,
+        },
+        dry_policy: by(d.dry_run_by.as_deref()),
+    });
+    let allow = compile_part(&of(Action::Allow), members, identities, |d| AllowOutcome {
+        not_allowed: !d.verdict.allowed(),
+        dry_not_allowed: !d.with_dry_run.allowed(),
+        policy: by(d.allowed_by.as_deref()),
+        dry_policy: by(d.dry_run_by.as_deref()),
+    });
+    let mut ids: BTreeMap<u32, (u32, u32)> = deny.ids.iter().map(|(n, c)| (*n, (*c, 0))).collect();
+    for (n, c) in &allow.ids {
+        ids.entry(*n).or_default().1 = *c;
+    }
+    let dsts = deny
+        .dsts
+        .iter()
+        .map(|(ip, c)| (*ip, (*c, allow.dsts[ip])))
+        .collect();
+    let set = Set {
+        key,
+        core: Core {
+            deny: deny.part,
+            allow: allow.part,
+        },
+        identities: ids,
+        workloads: Vec::new(),
+    };
+    (set, dsts)
+}
+
+struct Compiled1<T> {
+    part: Part<T>,
+    /// Identity number → class (0 left out).
+    ids: BTreeMap<u32, u32>,
+    dsts: HashMap<IpAddr, u32>,
+}
+
+/// One part: the classes of `policies`' conditions and the outcome of
+/// every combination (`outcome` of the evaluator's decision over them).
+fn compile_part<T: Default>(
+    policies: &[Arc<Policy>],
+    members: &[&Destination],
+    identities: &[(u32, &Identity)],
+    outcome: impl Fn(&eval::Decision) -> T,
+) -> Compiled1<T> {
     let atoms = Atoms::of(policies);
-    let mut core = Core::default();
+    let mut part = Part::default();
     let mut ids = Classes::new(atoms.identity_answers(None));
     let mut by_identity = BTreeMap::new();
     for (n, id) in identities {
@@ -348,7 +465,7 @@ fn compile_set(
             .iter()
             .map(|c| c.len <= x.len && c.contains(x.addr))
             .collect();
-        core.sources.insert((x.addr, x.len), srcs.class(answers));
+        part.sources.insert((x.addr, x.len), srcs.class(answers));
     }
     // Destination addresses always have an entry: no class is implied.
     let mut dst_tuples: Vec<Vec<bool>> = Vec::new();
@@ -365,7 +482,7 @@ fn compile_set(
         dst_class.insert(*ip, c as u32);
     }
     for (i, p) in atoms.ports.items.iter().enumerate() {
-        core.ports.insert(*p, i as u32 + 1);
+        part.ports.insert(*p, i as u32 + 1);
     }
     let ports: Vec<Option<u16>> = std::iter::once(None)
         .chain(atoms.ports.items.iter().map(|p| Some(*p)))
@@ -382,28 +499,16 @@ fn compile_set(
                         port: *port,
                     };
                     let d = eval::decide_with(policies.iter().map(|p| &**p), &facts);
-                    let by = |k: Option<&str>| k.map_or(0, |k| index.index(k));
-                    let v = Verdict {
-                        deny: !d.verdict.allowed(),
-                        dry_deny: d.dry_run_by.is_some(),
-                        policy: match &d.verdict {
-                            eval::Verdict::Denied(k) => index.index(k),
-                            _ => by(d.allowed_by.as_deref()),
-                        },
-                        dry_policy: by(d.dry_run_by.as_deref()),
-                    };
                     let combo = (ic as u32, sc as u32, dc as u32, pc as u32);
-                    core.verdicts.insert(combo, v);
+                    part.table.insert(combo, outcome(&d));
                 }
             }
         }
     }
-    core.id_classes = ids.answers;
-    let set = Set {
-        key,
-        core,
-        identities: by_identity,
-        workloads: Vec::new(),
-    };
-    (set, dst_class)
+    part.id_classes = ids.answers;
+    Compiled1 {
+        part,
+        ids: by_identity,
+        dsts: dst_class,
+    }
 }

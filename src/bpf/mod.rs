@@ -42,7 +42,7 @@ pub use stats::{ProgRunStats, RunStatsGuard, STAT_AUTHZ_CUT, STAT_NAMES};
 pub use types::*;
 
 pub use skel::types::{
-    addr_key, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
+    addr_key, authz_class, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
     authz_verdict_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
     manage_value, port_key, service_value, sock_key, sock_state, waypoint, workload_value,
 };

@@ -37,6 +37,7 @@ impl Pod for config_value {}
 impl Pod for sock_key {}
 impl Pod for waypoint {}
 impl Pod for authz_dst {}
+impl Pod for authz_class {}
 impl Pod for authz_port_key {}
 impl Pod for authz_id_key {}
 impl Pod for authz_src_key {}

@@ -28,11 +28,15 @@ use crate::{
         Identity, Policy, PolicyStore,
     },
     bpf::{
-        addr_key, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
-        authz_verdict_key, kmesh_addr, Datapath, MapId,
+        addr_key, authz_class, authz_dst, authz_id_key, authz_port_key, authz_src_key,
+        authz_verdict, authz_verdict_key, kmesh_addr, Datapath, MapId,
     },
     model::{canonical, Layers},
 };
+
+/// enum kmesh_authz_part.
+const PART_DENY: u32 = 0;
+const PART_ALLOW: u32 = 1;
 
 /// Policy indices the counters have room for (km_authz_count holds three
 /// counters per index, index 0 unused).
@@ -40,8 +44,9 @@ const MAX_POLICY_INDEX: u32 = 4095;
 
 pub(super) struct WrittenSet {
     id: u32,
+    /// What was (or, after a failure part-way, may have been) written.
     core: Core,
-    identities: BTreeMap<u32, u32>,
+    identities: BTreeMap<u32, (u32, u32)>,
 }
 
 #[derive(Default)]
@@ -218,7 +223,7 @@ impl MapWriter {
             if reusable {
                 let old = self.authz.sets.get_mut(&set.key).expect("checked");
                 let id = old.id;
-                let add: Vec<(u32, u32)> = set
+                let add: Vec<(u32, (u32, u32))> = set
                     .identities
                     .iter()
                     .filter(|(n, _)| !old.identities.contains_key(n))
@@ -229,7 +234,7 @@ impl MapWriter {
                         set: id,
                         identity: n,
                     };
-                    update(&self.dp, MapId::AuthzId, &key, &class, st)?;
+                    update(&self.dp, MapId::AuthzId, &key, &class_value(class), st)?;
                     old.identities.insert(n, class);
                 }
                 ids.push(id);
@@ -237,12 +242,12 @@ impl MapWriter {
             }
             self.authz.next_set += 1;
             let id = self.authz.next_set;
-            let mut w = WrittenSet {
+            let w = WrittenSet {
                 id,
-                core: Core::default(),
-                identities: BTreeMap::new(),
+                core: set.core.clone(),
+                identities: set.identities.clone(),
             };
-            let r = write_set(&self.dp, id, set, &mut w, st);
+            let r = write_set(&self.dp, &w, st);
             if let Some(old) = self.authz.sets.insert(set.key.clone(), w) {
                 retired.push(old);
             }
@@ -257,17 +262,15 @@ impl MapWriter {
             .filter(|k| !wanted.contains(k))
             .cloned()
             .collect();
-        for (ip, &(si, class)) in &c.dsts {
+        for (ip, &(si, (deny_class, allow_class))) in &c.dsts {
             let v = authz_dst {
                 set: ids[si],
-                dst_class: class,
+                deny_class,
+                allow_class,
             };
-            if self
-                .authz
-                .dsts
-                .get(ip)
-                .is_some_and(|o| o.set == v.set && o.dst_class == v.dst_class)
-            {
+            if self.authz.dsts.get(ip).is_some_and(|o| {
+                o.set == v.set && o.deny_class == v.deny_class && o.allow_class == v.allow_class
+            }) {
                 continue;
             }
             update(&self.dp, MapId::AuthzDst, &addr_key::from_ip(*ip), &v, st)?;
@@ -387,9 +390,14 @@ fn src_key(set: u32, addr: IpAddr, len: u8) -> authz_src_key {
     }
 }
 
-fn verdict_key(set: u32, (id, src, dst, port): compile::Combo) -> authz_verdict_key {
+fn class_value((deny, allow): (u32, u32)) -> authz_class {
+    authz_class { deny, allow }
+}
+
+fn verdict_key(set: u32, part: u32, (id, src, dst, port): compile::Combo) -> authz_verdict_key {
     authz_verdict_key {
         set,
+        part,
         id_class: id,
         src_class: src,
         dst_class: dst,
@@ -397,57 +405,74 @@ fn verdict_key(set: u32, (id, src, dst, port): compile::Combo) -> authz_verdict_
     }
 }
 
-/// Writes a whole set under `id`, recording each entry in `w` as it goes
-/// in (so a failure part-way leaves `w` naming what to delete).
-fn write_set(
-    dp: &Datapath,
-    id: u32,
-    set: &compile::Set,
-    w: &mut WrittenSet,
-    st: &mut ApplyStats,
-) -> Result<(), WriterError> {
-    for (&port, &class) in &set.core.ports {
+/// The data path's form of each part's table entries.
+fn outcomes(core: &Core) -> impl Iterator<Item = (u32, compile::Combo, authz_verdict)> + '_ {
+    let deny = core.deny.table.iter().map(|(c, o)| {
+        let v = authz_verdict {
+            flags: u32::from(o.denied) | (u32::from(o.dry_denied) << 1),
+            policy: o.policy,
+            dry_policy: o.dry_policy,
+        };
+        (PART_DENY, *c, v)
+    });
+    let allow = core.allow.table.iter().map(|(c, o)| {
+        let v = authz_verdict {
+            flags: u32::from(o.not_allowed) | (u32::from(o.dry_not_allowed) << 1),
+            policy: o.policy,
+            dry_policy: o.dry_policy,
+        };
+        (PART_ALLOW, *c, v)
+    });
+    deny.chain(allow)
+}
+
+/// Writes a whole set (`w` says what and under which id); a failure
+/// part-way leaves `w` naming every key to delete.
+fn write_set(dp: &Datapath, w: &WrittenSet, st: &mut ApplyStats) -> Result<(), WriterError> {
+    for (port, class) in w.core.ports() {
         let key = authz_port_key {
-            set: id,
+            set: w.id,
             port: port.into(),
         };
-        update(dp, MapId::AuthzPort, &key, &class, st)?;
-        w.core.ports.insert(port, class);
+        update(dp, MapId::AuthzPort, &key, &class_value(class), st)?;
     }
-    for (&(addr, len), &class) in &set.core.sources {
-        update(dp, MapId::AuthzSrc, &src_key(id, addr, len), &class, st)?;
-        w.core.sources.insert((addr, len), class);
+    for ((addr, len), class) in w.core.sources() {
+        update(
+            dp,
+            MapId::AuthzSrc,
+            &src_key(w.id, addr, len),
+            &class_value(class),
+            st,
+        )?;
     }
-    for (&n, &class) in &set.identities {
+    for (&n, &class) in &w.identities {
         let key = authz_id_key {
-            set: id,
+            set: w.id,
             identity: n,
         };
-        update(dp, MapId::AuthzId, &key, &class, st)?;
-        w.identities.insert(n, class);
+        update(dp, MapId::AuthzId, &key, &class_value(class), st)?;
     }
-    for (&combo, v) in &set.core.verdicts {
-        let value = authz_verdict {
-            flags: u32::from(v.deny) | (u32::from(v.dry_deny) << 1),
-            policy: v.policy,
-            dry_policy: v.dry_policy,
-        };
-        update(dp, MapId::AuthzVerdict, &verdict_key(id, combo), &value, st)?;
-        w.core.verdicts.insert(combo, *v);
+    for (part, combo, v) in outcomes(&w.core) {
+        update(
+            dp,
+            MapId::AuthzVerdict,
+            &verdict_key(w.id, part, combo),
+            &v,
+            st,
+        )?;
     }
-    w.core.id_classes = set.core.id_classes.clone();
     Ok(())
 }
 
 fn delete_set(dp: &Datapath, w: &WrittenSet, st: &mut ApplyStats) -> Result<(), WriterError> {
-    for port in w.core.ports.keys() {
+    for port in w.core.ports().keys() {
         let key = authz_port_key {
             set: w.id,
             port: (*port).into(),
         };
         delete(dp, MapId::AuthzPort, &key, st)?;
     }
-    for &(addr, len) in w.core.sources.keys() {
+    for &(addr, len) in w.core.sources().keys() {
         delete(dp, MapId::AuthzSrc, &src_key(w.id, addr, len), st)?;
     }
     for n in w.identities.keys() {
@@ -457,8 +482,8 @@ fn delete_set(dp: &Datapath, w: &WrittenSet, st: &mut ApplyStats) -> Result<(), 
         };
         delete(dp, MapId::AuthzId, &key, st)?;
     }
-    for combo in w.core.verdicts.keys() {
-        delete(dp, MapId::AuthzVerdict, &verdict_key(w.id, *combo), st)?;
+    for (part, combo, _) in outcomes(&w.core) {
+        delete(dp, MapId::AuthzVerdict, &verdict_key(w.id, part, combo), st)?;
     }
     Ok(())
 }
