@@ -186,6 +186,19 @@ struct authz_dst {
 	__u32 set;  /* policy set id, never reused: a flip is one update */
 	__u32 deny_class;  /* the destination address's class in each part */
 	__u32 allow_class;
+	__u32 flags; /* enum kmesh_authz_dst_flag: the lookups the set needs */
+};
+
+/*
+ * What a set's tables hold besides class 0: a lookup whose answer is
+ * always class 0 (or a part without policies) is skipped.
+ */
+enum kmesh_authz_dst_flag {
+	KMESH_AUTHZ_PORTS = 1,      /* km_authz_port has entries for the set */
+	KMESH_AUTHZ_IDENTITIES = 2, /* km_authz_id has */
+	KMESH_AUTHZ_SOURCES = 4,    /* km_authz_src has */
+	KMESH_AUTHZ_HAS_DENY = 8,   /* the set has DENY policies */
+	KMESH_AUTHZ_HAS_ALLOW = 16, /* the set has ALLOW policies */
 };
 
 /* A value's class in the set's DENY part and in its ALLOW part. */

@@ -2,11 +2,12 @@
 /*
  * L4 authorization at the destination (sk_lookup, before any listener can
  * take the connection) and at an enrolled client's connect(). The daemon
- * compiles the policies (src/authz/compile.rs); here a decision is six
- * lookups: the destination's policy set, then the classes of the port, of
- * the source's identity and of the source address in that set, then the
- * outcome of the set's DENY part and of its ALLOW part for those classes.
- * A destination without policies costs one miss. Needs only what sk_lookup and ring buffers had by Linux 5.9.
+ * compiles the policies (src/authz/compile.rs); here a decision is at most
+ * seven lookups: the destination's policy set, then the classes of the
+ * port, of the source's identity (two) and of the source address in that
+ * set, then the outcome of the set's DENY part and of its ALLOW part for
+ * those classes; the destination's entry says which the set needs. A
+ * destination without policies costs one miss. Needs only what sk_lookup and ring buffers had by Linux 5.9.
  */
 #ifndef __KMESH_LIB_AUTHZ_H__
 #define __KMESH_LIB_AUTHZ_H__
@@ -108,49 +109,63 @@ static __always_inline bool authz_decide(const struct kmesh_addr *src, const str
 	struct authz_dst *d = bpf_map_lookup_elem(&km_authz_dst, &key);
 	if (!d)
 		return false;
-	__u32 set = d->set;
+	__u32 set = d->set, need = d->flags;
 	struct authz_verdict_key dk = { .set = set, .part = KMESH_AUTHZ_PART_DENY,
 					.dst_class = d->deny_class };
 	struct authz_verdict_key ak = { .set = set, .part = KMESH_AUTHZ_PART_ALLOW,
 					.dst_class = d->allow_class };
-	struct authz_port_key pk = { .set = set, .port = port };
-	struct authz_class *c = bpf_map_lookup_elem(&km_authz_port, &pk);
-	if (c) {
-		dk.port_class = c->deny;
-		ak.port_class = c->allow;
-	}
-	key.addr = *src;
-	struct workload_value *wl = bpf_map_lookup_elem(&km_workload, &key);
-	if (wl && wl->identity) {
-		struct authz_id_key ik = { .set = set, .identity = wl->identity };
-		c = bpf_map_lookup_elem(&km_authz_id, &ik);
+	struct authz_class *c;
+	if (need & KMESH_AUTHZ_PORTS) {
+		struct authz_port_key pk = { .set = set, .port = port };
+		c = bpf_map_lookup_elem(&km_authz_port, &pk);
 		if (c) {
-			dk.id_class = c->deny;
-			ak.id_class = c->allow;
+			dk.port_class = c->deny;
+			ak.port_class = c->allow;
 		}
 	}
-	struct authz_src_key sk = {
-		.prefixlen = 32 + 128,
-		.set = bpf_htonl(set),
-		.addr = *src,
-	};
-	c = bpf_map_lookup_elem(&km_authz_src, &sk);
-	if (c) {
-		dk.src_class = c->deny;
-		ak.src_class = c->allow;
+	if (need & KMESH_AUTHZ_IDENTITIES) {
+		key.addr = *src;
+		struct workload_value *wl = bpf_map_lookup_elem(&km_workload, &key);
+		if (wl && wl->identity) {
+			struct authz_id_key ik = { .set = set, .identity = wl->identity };
+			c = bpf_map_lookup_elem(&km_authz_id, &ik);
+			if (c) {
+				dk.id_class = c->deny;
+				ak.id_class = c->allow;
+			}
+		}
+	}
+	if (need & KMESH_AUTHZ_SOURCES) {
+		struct authz_src_key sk = {
+			.prefixlen = 32 + 128,
+			.set = bpf_htonl(set),
+			.addr = *src,
+		};
+		c = bpf_map_lookup_elem(&km_authz_src, &sk);
+		if (c) {
+			dk.src_class = c->deny;
+			ak.src_class = c->allow;
+		}
 	}
 	out->flags = KMESH_AUTHZ_DENY;
 	out->policy = 0;
 	out->dry_policy = 0;
-	struct authz_verdict *dv = bpf_map_lookup_elem(&km_authz_verdict, &dk);
-	if (!dv)
-		return true;
-	struct authz_verdict *av = bpf_map_lookup_elem(&km_authz_verdict, &ak);
-	if (!av)
-		return true;
+	/* A part without policies: nothing matches, nothing is required. */
+	struct authz_verdict none = {};
+	struct authz_verdict *dv = &none, *av = &none;
+	if (need & KMESH_AUTHZ_HAS_DENY) {
+		dv = bpf_map_lookup_elem(&km_authz_verdict, &dk);
+		if (!dv)
+			return true;
+	}
 	if (dv->flags & KMESH_AUTHZ_DENY) {
 		out->policy = dv->policy;
 		return true;
+	}
+	if (need & KMESH_AUTHZ_HAS_ALLOW) {
+		av = bpf_map_lookup_elem(&km_authz_verdict, &ak);
+		if (!av)
+			return true;
 	}
 	if (av->flags & KMESH_AUTHZ_DENY)
 		return true;

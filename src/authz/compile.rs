@@ -81,6 +81,8 @@ pub struct Part<T> {
     /// The answer tuple of each identity class, so that a class number
     /// keeps its meaning while the core is unchanged.
     pub id_classes: Vec<Vec<bool>>,
+    /// The part holds policies (else the data path skips its table).
+    pub has_policies: bool,
 }
 
 impl<T> Part<T> {
@@ -362,6 +364,7 @@ pub fn compile(
 fn deny_all(key: Arc<str>) -> Set {
     let mut core = Core::default();
     core.deny.table.insert((0, 0, 0, 0), DenyOutcome::default());
+    core.allow.has_policies = true;
     core.allow.table.insert(
         (0, 0, 0, 0),
         AllowOutcome {
@@ -506,6 +509,7 @@ fn compile_part<T: Default>(
         }
     }
     part.id_classes = ids.answers;
+    part.has_policies = !policies.is_empty();
     Compiled1 {
         part,
         ids: by_identity,

@@ -262,15 +262,27 @@ impl MapWriter {
             .filter(|k| !wanted.contains(k))
             .cloned()
             .collect();
+        let flags: Vec<u32> = c
+            .sets
+            .iter()
+            .map(|s| {
+                let w = &self.authz.sets[&s.key];
+                needs(&w.core, &w.identities)
+            })
+            .collect();
         for (ip, &(si, (deny_class, allow_class))) in &c.dsts {
             let v = authz_dst {
                 set: ids[si],
                 deny_class,
                 allow_class,
+                flags: flags[si],
             };
-            if self.authz.dsts.get(ip).is_some_and(|o| {
-                o.set == v.set && o.deny_class == v.deny_class && o.allow_class == v.allow_class
-            }) {
+            if self
+                .authz
+                .dsts
+                .get(ip)
+                .is_some_and(|o| crate::bpf::Pod::as_bytes(o) == crate::bpf::Pod::as_bytes(&v))
+            {
                 continue;
             }
             update(&self.dp, MapId::AuthzDst, &addr_key::from_ip(*ip), &v, st)?;
@@ -388,6 +400,27 @@ fn src_key(set: u32, addr: IpAddr, len: u8) -> authz_src_key {
         set: set.to_be(),
         addr: kmesh_addr::from_ip(addr),
     }
+}
+
+/// enum kmesh_authz_dst_flag: the lookups a set's tables make worth it.
+fn needs(core: &Core, identities: &BTreeMap<u32, (u32, u32)>) -> u32 {
+    let mut f = 0;
+    if !core.deny.ports.is_empty() || !core.allow.ports.is_empty() {
+        f |= 1;
+    }
+    if !identities.is_empty() {
+        f |= 2;
+    }
+    if !core.deny.sources.is_empty() || !core.allow.sources.is_empty() {
+        f |= 4;
+    }
+    if core.deny.has_policies {
+        f |= 8;
+    }
+    if core.allow.has_policies {
+        f |= 16;
+    }
+    f
 }
 
 fn class_value((deny, allow): (u32, u32)) -> authz_class {
