@@ -274,12 +274,18 @@ fn daemonset_flags_env_and_mounts_fit_the_daemon() {
         assert!(!args.iter().any(|a| a.starts_with(f)), "{f} in the args");
         let line = help.lines().skip_while(|l| !l.contains(f)).take(6);
         let text: String = line.collect();
-        assert!(text.contains(&format!("[default: {default}]")), "{f}: {text}");
+        assert!(
+            text.contains(&format!("[default: {default}]")),
+            "{f}: {text}"
+        );
     }
     let probe = &c["readinessProbe"]["httpGet"];
     assert_eq!(
         (&probe["path"], &probe["port"]),
-        (&serde_json::json!("/healthz/ready"), &serde_json::json!(15021))
+        (
+            &serde_json::json!("/healthz/ready"),
+            &serde_json::json!(15021)
+        )
     );
     let ports: Vec<i64> = c["ports"]
         .as_array()

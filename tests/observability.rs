@@ -423,3 +423,55 @@ fn prometheus_scrapes_the_exact_connection_count() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn authorization_policies_count_per_policy() {
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let web = env.backends(1).remove(0);
+    let policy = |name: &str, action: &str, dry_run: bool| {
+        json!({"name": name, "namespace": "shop", "scope": "NAMESPACE", "action": action,
+               "dry_run": dry_run,
+               "rules": [{"clauses": [{"matches": [{"namespaces": [{"exact": "front"}]}]}]}]})
+    };
+    let cfg = json!({
+        "enroll": {"netns": Env::enroll_list(&[&client, &web])},
+        "services": [{"name": "web", "namespace": "shop", "hostname": "web.shop.svc.cluster.local",
+                      "addresses": ["10.96.0.10"],
+                      "ports": [{"service_port": 80, "target_port": 8080}]}],
+        "workloads": [
+            {"uid": "Kubernetes//Pod/front/ui", "name": "ui", "namespace": "front",
+             "service_account": "ui", "addresses": [client.v4.to_string()]},
+            {"uid": "Kubernetes//Pod/shop/web-1", "name": "web-1", "namespace": "shop",
+             "service_account": "web", "addresses": [web.v4.to_string()],
+             "services": {"shop/web.shop.svc.cluster.local": {}}},
+        ],
+        "policies": [policy("from-front", "ALLOW", false), policy("audit", "DENY", true)],
+    });
+    let ports = HttpPorts::new();
+    let args = ports.args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = env.daemon_args(&cfg, &args).expect("daemon starts");
+    const N: u32 = 4;
+    let t = tally(&env.connect(&client, VIP, N));
+    assert_eq!(t.get("web-1"), Some(&N), "{t:?}");
+
+    let text = scrape(&ports);
+    let series = |policy: &str, decision: &str| {
+        let s = format!(
+            "kmesh_authz_policy_connections_total{{policy=\"shop/{policy}\",decision=\"{decision}\"}}"
+        );
+        sample(&text, &s).unwrap_or_else(|| panic!("no {s}\n{text}"))
+    };
+    assert_eq!(series("from-front", "allow"), f64::from(N), "{text}");
+    assert_eq!(series("from-front", "deny"), 0.0);
+    assert_eq!(series("audit", "dry_run_deny"), f64::from(N), "{text}");
+    assert_eq!(series("audit", "deny"), 0.0);
+    // The dump's per-policy counters say the same.
+    for p in d.dump()["authz"]["policies"].as_array().unwrap() {
+        let name = p["key"].as_str().unwrap().trim_start_matches("shop/");
+        for k in ["allow", "deny", "dry_run_deny"] {
+            assert_eq!(Some(series(name, k)), p[k].as_f64(), "{name} {k}");
+        }
+    }
+}
