@@ -219,6 +219,30 @@ fn readiness_waits_for_the_first_xds_response() {
     assert!(sample(&text, "kmesh_applies_total{trigger=\"xds\"}").unwrap() >= 1.0);
     // Other paths are 404 on the readiness port.
     assert_eq!(get(ports.readiness, "/healthz/live").status, 404);
+
+    // A refused resource is one NACK, counted as the control plane saw it.
+    cp.cp.update(|b| {
+        let (n, s) = xds::service("many", &["10.96.0.30"], &[(1, 1); 11]);
+        b.set(&n, s);
+    });
+    let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
+    while cp.cp.nacks().is_empty() {
+        assert!(Instant::now() < deadline, "no NACK:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The daemon counts it just after sending it: poll briefly.
+    let nacks = || sample(&scrape(&ports), "kmesh_xds_nacks_total");
+    while nacks() != Some(cp.cp.nacks().len() as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} {:?}",
+            nacks(),
+            cp.cp.nacks()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(nacks(), Some(1.0));
+    assert_eq!(get(ports.readiness, "/healthz/ready").status, 200);
 }
 
 #[test]
