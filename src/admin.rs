@@ -24,10 +24,13 @@ use tokio::{
     time::timeout,
 };
 
-use crate::writer::Dump;
+use crate::{http::AdminState, writer::Dump};
 
 /// Produces a dump of the live maps (see MapWriter::dump).
 pub type DumpFn = Arc<dyn Fn() -> Dump + Send + Sync>;
+
+/// The commands, for the error on an unknown one.
+const COMMANDS: &str = "dump, metrics, log-level [LEVEL]";
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -84,7 +87,7 @@ impl Server {
 
 /// Binds the admin socket (replacing a stale one, or the one of a daemon
 /// this one takes over from) and serves it until `Server::stop`.
-pub fn serve(path: &Path, dump: DumpFn) -> Result<Server, AdminError> {
+pub fn serve(path: &Path, state: Arc<AdminState>) -> Result<Server, AdminError> {
     let err = |source| AdminError::Socket {
         path: path.to_path_buf(),
         source,
@@ -97,13 +100,13 @@ pub fn serve(path: &Path, dump: DumpFn) -> Result<Server, AdminError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     let m = std::fs::symlink_metadata(path).map_err(err)?;
     Ok(Server {
-        task: tokio::spawn(accept_loop(listener, dump)),
+        task: tokio::spawn(accept_loop(listener, state)),
         path: path.to_path_buf(),
         bound: (m.dev(), m.ino()),
     })
 }
 
-async fn accept_loop(listener: UnixListener, dump: DumpFn) {
+async fn accept_loop(listener: UnixListener, state: Arc<AdminState>) {
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut delay = ACCEPT_BACKOFF.0;
     let mut failures = 0u64;
@@ -132,9 +135,9 @@ async fn accept_loop(listener: UnixListener, dump: DumpFn) {
             failures = 0;
             delay = ACCEPT_BACKOFF.0;
         }
-        let dump = dump.clone();
+        let state = state.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, dump).await {
+            if let Err(e) = handle(stream, state).await {
                 tracing::debug!("admin client: {e}");
             }
             drop(slot);
@@ -142,22 +145,46 @@ async fn accept_loop(listener: UnixListener, dump: DumpFn) {
     }
 }
 
-async fn handle(stream: UnixStream, dump: DumpFn) -> io::Result<()> {
+async fn handle(stream: UnixStream, state: Arc<AdminState>) -> io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
     let mut r = BufReader::new(r).take(4096);
     timeout(REQUEST_TIMEOUT, r.read_line(&mut line))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no command within 5 s"))??;
-    let reply = match line.trim() {
-        "dump" => {
+    let (cmd, arg) = match line.trim().split_once(' ') {
+        Some((c, a)) => (c, a.trim()),
+        None => (line.trim(), ""),
+    };
+    let reply = match (cmd, arg) {
+        ("dump", "") => {
             // Reads 100k-entry maps: off the async workers.
+            let dump = state.dump.clone();
             let dump = tokio::task::spawn_blocking(move || dump())
                 .await
                 .map_err(io::Error::other)?;
             serde_json::to_string_pretty(&dump).map_err(io::Error::other)?
         }
-        other => format!("error: unknown command {other:?} (known: dump)"),
+        ("metrics", "") => {
+            let m = state.metrics.clone();
+            match tokio::task::spawn_blocking(move || m.render())
+                .await
+                .map_err(io::Error::other)?
+            {
+                // Without the trailing newline the client adds.
+                Ok(text) => text.trim_end().to_string(),
+                Err(e) => format!("error: {e}"),
+            }
+        }
+        ("log-level", spec) => match (&state.log, spec) {
+            (None, _) => "error: this daemon's log level cannot be changed".to_string(),
+            (Some(log), "") => log.get(),
+            (Some(log), spec) => log.set(spec).unwrap_or_else(|e| format!("error: {e}")),
+        },
+        _ => format!(
+            "error: unknown command {:?} (known: {COMMANDS})",
+            line.trim()
+        ),
     };
     let write = async {
         w.write_all(reply.as_bytes()).await?;

@@ -6,7 +6,7 @@ use std::{
     collections::BTreeSet,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use thiserror::Error;
@@ -20,6 +20,8 @@ use crate::{
     bpf::{BpfError, Datapath, MapSizes},
     config::{self, ConfigError},
     dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
+    http::{self, AdminState, HttpOptions, Metrics, Readiness},
+    logging::LogControl,
     model::{Layers, LocalNode, Model, ResolvedHosts},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
@@ -65,6 +67,13 @@ pub struct Options {
     pub watch_interval: Duration,
     /// Resolver settings for hostname workloads.
     pub dns: DnsConfig,
+    /// Metrics, admin HTTP and readiness listeners (src/http).
+    pub http: HttpOptions,
+    /// Keep the kernel's BPF run-time statistics on while the daemon runs
+    /// (two clock reads per program run, on every CPU's connects).
+    pub bpf_stats: bool,
+    /// The process's log filter, for the admin endpoints to change.
+    pub log: Option<LogControl>,
 }
 
 /// Identity of the config file's current content, to notice edits.
@@ -236,6 +245,21 @@ async fn next_answers(rx: Option<&mut watch::Receiver<Arc<Answers>>>) -> Option<
     }
 }
 
+/// Turns on the kernel's per-program run counters (--bpf-stats); a
+/// failure costs only those metrics.
+fn enable_run_stats() -> Option<crate::bpf::RunStatsGuard> {
+    match crate::bpf::RunStatsGuard::enable() {
+        Ok(g) => {
+            tracing::info!("BPF run-time statistics on (two clock reads per program run)");
+            Some(g)
+        }
+        Err(e) => {
+            tracing::error!("--bpf-stats: the kernel refused BPF_ENABLE_STATS: {e}");
+            None
+        }
+    }
+}
+
 /// After an apply that may have changed a decision: live connections a
 /// policy now denies are closed (they would otherwise outlive it).
 fn cut_denied(writer: &Mutex<MapWriter>, layers: Layers) {
@@ -308,6 +332,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         tracing::info!("km_conn: removed {swept} entries of connections gone or back on TCP");
     }
     w.set_local_node(opts.local.clone());
+    let started = Instant::now();
     let st = w.apply(&file_model).map_err(|source| DaemonError::Apply {
         config: opts
             .config
@@ -315,6 +340,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .map_or("(no config)".into(), |p| p.display().to_string()),
         source,
     })?;
+    let first_apply = started.elapsed();
     tracing::info!("applied {file_model} ({} map updates)", st.stats.updates);
     watch_hosts(Layers(&[&file_model]).hostnames());
     w.datapath_mut().attach(&opts.cgroup)?;
@@ -362,9 +388,30 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             d
         })
     };
-    let admin = admin::serve(&opts.admin_socket, dump)?;
+    let (xds_tx, xds_rx) = watch::channel(XdsStatus::default());
 
-    let (xds_tx, _xds_rx) = watch::channel(XdsStatus::default());
+    // Observability (src/http): metrics read the kernel at scrape time;
+    // readiness waits for the first xDS response when there is a source.
+    let run_stats = opts.bpf_stats.then(enable_run_stats).flatten();
+    let xds_status = opts.xds.as_ref().map(|_| xds_rx.clone());
+    let metrics = Arc::new(Metrics::new(http::metrics::Sources {
+        writer: writer.clone(),
+        xds: xds_status.clone(),
+        dns: resolver.as_ref().map(Resolver::counters),
+        run_stats: run_stats.is_some(),
+    }));
+    metrics.applied("start", first_apply, false);
+    let ready = Arc::new(Readiness::new(xds_status));
+    ready.set_attached();
+    let state = Arc::new(AdminState {
+        dump,
+        metrics: metrics.clone(),
+        log: opts.log.clone(),
+        ready,
+    });
+    let http_servers = http::start(&opts.http, state.clone());
+    let admin = admin::serve(&opts.admin_socket, state)?;
+
     // The xDS client waits for each apply's verdict before it ACKs.
     let (apply_tx, mut apply_rx) = mpsc::channel::<oneshot::Sender<Verdict>>(1);
     let xds_task = opts.xds.clone().zip(xds_store.clone()).map(|(o, store)| {
@@ -419,7 +466,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             (Some(_), Some(store)) => keep_replaced_versions(&writer, &sources, store),
             _ => Vec::new(),
         };
+        let started = Instant::now();
         let (hosts, mut verdict) = apply(&writer, &sources, why);
+        metrics.applied(why, started.elapsed(), verdict.failed.is_some());
         verdict.rejected.extend(kept);
         watch_hosts(hosts);
         if let Some(reply) = reply {
@@ -432,6 +481,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     // Only if still ours: a newer daemon may have taken the path over.
     admin.stop();
+    http_servers.stop();
+    drop(run_stats);
     writer
         .lock()
         .unwrap_or_else(|e| e.into_inner())

@@ -10,6 +10,8 @@ pub mod config;
 pub mod daemon;
 pub mod dns;
 pub mod enforce;
+pub mod http;
+pub mod logging;
 pub mod model;
 pub mod sockdiag;
 pub mod sys;

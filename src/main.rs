@@ -11,6 +11,8 @@ use kmesh::{
     bpf::MapSizes,
     config, daemon,
     dns::{DnsConfig, Upstream},
+    http::{HttpOptions, Listen},
+    logging,
     model::{LocalNode, Placement},
     sys,
     xds::{self, client::XdsOptions},
@@ -141,6 +143,21 @@ struct DaemonArgs {
     /// Time to wait for a DNS server's answer (s).
     #[arg(long, default_value = "5", value_parser = seconds(0.001))]
     dns_timeout: Duration,
+    /// Prometheus metrics (/metrics, /stats/prometheus): IP:PORT or "off".
+    #[arg(long, env = "KMESH_METRICS_ADDR", default_value = "0.0.0.0:15020")]
+    metrics_addr: Listen,
+    /// Admin HTTP (/config_dump, /logging, /stats): IP:PORT or "off". It
+    /// can change the log level: keep it on loopback.
+    #[arg(long, env = "KMESH_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    admin_addr: Listen,
+    /// Readiness probe (/healthz/ready): IP:PORT or "off".
+    #[arg(long, env = "KMESH_READINESS_ADDR", default_value = "0.0.0.0:15021")]
+    readiness_addr: Listen,
+    /// Count the BPF programs' runs and run time (metrics
+    /// kmesh_bpf_program_*) while the daemon runs. Costs two clock reads
+    /// per program run, i.e. per connect on this host.
+    #[arg(long, env = "KMESH_BPF_STATS")]
+    bpf_stats: bool,
 }
 
 /// Largest map capacity a flag takes. Each map is a hash table whose
@@ -226,6 +243,23 @@ enum CtlCmd {
         #[arg(long, default_value = "10", value_parser = seconds(0.001))]
         timeout: Duration,
     },
+    /// Show the daemon's log filter, or set it (e.g. debug, or
+    /// kmesh=debug,info); lasts until the daemon restarts.
+    LogLevel {
+        level: Option<String>,
+        #[arg(long, env = "KMESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(long, default_value = "10", value_parser = seconds(0.001))]
+        timeout: Duration,
+    },
+    /// Print the daemon's metrics (Prometheus/OpenMetrics text), as its
+    /// metrics port serves them, without needing that port.
+    Metrics {
+        #[arg(long, env = "KMESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(long, default_value = "10", value_parser = seconds(0.001))]
+        timeout: Duration,
+    },
     /// Validate a config file without touching the kernel.
     CheckConfig { file: PathBuf },
 }
@@ -262,13 +296,7 @@ fn xds_options(a: &DaemonArgs) -> Option<XdsOptions> {
 
 fn main() -> ExitCode {
     daemon::one_malloc_arena();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("KMESH_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let log = logging::init("KMESH_LOG", "info");
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -318,6 +346,13 @@ fn main() -> ExitCode {
                         authz_entries: a.max_authz_entries,
                     },
                     watch_interval: a.watch_interval,
+                    http: HttpOptions {
+                        metrics: a.metrics_addr,
+                        admin: a.admin_addr,
+                        readiness: a.readiness_addr,
+                    },
+                    bpf_stats: a.bpf_stats,
+                    log: Some(log),
                 };
                 daemon::run(opts).await.map_err(|e| e.to_string())
             }
@@ -329,6 +364,37 @@ fn main() -> ExitCode {
                     },
             } => {
                 let out = admin::request(&admin_socket, "dump", timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                print!("{out}");
+                Ok(())
+            }
+            Cmd::Ctl {
+                cmd:
+                    CtlCmd::LogLevel {
+                        level,
+                        admin_socket,
+                        timeout,
+                    },
+            } => {
+                let cmd = match level {
+                    Some(l) => format!("log-level {}", l.trim()),
+                    None => "log-level".to_string(),
+                };
+                let out = admin::request(&admin_socket, &cmd, timeout)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                print!("{out}");
+                Ok(())
+            }
+            Cmd::Ctl {
+                cmd:
+                    CtlCmd::Metrics {
+                        admin_socket,
+                        timeout,
+                    },
+            } => {
+                let out = admin::request(&admin_socket, "metrics", timeout)
                     .await
                     .map_err(|e| e.to_string())?;
                 print!("{out}");

@@ -263,12 +263,41 @@ fn daemonset_flags_env_and_mounts_fit_the_daemon() {
     ] {
         assert_eq!(volume_of(flag(f))["hostPath"]["path"], host, "{f}");
     }
-    // The readiness probe's `kmesh ctl dump` uses the default socket.
+    // `kmesh ctl` in the container uses the default socket.
     assert_eq!(flag("--admin-socket"), "/run/kmesh/admin.sock");
+    // Readiness, metrics and their annotations use the ports the daemon
+    // listens on by default (the manifest sets no --*-addr flag).
+    for (f, default) in [
+        ("--readiness-addr", "0.0.0.0:15021"),
+        ("--metrics-addr", "0.0.0.0:15020"),
+    ] {
+        assert!(!args.iter().any(|a| a.starts_with(f)), "{f} in the args");
+        let line = help.lines().skip_while(|l| !l.contains(f)).take(6);
+        let text: String = line.collect();
+        assert!(
+            text.contains(&format!("[default: {default}]")),
+            "{f}: {text}"
+        );
+    }
+    let probe = &c["readinessProbe"]["httpGet"];
     assert_eq!(
-        c["readinessProbe"]["exec"]["command"],
-        serde_json::json!(["kmesh", "ctl", "dump"])
+        (&probe["path"], &probe["port"]),
+        (
+            &serde_json::json!("/healthz/ready"),
+            &serde_json::json!(15021)
+        )
     );
+    let ports: Vec<i64> = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["containerPort"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ports, [15020, 15021]);
+    let ann = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(ann["prometheus.io/scrape"], "true");
+    assert_eq!(ann["prometheus.io/port"], "15020");
+    assert_eq!(ann["prometheus.io/path"], "/stats/prometheus");
 
     let sc = &c["securityContext"];
     assert_eq!(sc["readOnlyRootFilesystem"], true);

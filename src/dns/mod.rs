@@ -19,7 +19,10 @@ mod worker;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
-    sync::Arc,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -27,7 +30,7 @@ use hickory_resolver::net::NetError;
 use thiserror::Error;
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
-use lookup::{Hickory, Lookup};
+use lookup::{Hickory, Lookup, Outcome};
 use schedule::Timing;
 
 #[derive(Debug, Error)]
@@ -173,11 +176,46 @@ pub fn unusable(ip: IpAddr) -> Option<&'static str> {
 /// completes and disappears when it is no longer watched.
 pub type Answers = BTreeMap<String, HostAnswer>;
 
+/// Lookups done since the resolver started, for the metrics endpoint.
+/// Counted around the lookup itself, so the scheduler needs no part in it.
+#[derive(Debug, Default)]
+pub struct DnsCounters {
+    /// Lookups of one host (A and AAAA together count once).
+    pub lookups: AtomicU64,
+    /// Lookups with no usable answer (timeout, unreachable, SERVFAIL, ...).
+    pub failures: AtomicU64,
+    /// Lookups that found the name has no address (NXDOMAIN or no records).
+    pub not_found: AtomicU64,
+}
+
+struct Counted<L> {
+    inner: L,
+    counters: Arc<DnsCounters>,
+}
+
+impl<L: Lookup> Lookup for Counted<L> {
+    async fn lookup(&self, host: &str) -> Outcome {
+        let out = self.inner.lookup(host).await;
+        self.counters.lookups.fetch_add(1, Ordering::Relaxed);
+        match out {
+            Outcome::Failed(_) => &self.counters.failures,
+            Outcome::NotFound { .. } => &self.counters.not_found,
+            Outcome::Found { .. } => return out,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        out
+    }
+    fn servers(&self) -> &str {
+        self.inner.servers()
+    }
+}
+
 /// Handle to the background resolver task; dropping it stops the task.
 pub struct Resolver {
     hosts: watch::Sender<BTreeSet<String>>,
     answers: watch::Receiver<Arc<Answers>>,
     task: JoinHandle<()>,
+    counters: Arc<DnsCounters>,
 }
 
 impl Resolver {
@@ -193,12 +231,23 @@ impl Resolver {
     fn spawn<L: Lookup>(timing: Timing, lookup: L) -> Resolver {
         let (hosts, hosts_rx) = watch::channel(BTreeSet::new());
         let (answers_tx, answers) = watch::channel(Arc::new(Answers::new()));
+        let counters = Arc::new(DnsCounters::default());
+        let lookup = Counted {
+            inner: lookup,
+            counters: counters.clone(),
+        };
         let task = tokio::spawn(worker::run(Arc::new(lookup), timing, hosts_rx, answers_tx));
         Resolver {
             hosts,
             answers,
             task,
+            counters,
         }
+    }
+
+    /// The lookup counters (shared: they keep counting).
+    pub fn counters(&self) -> Arc<DnsCounters> {
+        self.counters.clone()
     }
 
     /// Replaces the watched set: new names are looked up at once, removed

@@ -220,3 +220,31 @@ async fn bad_config_is_refused() {
         Err(super::DnsError::Config(_))
     ));
 }
+
+#[tokio::test(start_paused = true)]
+async fn lookups_failures_and_missing_names_are_counted() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = Script::default();
+    s.set("ok", vec![found(&["10.0.0.1"], 3600 * S)]);
+    s.set(
+        "down",
+        vec![failed(), failed(), found(&["10.0.0.2"], 3600 * S)],
+    );
+    s.set(
+        "gone",
+        vec![Outcome::NotFound {
+            nxdomain: true,
+            negative_ttl: Some(3600 * S),
+        }],
+    );
+    let r = Resolver::spawn(timing(), s.clone());
+    r.set_hosts(hosts(&["ok", "down", "gone"]));
+    // Long enough for both retries of "down", short of any refresh (15 s).
+    sleep(Duration::from_secs(10)).await;
+    let c = r.counters();
+    let calls = s.calls.lock().unwrap().len() as u64;
+    assert_eq!(calls, 5, "{:?}", s.calls.lock().unwrap());
+    assert_eq!(c.lookups.load(Relaxed), calls);
+    assert_eq!(c.failures.load(Relaxed), 2);
+    assert_eq!(c.not_found.load(Relaxed), 1);
+}

@@ -361,7 +361,7 @@ impl MapWriter {
 
     /// Per policy key: (allow, deny, dry-run deny) counted by the data
     /// path since the policy got its index.
-    pub(super) fn authz_counters(&self) -> HashMap<&str, [u64; 3]> {
+    pub fn authz_counters(&self) -> HashMap<&str, [u64; 3]> {
         let map = self.dp.map(MapId::AuthzCount);
         let sum = |i: u32| -> u64 {
             map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)

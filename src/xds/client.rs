@@ -112,6 +112,13 @@ pub fn node_identity(
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct XdsStatus {
     pub connected: bool,
+    /// Responses handled (applied if they changed anything, then ACKed or
+    /// NACKed) since the daemon started, over all streams: the metrics'
+    /// pushes received, and readiness (one means the control plane's
+    /// state is in the maps).
+    pub responses: u64,
+    /// Of those, the NACKed ones.
+    pub nacks: u64,
 }
 
 /// The daemon's answer to a change of the store: the entries it left out of
@@ -646,7 +653,12 @@ async fn session(
                 error_detail,
                 ..Default::default()
             };
+            let nacked = ack.error_detail.is_some();
             req_tx.send(ack).await.map_err(|_| XdsError::Closed)?;
+            tx.send_modify(|s| {
+                s.responses += 1;
+                s.nacks += u64::from(nacked);
+            });
         }
         Err::<(), _>(XdsError::Closed)
     }

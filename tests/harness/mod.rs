@@ -19,6 +19,7 @@ use std::{
 use serde_json::{json, Value};
 
 pub mod dns;
+pub mod http;
 pub mod load;
 pub mod xds;
 
@@ -490,6 +491,8 @@ impl Env {
 
     /// Starts the daemon; Err(stderr) if it exits before serving. `extra`
     /// may name another `--bpffs` directory (it must be under `self.bpffs`).
+    /// The HTTP servers are off unless `extra` turns them on (see
+    /// `http::HttpPorts::args`).
     pub fn daemon_args(&mut self, config: &Value, extra: &[&str]) -> Result<Daemon, String> {
         self.daemon_named("", config, extra)
     }
@@ -546,6 +549,12 @@ impl Env {
                 "0.2",
             ])
             .args(extra)
+            .args(http::OFF.iter().flat_map(|&(flag, off)| {
+                let given = extra
+                    .iter()
+                    .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+                (!given).then_some([flag, off]).into_iter().flatten()
+            }))
             .env("KMESH_LOG", "info")
             .stderr(fs::File::create(&log).unwrap())
             .spawn()

@@ -1,0 +1,148 @@
+//! Admin HTTP (127.0.0.1:15000 by default): the dump, the log level and
+//! the metrics text, the same things `kmesh ctl` reaches over the Unix
+//! socket, for tools that speak HTTP (and ztunnel users' habits).
+
+use std::{collections::HashMap, sync::Arc};
+
+use axum::{
+    extract::{Query, Request},
+    http::{header, Method, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, MethodRouter},
+    Router,
+};
+
+use super::{metrics::CONTENT_TYPE, Metrics, Readiness};
+use crate::{admin::DumpFn, logging::LogControl};
+
+pub const KNOWN: &str = "/config_dump, /logging, /stats";
+
+/// What the HTTP servers (and the Unix admin socket) serve from.
+pub struct AdminState {
+    pub dump: DumpFn,
+    pub metrics: Arc<Metrics>,
+    /// None when the process has no reloadable subscriber (embedded).
+    pub log: Option<LogControl>,
+    pub ready: Arc<Readiness>,
+}
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+/// Metrics text; the scrape reads the maps, so off the async workers.
+pub async fn metrics_text(state: &Arc<AdminState>) -> Response {
+    let m = state.metrics.clone();
+    match tokio::task::spawn_blocking(move || m.render()).await {
+        Ok(Ok(body)) => {
+            (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], body).into_response()
+        }
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}\n")),
+    }
+}
+
+async fn config_dump(state: Arc<AdminState>) -> Response {
+    let dump = state.dump.clone();
+    let json = tokio::task::spawn_blocking(move || serde_json::to_string_pretty(&dump())).await;
+    match json {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            body + "\n",
+        )
+            .into_response(),
+        Ok(Err(e)) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("dump: {e}\n")),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("dump: {e}\n")),
+    }
+}
+
+/// GET shows the filter; POST/PUT `?level=SPEC` replaces it. Anything
+/// wrong is a 400 naming it, and the level stays as it was.
+type LoggingQuery =
+    Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+async fn logging(state: Arc<AdminState>, method: Method, query: LoggingQuery) -> Response {
+    let Some(log) = &state.log else {
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this process's log level cannot be changed\n".into(),
+        );
+    };
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad query: {e}\n")),
+    };
+    if method == Method::GET {
+        if !params.is_empty() {
+            return text(
+                StatusCode::BAD_REQUEST,
+                "GET /logging takes no parameters; change the level with POST /logging?level=...\n"
+                    .into(),
+            );
+        }
+        return text(StatusCode::OK, format!("{}\n", log.get()));
+    }
+    if let Some(k) = params.keys().find(|k| *k != "level") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (only \"level\")\n"),
+        );
+    }
+    let Some(spec) = params.get("level") else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "missing ?level= (e.g. ?level=debug or ?level=kmesh=debug,info)\n".into(),
+        );
+    };
+    match log.set(spec) {
+        Ok(now) => text(StatusCode::OK, format!("{now}\n")),
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    }
+}
+
+/// 405 naming the methods a path takes (axum's own has an empty body).
+fn only(methods: &'static str, route: MethodRouter) -> MethodRouter {
+    route.fallback(move |req: Request| async move {
+        text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{} {} is not allowed (allowed: {methods})\n",
+                req.method(),
+                req.uri().path()
+            ),
+        )
+    })
+}
+
+pub fn router(state: Arc<AdminState>) -> Router {
+    let (s1, s2, s3) = (state.clone(), state.clone(), state);
+    let log = move |method: Method, q: LoggingQuery| logging(s2.clone(), method, q);
+    Router::new()
+        .route(
+            "/config_dump",
+            only("GET", get(move || config_dump(s1.clone()))),
+        )
+        .route(
+            "/logging",
+            only(
+                "GET, POST, PUT",
+                get(log.clone()).post(log.clone()).put(log),
+            ),
+        )
+        .route(
+            "/stats",
+            only(
+                "GET",
+                get(move || {
+                    let s = s3.clone();
+                    async move { metrics_text(&s).await }
+                }),
+            ),
+        )
+}
