@@ -252,6 +252,13 @@ fn start(
         bind(&m.run, "/run/kmesh", ""),
         "-e".into(),
         "KMESH_LOG=info".into(),
+        // Host network: no listener on the machine's own ports.
+        "-e".into(),
+        "KMESH_METRICS_ADDR=off".into(),
+        "-e".into(),
+        "KMESH_ADMIN_ADDR=off".into(),
+        "-e".into(),
+        "KMESH_READINESS_ADDR=off".into(),
     ];
     for c in capabilities() {
         args.push("--cap-add".into());

@@ -407,6 +407,10 @@ impl UnitDaemon {
         .args(["--bpffs", env.bpffs.join("kmesh").to_str().unwrap()])
         .args(["--admin-socket", sock.to_str().unwrap()])
         .env("KMESH_LOG", "info")
+        // No listener on the machine's own ports from a test.
+        .env("KMESH_METRICS_ADDR", "off")
+        .env("KMESH_ADMIN_ADDR", "off")
+        .env("KMESH_READINESS_ADDR", "off")
         .stdout(Stdio::null())
         .stderr(fs::File::create(&log).unwrap());
         // Dies with the test process rather than outliving it.

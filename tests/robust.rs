@@ -317,6 +317,12 @@ fn bad_numbers_on_the_command_line_are_refused_naming_the_flag() {
         bpffs.to_str().unwrap(),
         "--admin-socket",
         sock.to_str().unwrap(),
+        "--metrics-addr",
+        "off",
+        "--admin-addr",
+        "off",
+        "--readiness-addr",
+        "off",
     ];
     let mut cases = vec![];
     for v in ["inf", "NaN", "-1", "0", "1e300", "soon"] {
