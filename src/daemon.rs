@@ -450,6 +450,15 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             match load_file(Some(p)) {
                 Ok(mut m) => {
                     let mut file = sources.file.lock().unwrap_or_else(|e| e.into_inner());
+                    // A policy edited into an invalid one keeps its last
+                    // good version, as a NACKed xDS update does: dropping
+                    // it would silently lift a DENY.
+                    for key in std::mem::take(&mut m.refused_policies) {
+                        if let Some(p) = file.policies.get(&key) {
+                            tracing::warn!("config: keeping the previous version of policy {key}");
+                            m.policies.insert_shared(p.clone());
+                        }
+                    }
                     // Unchanged workloads keep their ids: nothing to rewrite.
                     m.workloads.inherit_ids(&file.workloads);
                     *file = m;

@@ -596,6 +596,17 @@ fn bad_policies_in_the_config_file_are_refused_by_name_and_the_rest_applies() {
         assert_eq!(workloads, Some(7), "{field}: {dump:#}");
         m.check(&format!("with a bad {field}"), "ui>web ops>db | batch>web");
     }
+    // A good DENY edited into a bad one keeps its last good version (as a
+    // NACKed xDS update does) rather than lifting the denial.
+    let keep = deny("shop/keep", src("batch"));
+    m.d.write_config(&config(&m.pods, std::slice::from_ref(&keep)));
+    m.wait_policies(&[key(&keep)]);
+    m.check("shop/keep", "ui>web | batch>web");
+    let broken = deny("shop/keep", one("source_ips", json!(["10.0.0.0/40"])));
+    let marker = deny("shop/marker", src("stranger"));
+    m.d.write_config(&config(&m.pods, &[broken, marker.clone()]));
+    m.wait_policies(&[key(&keep), key(&marker)]);
+    m.check("shop/keep edited into a bad one", "ui>web | batch>web");
 }
 
 #[test]

@@ -397,20 +397,25 @@ fn compile_set(
             .collect()
     };
     let by = |k: Option<&str>| k.map_or(0, |k| index.index(k));
-    let deny = compile_part(&of(Action::Deny), members, identities, |d| DenyOutcome {
-        denied: !d.verdict.allowed(),
-        dry_denied: d.dry_run_by.is_some(),
-        policy: match &d.verdict {
-            eval::Verdict::Denied(k) => index.index(k),
-            _ => 0,
-        },
-        dry_policy: by(d.dry_run_by.as_deref()),
+    let prefixes = source_prefixes(policies);
+    let deny = compile_part(&of(Action::Deny), &prefixes, members, identities, |d| {
+        DenyOutcome {
+            denied: !d.verdict.allowed(),
+            dry_denied: d.dry_run_by.is_some(),
+            policy: match &d.verdict {
+                eval::Verdict::Denied(k) => index.index(k),
+                _ => 0,
+            },
+            dry_policy: by(d.dry_run_by.as_deref()),
+        }
     });
-    let allow = compile_part(&of(Action::Allow), members, identities, |d| AllowOutcome {
-        not_allowed: !d.verdict.allowed(),
-        dry_not_allowed: !d.with_dry_run.allowed(),
-        policy: by(d.allowed_by.as_deref()),
-        dry_policy: by(d.dry_run_by.as_deref()),
+    let allow = compile_part(&of(Action::Allow), &prefixes, members, identities, |d| {
+        AllowOutcome {
+            not_allowed: !d.verdict.allowed(),
+            dry_not_allowed: !d.with_dry_run.allowed(),
+            policy: by(d.allowed_by.as_deref()),
+            dry_policy: by(d.dry_run_by.as_deref()),
+        }
     });
     let mut ids: BTreeMap<u32, (u32, u32)> = deny.ids.iter().map(|(n, c)| (*n, (*c, 0))).collect();
     for (n, c) in &allow.ids {
@@ -440,10 +445,27 @@ struct Compiled1<T> {
     dsts: HashMap<IpAddr, u32>,
 }
 
+/// Every source prefix of the set's policies, for one trie. The trie holds
+/// IPv4 as ::ffff:a.b.c.d, where an IPv6 prefix such as ::/0 would hold
+/// IPv4 sources too, which no IPv6 condition does: 0.0.0.0/0 then goes
+/// in as well, so an IPv4 source always finds an IPv4 prefix first.
+fn source_prefixes(policies: &[Arc<Policy>]) -> Vec<Cidr> {
+    let mut all = Atoms::of(policies).src.items;
+    let mapped = IpAddr::V6(std::net::Ipv4Addr::UNSPECIFIED.to_ipv6_mapped());
+    let v4_any = Cidr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0).expect("valid");
+    // (Cidr::contains would see the mapped address as IPv4.)
+    let holds_mapped = |c: &Cidr| c.addr.is_ipv6() && super::mask(mapped, c.len) == c.addr;
+    if all.iter().any(holds_mapped) && !all.contains(&v4_any) {
+        all.push(v4_any);
+    }
+    all
+}
+
 /// One part: the classes of `policies`' conditions and the outcome of
 /// every combination (`outcome` of the evaluator's decision over them).
 fn compile_part<T: Default>(
     policies: &[Arc<Policy>],
+    prefixes: &[Cidr],
     members: &[&Destination],
     identities: &[(u32, &Identity)],
     outcome: impl Fn(&eval::Decision) -> T,
@@ -458,10 +480,12 @@ fn compile_part<T: Default>(
             by_identity.insert(*n, c);
         }
     }
-    // Source prefixes: the longest named prefix holding an address decides
-    // its class (the named prefixes holding it are that one's ancestors).
+    // Source prefixes: the data path finds the longest of `prefixes` (both
+    // parts' together) holding the address, so each of them gets this
+    // part's class: this part's prefixes holding it are its ancestors, and
+    // no longer one of this part's holds any address it decides for.
     let mut srcs = Classes::new(vec![false; atoms.src.items.len()]);
-    for x in &atoms.src.items {
+    for x in prefixes {
         let answers = atoms
             .src
             .items

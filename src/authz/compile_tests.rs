@@ -61,6 +61,8 @@ fn random_match(r: &mut Rng) -> Match {
         "fd00::4/127",
         "10.1.0.0/24",
         "fd01::/64",
+        "::/0",
+        "::/80",
     ]
     .map(cidr)
     .to_vec();
@@ -149,11 +151,19 @@ fn lookup(
         .and_then(|n| set.identities.get(n))
         .copied()
         .unwrap_or((0, 0));
+    // One trie over both parts, IPv4 as ::ffff:a.b.c.d/96+len, as the
+    // kernel's LPM trie holds them (an IPv6 prefix can hold IPv4 there).
+    let mapped = |ip: IpAddr, len: u8| match ip {
+        IpAddr::V4(v4) => (u128::from(v4.to_ipv6_mapped()), 96 + u32::from(len)),
+        IpAddr::V6(v6) => (u128::from(v6), u32::from(len)),
+    };
+    let (s, _) = mapped(src, 0);
     let (sd, sa) = set
         .core
         .sources()
         .into_iter()
-        .filter(|((a, l), _)| Cidr::new(*a, *l).unwrap().contains(src))
+        .map(|((a, l), c)| (mapped(a, l), c))
+        .filter(|((p, l), _)| *l == 0 || (s ^ p) >> (128 - l) == 0)
         .max_by_key(|((_, l), _)| *l)
         .map_or((0, 0), |(_, c)| c);
     let d = set.core.deny.table[&(id, sd, dd, pd)];
@@ -386,5 +396,67 @@ fn deny_ranges_and_allow_identities_add_up() {
         lookup(&c, &HashMap::new(), ip("10.0.0.9"), ip("10.1.0.1"), 80)
             .unwrap()
             .0
+    );
+}
+
+/// Found by review: a prefix only one part names must not hide the other
+/// part's shorter prefix (the trie finds the longest of both), and an IPv6
+/// prefix holding ::ffff:0:0/96 must not catch IPv4 sources.
+#[test]
+fn one_trie_for_both_parts_and_no_ipv4_in_ipv6_prefixes() {
+    let with = |policies: Vec<Policy>| {
+        let mut store = PolicyStore::default();
+        policies.into_iter().for_each(|p| store.insert(p));
+        let dst = Destination {
+            uid: "d",
+            addrs: vec![ip("10.1.0.1")],
+            policies: store.applicable_shared("shop", &[]).cloned().collect(),
+        };
+        compile(&[dst], &[], &Keys(HashMap::new()), 8192)
+    };
+    let policy = |name: &str, action, range: &str| Policy {
+        name: name.into(),
+        namespace: "shop".into(),
+        scope: Scope::Namespace,
+        action,
+        dry_run: false,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    source_ips: vec![cidr(range)],
+                    ..Match::default()
+                }],
+            }],
+        }],
+    };
+    let none = HashMap::new();
+    let c = with(vec![
+        policy("deny-10", Action::Deny, "10.0.0.0/8"),
+        policy("allow-10-2", Action::Allow, "10.2.0.0/16"),
+    ]);
+    assert!(
+        lookup(&c, &none, ip("10.2.3.4"), ip("10.1.0.1"), 80)
+            .unwrap()
+            .0,
+        "the DENY of 10/8 holds inside 10.2/16"
+    );
+    let c = with(vec![policy("allow-v6", Action::Allow, "::/0")]);
+    assert!(
+        lookup(&c, &none, ip("192.168.1.1"), ip("10.1.0.1"), 80)
+            .unwrap()
+            .0,
+        "::/0 allows no IPv4 source"
+    );
+    assert!(
+        !lookup(&c, &none, ip("fd00::1"), ip("10.1.0.1"), 80)
+            .unwrap()
+            .0
+    );
+    let c = with(vec![policy("deny-v6", Action::Deny, "::/0")]);
+    assert!(
+        !lookup(&c, &none, ip("192.168.1.1"), ip("10.1.0.1"), 80)
+            .unwrap()
+            .0,
+        "::/0 denies no IPv4 source"
     );
 }

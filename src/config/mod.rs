@@ -478,6 +478,10 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     // Policies one by one, as xDS NACKs one resource: leaving a DENY out
     // or keeping the whole previous file would both be wrong for the others.
     for (i, v) in file.policies.iter().enumerate() {
+        if let (Some(ns), Some(name)) = (v["namespace"].as_str(), v["name"].as_str()) {
+            // Taken back out below if the entry is good.
+            model.refused_policies.push(format!("{ns}/{name}"));
+        }
         let p: crate::authz::Policy = match serde_path_to_error::deserialize(v) {
             Ok(p) => p,
             Err(e) => {
@@ -506,6 +510,8 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
             model.policies.insert(p);
         }
     }
+    let good = &model.policies;
+    model.refused_policies.retain(|k| good.get(k).is_none());
     // A DNS service no workload backs resolves its own hostname, as
     // istiod does for a ServiceEntry without endpoints.
     let backed: std::collections::HashSet<Arc<str>> = model

@@ -374,6 +374,9 @@ pub struct Model {
     pub enroll_errors: Vec<String>,
     /// Config-file policies left out as invalid: (field, what is wrong).
     pub policy_errors: Vec<(String, String)>,
+    /// Their keys ("namespace/name"), where the entry names one: a reload
+    /// keeps the previous version of each (as xDS keeps a NACKed one's).
+    pub refused_policies: Vec<String>,
     /// Same-host sockmap acceleration.
     pub accelerate: bool,
     /// Unread bytes an accelerated receiver may hold before its sender falls

@@ -47,6 +47,8 @@ pub(super) struct WrittenSet {
     /// What was (or, after a failure part-way, may have been) written.
     core: Core,
     identities: BTreeMap<u32, (u32, u32)>,
+    /// Every entry is in: only then may a later apply reuse the set.
+    complete: bool,
 }
 
 #[derive(Default)]
@@ -66,6 +68,9 @@ pub(super) struct AuthzState {
     ip_identity: HashMap<IpAddr, u32>,
     /// Whether a decision may have changed since `take_changed`.
     changed: bool,
+    /// Sets no destination uses any more, to delete (kept across a failed
+    /// apply, so none is forgotten).
+    retired: Vec<WrittenSet>,
 }
 
 impl AuthzState {
@@ -115,7 +120,7 @@ fn destinations<'a>(model: Layers<'a>, store: &PolicyStore) -> Vec<Destination<'
         return Vec::new();
     }
     let mut out = Vec::new();
-    for w in model.workloads() {
+    for w in model.workloads().filter(|w| !w.host_network) {
         let addrs: Vec<IpAddr> = w
             .addresses
             .iter()
@@ -171,13 +176,16 @@ impl MapWriter {
         }
         let dsts = destinations(model, &store);
         // Old and new numbers both: see the module comment, step 3.
-        let known: Vec<(u32, &Identity)> = self
+        let mut known: Vec<(u32, &Identity)> = self
             .authz
             .identities
             .iter()
             .filter(|(_, n)| used.contains(n) || self.authz.in_use.contains(n))
             .map(|(id, n)| (*n, id))
             .collect();
+        // Class numbers follow the order identities are met in: a stable
+        // order keeps an unchanged set's tables unchanged.
+        known.sort_unstable_by_key(|(n, _)| *n);
         let cap = [
             MapId::AuthzVerdict,
             MapId::AuthzId,
@@ -202,19 +210,20 @@ impl MapWriter {
         }
     }
 
-    /// Steps 1 and 2: new sets written, destinations flipped to them.
-    /// Returns the sets to delete after the workload entries (step 4).
+    /// Steps 1 and 2: new sets written, destinations flipped to them. The
+    /// sets replaced wait in `retired` for step 4.
     pub(super) fn write_authz(
         &mut self,
         c: &Compiled,
         st: &mut ApplyStats,
-    ) -> Result<Vec<WrittenSet>, WriterError> {
+    ) -> Result<(), WriterError> {
         let before = st.updates + st.deletes;
-        let mut retired = Vec::new();
+        let retired_before = self.authz.retired.len();
         let mut ids = Vec::with_capacity(c.sets.len());
         for set in &c.sets {
             let reusable = self.authz.sets.get(&set.key).is_some_and(|old| {
-                old.core == set.core
+                old.complete
+                    && old.core == set.core
                     && old
                         .identities
                         .iter()
@@ -242,14 +251,16 @@ impl MapWriter {
             }
             self.authz.next_set += 1;
             let id = self.authz.next_set;
-            let w = WrittenSet {
+            let mut w = WrittenSet {
                 id,
                 core: set.core.clone(),
                 identities: set.identities.clone(),
+                complete: false,
             };
             let r = write_set(&self.dp, &w, st);
+            w.complete = r.is_ok();
             if let Some(old) = self.authz.sets.insert(set.key.clone(), w) {
-                retired.push(old);
+                self.authz.retired.push(old);
             }
             r?;
             ids.push(id);
@@ -301,7 +312,7 @@ impl MapWriter {
         }
         for k in gone {
             if let Some(old) = self.authz.sets.remove(&k) {
-                retired.push(old);
+                self.authz.retired.push(old);
             }
         }
         self.authz.applied = c
@@ -313,24 +324,27 @@ impl MapWriter {
             tracing::warn!("{n}");
         }
         self.authz.notes = c.notes.clone();
-        self.authz.changed |= st.updates + st.deletes != before || !retired.is_empty();
-        Ok(retired)
+        self.authz.changed |=
+            st.updates + st.deletes != before || self.authz.retired.len() != retired_before;
+        Ok(())
     }
 
     /// Step 4: what no destination uses any more goes.
     pub(super) fn retire_authz(
         &mut self,
-        retired: Vec<WrittenSet>,
         used: HashSet<u32>,
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
-        if !retired.is_empty() {
+        if !self.authz.retired.is_empty() {
             // The BPF programs run under RCU and decide in microseconds; a
             // connection that read an old set id before its flip is done.
             std::thread::sleep(Duration::from_millis(2));
         }
-        for set in retired {
-            delete_set(&self.dp, &set, st)?;
+        while let Some(set) = self.authz.retired.pop() {
+            if let Err(e) = delete_set(&self.dp, &set, st) {
+                self.authz.retired.push(set);
+                return Err(e);
+            }
         }
         for set in self.authz.sets.values_mut() {
             let dead: Vec<u32> = set

@@ -293,6 +293,7 @@ impl MapWriter {
                 st,
             )?;
             self.written.workload_ips.remove(&ip);
+            self.authz.set_ip_identity(ip, 0);
         }
         let gone: BTreeSet<u32> = self
             .written
@@ -378,7 +379,7 @@ impl MapWriter {
         }
         // Authorization: new policy sets in, destinations flipped to them
         // (writer/authz.rs), before the workload entries change identity.
-        let retired = self.write_authz(authz, st)?;
+        self.write_authz(authz, st)?;
         // 5. Workload addresses: the value is the workload id, the
         // backend's waypoint and the identity number, so it changed if any
         // did.
@@ -400,7 +401,7 @@ impl MapWriter {
             self.written.workload_ips.insert(*ip, wid);
             self.authz.set_ip_identity(*ip, v.identity);
         }
-        self.retire_authz(retired, d.identities.clone(), st)?;
+        self.retire_authz(d.identities.clone(), st)?;
         self.written.backends = prints;
         // 6. Own ports no endpoint entry is flagged for any more.
         let gone: Vec<(u32, u32, u16)> = self
