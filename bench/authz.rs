@@ -22,10 +22,10 @@ mod inproc;
 
 use std::net::SocketAddr;
 
-use inproc::{connect_once, listen, median, rate, InCgroup};
+use inproc::{connect_once, listen, median, ns_per_run, paired_rounds, rate, InCgroup};
 use kmesh::{
     authz::{Action, Clause, Match, Policy, Rule, Scope, StringMatch},
-    bpf::{Datapath, MapSizes, RunStatsGuard},
+    bpf::{Datapath, MapSizes},
     model::{Addresses, Enrollment, Model, Workload},
     writer::MapWriter,
 };
@@ -135,24 +135,11 @@ fn main() {
     connect_once(&server); // allowed, or this panics
 
     let (rounds, batch) = if quick { (3, 500) } else { (15, 3000) };
-    let (mut none, mut with, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..rounds {
-        let mut one = |policies: bool| {
-            w.apply(if policies { &enrolled } else { &bare_enrolled })
-                .unwrap();
-            rate(&server, batch)
-        };
-        let (n, p) = if r % 2 == 0 {
-            let n = one(false);
-            (n, one(true))
-        } else {
-            let p = one(true);
-            (one(false), p)
-        };
-        none.push(n);
-        with.push(p);
-        ratios.push(p / n);
-    }
+    let (none, with, ratios) = paired_rounds(rounds, |policies| {
+        w.apply(if policies { &enrolled } else { &bare_enrolled })
+            .unwrap();
+        rate(&server, batch)
+    });
     println!("\nconnect rate to the pod, median of {rounds} rounds x {batch} connects each:");
     println!("  no policy          : {:>9.0} /s", median(none));
     println!("  {POLICIES} policies     : {:>9.0} /s", median(with));
@@ -162,25 +149,13 @@ fn main() {
     );
 
     let n = if quick { 2000 } else { 20000 };
-    let per_call = |w: &MapWriter, prog: &str| {
-        let _stats = RunStatsGuard::enable().expect("BPF_STATS_RUN_TIME");
-        let find = |w: &MapWriter| {
-            w.datapath()
-                .run_stats()
-                .into_iter()
-                .find(|s| s.prog == prog)
-                .unwrap()
-        };
-        let before = find(w);
-        for _ in 0..n {
-            connect_once(&server);
-        }
-        let after = find(w);
-        (after.run_time_ns - before.run_time_ns) as f64 / (after.runs - before.runs).max(1) as f64
-    };
     let mut cost = |model: &Model, prog: &str| {
         w.apply(model).unwrap();
-        median((0..7).map(|_| per_call(&w, prog)).collect())
+        median(
+            (0..7)
+                .map(|_| ns_per_run(w.datapath(), prog, n, &server))
+                .collect(),
+        )
     };
     let lookup_with = cost(&enrolled, "authz_lookup");
     let connect_with = cost(&enrolled, "connect4");

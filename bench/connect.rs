@@ -25,9 +25,9 @@ use std::{
 };
 
 use criterion::Criterion;
-use inproc::{connect_once, listen, median, rate, InCgroup};
+use inproc::{connect_once, listen, median, ns_per_run, paired_rounds, rate, InCgroup};
 use kmesh::{
-    bpf::{Datapath, MapSizes, RunStatsGuard},
+    bpf::{Datapath, MapSizes},
     model::{
         Addresses, Enrollment, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
         ServiceRef, Workload,
@@ -155,19 +155,9 @@ fn main() {
     // alternating), and the ratio is taken within the round, so drift of
     // the machine between rounds cancels out.
     let (rounds, batch) = if quick { (3, 500) } else { (15, 3000) };
-    let (mut direct, mut via, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for r in 0..rounds {
-        let (d, v) = if r % 2 == 0 {
-            let d = rate(&backend, batch);
-            (d, rate(&vip, batch))
-        } else {
-            let v = rate(&vip, batch);
-            (rate(&backend, batch), v)
-        };
-        direct.push(d);
-        via.push(v);
-        ratios.push(v / d);
-    }
+    let (direct, via, ratios) = paired_rounds(rounds, |to_vip| {
+        rate(if to_vip { &vip } else { &backend }, batch)
+    });
     println!("\nconnect rate, median of {rounds} rounds x {batch} connects each way:");
     println!("  direct to backend : {:>9.0} /s", median(direct));
     println!("  VIP via redirect  : {:>9.0} /s", median(via));
@@ -178,15 +168,7 @@ fn main() {
 
     // Program run time, from the kernel's own accounting.
     let n = if quick { 2000 } else { 20000 };
-    let per_call = |w: &MapWriter, addr: &SocketAddr| {
-        let _stats = RunStatsGuard::enable().expect("BPF_STATS_RUN_TIME");
-        let before = w.datapath().run_stats()[0];
-        for _ in 0..n {
-            connect_once(addr);
-        }
-        let after = w.datapath().run_stats()[0];
-        (after.run_time_ns - before.run_time_ns) as f64 / (after.runs - before.runs).max(1) as f64
-    };
+    let per_call = |w: &MapWriter, addr: &SocketAddr| ns_per_run(w.datapath(), "connect4", n, addr);
     let mut hit = Vec::new();
     let mut miss = Vec::new();
     for _ in 0..7 {

@@ -79,3 +79,45 @@ impl Drop for InCgroup {
         kmesh::sys::join_cgroup(&back).unwrap();
     }
 }
+
+/// Rate rounds: each round measures both sides back to back (`measure(false)`
+/// then `measure(true)`, the order alternating), and the ratio true/false is
+/// taken within the round, so drift of the machine between rounds cancels
+/// out. Returns (false side, true side, ratios).
+pub fn paired_rounds(
+    rounds: u32,
+    mut measure: impl FnMut(bool) -> f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut base, mut other, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let (b, o) = if r % 2 == 0 {
+            let b = measure(false);
+            (b, measure(true))
+        } else {
+            let o = measure(true);
+            (measure(false), o)
+        };
+        base.push(b);
+        other.push(o);
+        ratios.push(o / b);
+    }
+    (base, other, ratios)
+}
+
+/// Run time per call of the data path's program `prog` over `n` connects to
+/// `addr`, from the kernel's own accounting (BPF_STATS_RUN_TIME).
+pub fn ns_per_run(dp: &kmesh::bpf::Datapath, prog: &str, n: u32, addr: &SocketAddr) -> f64 {
+    let _stats = kmesh::bpf::RunStatsGuard::enable().expect("BPF_STATS_RUN_TIME");
+    let find = || {
+        dp.run_stats()
+            .into_iter()
+            .find(|s| s.prog == prog)
+            .unwrap_or_else(|| panic!("no program {prog}"))
+    };
+    let before = find();
+    for _ in 0..n {
+        connect_once(addr);
+    }
+    let after = find();
+    (after.run_time_ns - before.run_time_ns) as f64 / (after.runs - before.runs).max(1) as f64
+}

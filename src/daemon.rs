@@ -352,12 +352,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     );
     // Logs the netns it cannot go on; the next apply reports them too.
     w.sync_netns();
-    let writer_at_start = Mutex::new(w);
-    cut_denied(&writer_at_start, Layers(&[&file_model]));
-    let w = writer_at_start
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner());
     let writer = Arc::new(Mutex::new(w));
+    cut_denied(&writer, Layers(&[&file_model]));
     if let Err(e) = crate::enforce::spawn_denial_log(writer.clone()) {
         tracing::error!("authz: denial log unavailable: {e}");
     }

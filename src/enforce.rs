@@ -3,7 +3,7 @@
 //! change now denies.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -124,11 +124,7 @@ pub fn cut_denied(model: Layers) -> (usize, Vec<String>) {
     // Destination address → the workload; source address → identity.
     let mut dsts: HashMap<IpAddr, &Workload> = HashMap::new();
     let mut ids: HashMap<IpAddr, Identity> = HashMap::new();
-    let local: HashSet<IpAddr> = model
-        .enrolled()
-        .values()
-        .flat_map(|e| e.addrs.iter().map(|a| canonical(*a)))
-        .collect();
+    let local = model.enrolled_addresses();
     for w in model.workloads().filter(|w| !w.host_network) {
         for a in w.addresses.iter().map(|a| canonical(*a)) {
             if local.contains(&a) {

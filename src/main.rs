@@ -357,44 +357,32 @@ fn main() -> ExitCode {
                 daemon::run(opts).await.map_err(|e| e.to_string())
             }
             Cmd::Ctl {
-                cmd:
+                cmd: cmd @ (CtlCmd::Dump { .. } | CtlCmd::LogLevel { .. } | CtlCmd::Metrics { .. }),
+            } => {
+                // One request over the admin socket, its answer printed.
+                let (admin_socket, timeout, request) = match cmd {
                     CtlCmd::Dump {
                         admin_socket,
                         timeout,
-                    },
-            } => {
-                let out = admin::request(&admin_socket, "dump", timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                print!("{out}");
-                Ok(())
-            }
-            Cmd::Ctl {
-                cmd:
+                    } => (admin_socket, timeout, "dump".to_string()),
                     CtlCmd::LogLevel {
                         level,
                         admin_socket,
                         timeout,
-                    },
-            } => {
-                let cmd = match level {
-                    Some(l) => format!("log-level {}", l.trim()),
-                    None => "log-level".to_string(),
-                };
-                let out = admin::request(&admin_socket, &cmd, timeout)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                print!("{out}");
-                Ok(())
-            }
-            Cmd::Ctl {
-                cmd:
+                    } => {
+                        let request = match level {
+                            Some(l) => format!("log-level {}", l.trim()),
+                            None => "log-level".to_string(),
+                        };
+                        (admin_socket, timeout, request)
+                    }
                     CtlCmd::Metrics {
                         admin_socket,
                         timeout,
-                    },
-            } => {
-                let out = admin::request(&admin_socket, "metrics", timeout)
+                    } => (admin_socket, timeout, "metrics".to_string()),
+                    CtlCmd::CheckConfig { .. } => unreachable!("matched above"),
+                };
+                let out = admin::request(&admin_socket, &request, timeout)
                     .await
                     .map_err(|e| e.to_string())?;
                 print!("{out}");

@@ -388,13 +388,7 @@ fn parse(p: &[u8]) -> Option<TcpSock> {
 /// A v4-mapped IPv6 address as plain IPv4, so policy sees one spelling of a
 /// peer whether the socket is AF_INET or a dual-stack AF_INET6 one.
 pub fn canonical(a: SocketAddr) -> SocketAddr {
-    match a {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), a.port()),
-            None => a,
-        },
-        v4 => v4,
-    }
+    SocketAddr::new(crate::model::canonical(a.ip()), a.port())
 }
 
 #[cfg(test)]

@@ -38,7 +38,7 @@ mod stats;
 mod types;
 pub use features::{kernel_counts_psock_bytes, Features, KernelSupport};
 pub use maps::{MapId, MapSizes};
-pub use stats::{ProgRunStats, RunStatsGuard, STAT_AUTHZ_CUT, STAT_NAMES};
+pub use stats::{percpu_sum, ProgRunStats, RunStatsGuard, STAT_AUTHZ_CUT, STAT_NAMES};
 pub use types::*;
 
 pub use skel::types::{

@@ -38,6 +38,22 @@ pub const STAT_NAMES: [&str; 23] = [
 /// km_stats counters the daemon keeps (the programs never write them).
 pub const STAT_AUTHZ_CUT: u32 = 22;
 
+/// Element `idx` of a per-CPU array of u64, summed over CPUs (0 if it
+/// cannot be read).
+pub fn percpu_sum(map: &impl MapCore, idx: u32) -> u64 {
+    map.lookup_percpu(&idx.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .ok()
+        .flatten()
+        .map_or(0, |cpus| {
+            cpus.iter()
+                .filter_map(|v| {
+                    v.get(..8)
+                        .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
+                })
+                .sum()
+        })
+}
+
 impl Datapath {
     /// Adds `n` to a counter only the daemon writes (on CPU 0's slot).
     pub fn add_daemon_stat(&self, idx: u32, n: u64) {
@@ -59,23 +75,7 @@ impl Datapath {
         STAT_NAMES
             .iter()
             .enumerate()
-            .map(|(i, name)| {
-                let key = (i as u32).to_ne_bytes();
-                let sum = map
-                    .lookup_percpu(&key, libbpf_rs::MapFlags::ANY)
-                    .ok()
-                    .flatten()
-                    .map(|cpus| {
-                        cpus.iter()
-                            .filter_map(|v| {
-                                v.get(..8)
-                                    .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-                            })
-                            .sum()
-                    })
-                    .unwrap_or(0);
-                (*name, sum)
-            })
+            .map(|(i, name)| (*name, percpu_sum(map, i as u32)))
             .collect()
     }
 

@@ -514,6 +514,16 @@ impl<'a> Layers<'a> {
             .collect()
     }
 
+    /// Every enrolled netns's global addresses: the destinations this node
+    /// enforces authorization for.
+    pub fn enrolled_addresses(self) -> std::collections::HashSet<IpAddr> {
+        self.0
+            .iter()
+            .flat_map(|m| m.enrolled.values())
+            .flat_map(|e| e.addrs.iter().map(|a| canonical(*a)))
+            .collect()
+    }
+
     pub fn enrolled(self) -> BTreeMap<u64, &'a Enrollment> {
         self.0
             .iter()

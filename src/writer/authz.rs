@@ -111,11 +111,7 @@ impl PolicyIndex for AuthzState {
 /// The destinations this node enforces: workloads with an address of an
 /// enrolled netns, with the policies that apply to each.
 fn destinations<'a>(model: Layers<'a>, store: &PolicyStore) -> Vec<Destination<'a>> {
-    let local: HashSet<IpAddr> = model
-        .enrolled()
-        .values()
-        .flat_map(|e| e.addrs.iter().map(|a| canonical(*a)))
-        .collect();
+    let local = model.enrolled_addresses();
     if local.is_empty() || store.is_empty() {
         return Vec::new();
     }
@@ -377,19 +373,7 @@ impl MapWriter {
     /// path since the policy got its index.
     pub fn authz_counters(&self) -> HashMap<&str, [u64; 3]> {
         let map = self.dp.map(MapId::AuthzCount);
-        let sum = |i: u32| -> u64 {
-            map.lookup_percpu(&i.to_ne_bytes(), MapFlags::ANY)
-                .ok()
-                .flatten()
-                .map_or(0, |cpus| {
-                    cpus.iter()
-                        .filter_map(|v| {
-                            v.get(..8)
-                                .map(|b| u64::from_ne_bytes(b.try_into().unwrap()))
-                        })
-                        .sum()
-                })
-        };
+        let sum = |i: u32| crate::bpf::percpu_sum(map, i);
         self.authz
             .policy_index
             .iter()
