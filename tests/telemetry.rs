@@ -351,3 +351,23 @@ fn the_access_log_switches_between_off_text_and_json_at_run_time() {
     let after = d.log().lines().filter(|l| l.starts_with('{')).count();
     assert_eq!(before, after);
 }
+
+/// Bad telemetry flags stop the daemon before it touches the kernel, with
+/// an error naming the flag and the value.
+#[test]
+fn bad_telemetry_flags_are_refused_naming_them() {
+    for (flag, value) in [
+        ("--telemetry", "maybe"),
+        ("--telemetry-ring-bytes", "5000"),
+        ("--telemetry-ring-bytes", "2048"),
+        ("--access-log", "yaml"),
+    ] {
+        let out = Command::new(KMESH)
+            .args(["daemon", flag, value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(flag) && err.contains(value), "{err}");
+    }
+}
