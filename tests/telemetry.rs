@@ -394,6 +394,27 @@ fn the_access_log_switches_between_off_text_and_json_at_run_time() {
     scrape_until(&ports, &d, "the last connection", |t| closed(t) >= 8.0);
     let after = d.log().lines().filter(|l| l.starts_with('{')).count();
     assert_eq!(before, after);
+
+    // The config file's key: a bad value is refused naming it (the daemon
+    // keeps its state), a good one switches the log at the reload.
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&d.config).unwrap()).unwrap();
+    cfg["access_log"] = json!("yaml");
+    d.write_config(&cfg);
+    wait_log(&d, "the refused key", |l| {
+        l.contains("config rejected") && l.contains("access_log")
+    });
+    assert_eq!(ctl(&d, &["access-log"]).trim(), "off");
+    cfg["access_log"] = json!("text");
+    d.write_config(&cfg);
+    wait_log(&d, "the switch by the file", |l| {
+        l.contains("access log: text (config file)")
+    });
+    assert_eq!(ctl(&d, &["access-log"]).trim(), "text");
+    let lines = |l: &str| l.matches("access: ").count();
+    let before = lines(&d.log());
+    transfer(&env, &client, VIP, &["--sizes", "100"]);
+    wait_log(&d, "text lines again", |l| lines(l) >= before + 2);
 }
 
 /// Bad telemetry flags stop the daemon before it touches the kernel, with
