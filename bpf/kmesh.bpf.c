@@ -17,6 +17,8 @@
  * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.
+ * Telemetry (lib/telemetry.h): connect4/6 leave the original destination
+ *   on an enrolled socket; sockops reports each end's open and close.
  * sk_lookup (on each enrolled netns): refuses a connection that an
  *   authorization policy of its destination denies, before any listener
  *   can take it (the client gets a reset: connection refused). The connect
@@ -33,6 +35,7 @@
 #include "lib/waypoint.h"
 #include "lib/accel.h"
 #include "lib/authz.h"
+#include "lib/telemetry.h"
 
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
@@ -53,6 +56,8 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 		.ip6 = { 0, 0, bpf_htonl(0x0000ffff), ctx->user_ip4 },
 	};
 	__u32 port = ctx->user_port;
+	const struct kmesh_addr dst = addr;
+	const __u32 dst_port = port;
 	struct sock_state orig = {};
 	enum verdict v = redirect(&addr, &port, true, m->flags & KMESH_NETNS_WAYPOINT, &orig);
 	if (v == V_REJECT)
@@ -67,6 +72,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	/* A waypoint's own policies are its destination's business. */
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, true))
 		return 0;
+	tele_connect(ctx, &dst, dst_port);
 	return 1;
 }
 
@@ -87,6 +93,8 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	addr.ip6[2] = ctx->user_ip6[2];
 	addr.ip6[3] = ctx->user_ip6[3];
 	__u32 port = ctx->user_port;
+	const struct kmesh_addr dst = addr;
+	const __u32 dst_port = port;
 	struct sock_state orig = {};
 	enum verdict v =
 		redirect(&addr, &port, addr_is_v4(&addr), m->flags & KMESH_NETNS_WAYPOINT, &orig);
@@ -103,6 +111,7 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	}
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, addr_is_v4(&addr)))
 		return 0;
+	tele_connect(ctx, &dst, dst_port);
 	return 1;
 }
 
@@ -153,14 +162,20 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
 static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		tele_connecting(skops);
+		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		tele_established(skops);
 		return sockops_established(skops, accel);
 	case BPF_SOCK_OPS_RTT_CB:
 		return leave_if_on_tcp(skops, accel);
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			tele_closed(skops);
 			sock_closed(skops, accel);
+		}
 		return 1;
 	}
 	return 1;

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-VARS = {"$instance": ".*", "$__rate_interval": "30s", "${datasource}": ""}
+RATE_INTERVAL = "30s"
 UNIT = {"cps": "/s", "Bps": "B/s", "ops": "/s", "bytes": "B", "s": "s"}
 
 
@@ -63,6 +63,13 @@ def main():
     url, path, out, start, end = sys.argv[1:6]
     step = sys.argv[6] if len(sys.argv) > 6 else "5"
     dash = json.load(open(path))
+    # Every query variable at "All"; the rate window Grafana would pick for
+    # a 2 s scrape interval.
+    names = [v["name"] for v in dash.get("templating", {}).get("list", [])
+             if v.get("type") == "query"]
+    subs = [("$__rate_interval", RATE_INTERVAL)]
+    for n in sorted(names, key=len, reverse=True):
+        subs += [("${" + n + "}", ".*"), ("$" + n, ".*")]
     panels = [p for p in dash["panels"] if p["type"] != "row"]
     rows = max(p["gridPos"]["y"] + p["gridPos"]["h"] for p in dash["panels"])
     fig = plt.figure(figsize=(20, rows * 0.42), dpi=80)
@@ -82,7 +89,7 @@ def main():
         drawn = 0
         for t in p["targets"]:
             expr = t["expr"]
-            for k, v in VARS.items():
+            for k, v in subs:
                 expr = expr.replace(k, v)
             for s in query(url, expr, start, end, step):
                 xs = [(float(ts) - t0) / 60 for ts, _ in s["values"]]

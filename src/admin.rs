@@ -30,7 +30,7 @@ use crate::{http::AdminState, writer::Dump};
 pub type DumpFn = Arc<dyn Fn() -> Dump + Send + Sync>;
 
 /// The commands, for the error on an unknown one.
-const COMMANDS: &str = "dump, metrics, log-level [LEVEL]";
+const COMMANDS: &str = "dump, metrics, log-level [LEVEL], access-log [off|text|json]";
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -176,6 +176,15 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>) -> io::Result<()> {
                 Err(e) => format!("error: {e}"),
             }
         }
+        ("access-log", "") => state.access_log.get().to_string(),
+        ("access-log", f) => match f.parse::<crate::telemetry::Format>() {
+            Ok(f) => {
+                state.access_log.set(f);
+                tracing::info!("access log: {f} (kmesh ctl)");
+                f.to_string()
+            }
+            Err(e) => format!("error: {e}"),
+        },
         ("log-level", spec) => match (&state.log, spec) {
             (None, _) => "error: this daemon's log level cannot be changed".to_string(),
             (Some(log), "") => log.get(),

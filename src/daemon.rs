@@ -23,6 +23,7 @@ use crate::{
     http::{self, AdminState, HttpOptions, Metrics, Readiness},
     logging::LogControl,
     model::{Layers, LocalNode, Model, ResolvedHosts},
+    telemetry::{AccessLog, Telemetry},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
 };
@@ -72,6 +73,12 @@ pub struct Options {
     /// Keep the kernel's BPF run-time statistics on while the daemon runs
     /// (two clock reads per program run, on every CPU's connects).
     pub bpf_stats: bool,
+    /// Connection telemetry (istio_tcp_* metrics, access log): the ring
+    /// buffer's size in bytes, None for off.
+    pub telemetry: Option<u32>,
+    /// The access log's format at start (the config file's access_log
+    /// key, when set, overrides it).
+    pub access_log: crate::telemetry::Format,
     /// The process's log filter, for the admin endpoints to change.
     pub log: Option<LogControl>,
 }
@@ -326,7 +333,16 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // Fill the maps before attaching: the programs go live complete, and
     // pinning then replaces (and so detaches) a previous daemon's kept
     // links, so a restart never leaves a window without redirects.
-    let mut w = MapWriter::new(Datapath::load_reusing(opts.sizes, Some(&opts.bpffs))?);
+    let mut w = MapWriter::new(Datapath::load_with(
+        opts.sizes,
+        Some(&opts.bpffs),
+        opts.telemetry,
+    )?);
+    // Telemetry reports from sockops: it goes on the cgroup with connect4.
+    let telemetry_on = w.datapath().kernel().telemetry_on;
+    if telemetry_on {
+        w.datapath_mut().want_sockops()?;
+    }
     let swept = w.datapath().sweep_conns();
     if swept > 0 {
         tracing::info!("km_conn: removed {swept} entries of connections gone or back on TCP");
@@ -397,6 +413,30 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         run_stats: run_stats.is_some(),
     }));
     metrics.applied("start", first_apply, false);
+    let access_log = Arc::new(AccessLog::new(
+        sources
+            .file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .access_log
+            .unwrap_or(opts.access_log),
+    ));
+    let telemetry = Arc::new(Telemetry::new(metrics.tcp(), access_log.clone()));
+    sources.with_layers(|l| telemetry.refresh(l));
+    if telemetry_on {
+        let ring = {
+            let w = writer.lock().unwrap_or_else(|e| e.into_inner());
+            libbpf_rs::MapHandle::try_from(w.datapath().telemetry_events())
+        };
+        match ring {
+            Ok(ring) => {
+                if let Err(e) = telemetry.clone().spawn_reader(ring) {
+                    tracing::error!("{e}; connection telemetry is off");
+                }
+            }
+            Err(e) => tracing::error!("telemetry ring buffer: {e}; connection telemetry is off"),
+        }
+    }
     let ready = Arc::new(Readiness::new(xds_status));
     ready.set_attached();
     let state = Arc::new(AdminState {
@@ -404,6 +444,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         metrics: metrics.clone(),
         log: opts.log.clone(),
         ready,
+        access_log: access_log.clone(),
     });
     let http_servers = http::start(&opts.http, state.clone());
     let admin = admin::serve(&opts.admin_socket, state)?;
@@ -445,6 +486,17 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             stamp = file_stamp(p);
             match load_file(Some(p)) {
                 Ok(mut m) => {
+                    // The file's access_log key, when it changes, wins over
+                    // a switch made at run time.
+                    let was = sources
+                        .file
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .access_log;
+                    if let Some(f) = m.access_log.filter(|f| Some(*f) != was) {
+                        access_log.set(f);
+                        tracing::info!("access log: {f} (config file)");
+                    }
                     let mut file = sources.file.lock().unwrap_or_else(|e| e.into_inner());
                     // A policy edited into an invalid one keeps its last
                     // good version, as a NACKed xDS update does: dropping
@@ -473,6 +525,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         };
         let started = Instant::now();
         let (hosts, mut verdict) = apply(&writer, &sources, why);
+        sources.with_layers(|l| telemetry.refresh(l));
         metrics.applied(why, started.elapsed(), verdict.failed.is_some());
         verdict.rejected.extend(kept);
         watch_hosts(hosts);

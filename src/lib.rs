@@ -15,5 +15,6 @@ pub mod logging;
 pub mod model;
 pub mod sockdiag;
 pub mod sys;
+pub mod telemetry;
 pub mod writer;
 pub mod xds;

@@ -158,6 +158,41 @@ struct DaemonArgs {
     /// per program run, i.e. per connect on this host.
     #[arg(long, env = "KMESH_BPF_STATS")]
     bpf_stats: bool,
+    /// Connection telemetry (istio_tcp_* metrics, the access log): on or
+    /// off. On by default, as ztunnel's metrics are always on: a mesh's
+    /// dashboards (Kiali, Grafana) need them; off saves the sockops
+    /// program's runs on every TCP connection of the cgroup.
+    #[arg(long, env = "KMESH_TELEMETRY", default_value = "on", value_parser = on_off, action = clap::ArgAction::Set)]
+    telemetry: bool,
+    /// Size of the telemetry ring buffer in bytes (a power of two, 4096 to
+    /// 1 GiB; 96 bytes per event, two events per connection end). When the
+    /// reader falls behind by this much, events are counted as lost.
+    #[arg(long, env = "KMESH_TELEMETRY_RING_BYTES", default_value = "262144", value_parser = ring_bytes)]
+    telemetry_ring_bytes: u32,
+    /// One line per closed connection on stderr: off, text or json (the
+    /// config file's access_log key overrides; switch at run time with
+    /// `kmesh ctl access-log` or POST /access_log?format=).
+    #[arg(long, env = "KMESH_ACCESS_LOG", default_value = "off")]
+    access_log: kmesh::telemetry::Format,
+}
+
+fn on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("{s:?} is not on or off")),
+    }
+}
+
+fn ring_bytes(s: &str) -> Result<u32, String> {
+    let v: u32 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !(4096..=1 << 30).contains(&v) || !v.is_power_of_two() {
+        return Err(format!("{v} is not a power of two from 4096 to 1073741824"));
+    }
+    Ok(v)
 }
 
 /// Largest map capacity a flag takes. Each map is a hash table whose
@@ -260,6 +295,15 @@ enum CtlCmd {
         #[arg(long, default_value = "10", value_parser = seconds(0.001))]
         timeout: Duration,
     },
+    /// Show the access log's format, or switch it (off, text, json);
+    /// lasts until the daemon restarts or the config file's key changes.
+    AccessLog {
+        format: Option<String>,
+        #[arg(long, env = "KMESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        #[arg(long, default_value = "10", value_parser = seconds(0.001))]
+        timeout: Duration,
+    },
     /// Validate a config file without touching the kernel.
     CheckConfig { file: PathBuf },
 }
@@ -352,12 +396,18 @@ fn main() -> ExitCode {
                         readiness: a.readiness_addr,
                     },
                     bpf_stats: a.bpf_stats,
+                    telemetry: a.telemetry.then_some(a.telemetry_ring_bytes),
+                    access_log: a.access_log,
                     log: Some(log),
                 };
                 daemon::run(opts).await.map_err(|e| e.to_string())
             }
             Cmd::Ctl {
-                cmd: cmd @ (CtlCmd::Dump { .. } | CtlCmd::LogLevel { .. } | CtlCmd::Metrics { .. }),
+                cmd:
+                    cmd @ (CtlCmd::Dump { .. }
+                    | CtlCmd::LogLevel { .. }
+                    | CtlCmd::Metrics { .. }
+                    | CtlCmd::AccessLog { .. }),
             } => {
                 // One request over the admin socket, its answer printed.
                 let (admin_socket, timeout, request) = match cmd {
@@ -380,6 +430,17 @@ fn main() -> ExitCode {
                         admin_socket,
                         timeout,
                     } => (admin_socket, timeout, "metrics".to_string()),
+                    CtlCmd::AccessLog {
+                        format,
+                        admin_socket,
+                        timeout,
+                    } => {
+                        let request = match format {
+                            Some(f) => format!("access-log {}", f.trim()),
+                            None => "access-log".to_string(),
+                        };
+                        (admin_socket, timeout, request)
+                    }
                     CtlCmd::CheckConfig { .. } => unreachable!("matched above"),
                 };
                 let out = admin::request(&admin_socket, &request, timeout)

@@ -55,7 +55,8 @@ enum kmesh_stat {
 	KMESH_STAT_AUTHZ_DRY_RUN_DENY = 20, /* a dry-run policy would have denied */
 	KMESH_STAT_AUTHZ_EVENT_LOST = 21, /* denial not logged: ring buffer full */
 	KMESH_STAT_AUTHZ_CUT = 22, /* (daemon) live connections a policy change closed */
-	KMESH_STAT_MAX = 23,
+	KMESH_STAT_TELE_LOST = 23, /* connection event lost: ring buffer full */
+	KMESH_STAT_MAX = 24,
 };
 
 /* km_manage flags */
@@ -305,6 +306,56 @@ struct sock_state {
 	/* The socket's netns cookie, from connect4: where sockops and sk_msg
 	 * cannot ask for it (bpf_get_netns_cookie there needs Linux 5.15). */
 	__u64 netns;
+};
+
+/*
+ * Connection telemetry (bpf/lib/telemetry.h): what connect4/6 leave on an
+ * enrolled client's socket for sockops (km_tele_sock storage).
+ */
+struct tele_sock {
+	struct kmesh_addr orig; /* destination before connect's rewrite */
+	__u32 orig_port;        /* host order */
+	__u32 flags;            /* enum kmesh_tele_sock_flag */
+	__u64 start_ns;         /* connect (client) or accept (server) */
+	/* The socket's counters once established: the client's SYN is in
+	 * its bytes_acked; only data (and FINs, see tele_closed) follows. */
+	__u64 base_acked;
+	__u64 base_received;
+};
+
+enum kmesh_tele_sock_flag {
+	KMESH_TELE_OPENED = 1, /* the open event went out */
+	KMESH_TELE_CLOSED = 2, /* the close event went out */
+	KMESH_TELE_PASSIVE = 4, /* the accepting end (reporter=destination) */
+};
+
+enum kmesh_tele_kind {
+	KMESH_TELE_OPEN = 0,
+	KMESH_TELE_CLOSE = 1,
+};
+
+/* Why a connection ended, as the socket's last state change shows it. */
+enum kmesh_tele_reason {
+	KMESH_TELE_NORMAL = 0,         /* FIN handshake */
+	KMESH_TELE_RESET = 1,          /* reset (sent or received) while open */
+	KMESH_TELE_CONNECT_FAILED = 2, /* never established: refused, unreachable */
+	KMESH_TELE_TIMEOUT = 3,        /* the kernel gave up (ETIMEDOUT) */
+};
+
+/* One event in km_tele_events. Ports in host order. */
+struct tele_event {
+	__u64 duration_ns;
+	__u64 sent;     /* bytes_acked: sent and acknowledged */
+	__u64 received; /* bytes_received */
+	struct kmesh_addr local;
+	struct kmesh_addr remote;
+	struct kmesh_addr orig; /* client: destination before the rewrite */
+	__u32 local_port;
+	__u32 remote_port;
+	__u32 orig_port; /* 0: none */
+	__u32 kind;      /* enum kmesh_tele_kind */
+	__u32 reason;    /* enum kmesh_tele_reason, for CLOSE */
+	__u32 passive;   /* 1: the accepting end (reporter=destination) */
 };
 
 /* Settings the daemon writes into km_config[0]. */

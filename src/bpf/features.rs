@@ -25,6 +25,8 @@ pub struct Features {
     /// `sk_psock.msg_tot_len` in the kernel's BTF: the bytes a stalled
     /// reader holds, which bounds an accelerated sender (push-back).
     pub psock_queue_length: bool,
+    /// bpf_ringbuf_reserve in sockops programs (5.8): connection telemetry.
+    pub ringbuf_in_sockops: bool,
 }
 
 impl Features {
@@ -42,6 +44,10 @@ impl Features {
             sk_storage_in_sk_msg: helper(BPF_PROG_TYPE_SK_MSG, BPF_FUNC_sk_storage_get),
             atomic_fetch: atomic_fetch_loads(),
             psock_queue_length: kernel_counts_psock_bytes(),
+            ringbuf_in_sockops: helper(
+                BPF_PROG_TYPE_SOCK_OPS,
+                libbpf_sys::BPF_FUNC_ringbuf_reserve,
+            ),
         }
     }
 
@@ -94,6 +100,16 @@ pub struct KernelSupport {
     /// connection that would go to a waypoint is refused (EPERM), as the
     /// waypoint could not learn its original destination.
     pub waypoints: Option<String>,
+    /// Why connection telemetry is off here (None: it runs, or was not
+    /// asked for: see `telemetry_on`).
+    pub telemetry: Option<String>,
+    /// Whether the programs report connections (--telemetry on and the
+    /// kernel can).
+    pub telemetry_on: bool,
+    /// How an accepted socket is found to be an enrolled workload's:
+    /// "netns" (its netns cookie, 5.15) or "address" (its local address is
+    /// a workload's).
+    pub telemetry_server_check: &'static str,
     /// How enrolled netns cookies are read: "getsockopt" (SO_NETNS_COOKIE)
     /// or "bpf" (a probe program sees a connect made inside the netns).
     pub netns_cookie: &'static str,
@@ -109,6 +125,13 @@ impl KernelSupport {
             features,
             acceleration: features.acceleration_unavailable().map(str::to_string),
             waypoints: features.waypoints_unavailable().map(str::to_string),
+            telemetry: None,
+            telemetry_on: false,
+            telemetry_server_check: if features.netns_cookie_in_sockops {
+                "netns"
+            } else {
+                "address"
+            },
             netns_cookie: if features.netns_cookie_sockopt {
                 "getsockopt"
             } else {
@@ -123,6 +146,21 @@ impl KernelSupport {
         self.waypoints = Some(reason);
     }
 
+    /// Decides whether telemetry runs: asked for, and the sockops program
+    /// (which reports) can load with ring buffers.
+    pub fn want_telemetry(&mut self, on: bool) {
+        self.telemetry = if !on {
+            None
+        } else if let Some(why) = &self.waypoints {
+            Some(format!("the sockops program cannot run here: {why}"))
+        } else if !self.features.ringbuf_in_sockops {
+            Some("bpf_ringbuf_reserve is not allowed in sockops programs (Linux 5.8)".into())
+        } else {
+            None
+        };
+        self.telemetry_on = on && self.telemetry.is_none();
+    }
+
     /// Whether the sockops and sk_msg programs are loaded.
     pub fn socket_programs(&self) -> bool {
         self.waypoints.is_none()
@@ -133,6 +171,13 @@ impl KernelSupport {
         if let Some(why) = &self.acceleration {
             tracing::warn!(
                 "acceleration is off on this kernel ({}): {why}; connections use plain TCP",
+                self.release
+            );
+        }
+        if let Some(why) = &self.telemetry {
+            tracing::warn!(
+                "connection telemetry is off on this kernel ({}): {why}; istio_tcp_* metrics \
+                 and the access log stay empty",
                 self.release
             );
         }

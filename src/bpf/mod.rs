@@ -142,6 +142,7 @@ fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport)
         ro.km_feat_netns_helper = u32::from(kernel.features.netns_cookie_in_sockops);
         ro.km_feat_probe_read = u32::from(kernel.features.probe_read_in_sockops);
         ro.km_feat_tlv = u32::from(socket);
+        ro.km_feat_telemetry = u32::from(kernel.telemetry_on);
     }
     // One of each pair (see bpf/kmesh.bpf.c): the TLV-only variants hold no
     // atomics, which kernels before 5.12 refuse in any program they load.
@@ -174,6 +175,17 @@ impl Datapath {
     /// their state (a new, empty map would drop them to plain TCP and lose
     /// bytes queued for a reader).
     pub fn load_reusing(sizes: MapSizes, pins: Option<&Path>) -> Result<Self, BpfError> {
+        Self::load_with(sizes, pins, None)
+    }
+
+    /// Like `load_reusing`, with connection telemetry on where `telemetry`
+    /// gives its ring buffer's size in bytes (a power of two, at least a
+    /// page) and the kernel can run it.
+    pub fn load_with(
+        sizes: MapSizes,
+        pins: Option<&Path>,
+        telemetry: Option<u32>,
+    ) -> Result<Self, BpfError> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // The skeleton borrows its OpenObject for its whole life; the daemon
@@ -181,9 +193,10 @@ impl Datapath {
         // storage are leaked rather than tied into a self-referential struct.
         let storage: &'static mut MaybeUninit<OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = Self::open(storage, sizes, pins)?;
+        let mut open = Self::open(storage, sizes, pins, telemetry)?;
         let features = Features::probe();
         let mut kernel = KernelSupport::new(features);
+        kernel.want_telemetry(telemetry.is_some());
         set_features(&mut open, &kernel);
         let skel = match open.load() {
             Ok(skel) => skel,
@@ -193,9 +206,10 @@ impl Datapath {
                 let reason = format!("the kernel refused the sockops/sk_msg programs: {source}");
                 tracing::debug!("{reason}{}", verifier_tail());
                 kernel.without_socket_programs(reason);
+                kernel.want_telemetry(telemetry.is_some());
                 let storage: &'static mut MaybeUninit<OpenObject> =
                     Box::leak(Box::new(MaybeUninit::uninit()));
-                let mut open = Self::open(storage, sizes, pins)?;
+                let mut open = Self::open(storage, sizes, pins, telemetry)?;
                 set_features(&mut open, &kernel);
                 open.load().map_err(|source| BpfError::Load { source })?
             }
@@ -219,6 +233,7 @@ impl Datapath {
         storage: &'static mut MaybeUninit<OpenObject>,
         sizes: MapSizes,
         pins: Option<&Path>,
+        telemetry: Option<u32>,
     ) -> Result<skel::OpenKmeshSkel<'static>, BpfError> {
         let mut open = skel::KmeshSkelBuilder::default()
             .open(storage)
@@ -245,6 +260,12 @@ impl Datapath {
                 &mut m.km_authz_verdict,
                 "km_authz_verdict",
                 sizes.authz_entries,
+            ),
+            // Off: the smallest ring (one page), never written.
+            (
+                &mut m.km_tele_events,
+                "km_tele_events",
+                telemetry.unwrap_or(4096),
             ),
         ] {
             map.set_max_entries(value)
@@ -306,6 +327,11 @@ impl Datapath {
         } else {
             &p.kmesh_sendmsg_tlv
         }
+    }
+
+    /// The ring buffer of connection events (struct tele_event).
+    pub fn telemetry_events(&self) -> &libbpf_rs::MapMut<'static> {
+        &self.skel.maps.km_tele_events
     }
 
     /// What this kernel runs of the data path (for the dump).

@@ -9,7 +9,7 @@ use super::Datapath;
 
 /// Names of km_stats' counters, in the order of enum kmesh_stat
 /// (bpf/include/kmesh.h).
-pub const STAT_NAMES: [&str; 23] = [
+pub const STAT_NAMES: [&str; 24] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -33,6 +33,7 @@ pub const STAT_NAMES: [&str; 23] = [
     "authz_dry_run_deny",
     "authz_event_lost",
     "authz_cut",
+    "telemetry_events_lost",
 ];
 
 /// km_stats counters the daemon keeps (the programs never write them).

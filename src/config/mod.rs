@@ -53,6 +53,10 @@ struct File {
     /// falls back to TCP's flow control (0: no limit).
     #[serde(default)]
     accel_queue_limit: Option<u32>,
+    /// One line per closed connection: "off", "text" or "json" (also the
+    /// daemon's --access-log, and switchable at run time).
+    #[serde(default)]
+    access_log: Option<String>,
     #[serde(default)]
     services: Vec<ServiceEntry>,
     #[serde(default)]
@@ -549,6 +553,11 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     })?;
     model.accelerate = file.accelerate;
     model.accel_queue_limit = file.accel_queue_limit;
+    model.access_log = match file.access_log.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(f)) => Some(f),
+        Some(Err(e)) => return Err(field_err("access_log".into(), format!("{e}"))),
+    };
     Ok((model, file.enroll.netns))
 }
 

@@ -15,7 +15,7 @@ use axum::{
 use super::{metrics::CONTENT_TYPE, Metrics, Readiness};
 use crate::{admin::DumpFn, logging::LogControl};
 
-pub const KNOWN: &str = "/config_dump, /logging, /stats";
+pub const KNOWN: &str = "/config_dump, /logging, /stats, /access_log";
 
 /// What the HTTP servers (and the Unix admin socket) serve from.
 pub struct AdminState {
@@ -24,6 +24,8 @@ pub struct AdminState {
     /// None when the process has no reloadable subscriber (embedded).
     pub log: Option<LogControl>,
     pub ready: Arc<Readiness>,
+    /// The access log's format, switched at run time.
+    pub access_log: Arc<crate::telemetry::AccessLog>,
 }
 
 fn text(status: StatusCode, body: String) -> Response {
@@ -106,6 +108,41 @@ async fn logging(state: Arc<AdminState>, method: Method, query: LoggingQuery) ->
     }
 }
 
+/// GET shows the access log's format; POST/PUT `?format=off|text|json`
+/// switches it. Anything wrong is a 400 naming it, and nothing changes.
+async fn access_log(state: Arc<AdminState>, method: Method, query: LoggingQuery) -> Response {
+    let params = match query {
+        Ok(Query(p)) => p,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("bad query: {e}\n")),
+    };
+    if let Some(k) = params.keys().find(|k| *k != "format") {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("unknown parameter {k:?} (only \"format\")\n"),
+        );
+    }
+    match (method == Method::GET, params.get("format")) {
+        (true, None) => text(StatusCode::OK, format!("{}\n", state.access_log.get())),
+        (true, Some(_)) => text(
+            StatusCode::BAD_REQUEST,
+            "GET /access_log takes no parameters; switch it with POST /access_log?format=...\n"
+                .into(),
+        ),
+        (false, None) => text(
+            StatusCode::BAD_REQUEST,
+            "missing ?format= (off, text or json)\n".into(),
+        ),
+        (false, Some(f)) => match f.parse::<crate::telemetry::Format>() {
+            Ok(f) => {
+                state.access_log.set(f);
+                tracing::info!("access log: {f} (admin)");
+                text(StatusCode::OK, format!("{f}\n"))
+            }
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+    }
+}
+
 /// 405 naming the methods a path takes (axum's own has an empty body).
 fn only(methods: &'static str, route: MethodRouter) -> MethodRouter {
     route.fallback(move |req: Request| async move {
@@ -121,9 +158,17 @@ fn only(methods: &'static str, route: MethodRouter) -> MethodRouter {
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
-    let (s1, s2, s3) = (state.clone(), state.clone(), state);
+    let (s1, s2, s3, s4) = (state.clone(), state.clone(), state.clone(), state);
     let log = move |method: Method, q: LoggingQuery| logging(s2.clone(), method, q);
+    let access = move |method: Method, q: LoggingQuery| access_log(s4.clone(), method, q);
     Router::new()
+        .route(
+            "/access_log",
+            only(
+                "GET, POST, PUT",
+                get(access.clone()).post(access.clone()).put(access),
+            ),
+        )
         .route(
             "/config_dump",
             only("GET", get(move || config_dump(s1.clone()))),

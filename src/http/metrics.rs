@@ -6,6 +6,9 @@
 //! what the programs see right now and nothing is counted twice. Only what
 //! the daemon itself does (applies) is recorded as it happens.
 //!
+//! Istio's TCP metrics (istio_tcp_*, src/telemetry) are the exception:
+//! counted as the data path reports each connection.
+//!
 //! Label values come from fixed sets (map, program, counter, trigger) or
 //! from the policies' keys, so the series count is bounded by the config,
 //! never by traffic: there are no per-connection labels.
@@ -63,6 +66,7 @@ pub struct Metrics {
     applies: Family<TriggerLabel, Counter>,
     apply_failures: Family<TriggerLabel, Counter>,
     apply_seconds: Histogram,
+    tcp: crate::telemetry::TcpMetrics,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -85,7 +89,11 @@ pub fn trigger(why: &str) -> &'static str {
 
 impl Metrics {
     pub fn new(sources: Sources) -> Metrics {
-        let mut registry = Registry::with_prefix("kmesh");
+        // One root, two prefixes: the data plane's own kmesh_* and Istio's
+        // standard istio_* names.
+        let mut root = Registry::default();
+        let tcp = crate::telemetry::TcpMetrics::register(root.sub_registry_with_prefix("istio"));
+        let registry = root.sub_registry_with_prefix("kmesh");
         let applies = Family::<TriggerLabel, Counter>::default();
         let apply_failures = Family::<TriggerLabel, Counter>::default();
         // 0.5 ms (a small file) to ~16 s (100k workloads on a slow node).
@@ -107,11 +115,17 @@ impl Metrics {
         );
         registry.register_collector(Box::new(DataPlane(sources)));
         Metrics {
-            registry,
+            registry: root,
             applies,
             apply_failures,
             apply_seconds,
+            tcp,
         }
+    }
+
+    /// Istio's TCP metric families, for the telemetry reader.
+    pub fn tcp(&self) -> crate::telemetry::TcpMetrics {
+        self.tcp.clone()
     }
 
     /// Records one apply of the sources to the maps.

@@ -383,6 +383,9 @@ pub struct Model {
     /// back to TCP (0: no limit); None leaves it to another layer or the
     /// default.
     pub accel_queue_limit: Option<u32>,
+    /// The access log's format (config file key access_log); None leaves
+    /// it to the daemon's flag and run-time switches.
+    pub access_log: Option<crate::telemetry::Format>,
 }
 
 /// Default for `accel_queue_limit`: as much as plain TCP lets a sender

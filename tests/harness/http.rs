@@ -49,11 +49,14 @@ impl HttpPorts {
 }
 
 /// The daemon flags the harness adds unless a test gives its own: every
-/// server off, so parallel tests never contend for the default ports.
-pub const OFF: [(&str, &str); 3] = [
+/// server off, so parallel tests never contend for the default ports;
+/// connection telemetry off, so the sockops program is on the cgroup only
+/// where a test asks for it (tests/telemetry.rs turns it on).
+pub const OFF: [(&str, &str); 4] = [
     ("--metrics-addr", "off"),
     ("--admin-addr", "off"),
     ("--readiness-addr", "off"),
+    ("--telemetry", "off"),
 ];
 
 #[derive(Debug)]

@@ -1,0 +1,207 @@
+//! Connection telemetry: the reader of the data path's connection events
+//! (bpf/lib/telemetry.h), turning them into Istio's TCP metrics and the
+//! access log. Addresses are named through an index of the model rebuilt
+//! after each apply; nothing here writes a map.
+
+pub mod access_log;
+pub mod event;
+pub mod index;
+pub mod metrics;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use thiserror::Error;
+
+pub use access_log::{AccessLog, Format};
+pub use event::{ConnEvent, Kind, Reason};
+use index::{Index, ServiceInfo};
+pub use metrics::TcpMetrics;
+
+use crate::model::Layers;
+
+#[derive(Debug, Error)]
+pub enum TelemetryError {
+    #[error("access log format {0:?} is not one of off, text, json")]
+    AccessLogFormat(String),
+    #[error("telemetry ring buffer: {0}")]
+    Ring(String),
+    #[error("telemetry reader thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Source-side connections still open, kept so that the destination's
+/// report of the same connection (on this node) names the service the
+/// client addressed. Bounded: past this many (close events lost), it
+/// starts over, which only leaves later destination reports unnamed.
+const MAX_OPEN: usize = 1 << 18;
+
+/// Open connection ends on this node, by (client, server, accepting end),
+/// with the service the client addressed.
+pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), Option<Arc<ServiceInfo>>>;
+
+/// What the reader shares with the daemon.
+pub struct Telemetry {
+    index: Mutex<Arc<Index>>,
+    metrics: TcpMetrics,
+    pub access_log: Arc<AccessLog>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Telemetry {
+    pub fn new(metrics: TcpMetrics, access_log: Arc<AccessLog>) -> Telemetry {
+        Telemetry {
+            index: Mutex::new(Arc::new(Index::default())),
+            metrics,
+            access_log,
+        }
+    }
+
+    /// After an apply: the names from now on.
+    pub fn refresh(&self, layers: Layers) {
+        let ix = Arc::new(Index::build(layers));
+        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = ix;
+    }
+
+    fn index(&self) -> Arc<Index> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reads `ring` (km_tele_events) on its own thread until the process
+    /// ends.
+    pub fn spawn_reader(self: Arc<Self>, ring: libbpf_rs::MapHandle) -> Result<(), TelemetryError> {
+        std::thread::Builder::new()
+            .name("telemetry".into())
+            .spawn(move || {
+                let mut open = OpenConns::new();
+                let mut builder = libbpf_rs::RingBufferBuilder::new();
+                let cb = |data: &[u8]| -> i32 {
+                    if let Some(e) = ConnEvent::parse(data) {
+                        self.handle(&e, &mut open);
+                    }
+                    0
+                };
+                let rb = match builder.add(&ring, cb) {
+                    Ok(_) => builder.build(),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| TelemetryError::Ring(e.to_string()));
+                let rb = match rb {
+                    Ok(rb) => rb,
+                    Err(e) => {
+                        tracing::error!("{e}; connection telemetry stops");
+                        return;
+                    }
+                };
+                loop {
+                    if let Err(e) = rb.poll(Duration::from_millis(500)) {
+                        if e.kind() != libbpf_rs::ErrorKind::Interrupted {
+                            tracing::error!("telemetry: reader stopped: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map(drop)
+            .map_err(TelemetryError::Thread)
+    }
+
+    /// One event: metrics, and the access log line of a close.
+    pub fn handle(&self, e: &ConnEvent, open: &mut OpenConns) {
+        let ix = self.index();
+        let (client, server) = e.endpoints();
+        let key = (client, server, e.passive);
+        // The service: the client's original destination; at the server,
+        // what the client's own report said (both ends on this node; the
+        // client's open is always reported before the server's).
+        let service = match (e.kind, e.passive) {
+            (Kind::Open, false) => e.orig.and_then(|o| ix.service(o).cloned()),
+            (Kind::Open, true) => open.get(&(client, server, false)).cloned().flatten(),
+            (Kind::Close(_), _) => match open.remove(&key) {
+                Some(s) => s,
+                None if !e.passive => e.orig.and_then(|o| ix.service(o).cloned()),
+                None => None,
+            },
+        };
+        if e.kind == Kind::Open {
+            if open.len() >= MAX_OPEN {
+                open.clear();
+            }
+            open.insert(key, service.clone());
+        }
+        let parties = metrics::Parties {
+            source: !e.passive,
+            src: ix.workload(client.ip()).map(|w| &**w),
+            dst: ix.workload(server.ip()).map(|w| &**w),
+            service: service.as_deref(),
+        };
+        let m = &self.metrics;
+        let flags = match e.kind {
+            Kind::Open | Kind::Close(Reason::Normal) => metrics::FLAG_NONE,
+            Kind::Close(Reason::ConnectFailed) => metrics::FLAG_CONNECT,
+            Kind::Close(Reason::Reset | Reason::Timeout) if e.passive => {
+                metrics::FLAG_DOWNSTREAM_RESET
+            }
+            Kind::Close(Reason::Reset | Reason::Timeout) => metrics::FLAG_UPSTREAM_RESET,
+        };
+        let labels = metrics::labels(&parties, flags);
+        let (to_server, to_client) = if e.passive {
+            (e.received, e.sent)
+        } else {
+            (e.sent, e.received)
+        };
+        match e.kind {
+            Kind::Open => {
+                m.opened.get_or_create(&labels).inc();
+                return;
+            }
+            Kind::Close(Reason::ConnectFailed) => {
+                m.failed.get_or_create(&labels).inc();
+            }
+            Kind::Close(_) => {
+                // Istio's (Envoy's) sense, the same for both reporters:
+                // received = the request direction (client to server),
+                // sent = the response direction.
+                m.closed.get_or_create(&labels).inc();
+                m.received.get_or_create(&labels).inc_by(to_server);
+                m.sent.get_or_create(&labels).inc_by(to_client);
+            }
+        }
+        let Kind::Close(reason) = e.kind else { return };
+        let format = self.access_log.get();
+        if format == Format::Off {
+            return;
+        }
+        fn name(w: Option<&index::WorkloadInfo>) -> (&str, &str) {
+            w.map_or(("unknown", "unknown"), |w| (&*w.name, &*w.namespace))
+        }
+        let (sw, sns) = name(parties.src);
+        let (dw, dns) = name(parties.dst);
+        let entry = access_log::Entry {
+            reporter: if e.passive { "destination" } else { "source" },
+            src: client.to_string(),
+            dst: server.to_string(),
+            src_workload: sw,
+            src_namespace: sns,
+            dst_workload: dw,
+            dst_namespace: dns,
+            dst_service: service.as_deref().map_or("unknown", |s| &*s.hostname),
+            bytes_to_server: to_server,
+            bytes_to_client: to_client,
+            duration_ms: e.duration.as_secs_f64() * 1e3,
+            reason: reason.as_str(),
+        };
+        if let Some(line) = entry.line(format) {
+            access_log::write(&line);
+        }
+    }
+}
