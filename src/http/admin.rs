@@ -24,6 +24,8 @@ pub struct AdminState {
     /// None when the process has no reloadable subscriber (embedded).
     pub log: Option<LogControl>,
     pub ready: Arc<Readiness>,
+    /// Where the admin socket hands CNI requests (None: CNI off).
+    pub cni: Option<crate::cni::serve::Calls>,
 }
 
 fn text(status: StatusCode, body: String) -> Response {
