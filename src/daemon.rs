@@ -261,16 +261,6 @@ async fn next_call(rx: Option<&mut mpsc::Receiver<cni_serve::Call>>) -> Option<c
     }
 }
 
-/// Puts the plugin's conflist entry back if it is missing; a failure is
-/// logged and retried at the next tick.
-fn ensure_cni_entry(o: &install::InstallOptions) {
-    match install::ensure(o) {
-        Ok(Some(path)) => tracing::info!("CNI plugin entry added to {}", path.display()),
-        Ok(None) => {}
-        Err(e) => tracing::error!("{e}; retrying"),
-    }
-}
-
 /// Turns on the kernel's per-program run counters (--bpf-stats); a
 /// failure costs only those metrics.
 fn enable_run_stats() -> Option<crate::bpf::RunStatsGuard> {
@@ -455,10 +445,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let admin = admin::serve(&opts.admin_socket, state)?;
     // The plugin goes in once the socket it talks to is served.
     let cni_install = opts.cni.as_ref().and_then(|c| c.install.clone());
+    let mut cni_failing = None;
     if let Some(o) = &cni_install {
         let bin = install::install_binary(o)?;
         tracing::info!("CNI plugin installed as {}", bin.display());
-        ensure_cni_entry(o);
+        install::keep_installed(o, &mut cni_failing);
     }
 
     // The xDS client waits for each apply's verdict before it ACKs.
@@ -488,7 +479,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             }
             _ = tick.tick() => {
                 if let Some(o) = &cni_install {
-                    ensure_cni_entry(o);
+                    install::keep_installed(o, &mut cni_failing);
                 }
                 let now = opts.config.as_deref().and_then(file_stamp);
                 if now.is_none() || now == stamp {

@@ -184,7 +184,10 @@ struct DaemonArgs {
     /// [default: --admin-socket].
     #[arg(long, env = "KMESH_CNI_ADMIN_SOCKET")]
     cni_admin_socket: Option<PathBuf>,
-    /// Kubeconfig (on the node) the plugin reads pod labels with.
+    /// Kubeconfig (its path on the node) the plugin reads pod labels with.
+    /// When the daemon runs in a pod, it writes this file into
+    /// --cni-conf-dir from its service account (keep it in the node's CNI
+    /// conf dir).
     #[arg(long, env = "KMESH_CNI_KUBECONFIG")]
     cni_kubeconfig: Option<PathBuf>,
     /// Static rule for nodes without API access: enroll every pod.

@@ -140,6 +140,107 @@ pub fn ensure(o: &InstallOptions) -> Result<Option<PathBuf>, InstallError> {
     Ok(Some(path))
 }
 
+/// Puts the plugin's conflist entry (and its kubeconfig) back if missing
+/// or stale. A failure is retried at the next tick and logged when it
+/// first happens, not every tick (`failing` holds the last one).
+pub fn keep_installed(o: &InstallOptions, failing: &mut Option<String>) {
+    let result = ensure(o).and_then(|added| {
+        if let Some(path) = added {
+            tracing::info!("CNI plugin entry added to {}", path.display());
+        }
+        if write_kubeconfig(o)? {
+            tracing::info!("CNI plugin kubeconfig written (service account token)");
+        }
+        Ok(())
+    });
+    match result {
+        Ok(()) if failing.take().is_some() => tracing::info!("CNI plugin install: working again"),
+        Ok(()) => {}
+        Err(e) => {
+            let e = e.to_string();
+            if failing.as_deref() != Some(e.as_str()) {
+                tracing::error!("{e}; retrying every tick");
+            }
+            *failing = Some(e);
+        }
+    }
+}
+
+/// Where a pod's service account is mounted (in-cluster config).
+const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The plugin runs on the node, outside any pod, so it has no in-cluster
+/// config: when the daemon runs in a pod and the plugin is configured with a
+/// kubeconfig in the CNI conf dir, the daemon writes it there from its own
+/// service account (API address, CA, token), as Istio's CNI agent does.
+/// Rewritten whenever the token the kubelet rotates changes. Returns
+/// whether it wrote.
+pub fn write_kubeconfig(o: &InstallOptions) -> Result<bool, InstallError> {
+    let (Some(kc), Ok(host), Ok(port)) = (
+        &o.kubeconfig,
+        std::env::var("KUBERNETES_SERVICE_HOST"),
+        std::env::var("KUBERNETES_SERVICE_PORT"),
+    ) else {
+        return Ok(false);
+    };
+    let sa = Path::new(SA_DIR);
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InstallError::Io { path, source }
+    };
+    let token = std::fs::read_to_string(sa.join("token")).map_err(io_err(&sa.join("token")))?;
+    let ca = std::fs::read(sa.join("ca.crt")).map_err(io_err(&sa.join("ca.crt")))?;
+    // The plugin reads these at their node paths: the kubeconfig's own
+    // name, in the conf dir this daemon sees mounted.
+    let Some(name) = kc.file_name() else {
+        return Ok(false);
+    };
+    let ca_name = format!("{}-ca.crt", name.to_string_lossy());
+    let node_dir = kc.parent().unwrap_or(Path::new("/"));
+    let host = if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "kubernetes", "cluster": {
+            "server": format!("https://{host}:{port}"),
+            "certificate-authority": node_dir.join(&ca_name),
+        }}],
+        "users": [{"name": PLUGIN_TYPE, "user": {"token": token.trim()}}],
+        "contexts": [{"name": PLUGIN_TYPE, "context": {"cluster": "kubernetes", "user": PLUGIN_TYPE}}],
+        "current-context": PLUGIN_TYPE,
+    });
+    let text = serde_json::to_vec_pretty(&config).expect("serializes");
+    let path = o.conf_dir.join(name);
+    if std::fs::read(&path).is_ok_and(|old| old == text) {
+        return Ok(false);
+    }
+    write_private(&o.conf_dir.join(&ca_name), &ca)?;
+    write_private(&path, &text)?;
+    Ok(true)
+}
+
+/// Mode 0600, written aside and renamed (the token is a credential).
+fn write_private(path: &Path, data: &[u8]) -> Result<(), InstallError> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let err = |source| InstallError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("kmesh-tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(data).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
 /// Takes our entry out of the first conflist (uninstall). The binary stays:
 /// runtimes run DEL with the config cached at ADD, so pods set up with the
 /// plugin still need it to be torn down.
