@@ -176,14 +176,26 @@ const SA_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 /// Rewritten whenever the token the kubelet rotates changes. Returns
 /// whether it wrote.
 pub fn write_kubeconfig(o: &InstallOptions) -> Result<bool, InstallError> {
-    let (Some(kc), Ok(host), Ok(port)) = (
-        &o.kubeconfig,
+    let (Ok(host), Ok(port)) = (
         std::env::var("KUBERNETES_SERVICE_HOST"),
         std::env::var("KUBERNETES_SERVICE_PORT"),
     ) else {
         return Ok(false);
     };
-    let sa = Path::new(SA_DIR);
+    write_kubeconfig_from(o, Path::new(SA_DIR), host, &port)
+}
+
+/// `write_kubeconfig` with the service account at `sa` and the API
+/// server's service at `host`:`port`.
+fn write_kubeconfig_from(
+    o: &InstallOptions,
+    sa: &Path,
+    host: String,
+    port: &str,
+) -> Result<bool, InstallError> {
+    let Some(kc) = &o.kubeconfig else {
+        return Ok(false);
+    };
     let io_err = |path: &Path| {
         let path = path.to_path_buf();
         move |source| InstallError::Io { path, source }
@@ -288,6 +300,51 @@ mod tests {
         assert_eq!(ensure(&o).unwrap(), Some(file.clone()), "re-added");
         remove(&o).unwrap();
         assert_eq!(read(&file).unwrap(), primary);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn kubeconfig_from_the_service_account_is_written_private_and_refreshed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kmesh-cni-kc-{}", std::process::id()));
+        let (sa, conf) = (dir.join("sa"), dir.join("net.d"));
+        std::fs::create_dir_all(&sa).unwrap();
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(sa.join("token"), "tok-1\n").unwrap();
+        std::fs::write(sa.join("ca.crt"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        let o = InstallOptions {
+            conf_dir: conf.clone(),
+            bin_dir: dir.join("bin"),
+            keep_config: false,
+            admin_socket: "/run/kmesh/admin.sock".into(),
+            kubeconfig: Some("/etc/cni/net.d/kmesh-cni-kubeconfig".into()),
+            rule: None,
+        };
+        let write = || write_kubeconfig_from(&o, &sa, "fd00::1".into(), "443").unwrap();
+        assert!(write());
+        assert!(!write(), "unchanged: not rewritten");
+        let path = conf.join("kmesh-cni-kubeconfig");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // kube-rs reads it as the plugin will.
+        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let cluster = kc.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.server.as_deref(), Some("https://[fd00::1]:443"));
+        assert_eq!(
+            cluster.certificate_authority.as_deref(),
+            Some("/etc/cni/net.d/kmesh-cni-kubeconfig-ca.crt")
+        );
+        assert!(conf.join("kmesh-cni-kubeconfig-ca.crt").exists());
+        assert!(kc.auth_infos[0].auth_info.as_ref().unwrap().token.is_some());
+        // (kube-rs keeps the token secret: read back as JSON.)
+        let token = || {
+            let v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            v["users"][0]["user"]["token"].as_str().unwrap().to_string()
+        };
+        assert_eq!(token(), "tok-1");
+        std::fs::write(sa.join("token"), "tok-2").unwrap();
+        assert!(write(), "a rotated token is written");
+        assert_eq!(token(), "tok-2");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
