@@ -12,9 +12,11 @@ need=()
 # manifests' schema validator (kubernetes-validate in a venv).
 # prometheus: tests/observability.rs scrapes the daemon with a real server.
 # haproxy: the ingress gateway of scripts/verify.sh (tests/guides.rs).
+# containernetworking-plugins: bridge + host-local under podman's CNI
+# backend in tests/cni.rs.
 for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base \
   rpm binutils systemd qemu-system-x86 kmod file busybox-static python3 python3-venv \
-  podman runc prometheus haproxy; do
+  podman runc prometheus haproxy containernetworking-plugins; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done
 if [ "${#need[@]}" -gt 0 ]; then

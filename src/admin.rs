@@ -30,7 +30,8 @@ use crate::{http::AdminState, writer::Dump};
 pub type DumpFn = Arc<dyn Fn() -> Dump + Send + Sync>;
 
 /// The commands, for the error on an unknown one.
-const COMMANDS: &str = "dump, metrics, log-level [LEVEL], access-log [off|text|json]";
+const COMMANDS: &str =
+    "dump, metrics, log-level [LEVEL], access-log [off|text|json], cni-add|cni-del|cni-check JSON";
 
 #[derive(Debug, Error)]
 pub enum AdminError {
@@ -156,44 +157,48 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>) -> io::Result<()> {
         Some((c, a)) => (c, a.trim()),
         None => (line.trim(), ""),
     };
-    let reply = match (cmd, arg) {
-        ("dump", "") => {
-            // Reads 100k-entry maps: off the async workers.
-            let dump = state.dump.clone();
-            let dump = tokio::task::spawn_blocking(move || dump())
-                .await
-                .map_err(io::Error::other)?;
-            serde_json::to_string_pretty(&dump).map_err(io::Error::other)?
-        }
-        ("metrics", "") => {
-            let m = state.metrics.clone();
-            match tokio::task::spawn_blocking(move || m.render())
-                .await
-                .map_err(io::Error::other)?
-            {
-                // Without the trailing newline the client adds.
-                Ok(text) => text.trim_end().to_string(),
+    let reply = if let Some(op) = crate::cni::serve::Op::parse(cmd) {
+        cni_reply(&state, op, arg).await
+    } else {
+        match (cmd, arg) {
+            ("dump", "") => {
+                // Reads 100k-entry maps: off the async workers.
+                let dump = state.dump.clone();
+                let dump = tokio::task::spawn_blocking(move || dump())
+                    .await
+                    .map_err(io::Error::other)?;
+                serde_json::to_string_pretty(&dump).map_err(io::Error::other)?
+            }
+            ("metrics", "") => {
+                let m = state.metrics.clone();
+                match tokio::task::spawn_blocking(move || m.render())
+                    .await
+                    .map_err(io::Error::other)?
+                {
+                    // Without the trailing newline the client adds.
+                    Ok(text) => text.trim_end().to_string(),
+                    Err(e) => format!("error: {e}"),
+                }
+            }
+            ("access-log", "") => state.access_log.get().to_string(),
+            ("access-log", f) => match f.parse::<crate::telemetry::Format>() {
+                Ok(f) => {
+                    state.access_log.set(f);
+                    tracing::info!("access log: {f} (kmesh ctl)");
+                    f.to_string()
+                }
                 Err(e) => format!("error: {e}"),
-            }
+            },
+            ("log-level", spec) => match (&state.log, spec) {
+                (None, _) => "error: this daemon's log level cannot be changed".to_string(),
+                (Some(log), "") => log.get(),
+                (Some(log), spec) => log.set(spec).unwrap_or_else(|e| format!("error: {e}")),
+            },
+            _ => format!(
+                "error: unknown command {:?} (known: {COMMANDS})",
+                line.trim()
+            ),
         }
-        ("access-log", "") => state.access_log.get().to_string(),
-        ("access-log", f) => match f.parse::<crate::telemetry::Format>() {
-            Ok(f) => {
-                state.access_log.set(f);
-                tracing::info!("access log: {f} (kmesh ctl)");
-                f.to_string()
-            }
-            Err(e) => format!("error: {e}"),
-        },
-        ("log-level", spec) => match (&state.log, spec) {
-            (None, _) => "error: this daemon's log level cannot be changed".to_string(),
-            (Some(log), "") => log.get(),
-            (Some(log), spec) => log.set(spec).unwrap_or_else(|e| format!("error: {e}")),
-        },
-        _ => format!(
-            "error: unknown command {:?} (known: {COMMANDS})",
-            line.trim()
-        ),
     };
     let write = async {
         w.write_all(reply.as_bytes()).await?;
@@ -203,6 +208,29 @@ async fn handle(stream: UnixStream, state: Arc<AdminState>) -> io::Result<()> {
     timeout(REPLY_TIMEOUT, write)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "answer not taken within 30 s"))?
+}
+
+/// A CNI plugin's request, handed to the daemon's loop and answered with
+/// its outcome.
+async fn cni_reply(state: &AdminState, op: crate::cni::serve::Op, arg: &str) -> String {
+    let Some(calls) = &state.cni else {
+        return "error: CNI enrollment is off in this daemon (start it with --cni or --cni-conf-dir)"
+            .to_string();
+    };
+    let req = match serde_json::from_str(arg) {
+        Ok(r) => r,
+        Err(e) => return format!("error: {}: bad request {arg:?}: {e}", op.why()),
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let call = crate::cni::serve::Call { op, req, reply };
+    if calls.send(call).await.is_err() {
+        return "error: the daemon is stopping".to_string();
+    }
+    match answer.await {
+        Ok(Ok(text)) => text,
+        Ok(Err(e)) => format!("error: {e}"),
+        Err(_) => "error: the daemon is stopping".to_string(),
+    }
 }
 
 /// Client side: sends `cmd`, returns the daemon's reply. Fails if the

@@ -18,6 +18,7 @@ use tokio::{
 use crate::{
     admin::{self, AdminError},
     bpf::{BpfError, Datapath, MapSizes},
+    cni::{install, serve as cni_serve, source::CniSource},
     config::{self, ConfigError},
     dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
     http::{self, AdminState, HttpOptions, Metrics, Readiness},
@@ -42,6 +43,8 @@ pub enum DaemonError {
     Signal(std::io::Error),
     #[error(transparent)]
     Dns(#[from] DnsError),
+    #[error(transparent)]
+    CniInstall(#[from] crate::cni::install::InstallError),
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +84,8 @@ pub struct Options {
     pub access_log: crate::telemetry::Format,
     /// The process's log filter, for the admin endpoints to change.
     pub log: Option<LogControl>,
+    /// Pod enrollment by the CNI plugin (src/cni); None: off.
+    pub cni: Option<crate::cni::CniOptions>,
 }
 
 /// Identity of the config file's current content, to notice edits.
@@ -90,25 +95,28 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
 
-/// The models the maps are built from: the config file's, with the xDS
-/// store's services and workloads above it (xDS wins where both define a
-/// key). Both are used in place, under their locks: the process keeps one
-/// copy of each. Lock order: file, xDS store, writer.
+/// The models the maps are built from: the config file's, the CNI
+/// plugin's enrolled pods, with the xDS store's services and workloads
+/// above them (xDS wins where both define a key). All are used in place,
+/// under their locks: the process keeps one copy of each. Lock order:
+/// file, CNI, xDS store, writer.
 struct Sources {
     file: Mutex<Model>,
+    cni: Mutex<CniSource>,
     xds: Option<SharedStore>,
 }
 
 impl Sources {
     fn with_layers<R>(&self, f: impl FnOnce(Layers) -> R) -> R {
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let cni = self.cni.lock().unwrap_or_else(|e| e.into_inner());
         let guard = self
             .xds
             .as_ref()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
         let empty = Model::default();
         let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
-        f(Layers(&[&file, xds_model]))
+        f(Layers(&[&file, &cni.model, xds_model]))
     }
 }
 
@@ -252,6 +260,14 @@ async fn next_answers(rx: Option<&mut watch::Receiver<Arc<Answers>>>) -> Option<
     }
 }
 
+/// The next CNI request; pending forever when CNI enrollment is off.
+async fn next_call(rx: Option<&mut mpsc::Receiver<cni_serve::Call>>) -> Option<cni_serve::Call> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Turns on the kernel's per-program run counters (--bpf-stats); a
 /// failure costs only those metrics.
 fn enable_run_stats() -> Option<crate::bpf::RunStatsGuard> {
@@ -308,6 +324,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Ok(m)
     };
     let file_model = load_file(opts.config.as_deref())?;
+    // Pods the CNI plugin enrolled before this start that are still there.
+    let cni_source = match &opts.cni {
+        Some(c) => CniSource::reconcile(c.state_file.clone()),
+        None => CniSource::default(),
+    };
     // Hostnames are looked up in the background and never hold up an
     // apply. Bad resolver settings are an error at start; a host without
     // a usable /etc/resolv.conf still runs, its hostname workloads empty.
@@ -349,15 +370,21 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     w.set_local_node(opts.local.clone());
     let started = Instant::now();
-    let st = w.apply(&file_model).map_err(|source| DaemonError::Apply {
-        config: opts
-            .config
-            .as_ref()
-            .map_or("(no config)".into(), |p| p.display().to_string()),
-        source,
-    })?;
+    let st = w
+        .apply_layers(Layers(&[&file_model, &cni_source.model]))
+        .map_err(|source| DaemonError::Apply {
+            config: opts
+                .config
+                .as_ref()
+                .map_or("(no config)".into(), |p| p.display().to_string()),
+            source,
+        })?;
     let first_apply = started.elapsed();
-    tracing::info!("applied {file_model} ({} map updates)", st.stats.updates);
+    tracing::info!(
+        "applied {file_model}, {} CNI pods ({} map updates)",
+        cni_source.model.enrolled.len(),
+        st.stats.updates
+    );
     watch_hosts(Layers(&[&file_model]).hostnames());
     w.datapath_mut().attach(&opts.cgroup)?;
     w.datapath_mut().pin(&opts.bpffs)?;
@@ -369,13 +396,14 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     // Logs the netns it cannot go on; the next apply reports them too.
     w.sync_netns();
     let writer = Arc::new(Mutex::new(w));
-    cut_denied(&writer, Layers(&[&file_model]));
+    cut_denied(&writer, Layers(&[&file_model, &cni_source.model]));
     if let Err(e) = crate::enforce::spawn_denial_log(writer.clone()) {
         tracing::error!("authz: denial log unavailable: {e}");
     }
     let xds_store = opts.xds.as_ref().map(|_| SharedStore::default());
     let sources = Arc::new(Sources {
         file: Mutex::new(file_model),
+        cni: Mutex::new(cni_source),
         xds: xds_store.clone(),
     });
     // Probed once: closing live connections a policy now denies needs
@@ -439,15 +467,31 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     let ready = Arc::new(Readiness::new(xds_status));
     ready.set_attached();
+    let (cni_tx, mut cni_rx) = match &opts.cni {
+        Some(_) => {
+            let (tx, rx) = mpsc::channel::<cni_serve::Call>(16);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
     let state = Arc::new(AdminState {
         dump,
         metrics: metrics.clone(),
         log: opts.log.clone(),
         ready,
         access_log: access_log.clone(),
+        cni: cni_tx,
     });
     let http_servers = http::start(&opts.http, state.clone());
     let admin = admin::serve(&opts.admin_socket, state)?;
+    // The plugin goes in once the socket it talks to is served.
+    let cni_install = opts.cni.as_ref().and_then(|c| c.install.clone());
+    let mut cni_failing = None;
+    if let Some(o) = &cni_install {
+        let bin = install::install_binary(o)?;
+        tracing::info!("CNI plugin installed as {}", bin.display());
+        install::keep_installed(o, &mut cni_failing);
+    }
 
     // The xDS client waits for each apply's verdict before it ACKs.
     let (apply_tx, mut apply_rx) = mpsc::channel::<oneshot::Sender<Verdict>>(1);
@@ -459,11 +503,25 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
+        let mut cni_pending = None;
         // (why, whether the config file must be re-read, who waits for
         // the verdict)
         let (why, reread_file, reply) = tokio::select! {
             _ = hup.recv() => ("SIGHUP", true, None),
+            Some(call) = next_call(cni_rx.as_mut()) => {
+                let why = call.op.why();
+                match cni_serve::begin(&sources.cni, &writer, call) {
+                    Some(p) => {
+                        cni_pending = Some(p);
+                        (why, false, None)
+                    }
+                    None => continue,
+                }
+            }
             _ = tick.tick() => {
+                if let Some(o) = &cni_install {
+                    install::keep_installed(o, &mut cni_failing);
+                }
                 let now = opts.config.as_deref().and_then(file_stamp);
                 if now.is_none() || now == stamp {
                     continue;
@@ -529,6 +587,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         metrics.applied(why, started.elapsed(), verdict.failed.is_some());
         verdict.rejected.extend(kept);
         watch_hosts(hosts);
+        if let Some(p) = cni_pending {
+            if let Some(undo) = p.finish(&sources.cni, &writer, &verdict) {
+                let (hosts, _) = apply(&writer, &sources, "CNI ADD undone");
+                watch_hosts(hosts);
+                undo.send();
+            }
+        }
         if let Some(reply) = reply {
             // The client may have gone with its stream: nothing to tell.
             let _ = reply.send(verdict);
@@ -539,6 +604,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     }
     // Only if still ours: a newer daemon may have taken the path over.
     admin.stop();
+    if let Some(o) = cni_install.as_ref().filter(|o| !o.keep_config) {
+        match install::remove(o) {
+            Ok(()) => tracing::info!("CNI plugin entry removed from {}", o.conf_dir.display()),
+            Err(e) => tracing::error!("removing the CNI plugin entry: {e}"),
+        }
+    }
     http_servers.stop();
     drop(run_stats);
     writer

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod authz;
 pub mod bpf;
+pub mod cni;
 pub mod config;
 pub mod daemon;
 pub mod dns;

@@ -41,6 +41,9 @@ enum Cmd {
     },
     /// Print the version.
     Version,
+    /// The CNI plugin (run by the container runtime with CNI_* variables
+    /// and the network config on stdin; installed as kmesh-cni).
+    Cni,
 }
 
 #[derive(Args)]
@@ -174,6 +177,41 @@ struct DaemonArgs {
     /// `kmesh ctl access-log` or POST /access_log?format=).
     #[arg(long, env = "KMESH_ACCESS_LOG", default_value = "off")]
     access_log: kmesh::telemetry::Format,
+    /// Enroll pods the CNI plugin asks for over the admin socket (implied
+    /// by --cni-conf-dir).
+    #[arg(long, env = "KMESH_CNI")]
+    cni: bool,
+    /// Install the CNI plugin: append a kmesh-cni entry to the first
+    /// *.conflist of this directory (e.g. /etc/cni/net.d), kept there while
+    /// the daemon runs.
+    #[arg(long, env = "KMESH_CNI_CONF_DIR")]
+    cni_conf_dir: Option<PathBuf>,
+    /// Where the plugin binary is copied to (as kmesh-cni).
+    #[arg(long, env = "KMESH_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// Record of the pods the plugin enrolled, re-enrolled at start
+    /// [default: cni-pods.json beside the admin socket].
+    #[arg(long, env = "KMESH_CNI_STATE_FILE")]
+    cni_state_file: Option<PathBuf>,
+    /// Leave the conflist entry in place when the daemon stops.
+    #[arg(long, env = "KMESH_CNI_KEEP_CONFIG")]
+    cni_keep_config: bool,
+    /// The admin socket's path as the plugin sees it on the node
+    /// [default: --admin-socket].
+    #[arg(long, env = "KMESH_CNI_ADMIN_SOCKET")]
+    cni_admin_socket: Option<PathBuf>,
+    /// Kubeconfig (its path on the node) the plugin reads pod labels with.
+    /// When the daemon runs in a pod, it writes this file into
+    /// --cni-conf-dir from its service account (keep it in the node's CNI
+    /// conf dir).
+    #[arg(long, env = "KMESH_CNI_KUBECONFIG")]
+    cni_kubeconfig: Option<PathBuf>,
+    /// Static rule for nodes without API access: enroll every pod.
+    #[arg(long, env = "KMESH_CNI_ENROLL_ALL")]
+    cni_enroll_all: bool,
+    /// Static rule: enroll the pods of these namespaces (comma-separated).
+    #[arg(long, env = "KMESH_CNI_ENROLL_NAMESPACES", value_delimiter = ',')]
+    cni_enroll_namespace: Vec<String>,
 }
 
 fn on_off(s: &str) -> Result<bool, String> {
@@ -193,6 +231,38 @@ fn ring_bytes(s: &str) -> Result<u32, String> {
         return Err(format!("{v} is not a power of two from 4096 to 1073741824"));
     }
     Ok(v)
+}
+
+fn cni_options(a: &DaemonArgs) -> Option<kmesh::cni::CniOptions> {
+    use kmesh::cni::{decide::StaticRule, install::InstallOptions, CniOptions};
+    if !a.cni && a.cni_conf_dir.is_none() {
+        return None;
+    }
+    let state_file = a.cni_state_file.clone().unwrap_or_else(|| {
+        a.admin_socket
+            .parent()
+            .unwrap_or(std::path::Path::new("/run/kmesh"))
+            .join("cni-pods.json")
+    });
+    let rule = (a.cni_enroll_all || !a.cni_enroll_namespace.is_empty()).then(|| StaticRule {
+        all: a.cni_enroll_all,
+        namespaces: a.cni_enroll_namespace.clone(),
+    });
+    let install = a.cni_conf_dir.clone().map(|conf_dir| InstallOptions {
+        conf_dir,
+        bin_dir: a.cni_bin_dir.clone(),
+        keep_config: a.cni_keep_config,
+        admin_socket: a
+            .cni_admin_socket
+            .clone()
+            .unwrap_or_else(|| a.admin_socket.clone()),
+        kubeconfig: a.cni_kubeconfig.clone(),
+        rule,
+    });
+    Some(CniOptions {
+        state_file,
+        install,
+    })
 }
 
 /// Largest map capacity a flag takes. Each map is a hash table whose
@@ -339,6 +409,15 @@ fn xds_options(a: &DaemonArgs) -> Option<XdsOptions> {
 }
 
 fn main() -> ExitCode {
+    // The runtime runs the plugin by its installed name with no arguments;
+    // its stdout is the CNI result alone.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let as_plugin = std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == kmesh::cni::install::PLUGIN_TYPE);
+    if as_plugin || std::env::args().nth(1).as_deref() == Some("cni") {
+        return kmesh::cni::plugin::main();
+    }
     daemon::one_malloc_arena();
     let log = logging::init("KMESH_LOG", "info");
     let cli = Cli::parse();
@@ -355,6 +434,7 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = rt.block_on(async {
         match cli.cmd {
+            Cmd::Cni => unreachable!("dispatched before the runtime starts"),
             Cmd::Version => {
                 println!("kmesh {}", env!("CARGO_PKG_VERSION"));
                 Ok(())
@@ -363,6 +443,7 @@ fn main() -> ExitCode {
                 let xds = xds_options(&a);
                 let local = local_node(&a);
                 let dns = dns_config(&a)?;
+                let cni = cni_options(&a);
                 let cgroup = match a.cgroup {
                     Some(c) => c,
                     None => {
@@ -370,6 +451,7 @@ fn main() -> ExitCode {
                     }
                 };
                 let opts = daemon::Options {
+                    cni,
                     xds,
                     local,
                     dns,

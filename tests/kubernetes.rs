@@ -196,8 +196,9 @@ fn daemonset_flags_env_and_mounts_fit_the_daemon() {
         });
         assert!(known, "{flag} is no daemon flag");
     }
-    // docs/kubernetes.md's uninstall removes it by this index.
+    // docs/kubernetes.md's uninstall removes them by these indexes.
     assert_eq!(args[6], "--keep-attached");
+    assert_eq!(args[7], "--cni-keep-config");
     let docs = fs::read_to_string(Path::new(REPO).join("docs/kubernetes.md")).unwrap();
     assert!(
         docs.contains("/spec/template/spec/containers/0/args/6"),
@@ -260,9 +261,19 @@ fn daemonset_flags_env_and_mounts_fit_the_daemon() {
         ("--cgroup", "/sys/fs/cgroup"),
         ("--bpffs", "/sys/fs/bpf"),
         ("--admin-socket", "/run/kmesh"),
+        ("--cni-state-file", "/run/kmesh"),
+        ("--cni-conf-dir", "/etc/cni/net.d"),
+        ("--cni-bin-dir", "/opt/cni/bin"),
     ] {
         assert_eq!(volume_of(flag(f))["hostPath"]["path"], host, "{f}");
     }
+    // The kubeconfig the plugin is given is a node path; the daemon writes
+    // it into the conf dir, whose node path it must be in.
+    let kc = Path::new(flag("--cni-kubeconfig"));
+    let conf = volume_of(flag("--cni-conf-dir"))["hostPath"]["path"]
+        .as_str()
+        .unwrap();
+    assert_eq!(kc.parent().unwrap(), Path::new(conf));
     // `kmesh ctl` in the container uses the default socket.
     assert_eq!(flag("--admin-socket"), "/run/kmesh/admin.sock");
     // Readiness, metrics and their annotations use the ports the daemon

@@ -629,5 +629,11 @@ pub fn load(path: &Path) -> Result<Model, ConfigError> {
     Ok(model)
 }
 
+/// Cookie and global addresses of the network namespace at `path`, as an
+/// enroll entry resolves (for the CNI enrollment source).
+pub fn resolve_netns(path: &Path) -> Result<(u64, Vec<std::net::IpAddr>), String> {
+    input::open_netns(path).and_then(input::netns_cookie)
+}
+
 #[cfg(test)]
 mod tests;

@@ -26,6 +26,8 @@ pub struct AdminState {
     pub ready: Arc<Readiness>,
     /// The access log's format, switched at run time.
     pub access_log: Arc<crate::telemetry::AccessLog>,
+    /// Where the admin socket hands CNI requests (None: CNI off).
+    pub cni: Option<crate::cni::serve::Calls>,
 }
 
 fn text(status: StatusCode, body: String) -> Response {

@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 pub mod dns;
 pub mod http;
+pub mod kube;
 pub mod load;
 pub mod xds;
 
