@@ -1,9 +1,10 @@
 //! Data-path benchmark suite (root; real kernel, netns and cgroup).
 //!
 //! In one run, a client pod and a server pod on one node bridge, both in
-//! the harness's child cgroup, compare four paths (see world::Mode): direct
+//! the harness's child cgroup, compare the paths of world::Mode: direct
 //! to the pod IP, the mesh VIP redirect, the redirect with `--accelerate`,
-//! and a user-space proxy hop. Per message size (1 B, 64 B, 4 KiB, 256 KiB)
+//! a user-space proxy hop, and the real peers set up in the client pod
+//! (peers.rs): kube-proxy's nftables and IPVS modes and HAProxy. Per message size (1 B, 64 B, 4 KiB, 256 KiB)
 //! it measures request/response latency percentiles and rate (kmesh-load),
 //! one-way throughput (kmesh-load and iperf3), ping-pong latency (sockperf),
 //! HTTP keep-alive load (wrk), and the connect rate; then criterion times a
@@ -21,13 +22,15 @@
 //! suite-partial-<date>, criterion skipped unless listed):
 //! KMESH_BENCH_SIZES=1,64,4096, KMESH_BENCH_MODES=direct,accel,
 //! KMESH_BENCH_TOOLS=rr,stream (of rr, stream, iperf3, sockperf, wrk,
-//! connect, criterion).
+//! connect, criterion). KMESH_BENCH_MESH_VARIANT="label:--flag value ..."
+//! adds a row `mesh-label`: the mesh with those extra daemon flags.
 
 #[path = "../common.rs"]
 mod common;
 #[path = "../../tests/harness/mod.rs"]
 mod harness;
 mod measure;
+mod peers;
 mod report;
 mod rr_criterion;
 mod world;
@@ -54,6 +57,14 @@ fn env_list(name: &str) -> Option<Vec<String>> {
     Some(v.split(',').map(|s| s.trim().to_string()).collect())
 }
 
+/// The 1-minute load average: other work on the machine during the run.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(String::from))
+        .unwrap_or_default()
+}
+
 fn main() {
     let sizes_filter: Option<Vec<usize>> = env_list("KMESH_BENCH_SIZES").map(|v| {
         v.iter()
@@ -69,7 +80,23 @@ fn main() {
         .collect();
     let quick = std::env::var_os("KMESH_BENCH_QUICK").is_some();
     let runs: usize = env_num("KMESH_BENCH_RUNS").unwrap_or(if quick { 3 } else { 5 });
-    let secs: f64 = env_num("KMESH_BENCH_SECS").unwrap_or(if quick { 1.0 } else { 1.5 });
+    let secs: f64 = env_num("KMESH_BENCH_SECS").unwrap_or(if quick { 0.5 } else { 1.5 });
+    // Quick mode runs the own client only (rr, stream, connect), leaving
+    // the Debian tools' cross-checks to a full run, to stay under 6 minutes
+    // with the peers.
+    let run_tools = tools
+        .clone()
+        .or_else(|| quick.then(|| ["rr", "stream", "connect"].map(String::from).to_vec()));
+    match std::env::var("KMESH_BENCH_MESH_VARIANT") {
+        Ok(v) => match world::parse_variant(&v) {
+            Ok(v) => world::set_variant(Some(v)),
+            Err(e) => {
+                eprintln!("suite: {e}");
+                std::process::exit(2);
+            }
+        },
+        Err(_) => world::set_variant(None),
+    }
     assert!(runs >= 1 && secs > 0.0);
     let mut c = Criterion::default()
         .sample_size(if quick { 10 } else { 30 })
@@ -77,13 +104,21 @@ fn main() {
         .measurement_time(Duration::from_secs(if quick { 1 } else { 3 }))
         .configure_from_args();
     let started = Instant::now();
+    let load_before = loadavg();
     let date = sh_out(&["date", "-u", "+%Y-%m-%d-%H%M%S"]);
 
     let mut w = World::new(cpu());
-    let accel_missing = (!w.accel_supported).then(|| "n/a (daemon lacks --accelerate)".to_string());
+    let mut missing = std::collections::BTreeMap::new();
+    if !w.accel_supported {
+        missing.insert(Mode::Accel, "n/a (daemon lacks --accelerate)".to_string());
+    }
+    if let Some(why) = &w.ipvs_missing {
+        missing.insert(Mode::Ipvs, why.clone());
+    }
     let modes: Vec<Mode> = Mode::ALL
         .into_iter()
-        .filter(|m| *m != Mode::Accel || w.accel_supported)
+        .filter(|m| !missing.contains_key(m))
+        .filter(|m| *m != Mode::MeshVariant || world::variant().is_some())
         .filter(|m| {
             modes_filter
                 .as_ref()
@@ -105,7 +140,7 @@ fn main() {
             let k = (run + gi) % modes.len();
             for &mode in modes[k..].iter().chain(&modes[..k]) {
                 if let Err(e) = w.enter(mode) {
-                    s.errors.push(format!("run {run} {mode}: daemon: {e}"));
+                    s.errors.push(format!("run {run} {mode}: set-up: {e}"));
                     continue;
                 }
                 Cell {
@@ -114,7 +149,7 @@ fn main() {
                     group,
                     run,
                     secs,
-                    tools: tools.as_deref(),
+                    tools: run_tools.as_deref(),
                 }
                 .run(&mut s);
             }
@@ -140,10 +175,18 @@ fn main() {
     let mut header = vec![
         format!("# kmesh-rs data-path suite, {date}"),
         format!(
-            "kernel {}, {} CPUs, {cpu_note}; {} mode; {runs} runs x {secs} s per measurement; median over runs; × = ratio vs direct (median of per-run ratios); latencies are full round trips; suite took {elapsed:.0} s",
+            "kernel {}, {} CPUs, {cpu_note}; {} mode{}; {runs} runs x {secs} s per measurement; median over runs; × = ratio vs direct (median of per-run ratios); latencies are full round trips; load average before / after {load_before} / {}; suite took {elapsed:.0} s",
             sh_out(&["uname", "-r"]),
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             if quick { "quick" } else { "full" },
+            if quick && tools.is_none() { " (rr, stream, connect only)" } else { "" },
+            loadavg(),
+        ),
+        format!(
+            "peers (set up in the client pod, no daemon): {}; {}; {}",
+            sh_out(&["sh", "-c", "nft --version"]),
+            sh_out(&["dpkg-query", "-W", "-f", "ipvsadm ${Version}", "ipvsadm"]),
+            sh_out(&["sh", "-c", "haproxy -v | head -1 | cut -d' ' -f1-3"]),
         ),
         format!("tools: kmesh-load (rr, stream, connect); {}; {}; {}", sh_out(&["sh", "-c", "sockperf --version 2>&1 | grep -o 'version [0-9.]*' | head -1 | sed 's/^/sockperf /'"]), sh_out(&["sh", "-c", "iperf3 --version | head -1 | cut -d' ' -f1,2"]), sh_out(&["sh", "-c", "wrk -v 2>&1 | head -1 | cut -d' ' -f1,2"])) + &format!("; {}", sh_out(&["sh", "-c", "qperf --version 2>&1 | head -1"])),
     ];
@@ -159,7 +202,7 @@ fn main() {
         header,
         modes,
         sizes,
-        accel_missing,
+        missing,
     };
     let md = report::markdown(&s, &meta);
     println!("\n{md}");

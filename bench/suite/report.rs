@@ -1,7 +1,8 @@
 //! The suite's output: a Markdown table (medians, ratios vs direct, the
-//! issue's targets) and a PNG plot drawn by gnuplot.
+//! issue's targets, where a peer is ahead of ours) and a PNG plot of the
+//! ratios vs direct drawn by gnuplot.
 
-use std::{fmt::Write as _, fs, path::Path, process::Command};
+use std::{collections::BTreeMap, fmt::Write as _, fs, path::Path, process::Command};
 
 use crate::{
     measure::{Group, Samples},
@@ -12,7 +13,8 @@ pub struct Meta {
     pub header: Vec<String>,
     pub modes: Vec<Mode>,
     pub sizes: Vec<usize>,
-    pub accel_missing: Option<String>,
+    /// Modes that cannot run here, and why.
+    pub missing: BTreeMap<Mode, String>,
 }
 
 pub fn size_name(n: usize) -> String {
@@ -108,30 +110,106 @@ const TARGETS: &[(&str, Group, Mode, &str, bool, f64)] = &[
         true,
         0.97,
     ),
+    (
+        "mesh connect rate (issue 22)",
+        Group::Connect,
+        Mode::Mesh,
+        "cps",
+        true,
+        0.99,
+    ),
 ];
+
+/// A peer counts as ahead of one of ours on a metric only beyond this
+/// margin (run-to-run noise on this machine is about this size).
+const AHEAD_MARGIN: f64 = 0.02;
+
+/// (metric, column name, higher is better) compared between a peer and ours.
+const SIZE_METRICS: &[(&str, &str, bool)] = &[
+    ("p50", "p50", false),
+    ("p90", "p90", false),
+    ("p99", "p99", false),
+    ("rps", "req/s", true),
+    ("mbs", "MB/s", true),
+];
+const CONNECT_METRICS: &[(&str, &str, bool)] = &[
+    ("cps", "connects/s", true),
+    ("cps_echo", "connect+echo/s", true),
+];
+
+/// Where peer `m` is ahead of each of our measured modes in group `g`:
+/// "mesh: p99, MB/s; accel: MB/s", empty if nowhere.
+fn ahead(
+    s: &Samples,
+    meta: &Meta,
+    g: Group,
+    m: Mode,
+    metrics: &[(&'static str, &str, bool)],
+) -> String {
+    if !m.is_peer() {
+        return String::new();
+    }
+    let mut parts = Vec::new();
+    for &ours in meta.modes.iter().filter(|o| o.is_ours()) {
+        let names: Vec<&str> = metrics
+            .iter()
+            .filter(|(k, _, higher)| {
+                let (Some(p), Some(o)) = (s.median((g, m, k)), s.median((g, ours, k))) else {
+                    return false;
+                };
+                if *higher {
+                    p > o * (1.0 + AHEAD_MARGIN)
+                } else {
+                    p < o * (1.0 - AHEAD_MARGIN)
+                }
+            })
+            .map(|(_, name, _)| *name)
+            .collect();
+        if !names.is_empty() {
+            parts.push(format!("{ours}: {}", names.join(", ")));
+        }
+    }
+    parts.join("; ")
+}
+
+/// The rows to show: measured modes and those that could not run.
+fn rows(meta: &Meta) -> Vec<Mode> {
+    Mode::ALL
+        .into_iter()
+        .filter(|m| meta.modes.contains(m) || meta.missing.contains_key(m))
+        .collect()
+}
 
 pub fn markdown(s: &Samples, meta: &Meta) -> String {
     let mut o = String::new();
     for h in &meta.header {
         let _ = writeln!(o, "{h}  ");
     }
-    let na = |m: Mode| {
-        (m == Mode::Accel)
-            .then_some(meta.accel_missing.as_ref())
-            .flatten()
+    let _ = writeln!(
+        o,
+        "◆ = a peer ahead of one of ours (mesh, accel) by more than {:.0} % on that row; the last column says where.  ",
+        AHEAD_MARGIN * 100.0
+    );
+    let mut wins = Vec::new();
+    let name = |m: Mode, a: &str| {
+        if a.is_empty() {
+            m.to_string()
+        } else {
+            format!("{m} ◆")
+        }
     };
     for &n in &meta.sizes {
         let g = Group::Size(n);
         let _ = writeln!(o, "\n### {}\n", size_name(n));
         o.push_str(
             "| mode | p50 µs | p90 µs | p99 µs | req/s | stream MB/s | sockperf p50 / p99 µs | \
-             wrk p50 / p99 µs | wrk req/s | iperf3 MB/s | qperf MB/s | p50 × | req/s × | MB/s × | \
-             qperf × |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+             wrk p50 / p99 µs | wrk req/s | iperf3 MB/s | qperf MB/s | p50 × | p90 × | p99 × | req/s × | MB/s × | \
+             qperf × | peer ahead of |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|\n",
         );
-        for &m in &Mode::ALL {
-            if let Some(why) = na(m) {
-                let _ = writeln!(o, "| {m} | {why} |||||||||||||| ");
+        for m in rows(meta) {
+            if let Some(why) = meta.missing.get(&m) {
+                let _ = writeln!(o, "| {m} | {why} |||||||||||||||| ");
                 continue;
             }
             let v = |k| fmt(s.median((g, m, k)));
@@ -143,9 +221,14 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
                     "–".into()
                 }
             };
+            let a = ahead(s, meta, g, m, SIZE_METRICS);
+            if !a.is_empty() {
+                wins.push(format!("{m}, {}: {a}", size_name(n)));
+            }
             let _ = writeln!(
                 o,
-                "| {m} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {a} |",
+                name(m, &a),
                 v("p50"),
                 v("p90"),
                 v("p99"),
@@ -157,32 +240,46 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
                 v("iperf_mbs"),
                 v("qperf_mbs"),
                 r("p50"),
+                r("p90"),
+                r("p99"),
                 r("rps"),
                 r("mbs"),
                 r("qperf_mbs"),
             );
         }
     }
-    o.push_str("\n### Connect rate\n\n| mode | connects/s | × | connect + 1 B echo /s | × |\n|---|--:|--:|--:|--:|\n");
-    for &m in &Mode::ALL {
-        if let Some(why) = na(m) {
-            let _ = writeln!(o, "| {m} | {why} |||| ");
+    o.push_str("\n### Connect rate\n\n| mode | connects/s | × | connect + 1 B echo /s | × | peer ahead of |\n|---|--:|--:|--:|--:|---|\n");
+    for m in rows(meta) {
+        if let Some(why) = meta.missing.get(&m) {
+            let _ = writeln!(o, "| {m} | {why} ||||| ");
             continue;
         }
         let g = Group::Connect;
+        let a = ahead(s, meta, g, m, CONNECT_METRICS);
+        if !a.is_empty() {
+            wins.push(format!("{m}, connect: {a}"));
+        }
         let _ = writeln!(
             o,
-            "| {m} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {a} |",
+            name(m, &a),
             fmt(s.median((g, m, "cps"))),
             ratio(s.ratio((g, m, "cps"))),
             fmt(s.median((g, m, "cps_echo"))),
             ratio(s.ratio((g, m, "cps_echo"))),
         );
     }
+    o.push_str("\n### Where a peer is ahead\n\n");
+    if wins.is_empty() {
+        o.push_str("Nowhere: every measured peer is behind or within the margin of mesh and accel on every row.\n");
+    }
+    for w in &wins {
+        let _ = writeln!(o, "- {w}");
+    }
     o.push_str("\n### Targets (ratio vs direct, same run; reported, not enforced)\n\n| what | ratio | target | |\n|---|--:|--:|---|\n");
     for &(what, g, m, k, higher, goal) in TARGETS {
         let r = s.ratio((g, m, k));
-        let verdict = match (r, na(m)) {
+        let verdict = match (r, meta.missing.get(&m)) {
             (_, Some(why)) => why.clone(),
             (None, _) => "not measured".into(),
             (Some(r), _) if (higher && r >= goal) || (!higher && r <= goal) => "met".into(),
@@ -200,62 +297,68 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
     o
 }
 
-/// Writes gnuplot's data files into `dir` and draws `png`: latency p50 and
-/// p99, stream throughput per size, and connect rates, one bar per mode.
+/// Writes gnuplot's data files into `dir` and draws `png`: each mode's
+/// ratio to direct in the same run (RR p50, p90, p99, req/s, stream MB/s
+/// per size, and the connect rates), one bar per mode, a line at 1.
 pub fn plot(s: &Samples, meta: &Meta, dir: &Path, png: &Path) -> Result<(), String> {
     let modes: Vec<Mode> = Mode::ALL
         .into_iter()
-        .filter(|m| meta.modes.contains(m))
+        .filter(|m| meta.modes.contains(m) && *m != Mode::Direct)
         .collect();
-    let table = |metric: &'static str| {
-        let mut t = format!(
-            "size {}\n",
+    let head = |first: &str| {
+        format!(
+            "{first} {}\n",
             modes
                 .iter()
-                .map(|m| m.to_string())
+                .map(|m| format!("\"{m}\""))
                 .collect::<Vec<_>>()
                 .join(" ")
-        );
+        )
+    };
+    let cell = |g: Group, m: Mode, k: &'static str| {
+        s.ratio((g, m, k))
+            .map_or(" -".into(), |v| format!(" {v:.3}"))
+    };
+    let table = |metric: &'static str| {
+        let mut t = head("size");
         for &n in &meta.sizes {
             let _ = write!(t, "\"{}\"", size_name(n));
             for &m in &modes {
-                let v = s.median((Group::Size(n), m, metric));
-                let _ = write!(t, " {}", v.map_or("-".into(), |v| format!("{v:.3}")));
+                t += &cell(Group::Size(n), m, metric);
             }
             t.push('\n');
         }
         t
     };
-    let mut c = String::from("what ");
-    c += &modes
-        .iter()
-        .map(|m| m.to_string())
-        .collect::<Vec<_>>()
-        .join(" ");
-    c.push('\n');
+    let mut c = head("what");
     for (label, k) in [("connect", "cps"), ("\"connect+echo\"", "cps_echo")] {
         c += label;
         for &m in &modes {
-            let v = s.median((Group::Connect, m, k));
-            let _ = write!(c, " {}", v.map_or("-".into(), |v| format!("{v:.0}")));
+            c += &cell(Group::Connect, m, k);
         }
         c.push('\n');
     }
     let files = [
         ("p50.dat", table("p50")),
+        ("p90.dat", table("p90")),
         ("p99.dat", table("p99")),
+        ("rps.dat", table("rps")),
         ("mbs.dat", table("mbs")),
         ("cps.dat", c),
     ];
     for (f, t) in &files {
         fs::write(dir.join(f), t).map_err(|e| e.to_string())?;
     }
-    // One colour per mode, the same whether or not accel was measured.
+    // One colour per mode, the same whichever modes were measured.
     let colour = |m: &Mode| match m {
         Mode::Direct => "#7f7f7f",
         Mode::Mesh => "#1f77b4",
+        Mode::MeshVariant => "#17becf",
         Mode::Accel => "#2ca02c",
         Mode::Proxy => "#ff7f0e",
+        Mode::Nftables => "#d62728",
+        Mode::Ipvs => "#9467bd",
+        Mode::Haproxy => "#8c564b",
     };
     let first = |f: &str| {
         let cols: Vec<String> = modes
@@ -277,26 +380,34 @@ pub fn plot(s: &Samples, meta: &Meta, dir: &Path, png: &Path) -> Result<(), Stri
             .collect();
         cols.join(", ")
     };
+    let missing: Vec<String> = meta
+        .missing
+        .iter()
+        .map(|(m, why)| format!("{m}: {why}"))
+        .collect();
     let script = format!(
-        r#"set terminal pngcairo size 1400,1000 font "sans,11"
+        r#"set terminal pngcairo noenhanced size 1600,1300 font "sans,11"
 set output '{png}'
 set datafile missing "-"
 set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.85 border -1
-set key top left
+set key top left font ",9"
 set grid ytics
-set multiplot layout 2,2 title "{title}{missing}"
-set title "request/response p50 latency (µs, lower is better)"
-set logscale y
-plot {p50}
-set title "request/response p99 latency (µs)"
-plot {p99}
-set title "one-way stream throughput (MB/s, higher is better)"
-plot {mbs}
-unset logscale y
-set title "connections per second (higher is better)"
 set yrange [0:*]
+set arrow 1 from graph 0, first 1 to graph 1, first 1 nohead lc rgb "black" dt 2
+set multiplot layout 3,2 title "{title} — ratio vs direct, same run{missing}"
+set title "request/response p50 latency × direct (lower is better)"
+plot {p50}
+set title "request/response p90 latency × direct (lower is better)"
+plot {p90}
+set title "request/response p99 latency × direct (lower is better)"
+plot {p99}
+set title "request/response req/s × direct (higher is better)"
+plot {rps}
+set title "one-way stream MB/s × direct (higher is better)"
+plot {mbs}
+set title "connections per second × direct (higher is better)"
 plot {cps}
 unset multiplot
 "#,
@@ -305,12 +416,15 @@ unset multiplot
             .header
             .first()
             .map_or("", |h| h.trim_start_matches("# ")),
-        missing = meta
-            .accel_missing
-            .as_ref()
-            .map_or(String::new(), |why| format!(" — accel: {why}")),
+        missing = if missing.is_empty() {
+            String::new()
+        } else {
+            format!("\\n{}", missing.join("; "))
+        },
         p50 = first("p50.dat"),
+        p90 = first("p90.dat"),
         p99 = first("p99.dat"),
+        rps = first("rps.dat"),
         mbs = first("mbs.dat"),
         cps = first("cps.dat"),
     );

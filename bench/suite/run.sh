@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for the data-path benchmark suite (root): installs the tools
 # it needs, then runs it. Extra arguments go to the bench binary (criterion
-# filters). KMESH_BENCH_QUICK=1 for a short run (~4.5 min); full ~11 min.
+# filters). KMESH_BENCH_QUICK=1 for a short run (under 6 min with the peers, once
+# built); full ~25 min. KMESH_BENCH_MESH_VARIANT="label:--flag ..." adds a
+# mesh row with extra daemon flags (docs/benchmarks.md).
 # Results: bench/results/suite-<date>.md and .png.
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,19 +1,24 @@
 //! The suite's test world: a client pod and a server pod on one node
 //! bridge, both in the harness's child cgroup, with the servers (kmesh-load
 //! echo/sink, sockperf, iperf3, qperf) and the user-space proxy running in the
-//! server pod, and the daemon started in whichever state a mode needs.
+//! server pod, the daemon started in whichever state a mode needs, and a
+//! peer's state (peers.rs) set up in the client pod for a peer mode.
 
 use std::{
     collections::BTreeMap,
     fmt,
     net::SocketAddr,
     process::{Child, Command, Stdio},
+    sync::OnceLock,
     time::{Duration, Instant},
 };
 
 use serde_json::{json, Value};
 
-use crate::harness::{Daemon, Env, Pod};
+use crate::{
+    harness::{Daemon, Env, Pod},
+    peers::{self, Peer},
+};
 
 pub const LOAD: &str = env!("CARGO_BIN_EXE_kmesh-load");
 pub const KMESH: &str = crate::harness::KMESH;
@@ -57,27 +62,89 @@ impl Server {
     }
 }
 
-/// The four paths the suite compares.
+/// The paths the suite compares.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Mode {
     /// Client to the server pod's IP, no kmesh programs attached.
     Direct,
     /// Client to the service VIP, redirected by connect4.
     Mesh,
+    /// As Mesh, with the daemon flags of KMESH_BENCH_MESH_VARIANT.
+    MeshVariant,
     /// As Mesh, with the daemon's `--accelerate` (same-host sockmap).
     Accel,
     /// Client to a user-space TCP proxy in the server pod (a sidecar or
     /// waypoint stand-in), no kmesh programs attached.
     Proxy,
+    /// Peer: kube-proxy's nftables mode (DNAT), no daemon.
+    Nftables,
+    /// Peer: kube-proxy's IPVS mode, no daemon.
+    Ipvs,
+    /// Peer: HAProxy in TCP mode on the VIP in the client pod, no daemon.
+    Haproxy,
+}
+
+/// A mesh row with extra daemon flags: (label, flags).
+pub type Variant = (String, Vec<String>);
+
+static VARIANT: OnceLock<Option<Variant>> = OnceLock::new();
+
+/// Parses KMESH_BENCH_MESH_VARIANT ("label:--flag value ..."); None if
+/// unset, a message naming what is wrong if malformed.
+pub fn parse_variant(v: &str) -> Result<Variant, String> {
+    let (label, flags) = v.split_once(':').ok_or_else(|| {
+        format!("KMESH_BENCH_MESH_VARIANT {v:?}: expected \"label:--flag value ...\"")
+    })?;
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if label.is_empty() || !label.chars().all(ok) {
+        return Err(format!(
+            "KMESH_BENCH_MESH_VARIANT: label {label:?} must be letters, digits, - or _"
+        ));
+    }
+    let flags: Vec<String> = flags.split_whitespace().map(String::from).collect();
+    if flags.first().is_none_or(|f| !f.starts_with("--")) {
+        return Err(format!(
+            "KMESH_BENCH_MESH_VARIANT: {v:?} names no daemon flag after the label"
+        ));
+    }
+    Ok((label.to_string(), flags))
+}
+
+/// Sets the variant once, before any Mode is printed.
+pub fn set_variant(v: Option<Variant>) {
+    VARIANT.set(v).expect("variant set twice");
+}
+
+pub fn variant() -> Option<&'static Variant> {
+    VARIANT.get().and_then(|v| v.as_ref())
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Direct, Mode::Mesh, Mode::Accel, Mode::Proxy];
+    pub const ALL: [Mode; 8] = [
+        Mode::Direct,
+        Mode::Mesh,
+        Mode::MeshVariant,
+        Mode::Accel,
+        Mode::Proxy,
+        Mode::Nftables,
+        Mode::Ipvs,
+        Mode::Haproxy,
+    ];
+
+    pub fn is_peer(self) -> bool {
+        matches!(self, Mode::Nftables | Mode::Ipvs | Mode::Haproxy)
+    }
+
+    /// The kmesh modes a peer must beat (or not) on each row.
+    pub fn is_ours(self) -> bool {
+        matches!(self, Mode::Mesh | Mode::MeshVariant | Mode::Accel)
+    }
 
     fn daemon(self) -> State {
         match self {
-            Mode::Direct | Mode::Proxy => State::Off,
+            Mode::Direct | Mode::Proxy | Mode::Nftables | Mode::Ipvs | Mode::Haproxy => State::Off,
             Mode::Mesh => State::Plain,
+            Mode::MeshVariant => State::Variant,
             Mode::Accel => State::Accelerated,
         }
     }
@@ -88,8 +155,14 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Direct => "direct",
             Mode::Mesh => "mesh",
+            Mode::MeshVariant => {
+                return write!(f, "mesh-{}", variant().map_or("variant", |v| v.0.as_str()))
+            }
             Mode::Accel => "accel",
             Mode::Proxy => "proxy",
+            Mode::Nftables => "nftables",
+            Mode::Ipvs => "ipvs",
+            Mode::Haproxy => "haproxy",
         })
     }
 }
@@ -98,17 +171,22 @@ impl fmt::Display for Mode {
 enum State {
     Off,
     Plain,
+    Variant,
     Accelerated,
 }
 
 pub struct World {
     daemon: Option<Daemon>,
     state: State,
+    /// The peer whose state is set up now, and for which mode.
+    peer: Option<(Mode, Peer)>,
     procs: Vec<Child>,
     pub client: Pod,
     pub server: Pod,
     pub cpu: Option<usize>,
     pub accel_supported: bool,
+    /// Why IPVS cannot run here, if it cannot.
+    pub ipvs_missing: Option<String>,
     /// Daemon counters summed over every daemon run, per daemon state.
     pub stats: BTreeMap<String, BTreeMap<String, u64>>,
     // Last: dropped after the processes living in its namespaces.
@@ -133,7 +211,7 @@ fn in_pod(pod: &Pod, cgroup: &std::path::Path, cpu: Option<usize>, argv: &[&str]
     c
 }
 
-fn listening(pod: &Pod, port: u16) -> bool {
+pub fn listening(pod: &Pod, port: u16) -> bool {
     let out = Command::new("ip")
         .args(["netns", "exec", &pod.netns, "ss", "-Hltn"])
         .arg(format!("sport = :{port}"))
@@ -165,9 +243,12 @@ impl World {
             .output()
             .expect("kmesh daemon --help");
         let accel_supported = String::from_utf8_lossy(&help.stdout).contains("--accelerate");
+        let ipvs_missing = peers::ipvs_probe(&client.netns).err();
         let mut w = World {
             daemon: None,
             state: State::Off,
+            peer: None,
+            ipvs_missing,
             procs: Vec::new(),
             client,
             server,
@@ -260,7 +341,13 @@ impl World {
         let (target, svc, px) = server.ports();
         match mode {
             Mode::Direct => SocketAddr::new(self.server.v4, target),
-            Mode::Mesh | Mode::Accel => SocketAddr::new(VIP.parse().unwrap(), svc),
+            Mode::Mesh | Mode::MeshVariant | Mode::Accel => {
+                SocketAddr::new(VIP.parse().unwrap(), svc)
+            }
+            // The client sees the VIP: the peers translate beneath it.
+            Mode::Nftables | Mode::Ipvs | Mode::Haproxy => {
+                SocketAddr::new(VIP.parse().unwrap(), svc)
+            }
             Mode::Proxy => SocketAddr::new(self.server.v4, px),
         }
     }
@@ -269,7 +356,9 @@ impl World {
     /// mesh modes were redirected rather than reaching something else.
     pub fn expected_peer(&self, mode: Mode, server: Server) -> SocketAddr {
         match mode {
-            Mode::Mesh | Mode::Accel => SocketAddr::new(self.server.v4, server.ports().0),
+            Mode::Mesh | Mode::MeshVariant | Mode::Accel => {
+                SocketAddr::new(self.server.v4, server.ports().0)
+            }
             _ => self.addr(mode, server),
         }
     }
@@ -315,26 +404,61 @@ impl World {
         d.stop();
     }
 
-    /// Puts the daemon in the state `mode` needs: not running, running, or
-    /// running with `--accelerate`.
+    /// Puts the daemon in the state `mode` needs (not running, running,
+    /// with the variant's flags or with `--accelerate`) and sets up the
+    /// peer a peer mode needs, removing any other's first.
     pub fn enter(&mut self, mode: Mode) -> Result<(), String> {
-        let want = mode.daemon();
+        if self.peer.as_ref().is_some_and(|(m, _)| *m != mode) {
+            self.peer = None;
+        }
+        self.enter_daemon(mode.daemon())?;
+        if mode.is_peer() && self.peer.is_none() {
+            self.peer = Some((mode, self.start_peer(mode)?));
+        }
+        Ok(())
+    }
+
+    fn start_peer(&self, mode: Mode) -> Result<Peer, String> {
+        let vip = VIP.parse().unwrap();
+        let backend = self.server.v4;
+        let ports: Vec<peers::PortMap> = Server::ALL
+            .iter()
+            .map(|s| (s.ports().1, s.ports().0))
+            .collect();
+        match mode {
+            Mode::Nftables => Peer::nftables(&self.client, vip, backend, &ports),
+            Mode::Ipvs => Peer::ipvs(&self.client, vip, backend, &ports),
+            Mode::Haproxy => {
+                let cfg = self.env.dir.join("haproxy.cfg");
+                let cmd = in_pod(&self.client, &self.env.cgroup, self.cpu, &[]);
+                Peer::haproxy(&self.client, vip, backend, &ports, &cfg, cmd)
+            }
+            m => Err(format!("{m} is not a peer")),
+        }
+    }
+
+    fn enter_daemon(&mut self, want: State) -> Result<(), String> {
         if want == self.state && (want == State::Off || self.daemon.is_some()) {
             return Ok(());
         }
         self.stop_daemon();
         self.state = want;
-        let extra: &[&str] = match want {
+        let extra: Vec<&str> = match want {
             State::Off => return Ok(()),
-            State::Plain => &[],
-            State::Accelerated => &["--accelerate"],
+            State::Plain => vec![],
+            State::Variant => {
+                variant().map_or(vec![], |v| v.1.iter().map(String::as_str).collect())
+            }
+            State::Accelerated => vec!["--accelerate"],
         };
         let config = self.config();
-        self.daemon = Some(self.env.daemon_args(&config, extra)?);
+        self.daemon = Some(self.env.daemon_args(&config, &extra)?);
         Ok(())
     }
 
+    /// Stops the daemon and removes any peer's state.
     pub fn leave_daemon(&mut self) {
+        self.peer = None;
         self.stop_daemon();
         self.state = State::Off;
     }
@@ -342,6 +466,7 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
+        self.peer = None;
         self.stop_daemon();
         for c in &mut self.procs {
             let _ = c.kill();
