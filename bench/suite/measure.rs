@@ -80,9 +80,14 @@ impl Samples {
 
     /// Median over runs of (this mode / direct) in the same run, so drift
     /// of the machine between runs cancels out.
-    pub fn ratio(&self, (g, m, metric): Key) -> Option<f64> {
+    pub fn ratio(&self, key: Key) -> Option<f64> {
+        self.ratio_to(key, Mode::Direct)
+    }
+
+    /// As `ratio`, against mode `base` instead of direct.
+    pub fn ratio_to(&self, (g, m, metric): Key, base: Mode) -> Option<f64> {
         let a = self.values.get(&(g, m, metric))?;
-        let d = self.values.get(&(g, Mode::Direct, metric))?;
+        let d = self.values.get(&(g, base, metric))?;
         median(
             a.iter()
                 .filter_map(|(r, v)| Some(v / d.get(r).filter(|x| **x > 0.0)?))
@@ -154,14 +159,22 @@ impl Cell<'_> {
         if echo {
             args.push("--echo".into());
         }
+        let cpu0 = self.w.daemon_cpu_seconds();
+        let t0 = std::time::Instant::now();
         let v = self.w.load("connect", &args)?;
+        let (cpu1, secs) = (self.w.daemon_cpu_seconds(), t0.elapsed().as_secs_f64());
         if num(&v, "errors")? > 0.0 {
             return Err(format!("connect errors: {v}"));
         }
-        Ok(vec![(
-            if echo { "cps_echo" } else { "cps" },
-            num(&v, "cps")?,
-        )])
+        let cps = num(&v, "cps")?;
+        let mut out = vec![(if echo { "cps_echo" } else { "cps" }, cps)];
+        // The daemon's own CPU while the kernel redirects the connects
+        // (the ring-buffer reader's work with telemetry on), as % of one
+        // core per 10k connections/s.
+        if let (Some(a), Some(b), false) = (cpu0, cpu1, echo) {
+            out.push(("cpu10k", (b - a) / secs * 100.0 / (cps / 1e4)));
+        }
+        Ok(out)
     }
 
     /// sockperf ping-pong. It reports half the round trip; stored doubled so

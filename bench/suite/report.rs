@@ -248,10 +248,10 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
             );
         }
     }
-    o.push_str("\n### Connect rate\n\n| mode | connects/s | × | connect + 1 B echo /s | × | peer ahead of |\n|---|--:|--:|--:|--:|---|\n");
+    o.push_str("\n### Connect rate\n\n| mode | connects/s | × | connect + 1 B echo /s | × | daemon CPU, % of a core per 10k connects/s | peer ahead of |\n|---|--:|--:|--:|--:|--:|---|\n");
     for m in rows(meta) {
         if let Some(why) = meta.missing.get(&m) {
-            let _ = writeln!(o, "| {m} | {why} ||||| ");
+            let _ = writeln!(o, "| {m} | {why} |||||| ");
             continue;
         }
         let g = Group::Connect;
@@ -261,13 +261,41 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
         }
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {a} |",
+            "| {} | {} | {} | {} | {} | {} | {a} |",
             name(m, &a),
             fmt(s.median((g, m, "cps"))),
             ratio(s.ratio((g, m, "cps"))),
             fmt(s.median((g, m, "cps_echo"))),
             ratio(s.ratio((g, m, "cps_echo"))),
+            s.median((g, m, "cpu10k"))
+                .map_or("–".into(), |v| format!("{v:.2}")),
         );
+    }
+    if let Some((label, flags)) = crate::world::variant().map(|v| (&v.0, &v.1)) {
+        let _ = writeln!(
+            o,
+            "\n### mesh-{label} vs mesh (daemon flags `{}`), same run\n\n| what | mesh | mesh-{label} | mesh-{label} / mesh |\n|---|--:|--:|--:|",
+            flags.join(" ")
+        );
+        for (what, g, k) in [
+            ("connects/s", Group::Connect, "cps"),
+            ("connect + 1 B echo /s", Group::Connect, "cps_echo"),
+            ("RR 64 B req/s", Group::Size(64), "rps"),
+            ("RR 64 B p50 µs", Group::Size(64), "p50"),
+            (
+                "daemon CPU, % of a core per 10k connects/s",
+                Group::Connect,
+                "cpu10k",
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "| {what} | {} | {} | {} |",
+                fmt(s.median((g, Mode::Mesh, k))),
+                fmt(s.median((g, Mode::MeshVariant, k))),
+                ratio(s.ratio_to((g, Mode::MeshVariant, k), Mode::Mesh)),
+            );
+        }
     }
     o.push_str("\n### Where a peer is ahead\n\n");
     if wins.is_empty() {

@@ -382,6 +382,19 @@ impl World {
         })
     }
 
+    /// CPU time (user + system) the running daemon has used, from
+    /// /proc/PID/stat; None when no daemon runs.
+    pub fn daemon_cpu_seconds(&self) -> Option<f64> {
+        let pid = self.daemon.as_ref()?.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // Fields after the command name, which may hold spaces: utime and
+        // stime are the 14th and 15th fields of the line.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()?? as f64)
+    }
+
     fn stop_daemon(&mut self) {
         let Some(mut d) = self.daemon.take() else {
             return;
