@@ -9,7 +9,11 @@
 //! - end to end: the real daemon subscribed to the in-repo control plane
 //!   holding all of them: time from the daemon's start until its maps hold
 //!   everything, and the daemon's RSS then, against the same daemon idle
-//!   (BPF map memory is kernel memory and not part of RSS).
+//!   (BPF map memory is kernel memory and not part of RSS);
+//! - changes (xds_scale/churn.rs): one pod, 100 and 1,000 pods moved
+//!   in-process; one pod moved end to end (control plane send -> map
+//!   write, 100 times); churn of 10 pushes/s x 100 pods for 60 s (the
+//!   daemon's CPU and RSS; KMESH_BENCH_QUICK=1: 10 s).
 //!
 //! Run: `cargo bench --bench xds_scale` (as root). Targets: apply <= 1 s,
 //! RSS <= 30 MB above idle. KMESH_BENCH_SMAPS=1 also lists the loaded
@@ -18,7 +22,13 @@
 #[path = "../tests/harness/mod.rs"]
 mod harness;
 
-use std::time::{Duration, Instant};
+#[path = "xds_scale/churn.rs"]
+mod churn;
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
 
 use criterion::{BatchSize, Criterion};
 use harness::xds::{address, service, workload_pb, Cp};
@@ -71,28 +81,40 @@ fn resources() -> Vec<(String, prost_types::Any)> {
         ));
     }
     for i in 0..WORKLOADS {
-        let ip = std::net::IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + i)); // 10.128.x.y
-        let (name, mut w) = workload_pb(
-            &format!("pod-{i}"),
-            &[ip],
-            &[&format!("svc-{}", i % SERVICES)],
-        );
-        // As istiod fills them for a pod: its node and cluster (100 pods
-        // per node).
-        w.node = format!("node-{}", i / 100);
-        w.cluster_id = "Kubernetes".into();
-        for list in w.services.values_mut() {
-            list.ports = [(80, 8080), (443, 8443)]
-                .map(|(service_port, target_port)| pb::Port {
-                    service_port,
-                    target_port,
-                    ..Default::default()
-                })
-                .to_vec();
-        }
-        v.push((name, address(pb::address::Type::Workload(w))));
+        v.push(pod(i, base_ip(i)));
     }
     v
+}
+
+/// Pod i's address as first sent, and the one it moves to and back from.
+fn base_ip(i: u32) -> IpAddr {
+    IpAddr::from(std::net::Ipv4Addr::from(0x0a80_0000 + i)) // 10.128.x.y
+}
+
+fn moved_ip(i: u32) -> IpAddr {
+    IpAddr::from(std::net::Ipv4Addr::from(0x0ac8_0000 + i)) // 10.200.x.y
+}
+
+/// Pod i at `ip`, backing one service with that service's port list, and
+/// with its node and cluster, as istiod fills them (100 pods per node).
+fn pod(i: u32, ip: IpAddr) -> (String, prost_types::Any) {
+    let (name, mut w) = workload_pb(
+        &format!("pod-{i}"),
+        &[ip],
+        &[&format!("svc-{}", i % SERVICES)],
+    );
+    w.node = format!("node-{}", i / 100);
+    w.cluster_id = "Kubernetes".into();
+    for list in w.services.values_mut() {
+        list.ports = [(80, 8080), (443, 8443)]
+            .map(|(service_port, target_port)| pb::Port {
+                service_port,
+                target_port,
+                ..Default::default()
+            })
+            .to_vec();
+    }
+    (name, address(pb::address::Type::Workload(w)))
 }
 
 /// The resources as one delta ADS response, encoded as it arrives.
@@ -226,6 +248,8 @@ fn main() {
         );
     }
 
+    churn::in_process(&raw);
+
     c.bench_function("xds/convert_and_apply_10k_services_100k_workloads", |b| {
         b.iter_batched(
             || MapWriter::new(Datapath::load(sizes()).unwrap()),
@@ -343,4 +367,15 @@ fn main() {
         let heap = heap.split("heap:").nth(1).unwrap_or_default();
         println!("  daemon's allocator            : {}", heap.trim());
     }
+
+    // Changes on the loaded daemon.
+    let map = churn::workload_map(&env.bpffs);
+    let mut at = churn::Where::new();
+    churn::one_pod_latency(&cp, &map, &mut at);
+    let secs = if quick { 10 } else { 60 };
+    churn::churn(&cp, &map, &mut at, d.pid(), secs, idle_rss);
+    let dump = d.dump();
+    assert_eq!(dump["maps"]["km_workload"]["entries"], WORKLOADS);
+    assert_eq!(dump["maps"]["km_endpoint"]["entries"], WORKLOADS);
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
 }

@@ -18,6 +18,7 @@
 
 mod admit;
 mod authz;
+mod clock;
 mod desired;
 mod dump;
 mod lists;
@@ -38,6 +39,7 @@ use crate::{
     },
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
+use clock::StageClock;
 use desired::{Desired, IdSpace};
 use written::{Prints, Written};
 
@@ -181,16 +183,23 @@ impl MapWriter {
 
     /// `apply` for several sources at once (see model::Layers).
     pub fn apply_layers(&mut self, model: Layers) -> Result<ApplyReport, WriterError> {
+        // Where an apply's time goes, stage by stage (debug log): the
+        // input to making each stage proportional to the change.
+        let mut clock = StageClock::new();
         let mut a = self.admit(model);
+        clock.lap("admit");
         let mut d = self.desired(model, &a);
+        clock.lap("desired");
         // Each round leaves out at least one more entry, so this ends.
         let mut fitted = self.fit(&d, model, &mut a);
         while let Ok(true) = fitted {
             d = self.desired(model, &a);
             fitted = self.fit(&d, model, &mut a);
         }
+        clock.lap("fit");
         let mut st = ApplyStats::default();
         let compiled = self.compile_authz(model, &d.identities);
+        clock.lap("authz");
         let result = fitted.and_then(|_| {
             // Before any entry that routes to a waypoint or turns on
             // acceleration is visible to connect().
@@ -205,6 +214,7 @@ impl MapWriter {
             a.notes.extend(self.sync_netns());
             self.write(&d, &compiled, model, &mut st)
         });
+        clock.lap("write");
         // Ids neither wanted nor still referenced by a map entry go.
         let w = &self.written;
         let svc_live: HashSet<u32> = w
@@ -228,6 +238,7 @@ impl MapWriter {
         self.extra_ids.retain(|_, id| {
             wl_live.contains(id) || (result.is_ok() && d.backends.contains_key(id))
         });
+        clock.lap("ids");
         result?;
         self.passthrough = d.passthrough;
         self.dns_hosts = model.hostnames();
@@ -250,6 +261,8 @@ impl MapWriter {
             tracing::warn!("{n}");
         }
         a.notes.extend(compiled.notes);
+        clock.lap("report");
+        tracing::debug!("apply stages: {clock}");
         self.last = ApplyReport {
             stats: st,
             rejected: a.rejected,
@@ -575,6 +588,8 @@ fn remove<K: Pod>(
     Ok(())
 }
 
+#[cfg(test)]
+mod prop_authz;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]

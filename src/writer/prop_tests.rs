@@ -1,9 +1,12 @@
 //! Random sequences of models applied one after another (services and
 //! workloads added, changed and removed; memberships, locality, health,
-//! waypoints, DNS answers, address conflicts and full maps) must leave the
+//! waypoints (by address and by service), identities, authorization
+//! policies, DNS answers, address conflicts and full maps) must leave the
 //! kernel maps consistent after every apply, and, where nothing was left
-//! out, holding what a fresh writer's full apply of the same model holds.
-//! Seeded, so a failure names the seed that reproduces it.
+//! out, holding what a new writer's full apply of the same model into new
+//! maps holds: the same entries by name, and the same authorization
+//! decision for every probed connection. Seeded, so a failure names the
+//! seed that reproduces it.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,14 +15,17 @@ use std::{
 };
 
 use libbpf_rs::MapCore;
+use serde_json::json;
 
+use super::prop_authz::decisions;
 use super::tests::{service, workload, writer};
 use super::*;
 use crate::{
+    authz::Policy,
     bpf::{endpoint_key, endpoint_value, service_value, workload_value, MapSizes},
     model::{
-        Addresses, HealthStatus, LbMode, LoadBalancing, Placement, Service, ServiceRef, Waypoint,
-        WaypointTarget, Workload, WorkloadExtra, Workloads,
+        Addresses, HealthStatus, LbMode, LoadBalancing, Placement, Scope, Service, ServiceRef,
+        Waypoint, WaypointTarget, Workload, WorkloadExtra, Workloads,
     },
 };
 
@@ -46,6 +52,50 @@ impl Rng {
 struct World {
     services: BTreeMap<String, Service>,
     workloads: Workloads,
+    policies: BTreeMap<String, Policy>,
+    /// Netns cookie → its address: the node's pods, whose addresses are
+    /// the destinations authorization is enforced for.
+    enrolled: BTreeMap<u64, IpAddr>,
+}
+
+/// A policy over what the sequence varies: source ranges, namespaces,
+/// service accounts, ports; ALLOW or DENY, some dry-run.
+fn random_policy(r: &mut Rng, i: u64) -> Policy {
+    let mut m = serde_json::Map::new();
+    if r.chance(40) {
+        let cidr = [
+            "10.244.0.0/26",
+            "10.244.0.64/27",
+            "192.0.2.0/24",
+            "0.0.0.0/0",
+        ];
+        m.insert("source_ips".into(), json!([cidr[r.below(4) as usize]]));
+    }
+    if r.chance(30) {
+        m.insert("namespaces".into(), json!([{"exact": "a"}]));
+    }
+    if r.chance(30) {
+        m.insert(
+            "service_accounts".into(),
+            json!([{"namespace": "default", "service_account": "x"}]),
+        );
+    }
+    if r.chance(40) {
+        let port = [8080, 80, 22][r.below(3) as usize];
+        m.insert("destination_ports".into(), json!([port]));
+    }
+    let namespace = ["default", "a"][r.below(2) as usize];
+    let scope = ["GLOBAL", "NAMESPACE"][r.below(2) as usize];
+    let action = ["ALLOW", "DENY"][r.below(2) as usize];
+    let p = json!({
+        "name": format!("p{i}"),
+        "namespace": namespace,
+        "scope": scope,
+        "action": action,
+        "dry_run": r.chance(20),
+        "rules": [{"clauses": [{"matches": [m]}]}],
+    });
+    serde_json::from_value(p).expect("a valid policy")
 }
 
 const SERVICES: u64 = 8;
@@ -76,13 +126,24 @@ fn random_service(r: &mut Rng, i: u64) -> Service {
             target: WaypointTarget::Address("10.244.9.1".parse().unwrap()),
             port: 15008,
         });
+    } else if r.chance(10) {
+        // Another service's first VIP: a change there changes this one.
+        s.waypoint = Some(service_waypoint(r));
     }
     s
 }
 
+fn service_waypoint(r: &mut Rng) -> Waypoint {
+    let key = format!("default/s{}.default.svc.cluster.local", r.below(SERVICES));
+    Waypoint {
+        target: WaypointTarget::Service(key.into()),
+        port: 15008,
+    }
+}
+
 fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
     let keys: Vec<&Service> = w.services.values().collect();
-    let ip = format!("10.244.0.{}", r.below(WORKLOADS * 4));
+    let ip = format!("10.244.0.{}", r.below(WORKLOADS * 8));
     let mut wl = match keys.first() {
         Some(s) => workload(uid, &ip, s),
         None => workload(uid, &ip, &service("none", "10.96.9.9")),
@@ -106,10 +167,22 @@ fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
         });
     }
     wl.services = members.into();
+    wl.scope = Arc::new(Scope {
+        namespace: ["default", "a"][r.below(2) as usize].into(),
+        service_account: ["x", "y"][r.below(2) as usize].into(),
+        ..Scope::default()
+    });
+    let waypoint = r.chance(10).then(|| service_waypoint(r));
     if r.chance(20) {
         wl.addresses = Addresses::None;
         wl.set_extra(WorkloadExtra {
             hostname: Some(format!("h{}.example.test", r.below(3)).into()),
+            waypoint,
+            ..Default::default()
+        });
+    } else if waypoint.is_some() {
+        wl.set_extra(WorkloadExtra {
+            waypoint,
             ..Default::default()
         });
     }
@@ -128,9 +201,45 @@ fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
 }
 
 impl World {
+    /// Enrolls or unenrolls a netns of this node.
+    fn enroll(&mut self, r: &mut Rng) {
+        // A pod of this node: usually a workload's address.
+        let c = 1 + r.below(6);
+        let ips: Vec<IpAddr> = self
+            .workloads
+            .iter()
+            .flat_map(|w| w.addresses.iter().copied().collect::<Vec<_>>())
+            .collect();
+        match r.below(4) {
+            0 => {
+                self.enrolled.remove(&c);
+            }
+            _ if !ips.is_empty() => {
+                let ip = ips[r.below(ips.len() as u64) as usize];
+                if !self.enrolled.values().any(|x| *x == ip) {
+                    self.enrolled.insert(c, ip);
+                }
+            }
+            _ => {}
+        }
+    }
+
     fn step(&mut self, r: &mut Rng) {
+        if r.chance(25) {
+            self.enroll(r);
+        }
         for _ in 0..=r.below(4) {
-            match r.below(6) {
+            match r.below(8) {
+                6 if r.chance(50) => {
+                    let i = r.below(4);
+                    let p = random_policy(r, i);
+                    self.policies.insert(p.key(), p);
+                }
+                6 => self.enroll(r),
+                7 => {
+                    let key = format!("{}/p{}", ["default", "a"][r.below(2) as usize], r.below(4));
+                    self.policies.remove(&key);
+                }
                 0 | 1 => {
                     let i = r.below(SERVICES);
                     let s = random_service(r, i);
@@ -160,6 +269,17 @@ impl World {
             m.insert_service(s.clone());
         }
         m.workloads = self.workloads.clone();
+        for p in self.policies.values() {
+            m.policies.insert(p.clone());
+        }
+        for (c, ip) in &self.enrolled {
+            let e = crate::model::Enrollment {
+                source: format!("netns {c}"),
+                waypoint: false,
+                addrs: vec![*ip],
+            };
+            m.enrolled.insert(*c, e);
+        }
         m
     }
 }
@@ -186,6 +306,23 @@ struct Seen {
     endpoints: BTreeMap<String, BTreeMap<u32, BTreeSet<String>>>,
     workloads: BTreeMap<String, String>,
     entries: BTreeMap<&'static str, usize>,
+    /// "src -> dst:port" → the decision, where dst has policies.
+    authz: BTreeMap<String, String>,
+}
+
+/// Probed connections: from some workloads, an outside address and the
+/// node's, to every workload address, on the policies' ports and another.
+fn probes(model: &Model) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    let dsts: Vec<IpAddr> = model
+        .workloads
+        .iter()
+        .flat_map(|w| w.addresses.iter().copied().collect::<Vec<_>>())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut srcs: Vec<IpAddr> = dsts.iter().step_by(3).copied().collect();
+    srcs.extend(["192.0.2.7", "10.1.2.3", "fd00::7"].map(|a| a.parse::<IpAddr>().unwrap()));
+    (srcs, dsts)
 }
 
 /// Reads the kernel maps, checking the invariants the programs rely on:
@@ -248,7 +385,11 @@ fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
             .or_default()
             .entry(key.prio)
             .or_default()
-            .insert(format!("{base} {addrs:?} {:x}", v.flags));
+            .insert(format!(
+                "{base} {addrs:?} {:x} {:?}",
+                v.flags,
+                v.waypoint.as_bytes()
+            ));
     }
     for (sid, c) in &counts {
         for (prio, n) in c.iter().enumerate() {
@@ -260,14 +401,33 @@ fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
         }
     }
     let wmap = dp.map(MapId::Workload);
-    let mut workloads = BTreeMap::new();
+    let mut held = Vec::new();
     for k in wmap.keys() {
         let v = workload_value::from_bytes(&wmap.lookup(&k, MapFlags::ANY).unwrap().unwrap())
             .unwrap()
             .to_owned();
         let ip = crate::bpf::addr_key::from_bytes(&k).unwrap().addr.to_ip();
-        workloads.insert(ip.to_string(), uid(v.workload_id));
+        held.push((ip, uid(v.workload_id), v));
     }
+    // Identity numbers depend on the writer's history; which entries
+    // share one does not: each is named by the first uid holding it.
+    held.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut ident: HashMap<u32, String> = HashMap::from([(0, "-".to_string())]);
+    for (_, uid, v) in &held {
+        ident.entry(v.identity).or_insert_with(|| uid.clone());
+    }
+    let workloads = held
+        .iter()
+        .map(|(ip, uid, v)| {
+            let wp = format!("{:?}", v.waypoint.as_bytes());
+            (
+                ip.to_string(),
+                format!("{uid} id={} wp={wp}", ident[&v.identity]),
+            )
+        })
+        .collect();
+    let (srcs, dsts) = probes(model);
+    let authz = decisions(w, &srcs, &dsts, &[80, 8080, 22]);
     let entries = [MapId::Vip, MapId::Workload, MapId::Endpoint, MapId::Port]
         .into_iter()
         .map(|id| (id.name(), dp.map(id).keys().count()))
@@ -277,6 +437,7 @@ fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
         endpoints,
         workloads,
         entries,
+        authz,
     })
 }
 
@@ -298,11 +459,12 @@ fn random_update_sequences_match_a_fresh_full_apply() {
             },
             network: String::new(),
         });
-        // Emptied before each comparison: a full apply from empty maps.
+        // Reused, emptied and checked empty before each comparison (a
+        // new writer loads the programs: ~0.25 s each), and replaced by a
+        // new one on new maps every 8th.
         let mut fresh = writer(small);
-        fresh.set_local_node(w.local.clone());
         let mut world = World::default();
-        let (mut compared, mut refused) = (0, 0);
+        let (mut compared, mut refused, mut decided) = (0, 0, 0);
         for step in 0..60 {
             world.step(&mut r);
             let resolved = answers(&mut r);
@@ -316,18 +478,41 @@ fn random_update_sequences_match_a_fresh_full_apply() {
                 refused += 1;
                 continue;
             }
-            fresh.apply(&Model::default()).unwrap();
+            if compared % 8 == 0 {
+                fresh = writer(small);
+            } else {
+                fresh.apply(&Model::default()).unwrap();
+                // (Config and the policy counters are arrays.)
+                let hashes = MapId::WRITTEN
+                    .into_iter()
+                    .filter(|id| ![MapId::Config, MapId::AuthzCount].contains(id));
+                for id in hashes {
+                    let left = fresh.datapath().map(id).keys().count();
+                    assert_eq!(
+                        left,
+                        0,
+                        "seed {seed} step {step}: {} not emptied",
+                        id.name()
+                    );
+                }
+            }
+            fresh.set_local_node(w.local.clone());
             fresh.set_resolved(resolved);
             let fr = fresh.apply(&m).unwrap();
             assert!(fr.rejected.is_empty(), "seed {seed} step {step}: {fr:?}");
             let want = read(&fresh, &m).unwrap();
             assert_eq!(seen, want, "seed {seed} step {step}");
             compared += 1;
+            decided += usize::from(!want.authz.is_empty());
         }
         assert!(
             compared >= 15,
             "seed {seed}: only {compared} steps compared"
         );
         assert!(refused >= 1, "seed {seed}: no step left anything out");
+        assert!(
+            decided >= 5,
+            "seed {seed}: policies decided in only {decided} steps"
+        );
     }
 }

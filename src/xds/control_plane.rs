@@ -43,6 +43,9 @@ struct Inner {
     killed: watch::Sender<u64>,
     /// Resources go out without a version, as istiod sends addresses.
     unversioned: std::sync::atomic::AtomicBool,
+    /// When the last response was handed to a stream (benches time from
+    /// here to the daemon's map write).
+    last_send: Mutex<Option<std::time::Instant>>,
 }
 
 /// A batch of changes published as one version.
@@ -86,6 +89,7 @@ impl ControlPlane {
                 changed: watch::channel(0).0,
                 killed: watch::channel(0).0,
                 unversioned: false.into(),
+                last_send: Mutex::new(None),
             }),
         }
     }
@@ -132,6 +136,15 @@ impl ControlPlane {
 
     pub fn acks(&self) -> u64 {
         self.lock().acks
+    }
+
+    /// When the last response was handed to a stream for sending.
+    pub fn last_send(&self) -> Option<std::time::Instant> {
+        *self
+            .inner
+            .last_send
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Streams ever opened (reconnects count).
@@ -265,6 +278,11 @@ impl ControlPlane {
             }
             for t in push {
                 if let Some(resp) = self.diff(&t, sent.entry(t.clone()).or_default()) {
+                    *self
+                        .inner
+                        .last_send
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
                     if out.send(Ok(resp)).await.is_err() {
                         return;
                     }
