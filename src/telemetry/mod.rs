@@ -44,9 +44,35 @@ const MAX_OPEN: usize = 1 << 18;
 /// with the service the client addressed.
 pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), Option<Arc<ServiceInfo>>>;
 
+/// The five counters of one label set, shared with their families (a
+/// prometheus-client counter is a handle on one atomic).
+#[derive(Clone)]
+struct Counters {
+    opened: prometheus_client::metrics::counter::Counter,
+    closed: prometheus_client::metrics::counter::Counter,
+    failed: prometheus_client::metrics::counter::Counter,
+    sent: prometheus_client::metrics::counter::Counter,
+    received: prometheus_client::metrics::counter::Counter,
+}
+
+/// Label sets seen since the index last changed, by the identity of what
+/// they are made of: (index generation, source workload, destination
+/// workload, service, response flags, reporter); the addresses are those
+/// of that generation's entries, which it holds while it is current. Building and hashing 23 labels per
+/// event was most of the reader's cost per connection.
+#[derive(Default)]
+pub struct LabelCache(HashMap<(u64, usize, usize, usize, usize, bool), Counters>);
+
+const MAX_LABEL_SETS: usize = 1 << 14;
+
+fn ptr<T>(a: Option<&T>) -> usize {
+    a.map_or(0, |a| a as *const T as usize)
+}
+
 /// What the reader shares with the daemon.
 pub struct Telemetry {
-    index: Mutex<Arc<Index>>,
+    /// The model's index and its generation (one per refresh).
+    index: Mutex<(u64, Arc<Index>)>,
     metrics: TcpMetrics,
     pub access_log: Arc<AccessLog>,
 }
@@ -60,7 +86,7 @@ impl std::fmt::Debug for Telemetry {
 impl Telemetry {
     pub fn new(metrics: TcpMetrics, access_log: Arc<AccessLog>) -> Telemetry {
         Telemetry {
-            index: Mutex::new(Arc::new(Index::default())),
+            index: Mutex::new((0, Arc::new(Index::default()))),
             metrics,
             access_log,
         }
@@ -69,10 +95,11 @@ impl Telemetry {
     /// After an apply: the names from now on.
     pub fn refresh(&self, layers: Layers) {
         let ix = Arc::new(Index::build(layers));
-        *self.index.lock().unwrap_or_else(|e| e.into_inner()) = ix;
+        let mut cur = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        *cur = (cur.0 + 1, ix);
     }
 
-    fn index(&self) -> Arc<Index> {
+    fn index(&self) -> (u64, Arc<Index>) {
         self.index.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
@@ -83,10 +110,11 @@ impl Telemetry {
             .name("telemetry".into())
             .spawn(move || {
                 let mut open = OpenConns::new();
+                let mut cache = LabelCache::default();
                 let mut builder = libbpf_rs::RingBufferBuilder::new();
                 let cb = |data: &[u8]| -> i32 {
                     if let Some(e) = ConnEvent::parse(data) {
-                        self.handle(&e, &mut open);
+                        self.handle(&e, &mut open, &mut cache);
                     }
                     0
                 };
@@ -102,8 +130,14 @@ impl Telemetry {
                         return;
                     }
                 };
+                // The data path wakes this thread only when the ring is
+                // an eighth full (bpf/lib/telemetry.h); otherwise events
+                // are collected here every 50 ms, in one batch.
                 loop {
-                    if let Err(e) = rb.poll(Duration::from_millis(500)) {
+                    let r = rb
+                        .poll(Duration::from_millis(50))
+                        .and_then(|_| rb.consume());
+                    if let Err(e) = r {
                         if e.kind() != libbpf_rs::ErrorKind::Interrupted {
                             tracing::error!("telemetry: reader stopped: {e}");
                             return;
@@ -116,8 +150,8 @@ impl Telemetry {
     }
 
     /// One event: metrics, and the access log line of a close.
-    pub fn handle(&self, e: &ConnEvent, open: &mut OpenConns) {
-        let ix = self.index();
+    pub fn handle(&self, e: &ConnEvent, open: &mut OpenConns, cache: &mut LabelCache) {
+        let (generation, ix) = self.index();
         let (client, server) = e.endpoints();
         let key = (client, server, e.passive);
         // The service: the client's original destination; at the server,
@@ -153,7 +187,35 @@ impl Telemetry {
             }
             Kind::Close(Reason::Reset | Reason::Timeout) => metrics::FLAG_UPSTREAM_RESET,
         };
-        let labels = metrics::labels(&parties, flags);
+        let key = (
+            generation,
+            ptr(parties.src),
+            ptr(parties.dst),
+            ptr(parties.service),
+            flags.as_ptr() as usize,
+            parties.source,
+        );
+        let c = match cache.0.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                // A new index (an apply) or too many sets: start over, so
+                // no entry outlives what its key points to.
+                let stale = cache.0.keys().next().is_some_and(|k| k.0 != generation);
+                if stale || cache.0.len() >= MAX_LABEL_SETS {
+                    cache.0.clear();
+                }
+                let labels = metrics::labels(&parties, flags);
+                let c = Counters {
+                    opened: m.opened.get_or_create(&labels).clone(),
+                    closed: m.closed.get_or_create(&labels).clone(),
+                    failed: m.failed.get_or_create(&labels).clone(),
+                    sent: m.sent.get_or_create(&labels).clone(),
+                    received: m.received.get_or_create(&labels).clone(),
+                };
+                cache.0.insert(key, c.clone());
+                c
+            }
+        };
         let (to_server, to_client) = if e.passive {
             (e.received, e.sent)
         } else {
@@ -161,19 +223,19 @@ impl Telemetry {
         };
         match e.kind {
             Kind::Open => {
-                m.opened.get_or_create(&labels).inc();
+                c.opened.inc();
                 return;
             }
             Kind::Close(Reason::ConnectFailed) => {
-                m.failed.get_or_create(&labels).inc();
+                c.failed.inc();
             }
             Kind::Close(_) => {
                 // Istio's (Envoy's) sense, the same for both reporters:
                 // received = the request direction (client to server),
                 // sent = the response direction.
-                m.closed.get_or_create(&labels).inc();
-                m.received.get_or_create(&labels).inc_by(to_server);
-                m.sent.get_or_create(&labels).inc_by(to_client);
+                c.closed.inc();
+                c.received.inc_by(to_server);
+                c.sent.inc_by(to_client);
             }
         }
         let Kind::Close(reason) = e.kind else { return };
