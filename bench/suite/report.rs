@@ -293,7 +293,12 @@ pub fn markdown(s: &Samples, meta: &Meta) -> String {
                 "| {what} | {} | {} | {} |",
                 fmt(s.median((g, Mode::Mesh, k))),
                 fmt(s.median((g, Mode::MeshVariant, k))),
-                ratio(s.ratio_to((g, Mode::MeshVariant, k), Mode::Mesh)),
+                // No ratio against the mesh row's idle daemon.
+                if k == "cpu10k" {
+                    "–".into()
+                } else {
+                    ratio(s.ratio_to((g, Mode::MeshVariant, k), Mode::Mesh))
+                },
             );
         }
     }
