@@ -36,11 +36,14 @@ fail() {
   echo "VERIFY FAILED: $*" >&2
   exit 1
 }
+# per_pod: kmesh-probe's connect lines on stdin -> "web-1=N web-2=M ".
+per_pod() {
+  grep -o '"name":"[^"]*"' | cut -d'"' -f4 | sort | uniq -c | awk '{printf "%s=%s ", $2, $1} END {print ""}'
+}
 # connects N VIP:PORT from the client pod; prints how many landed on each pod.
 landed() {
   echo "\$ kmesh-probe --netns /run/netns/$CLIENT --cgroup $CG connect $2 --count $1  # pods counted" >&2
-  "$BIN/kmesh-probe" --netns "/run/netns/$CLIENT" --cgroup "$CG" connect "$2" --count "$1" --timeout-ms 1000 |
-    grep -o '"name":"[^"]*"' | cut -d'"' -f4 | sort | uniq -c | awk '{printf "%s=%s ", $2, $1} END {print ""}'
+  "$BIN/kmesh-probe" --netns "/run/netns/$CLIENT" --cgroup "$CG" connect "$2" --count "$1" --timeout-ms 1000 | per_pod
 }
 # dump_services KEY...: each service's name and the given keys from `kmesh ctl dump`.
 dump_services() {

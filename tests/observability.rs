@@ -13,7 +13,7 @@ use std::{
 };
 
 use harness::{
-    http::{self, get, get_when_up, request, sample, HttpPorts},
+    http::{self, get, get_when_up, request, sample, scrape, HttpPorts},
     tally, time_scale, web_config, xds, Daemon, Env, Pod, KMESH,
 };
 use serde_json::{json, Value};
@@ -34,17 +34,6 @@ fn web_world(env: &mut Env) -> (Pod, Daemon, HttpPorts) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = env.daemon_args(&cfg, &args).expect("daemon starts");
     (client, d, ports)
-}
-
-fn scrape(ports: &HttpPorts) -> String {
-    let r = get_when_up(ports.metrics, "/metrics", Duration::from_secs(10));
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert!(
-        r.content_type.starts_with("application/openmetrics-text"),
-        "{}",
-        r.content_type
-    );
-    r.body
 }
 
 fn ctl(d: &Daemon, args: &[&str]) -> std::process::Output {

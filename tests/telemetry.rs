@@ -13,7 +13,7 @@ use std::{
 };
 
 use harness::{
-    http::{get_when_up, request, HttpPorts},
+    http::{request, scrape, HttpPorts},
     time_scale, web_config, Daemon, Env, Pod, KMESH,
 };
 use serde_json::{json, Value};
@@ -57,12 +57,6 @@ fn world(env: &mut Env, extra: &[&str]) -> (Pod, Daemon, HttpPorts) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let d = env.daemon_args(&cfg, &args).expect("daemon starts");
     (client, d, ports)
-}
-
-fn scrape(ports: &HttpPorts) -> String {
-    let r = get_when_up(ports.metrics, "/metrics", Duration::from_secs(10));
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.body
 }
 
 /// The sum of `metric`'s samples whose labels include every `want` pair.

@@ -56,8 +56,7 @@ done
 
 step "30 connects from a client outside the mesh (netns $PODS, not enrolled) to the gateway"
 echo "\$ kmesh-probe --netns /run/netns/$PODS connect 10.244.0.2:8000 --count 30  # pods counted"
-out=$("$BIN/kmesh-probe" --netns "/run/netns/$PODS" connect 10.244.0.2:8000 --count 30 --timeout-ms 2000 |
-  grep -o '"name":"[^"]*"' | cut -d'"' -f4 | sort | uniq -c | awk '{printf "%s=%s ", $2, $1} END {print ""}')
+out=$("$BIN/kmesh-probe" --netns "/run/netns/$PODS" connect 10.244.0.2:8000 --count 30 --timeout-ms 2000 | per_pod)
 echo "$out"
 for p in web-1 web-2 web-3; do
   echo "$out" | grep -q "$p=" || fail "$p got none of 30 connections through the gateway"

@@ -148,3 +148,16 @@ pub fn sample(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// The daemon's /metrics on `ports`, waiting up to 10 s for the server:
+/// a 200 in OpenMetrics text, or the test fails.
+pub fn scrape(ports: &HttpPorts) -> String {
+    let r = get_when_up(ports.metrics, "/metrics", Duration::from_secs(10));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.content_type.starts_with("application/openmetrics-text"),
+        "{}",
+        r.content_type
+    );
+    r.body
+}
