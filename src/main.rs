@@ -214,6 +214,14 @@ struct DaemonArgs {
     cni_enroll_namespace: Vec<String>,
 }
 
+/// An admin-socket request: the command, and its argument when given.
+fn with_arg(cmd: &str, arg: Option<String>) -> String {
+    match arg {
+        Some(a) => format!("{cmd} {}", a.trim()),
+        None => cmd.to_string(),
+    }
+}
+
 fn on_off(s: &str) -> Result<bool, String> {
     match s {
         "on" => Ok(true),
@@ -501,13 +509,7 @@ fn main() -> ExitCode {
                         level,
                         admin_socket,
                         timeout,
-                    } => {
-                        let request = match level {
-                            Some(l) => format!("log-level {}", l.trim()),
-                            None => "log-level".to_string(),
-                        };
-                        (admin_socket, timeout, request)
-                    }
+                    } => (admin_socket, timeout, with_arg("log-level", level)),
                     CtlCmd::Metrics {
                         admin_socket,
                         timeout,
@@ -516,13 +518,7 @@ fn main() -> ExitCode {
                         format,
                         admin_socket,
                         timeout,
-                    } => {
-                        let request = match format {
-                            Some(f) => format!("access-log {}", f.trim()),
-                            None => "access-log".to_string(),
-                        };
-                        (admin_socket, timeout, request)
-                    }
+                    } => (admin_socket, timeout, with_arg("access-log", format)),
                     CtlCmd::CheckConfig { .. } => unreachable!("matched above"),
                 };
                 let out = admin::request(&admin_socket, &request, timeout)
