@@ -23,7 +23,7 @@ use crate::{
     dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
     http::{self, AdminState, HttpOptions, Metrics, Readiness},
     logging::LogControl,
-    model::{Layers, LocalNode, Model, ResolvedHosts},
+    model::{Changes, Layers, LocalNode, Model, ResolvedHosts},
     telemetry::{AccessLog, Telemetry},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
@@ -108,22 +108,78 @@ struct Sources {
 
 impl Sources {
     fn with_layers<R>(&self, f: impl FnOnce(Layers) -> R) -> R {
+        self.locked(false, |layers, _| f(layers))
+    }
+
+    /// `with_layers`, with what the xDS source changed since the last
+    /// call, taken under the same lock: every apply takes it (after a full
+    /// one it is already in the maps).
+    fn with_changes<R>(&self, f: impl FnOnce(Layers, Changes) -> R) -> R {
+        self.locked(true, f)
+    }
+
+    fn locked<R>(&self, take: bool, f: impl FnOnce(Layers, Changes) -> R) -> R {
         let file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let cni = self.cni.lock().unwrap_or_else(|e| e.into_inner());
-        let guard = self
+        let mut guard = self
             .xds
             .as_ref()
             .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()));
+        let changes = match guard.as_mut() {
+            Some(g) if take => g.take_changes(),
+            _ => Changes::default(),
+        };
         let empty = Model::default();
         let xds_model = guard.as_ref().map_or(&empty, |g| &g.model);
-        f(Layers(&[&file, &cni.model, xds_model]))
+        f(Layers(&[&file, &cni.model, xds_model]), changes)
     }
+}
+
+/// An xDS update applied in proportion to what it changed (writer/delta.rs),
+/// or None where only a full apply will do.
+fn apply_changes(
+    writer: &Mutex<MapWriter>,
+    sources: &Sources,
+    telemetry: &Telemetry,
+) -> Option<Verdict> {
+    let (result, changes) = sources.with_changes(|layers, changes| {
+        let result = writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply_changes(layers, &changes)?;
+        if result.is_ok() {
+            telemetry.update(layers, &changes);
+        }
+        Some((result, changes))
+    })?;
+    Some(match result {
+        Ok(r) => {
+            tracing::info!(
+                "xDS update: applied {} services, {} workloads changed, incrementally ({} map updates, {} deletes)",
+                changes.services.len(),
+                changes.workloads.len(),
+                r.stats.updates,
+                r.stats.deletes,
+            );
+            Verdict {
+                rejected: r.rejected,
+                failed: None,
+            }
+        }
+        Err(e) => {
+            tracing::error!("xDS update: apply failed, the maps converge at the next apply: {e}");
+            Verdict {
+                rejected: Vec::new(),
+                failed: Some(e.to_string()),
+            }
+        }
+    })
 }
 
 /// Makes the maps hold the sources' models. Returns the hostnames the
 /// resolver must watch, and what was left out (for the xDS client's ACK).
 fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> (BTreeSet<String>, Verdict) {
-    let out = sources.with_layers(|layers| {
+    let out = sources.with_changes(|layers, _| {
         let out = apply_layers(writer, layers, why);
         cut_denied(writer, layers);
         out
@@ -573,6 +629,18 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     tracing::error!("{why}: config rejected, previous state kept: {e}");
                     continue;
                 }
+            }
+        }
+        if reply.is_some() && !reread_file && cni_pending.is_none() {
+            let started = Instant::now();
+            if let Some(verdict) = apply_changes(&writer, &sources, &telemetry) {
+                let took = started.elapsed();
+                metrics.applied("xDS update (incremental)", took, verdict.failed.is_some());
+                if let Some(reply) = reply {
+                    // The client may have gone with its stream.
+                    let _ = reply.send(verdict);
+                }
+                continue;
             }
         }
         // An xDS update that would be left out goes back to the version it

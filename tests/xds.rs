@@ -515,3 +515,55 @@ fn seven_routing_scopes_are_nacked_not_a_crash() {
     );
     assert!(d.dump()["rejected"].to_string().contains("far"));
 }
+
+/// A push that changes one pod is applied in proportion to it (the
+/// writer's incremental path, counted as its own trigger), and traffic
+/// follows it: web-2 moves to the third pod's address.
+#[test]
+fn a_one_pod_push_is_applied_incrementally() {
+    use harness::http::{sample, scrape, HttpPorts};
+    let mut env = Env::new();
+    let client = env.pod(2, &[]);
+    let pods = env.backends(3);
+    let cp = Cp::start(None);
+    cp.cp.update(|b| set_web(b, &pods[..2]));
+    let ports = HttpPorts::new();
+    let mut args = ports.args();
+    args.extend(["--xds-address".into(), cp.url()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let d = env.daemon_args(&enroll_only(&client), &args).unwrap();
+    wait_endpoints(&d, &["web-1", "web-2"]);
+    let incremental = || {
+        sample(
+            &scrape(&ports),
+            "kmesh_applies_total{trigger=\"xds_incremental\"}",
+        )
+    };
+    let before = incremental().unwrap_or(0.0);
+
+    cp.cp.update(|b| {
+        let (n, w) = workload("web-2", &ips(&pods[2]), &["web"]);
+        b.set(&n, w);
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10) * harness::time_scale();
+    while incremental().unwrap_or(0.0) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no incremental apply:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = tally(&env.connect(&client, "10.96.0.10:80", 40));
+    assert_eq!(t.keys().collect::<Vec<_>>(), ["web-1", "web-3"], "{t:?}");
+    // Directly, the old address is no workload's any more.
+    let dump = d.dump();
+    let old = pods[1].v4.to_string();
+    assert!(
+        !dump["workloads"]
+            .to_string()
+            .contains(&format!("\"{old}\"")),
+        "{dump}"
+    );
+    assert!(cp.cp.nacks().is_empty(), "{:?}", cp.cp.nacks());
+}

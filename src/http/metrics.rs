@@ -82,6 +82,7 @@ pub fn trigger(why: &str) -> &'static str {
         "SIGHUP" => "sighup",
         "config file changed" => "file",
         "xDS update" => "xds",
+        "xDS update (incremental)" => "xds_incremental",
         "DNS answers changed" => "dns",
         _ => "other",
     }
@@ -97,7 +98,7 @@ impl Metrics {
         let applies = Family::<TriggerLabel, Counter>::default();
         let apply_failures = Family::<TriggerLabel, Counter>::default();
         // 0.5 ms (a small file) to ~16 s (100k workloads on a slow node).
-        let apply_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let apply_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 18));
         registry.register(
             "applies",
             "Applies of the config/xDS state to the maps, by what triggered them",

@@ -429,6 +429,61 @@ impl Model {
     }
 }
 
+/// What a source changed since the maps were last written, with the
+/// versions it replaced, so that the writer's work is proportional to the
+/// change (writer/delta.rs). A key may appear more than once; its first
+/// entry holds the version the maps were written from.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Service key → the version before (None: there was none).
+    pub services: Vec<(Arc<str>, Option<Box<Service>>)>,
+    /// Workload uid → the version before.
+    pub workloads: Vec<(Box<str>, Option<Workload>)>,
+    /// Something changed that is not tracked here (policies, or more
+    /// entries than are worth tracking one by one): only a full apply
+    /// will do.
+    pub whole: bool,
+}
+
+/// Beyond this many entries one push is applied whole: its cost is then
+/// the full apply's anyway, and the old versions are not kept.
+pub const MAX_TRACKED_CHANGES: usize = 4096;
+
+impl Changes {
+    /// Nothing tracked and nothing else changed.
+    pub fn is_empty(&self) -> bool {
+        !self.whole && self.services.is_empty() && self.workloads.is_empty()
+    }
+
+    fn full(&self) -> bool {
+        self.whole || self.services.len() + self.workloads.len() >= MAX_TRACKED_CHANGES
+    }
+
+    fn give_up(&mut self) {
+        self.whole = true;
+        self.services = Vec::new();
+        self.workloads = Vec::new();
+    }
+
+    pub fn service(&mut self, key: Arc<str>, old: Option<Box<Service>>) {
+        if self.full() {
+            return self.give_up();
+        }
+        self.services.push((key, old));
+    }
+
+    pub fn workload(&mut self, uid: &str, old: Option<Workload>) {
+        if self.full() {
+            return self.give_up();
+        }
+        self.workloads.push((uid.into(), old));
+    }
+
+    pub fn everything(&mut self) {
+        self.give_up();
+    }
+}
+
 /// Several sources' models seen as one, without copying them: where two
 /// layers define the same service key or workload uid, the later layer
 /// wins (the daemon puts xDS above the config file). Enrolled netns are

@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::model::{canonical, Layers};
+use crate::model::{canonical, Changes, Layers, Service, Workload};
 
 /// What a workload contributes to the labels.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct ServiceInfo {
 }
 
 /// Lookups by address, built once per apply.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Index {
     workloads: HashMap<IpAddr, Arc<WorkloadInfo>>,
     /// VIP → service; (VIP, port) where a VIP's services differ by port.
@@ -39,6 +39,27 @@ fn or_unknown(s: &str) -> Arc<str> {
     Arc::from(if s.is_empty() { "unknown" } else { s })
 }
 
+fn workload_info(w: &Workload) -> Arc<WorkloadInfo> {
+    let id = w.identity();
+    Arc::new(WorkloadInfo {
+        name: or_unknown(w.name()),
+        namespace: or_unknown(w.namespace()),
+        principal: Arc::from(format!(
+            "spiffe://{}/ns/{}/sa/{}",
+            id.trust_domain, id.namespace, id.service_account
+        )),
+        cluster: or_unknown(w.placement().map_or("", |p| p.cluster.as_str())),
+    })
+}
+
+fn service_info(s: &Service) -> Arc<ServiceInfo> {
+    Arc::new(ServiceInfo {
+        hostname: or_unknown(&s.hostname),
+        name: or_unknown(&s.name),
+        namespace: or_unknown(&s.namespace),
+    })
+}
+
 impl Index {
     pub fn build(layers: Layers) -> Index {
         let mut ix = Index::default();
@@ -47,26 +68,13 @@ impl Index {
             if w.host_network {
                 continue;
             }
-            let id = w.identity();
-            let info = Arc::new(WorkloadInfo {
-                name: or_unknown(w.name()),
-                namespace: or_unknown(w.namespace()),
-                principal: Arc::from(format!(
-                    "spiffe://{}/ns/{}/sa/{}",
-                    id.trust_domain, id.namespace, id.service_account
-                )),
-                cluster: or_unknown(w.placement().map_or("", |p| p.cluster.as_str())),
-            });
+            let info = workload_info(w);
             for a in w.addresses.iter() {
                 ix.workloads.entry(canonical(*a)).or_insert(info.clone());
             }
         }
         for (_, s) in layers.services() {
-            let info = Arc::new(ServiceInfo {
-                hostname: or_unknown(&s.hostname),
-                name: or_unknown(&s.name),
-                namespace: or_unknown(&s.namespace),
-            });
+            let info = service_info(s);
             for a in &s.addresses {
                 let ip = canonical(a.address);
                 for p in &s.ports {
@@ -76,6 +84,53 @@ impl Index {
             }
         }
         ix
+    }
+
+    /// `build` for the entries `changes` names only: the old versions'
+    /// addresses out, the current ones in. (Only for changes the writer
+    /// applied incrementally: no address is then contested.)
+    pub fn update(&mut self, layers: Layers, changes: &Changes) {
+        for (_, old) in &changes.workloads {
+            for a in old
+                .iter()
+                .filter(|w| !w.host_network)
+                .flat_map(|w| w.addresses.iter())
+            {
+                self.workloads.remove(&canonical(*a));
+            }
+        }
+        for (_, old) in &changes.services {
+            for s in old.iter() {
+                for a in &s.addresses {
+                    let ip = canonical(a.address);
+                    self.vips.remove(&ip);
+                    for p in &s.ports {
+                        self.vip_ports.remove(&(ip, p.service_port));
+                    }
+                }
+            }
+        }
+        for (uid, _) in &changes.workloads {
+            let w = layers.0.iter().rev().find_map(|m| m.workloads.get(uid));
+            if let Some(w) = w.filter(|w| !w.host_network) {
+                let info = workload_info(w);
+                for a in w.addresses.iter() {
+                    self.workloads.insert(canonical(*a), info.clone());
+                }
+            }
+        }
+        for (key, _) in &changes.services {
+            if let Some(s) = layers.service(key) {
+                let info = service_info(s);
+                for a in &s.addresses {
+                    let ip = canonical(a.address);
+                    for p in &s.ports {
+                        self.vip_ports.insert((ip, p.service_port), info.clone());
+                    }
+                    self.vips.insert(ip, info.clone());
+                }
+            }
+        }
     }
 
     pub fn workload(&self, ip: IpAddr) -> Option<&Arc<WorkloadInfo>> {

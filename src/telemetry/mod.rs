@@ -92,6 +92,16 @@ impl Telemetry {
         }
     }
 
+    /// After an incremental apply of `changes`: the names of just those
+    /// entries change (an index rebuilt at every push would cost as much as
+    /// the full apply the writer avoided).
+    pub fn update(&self, layers: Layers, changes: &crate::model::Changes) {
+        let mut cur = self.index.lock().unwrap_or_else(|e| e.into_inner());
+        // A copy only while the reader holds the current one.
+        Arc::make_mut(&mut cur.1).update(layers, changes);
+        cur.0 += 1;
+    }
+
     /// After an apply: the names from now on.
     pub fn refresh(&self, layers: Layers) {
         let ix = Arc::new(Index::build(layers));

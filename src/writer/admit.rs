@@ -68,6 +68,9 @@ impl<'a> Admission<'a> {
     }
 }
 
+/// How a refusal for want of room starts.
+pub(super) const NO_ROOM: &str = "does not fit";
+
 /// Whether an address on `network` is reachable from this node: its own
 /// network, or none given.
 pub(super) fn local_network(network: &str, local: &str) -> bool {
@@ -214,7 +217,7 @@ impl MapWriter {
                     break;
                 }
                 let reason = format!(
-                    "does not fit {} ({} entries needed, capacity {}; raise --{}); left out",
+                    "{NO_ROOM} {} ({} entries needed, capacity {}; raise --{}); left out",
                     g.map.name(),
                     g.needed,
                     g.capacity,

@@ -20,7 +20,7 @@ use crate::{
     },
     model::{
         canonical, endpoint_priority, fresh_id, HealthPolicy, HealthStatus, Layers, LbMode,
-        LoadBalancing, PortMapping, Waypoint, WaypointTarget,
+        LoadBalancing, PortMapping, Service, Waypoint, WaypointTarget, Workload,
     },
 };
 
@@ -190,7 +190,6 @@ fn resolve_waypoint(wp: Option<&Waypoint>, model: Layers, owner: &str) -> waypoi
 impl MapWriter {
     /// What the maps should hold for the entries `a` admitted.
     pub(super) fn desired<'a>(&mut self, model: Layers<'a>, a: &Admission<'a>) -> Desired {
-        let local = self.local.network.clone();
         let mut d = Desired {
             services: HashMap::new(),
             workload_ips: HashMap::new(),
@@ -217,141 +216,201 @@ impl MapWriter {
         };
         let authz_on = model.policies().next().is_some();
         // A service without a VIP cannot be connected to: nothing to write.
-        let mut routable: HashMap<&str, (u32, &LoadBalancing, &[PortMapping])> = HashMap::new();
+        let mut routable: HashMap<&str, Member<'a>> = HashMap::new();
         for (key, svc) in model.services() {
             if a.services.contains(&**key) {
                 continue;
             }
-            if svc.load_balancing.mode == LbMode::Passthrough {
-                let addrs = svc.addresses.iter().map(|a| a.address).collect();
-                d.passthrough.push((key.clone(), addrs));
-                continue;
-            }
-            // Only addresses on this node's network are frontends here.
-            let mut vips: Vec<IpAddr> = svc
-                .addresses
-                .iter()
-                .filter(|x| local_network(&x.network, &local))
-                .map(|x| canonical(x.address))
-                .collect();
-            vips.dedup();
-            if vips.is_empty() {
-                continue;
-            }
-            let id = self.service_ids.get_or_alloc(key);
-            routable.insert(key, (id, &svc.load_balancing, &svc.ports));
-            let mut v = service_value {
-                service_id: id,
-                waypoint: resolve_waypoint(svc.waypoint.as_ref(), model, key),
-                lb_policy: match svc.load_balancing.mode {
-                    LbMode::Random => 0,
-                    LbMode::Strict => 1,
-                    LbMode::Failover => 2,
-                    LbMode::Passthrough => unreachable!("passthrough services get no VIP entry"),
-                },
-                ..Default::default()
-            };
-            for (i, p) in svc.ports.iter().enumerate() {
-                v.service_port[i] = port_to_map(p.service_port);
-                if p.target_port != 0 {
-                    v.target_port[i] = port_to_map(p.target_port);
+            match self.service_entry(key, svc, model) {
+                ServiceEntry::Passthrough(addrs) => d.passthrough.push((key.clone(), addrs)),
+                ServiceEntry::Routed(id, v, vips) => {
+                    routable.insert(key, (id, &svc.load_balancing, &svc.ports));
+                    d.services.insert(id, (v, vips));
                 }
+                ServiceEntry::NoVip => {}
             }
-            d.services.insert(id, (v, vips));
         }
-        let mut ids = Vec::new();
+        let mut members = Vec::new();
         for w in model.workloads() {
-            let id = w.id();
-            if a.workloads.contains(&id) {
+            if a.workloads.contains(&w.id()) {
                 continue;
             }
-            let wp = resolve_waypoint(w.waypoint(), model, w.uid());
-            if !w.host_network && local_network(w.network(), &local) {
-                let identity = if authz_on {
-                    let n = self.authz.identity(w.identity());
-                    d.identities.insert(n);
-                    n
-                } else {
-                    0
-                };
-                for ip in w.addresses.iter() {
-                    let v = workload_value {
-                        workload_id: id,
-                        waypoint: wp,
-                        identity,
-                    };
-                    d.workload_ips.insert(canonical(*ip), v);
-                }
-            }
-            // A static workload is one endpoint; a hostname workload one per
-            // address pair of its current answer (none until resolved).
-            // (No allocation for the common, static case: 100k per apply.)
-            let (single, pairs);
-            let addrs: &[backend_addr] = match w.hostname() {
-                None => {
-                    single = [backend_addr::from_ips(&w.addresses)];
-                    &single
-                }
-                Some(host) => {
-                    let answer = a
-                        .answers
-                        .get(host)
-                        .or_else(|| self.resolved.get(host))
-                        .map_or(&[][..], Vec::as_slice);
-                    let answer = usable_answer(&mut self.refused_answers, host, answer, a);
-                    pairs = pair_families(&answer);
-                    d.answers.insert(host.into(), answer);
-                    &pairs
-                }
-            };
-            ids.clear();
-            for (k, &addr) in addrs.iter().enumerate() {
-                let eid = match k {
-                    0 => id,
-                    _ => {
-                        let eid = *self
-                            .extra_ids
-                            .entry((id, k as u32))
-                            .or_insert_with(fresh_id);
-                        d.owner.insert(eid, id);
-                        eid
-                    }
-                };
-                let v = endpoint_value {
-                    workload_id: eid,
-                    addr,
-                    waypoint: wp,
-                    ..Default::default()
-                };
-                d.backends.insert(eid, v);
-                ids.push(eid);
-            }
-            for r in w.services.iter() {
-                // xDS may send a workload before its service.
-                let Some(&(sid, lb, svc_ports)) = routable.get(&*r.key) else {
-                    continue;
-                };
-                // Unhealthy workloads stay reachable directly but take no
-                // new service traffic, unless the service takes them all.
-                if w.status != HealthStatus::Healthy && lb.health_policy != HealthPolicy::AllowAll {
-                    continue;
-                }
-                let Some(prio) = endpoint_priority(lb, &self.local, w) else {
-                    continue;
-                };
-                d.endpoints.entry((sid, prio)).or_default().extend(&ids);
-                for p in own_ports(svc_ports, &r.ports) {
-                    for eid in &ids {
-                        d.ports.insert((sid, *eid, p.service_port), p.target_port);
-                        if let Some(b) = d.backends.get_mut(eid) {
-                            b.flags |= EP_PORTS;
-                        }
-                    }
-                }
-            }
+            // xDS may send a workload before its service.
+            members.clear();
+            members.extend(w.services.iter().filter_map(|r| {
+                let &(sid, lb, ports) = routable.get(&*r.key)?;
+                Some((sid, lb, ports, &r.ports[..]))
+            }));
+            self.add_workload(&mut d, w, model, a, &members, authz_on);
         }
         d
     }
+
+    /// A service's VIP entry (its value without endpoint counts, and its
+    /// VIPs on this node's network).
+    pub(super) fn service_entry(
+        &mut self,
+        key: &Arc<str>,
+        svc: &Service,
+        model: Layers,
+    ) -> ServiceEntry {
+        if svc.load_balancing.mode == LbMode::Passthrough {
+            return ServiceEntry::Passthrough(svc.addresses.iter().map(|a| a.address).collect());
+        }
+        // Only addresses on this node's network are frontends here.
+        let local = &self.local.network;
+        let mut vips: Vec<IpAddr> = svc
+            .addresses
+            .iter()
+            .filter(|x| local_network(&x.network, local))
+            .map(|x| canonical(x.address))
+            .collect();
+        vips.dedup();
+        if vips.is_empty() {
+            return ServiceEntry::NoVip;
+        }
+        let id = self.service_ids.get_or_alloc(key);
+        let mut v = service_value {
+            service_id: id,
+            waypoint: resolve_waypoint(svc.waypoint.as_ref(), model, key),
+            lb_policy: match svc.load_balancing.mode {
+                LbMode::Random => 0,
+                LbMode::Strict => 1,
+                LbMode::Failover => 2,
+                LbMode::Passthrough => unreachable!("passthrough services get no VIP entry"),
+            },
+            ..Default::default()
+        };
+        for (i, p) in svc.ports.iter().enumerate() {
+            v.service_port[i] = port_to_map(p.service_port);
+            if p.target_port != 0 {
+                v.target_port[i] = port_to_map(p.target_port);
+            }
+        }
+        ServiceEntry::Routed(id, v, vips)
+    }
+
+    /// Adds what one workload puts in the maps to `d`: its addresses, its
+    /// endpoint entries, and its membership in each of `members` (the
+    /// routable services it names: id, load balancing, the service's
+    /// ports, its own port list).
+    pub(super) fn add_workload(
+        &mut self,
+        d: &mut Desired,
+        w: &Workload,
+        model: Layers,
+        a: &Admission,
+        members: &[(u32, &LoadBalancing, &[PortMapping], &[PortMapping])],
+        authz_on: bool,
+    ) {
+        let id = w.id();
+        let wp = resolve_waypoint(w.waypoint(), model, w.uid());
+        if !w.host_network && local_network(w.network(), &self.local.network) {
+            let identity = if authz_on {
+                let n = self.authz.identity(w.identity());
+                d.identities.insert(n);
+                n
+            } else {
+                0
+            };
+            for ip in w.addresses.iter() {
+                let v = workload_value {
+                    workload_id: id,
+                    waypoint: wp,
+                    identity,
+                };
+                d.workload_ips.insert(canonical(*ip), v);
+            }
+        }
+        // A static workload is one endpoint; a hostname workload one per
+        // address pair of its current answer (none until resolved).
+        // (No allocation for the common, static case: 100k per apply.)
+        let (single, pairs);
+        let addrs: &[backend_addr] = match w.hostname() {
+            None => {
+                single = [backend_addr::from_ips(&w.addresses)];
+                &single
+            }
+            Some(host) => {
+                let answer = a
+                    .answers
+                    .get(host)
+                    .or_else(|| self.resolved.get(host))
+                    .map_or(&[][..], Vec::as_slice);
+                let answer = usable_answer(&mut self.refused_answers, host, answer, a);
+                pairs = pair_families(&answer);
+                d.answers.insert(host.into(), answer);
+                &pairs
+            }
+        };
+        // (Pushed to only for a DNS workload's second endpoint on.)
+        let mut extra = Vec::new();
+        for (k, &addr) in addrs.iter().enumerate() {
+            let eid = match k {
+                0 => id,
+                _ => {
+                    let eid = *self
+                        .extra_ids
+                        .entry((id, k as u32))
+                        .or_insert_with(fresh_id);
+                    d.owner.insert(eid, id);
+                    eid
+                }
+            };
+            let v = endpoint_value {
+                workload_id: eid,
+                addr,
+                waypoint: wp,
+                ..Default::default()
+            };
+            d.backends.insert(eid, v);
+            if k > 0 {
+                extra.push(eid);
+            }
+        }
+        let first = [id];
+        let ids: Vec<u32>;
+        let ids: &[u32] = match addrs.len() {
+            0 => &[],
+            1 => &first,
+            _ => {
+                ids = first.iter().chain(&extra).copied().collect();
+                &ids
+            }
+        };
+        for &(sid, lb, svc_ports, own) in members {
+            // Unhealthy workloads stay reachable directly but take no
+            // new service traffic, unless the service takes them all.
+            if w.status != HealthStatus::Healthy && lb.health_policy != HealthPolicy::AllowAll {
+                continue;
+            }
+            let Some(prio) = endpoint_priority(lb, &self.local, w) else {
+                continue;
+            };
+            d.endpoints.entry((sid, prio)).or_default().extend(ids);
+            for p in own_ports(svc_ports, own) {
+                for eid in ids {
+                    d.ports.insert((sid, *eid, p.service_port), p.target_port);
+                    if let Some(b) = d.backends.get_mut(eid) {
+                        b.flags |= EP_PORTS;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A routable service a workload names: its id, load balancing and
+/// ports.
+type Member<'a> = (u32, &'a LoadBalancing, &'a [PortMapping]);
+
+/// What a service puts in the VIP map.
+pub(super) enum ServiceEntry {
+    /// Connections keep their original destination: no entry.
+    Passthrough(Vec<IpAddr>),
+    /// No address on this node's network: no entry.
+    NoVip,
+    Routed(u32, service_value, Vec<IpAddr>),
 }
 
 /// A DNS answer's addresses that may become endpoints: not the address

@@ -9,8 +9,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use super::{desired::Desired, ApplyStats, MapWriter, WriterError};
-use crate::bpf::{endpoint_key, MapId, MAX_PRIO};
+use super::{desired::Desired, ApplyStats, MapWriter, Scope, WriterError};
+use libbpf_rs::{MapCore, MapFlags};
+
+use crate::bpf::{endpoint_key, endpoint_value, MapId, Pod, MAX_PRIO};
 
 /// The new order of a list: see the module comment.
 pub(super) fn plan_list(old: &[u32], want: &BTreeSet<u32>) -> Vec<u32> {
@@ -43,22 +45,40 @@ pub(super) fn plan_list(old: &[u32], want: &BTreeSet<u32>) -> Vec<u32> {
 }
 
 impl MapWriter {
-    /// Brings every endpoint list of `d`'s services to its wanted members
+    /// The (service, priority) lists an apply looks at: every list of
+    /// `d`'s services, written or wanted, or only those of the scope's.
+    pub(super) fn list_keys(&self, d: &Desired, scope: Option<&Scope>) -> BTreeSet<(u32, u32)> {
+        match scope {
+            None => {
+                let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
+                keys.extend(
+                    self.written
+                        .endpoints
+                        .keys()
+                        .filter(|(s, _)| d.services.contains_key(s)),
+                );
+                keys
+            }
+            Some(s) => s
+                .sids
+                .iter()
+                .filter(|sid| d.services.contains_key(sid))
+                .flat_map(|&sid| (0..MAX_PRIO as u32).map(move |p| (sid, p)))
+                .filter(|k| d.endpoints.contains_key(k) || self.written.endpoints.contains_key(k))
+                .collect(),
+        }
+    }
+
+    /// Brings the endpoint lists `keys` to their wanted members in `d`
     /// (rewriting entries of `moved` backends), VIP counts included where a
     /// list shrinks. Returns the final counts per service.
     pub(super) fn sync_lists(
         &mut self,
         d: &Desired,
+        keys: BTreeSet<(u32, u32)>,
         moved: &HashSet<u32>,
         st: &mut ApplyStats,
     ) -> Result<HashMap<u32, [u32; MAX_PRIO]>, WriterError> {
-        let mut keys: BTreeSet<(u32, u32)> = d.endpoints.keys().copied().collect();
-        keys.extend(
-            self.written
-                .endpoints
-                .keys()
-                .filter(|(s, _)| d.services.contains_key(s)),
-        );
         let empty = BTreeSet::new();
         // (key, new list, old length)
         let mut plans = Vec::with_capacity(keys.len());
@@ -75,7 +95,7 @@ impl MapWriter {
             let both = old.len().min(list.len());
             for pos in 0..both {
                 if old[pos] != list[pos] || moved.contains(&list[pos]) {
-                    self.write_endpoint(key, pos, list[pos], d, st)?;
+                    self.write_endpoint(key, pos, list[pos], d, &old, st)?;
                     self.written.endpoints.get_mut(&key).expect("old")[pos] = list[pos];
                 }
             }
@@ -99,7 +119,7 @@ impl MapWriter {
         // Growing lists append; their counts rise with the VIPs (step 4).
         for (key, list, old) in plans {
             for (pos, wid) in list.iter().enumerate().skip(old) {
-                self.write_endpoint(key, pos, *wid, d, st)?;
+                self.write_endpoint(key, pos, *wid, d, &[], st)?;
             }
             if list.is_empty() {
                 self.written.endpoints.remove(&key);
@@ -116,6 +136,7 @@ impl MapWriter {
         pos: usize,
         wid: u32,
         d: &Desired,
+        old: &[u32],
         st: &mut ApplyStats,
     ) -> Result<(), WriterError> {
         let k = endpoint_key {
@@ -123,8 +144,42 @@ impl MapWriter {
             prio: key.1,
             index: pos as u32 + 1,
         };
-        let v = d.backends.get(&wid).copied().unwrap_or_default();
+        let v = match d.backends.get(&wid) {
+            Some(v) => *v,
+            // An incremental apply computes only the changed workloads'
+            // values: one that is not changed moves within its list, and its
+            // entry is read where it is now.
+            None => self.read_endpoint(key, old, wid)?,
+        };
         self.update(MapId::Endpoint, &k, &v, || self.service_name(key.0), st)
+    }
+
+    fn read_endpoint(
+        &self,
+        key: (u32, u32),
+        old: &[u32],
+        wid: u32,
+    ) -> Result<endpoint_value, WriterError> {
+        let at = old.iter().position(|x| *x == wid);
+        let k = at.map(|i| endpoint_key {
+            service_id: key.0,
+            prio: key.1,
+            index: i as u32 + 1,
+        });
+        let raw = k.and_then(|k| {
+            self.dp
+                .map(MapId::Endpoint)
+                .lookup(k.as_bytes(), MapFlags::ANY)
+                .ok()
+                .flatten()
+        });
+        raw.and_then(|r| endpoint_value::from_bytes(&r))
+            .ok_or_else(|| WriterError::Kernel {
+                op: "lookup",
+                map: MapId::Endpoint.name(),
+                what: format!("{} endpoint {wid}", self.service_name(key.0)),
+                source: libbpf_rs::Error::from(std::io::Error::from(std::io::ErrorKind::NotFound)),
+            })
     }
 
     /// Deletes endpoint indices beyond each list's count, once no VIP entry

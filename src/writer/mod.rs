@@ -19,6 +19,7 @@
 mod admit;
 mod authz;
 mod clock;
+mod delta;
 mod desired;
 mod dump;
 mod lists;
@@ -40,6 +41,7 @@ use crate::{
     model::{Layers, LocalNode, Model, ModelError, ResolvedHosts},
 };
 use clock::StageClock;
+use delta::{Cache, Scope};
 use desired::{Desired, IdSpace};
 use written::{Prints, Written};
 
@@ -108,6 +110,9 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     last: ApplyReport,
     authz: authz::AuthzState,
+    /// The desired state of the last apply, for the next incremental one
+    /// (delta.rs); None after anything that changes it otherwise.
+    cache: Option<Cache>,
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -139,18 +144,21 @@ impl MapWriter {
             refused_answers: HashSet::new(),
             last: ApplyReport::default(),
             authz: authz::AuthzState::default(),
+            cache: None,
         }
     }
 
     /// The resolver's current answers for hostname workloads; takes effect
     /// at the next apply.
     pub fn set_resolved(&mut self, resolved: ResolvedHosts) {
+        self.cache = None;
         self.resolved = resolved;
     }
 
     /// This node's placement, for locality-aware load balancing; takes
     /// effect at the next apply.
     pub fn set_local_node(&mut self, local: LocalNode) {
+        self.cache = None;
         self.local = local;
     }
 
@@ -186,6 +194,7 @@ impl MapWriter {
         // Where an apply's time goes, stage by stage (debug log): the
         // input to making each stage proportional to the change.
         let mut clock = StageClock::new();
+        self.cache = None;
         let mut a = self.admit(model);
         clock.lap("admit");
         let mut d = self.desired(model, &a);
@@ -212,7 +221,7 @@ impl MapWriter {
                 .map(|(c, e)| (c, e.source.clone()))
                 .collect();
             a.notes.extend(self.sync_netns());
-            self.write(&d, &compiled, model, &mut st)
+            self.write(&d, Some(&compiled), model, &mut st, None)
         });
         clock.lap("write");
         // Ids neither wanted nor still referenced by a map entry go.
@@ -240,9 +249,9 @@ impl MapWriter {
         });
         clock.lap("ids");
         result?;
-        self.passthrough = d.passthrough;
+        self.passthrough = std::mem::take(&mut d.passthrough);
         self.dns_hosts = model.hostnames();
-        self.answered = d.answers;
+        self.answered = std::mem::take(&mut d.answers);
         // Each refusal is logged when it starts and when it ends, not at
         // every apply it lasts through.
         for r in a
@@ -261,6 +270,9 @@ impl MapWriter {
             tracing::warn!("{n}");
         }
         a.notes.extend(compiled.notes);
+        if a.notes.is_empty() {
+            self.cache = Some(Cache::new(d, model));
+        }
         clock.lap("report");
         tracing::debug!("apply stages: {clock}");
         self.last = ApplyReport {
@@ -271,34 +283,46 @@ impl MapWriter {
         Ok(self.last.clone())
     }
 
+    /// Writes the difference between `d` and the maps. With a `scope`
+    /// (an incremental apply, delta.rs) only the entries it names are
+    /// looked at, and `d`'s settings, enrollments and authorization are
+    /// taken as unchanged.
     fn write(
         &mut self,
         d: &Desired,
-        authz: &crate::authz::compile::Compiled,
+        authz: Option<&crate::authz::compile::Compiled>,
         model: Layers,
         st: &mut ApplyStats,
+        scope: Option<&Scope>,
     ) -> Result<(), WriterError> {
         // 1. Stop routing to anything going away, and free its room before
         // anything new needs it: VIPs and workload addresses, the endpoint
         // lists behind removed VIPs, removed enrollments.
-        let wanted_vips: HashSet<&IpAddr> = d.vips().collect();
-        let stale: Vec<IpAddr> = self
-            .written
-            .vips
-            .keys()
-            .filter(|ip| !wanted_vips.contains(ip))
-            .collect();
+        let stale: Vec<IpAddr> = match scope {
+            None => {
+                let wanted: HashSet<&IpAddr> = d.vips().collect();
+                let w = &self.written.vips;
+                w.keys().filter(|ip| !wanted.contains(ip)).collect()
+            }
+            Some(s) => s.stale_vips(d, &self.written),
+        };
         for ip in stale {
             self.delete(MapId::Vip, &addr_key::from_ip(ip), || ip.to_string(), st)?;
             self.written.vips.remove(&ip);
         }
-        let stale: Vec<IpAddr> = self
-            .written
-            .workload_ips
-            .keys()
+        let stale: Vec<IpAddr> = match scope {
+            None => self.written.workload_ips.keys().collect(),
+            Some(s) => s
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| self.written.workload_ips.get(ip).is_some())
+                .collect(),
+        };
+        for ip in stale
+            .into_iter()
             .filter(|ip| !d.workload_ips.contains_key(ip))
-            .collect();
-        for ip in stale {
+        {
             self.delete(
                 MapId::Workload,
                 &addr_key::from_ip(ip),
@@ -308,58 +332,65 @@ impl MapWriter {
             self.written.workload_ips.remove(&ip);
             self.authz.set_ip_identity(ip, 0);
         }
-        let gone: BTreeSet<u32> = self
-            .written
-            .endpoints
-            .keys()
-            .map(|(s, _)| *s)
-            .filter(|s| !d.services.contains_key(s))
-            .collect();
-        for sid in gone {
+        let gone: BTreeSet<u32> = match scope {
+            None => self.written.endpoints.keys().map(|(s, _)| *s).collect(),
+            Some(s) => s.sids.clone(),
+        };
+        for sid in gone.into_iter().filter(|s| !d.services.contains_key(s)) {
             self.trim_endpoints(sid, &[0; MAX_PRIO], st)?;
         }
-        let gone: Vec<u64> = self
-            .written
-            .manage
-            .keys()
-            .filter(|c| !d.manage.contains_key(c))
-            .copied()
-            .collect();
-        for cookie in gone {
-            self.delete(
-                MapId::Manage,
-                &cookie,
-                || format!("netns cookie {cookie}"),
-                st,
-            )?;
-            self.written.manage.remove(&cookie);
-        }
-        // 2. Enrollment and settings.
-        for (cookie, v) in &d.manage {
-            if self
+        if scope.is_none() {
+            let gone: Vec<u64> = self
                 .written
                 .manage
-                .get(cookie)
-                .is_some_and(|old| same(old, v))
-            {
-                continue;
+                .keys()
+                .filter(|c| !d.manage.contains_key(c))
+                .copied()
+                .collect();
+            for cookie in gone {
+                self.delete(
+                    MapId::Manage,
+                    &cookie,
+                    || format!("netns cookie {cookie}"),
+                    st,
+                )?;
+                self.written.manage.remove(&cookie);
             }
-            self.update(
-                MapId::Manage,
-                cookie,
-                v,
-                || format!("netns cookie {cookie}"),
-                st,
-            )?;
-            self.written.manage.insert(*cookie, *v);
-        }
-        if !self.written.config.is_some_and(|old| same(&old, &d.config)) {
-            self.update(MapId::Config, &0u32, &d.config, || "settings".into(), st)?;
-            self.written.config = Some(d.config);
+            // 2. Enrollment and settings.
+            for (cookie, v) in &d.manage {
+                if self
+                    .written
+                    .manage
+                    .get(cookie)
+                    .is_some_and(|old| same(old, v))
+                {
+                    continue;
+                }
+                self.update(
+                    MapId::Manage,
+                    cookie,
+                    v,
+                    || format!("netns cookie {cookie}"),
+                    st,
+                )?;
+                self.written.manage.insert(*cookie, *v);
+            }
+            if !self.written.config.is_some_and(|old| same(&old, &d.config)) {
+                self.update(MapId::Config, &0u32, &d.config, || "settings".into(), st)?;
+                self.written.config = Some(d.config);
+            }
         }
         // Own target ports go in before the endpoint entries flagged to
         // use them.
-        for (&(sid, wid, port), &target) in &d.ports {
+        let ports: Vec<((u32, u32, u16), u16)> = match scope {
+            None => d.ports.iter().map(|(k, t)| (*k, *t)).collect(),
+            Some(s) => s
+                .ports
+                .iter()
+                .filter_map(|k| Some((*k, *d.ports.get(k)?)))
+                .collect(),
+        };
+        for ((sid, wid, port), target) in ports {
             if self.written.ports.get(&(sid, wid, port)) == Some(&target) {
                 continue;
             }
@@ -377,26 +408,59 @@ impl MapWriter {
         // growing, so the map never holds old and new lists at once. The
         // fingerprints are kept only once the workload addresses (step 5),
         // which rely on them too, are written.
-        let prints = Prints::new(d.backends.iter().map(|(id, v)| (*id, self.print(v))));
-        let moved: HashSet<u32> = prints
-            .iter()
-            .filter(|&(id, p)| self.written.backends.get(id) != Some(p))
-            .map(|(id, _)| id)
-            .collect();
-        let counts = self.sync_lists(d, &moved, st)?;
+        let (prints, moved): (Vec<(u32, Option<u64>)>, HashSet<u32>) = {
+            let ids: Vec<u32> = match scope {
+                None => d.backends.keys().copied().collect(),
+                Some(s) => s.wids.clone(),
+            };
+            let prints: Vec<(u32, Option<u64>)> = ids
+                .into_iter()
+                .map(|id| (id, d.backends.get(&id).map(|v| self.print(v))))
+                .collect();
+            let moved = prints
+                .iter()
+                .filter(|(id, p)| p.is_some() && self.written.backends.get(*id) != *p)
+                .map(|(id, _)| *id)
+                .collect();
+            (prints, moved)
+        };
+        let keys = self.list_keys(d, scope);
+        let counts = self.sync_lists(d, keys, &moved, st)?;
         // 4. Services: every VIP carries the full value, counts included.
-        for (id, (template, vips)) in &d.services {
-            let counts = counts.get(id).copied().unwrap_or_default();
-            self.write_vips(*id, template, vips, counts, st)?;
-            self.trim_endpoints(*id, &counts, st)?;
+        let services: Vec<u32> = match scope {
+            None => d.services.keys().copied().collect(),
+            Some(s) => s
+                .sids
+                .iter()
+                .copied()
+                .filter(|s| d.services.contains_key(s))
+                .collect(),
+        };
+        for id in services {
+            let (template, vips) = &d.services[&id];
+            let counts = counts.get(&id).copied().unwrap_or_default();
+            self.write_vips(id, template, vips, counts, st)?;
+            self.trim_endpoints(id, &counts, st)?;
         }
         // Authorization: new policy sets in, destinations flipped to them
         // (writer/authz.rs), before the workload entries change identity.
-        self.write_authz(authz, st)?;
+        if let Some(authz) = authz {
+            self.write_authz(authz, st)?;
+        }
         // 5. Workload addresses: the value is the workload id, the
         // backend's waypoint and the identity number, so it changed if any
         // did.
-        for (ip, v) in &d.workload_ips {
+        let ips: Vec<IpAddr> = match scope {
+            None => d.workload_ips.keys().copied().collect(),
+            Some(s) => s
+                .ips
+                .iter()
+                .copied()
+                .filter(|ip| d.workload_ips.contains_key(ip))
+                .collect(),
+        };
+        for ip in &ips {
+            let v = &d.workload_ips[ip];
             let wid = v.workload_id;
             if self.written.workload_ips.get(ip) == Some(&wid)
                 && !moved.contains(&wid)
@@ -414,17 +478,25 @@ impl MapWriter {
             self.written.workload_ips.insert(*ip, wid);
             self.authz.set_ip_identity(*ip, v.identity);
         }
-        self.retire_authz(d.identities.clone(), st)?;
-        self.written.backends = prints;
+        if authz.is_some() {
+            self.retire_authz(d.identities.clone(), st)?;
+        }
+        match scope {
+            None => {
+                let all = prints.into_iter().filter_map(|(id, p)| Some((id, p?)));
+                self.written.backends = Prints::new(all);
+            }
+            Some(_) => self.written.backends.set_many(prints),
+        }
         // 6. Own ports no endpoint entry is flagged for any more.
-        let gone: Vec<(u32, u32, u16)> = self
-            .written
-            .ports
-            .keys()
-            .filter(|k| !d.ports.contains_key(k))
-            .copied()
-            .collect();
-        for (sid, wid, port) in gone {
+        let gone: Vec<(u32, u32, u16)> = match scope {
+            None => self.written.ports.keys().copied().collect(),
+            Some(s) => s.ports.clone(),
+        };
+        for (sid, wid, port) in gone.into_iter().filter(|k| !d.ports.contains_key(k)) {
+            if !self.written.ports.contains_key(&(sid, wid, port)) {
+                continue;
+            }
             let what = || format!("{} port {port}", self.workload_name(model, wid));
             self.delete(MapId::Port, &own_port_key(sid, wid, port), what, st)?;
             self.written.ports.remove(&(sid, wid, port));
@@ -590,6 +662,8 @@ fn remove<K: Pod>(
 
 #[cfg(test)]
 mod prop_authz;
+#[cfg(test)]
+mod prop_delta;
 #[cfg(test)]
 mod prop_tests;
 #[cfg(test)]

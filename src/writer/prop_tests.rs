@@ -29,19 +29,19 @@ use crate::{
     },
 };
 
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
-    fn below(&mut self, n: u64) -> u64 {
+    pub(super) fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
-    fn chance(&mut self, percent: u64) -> bool {
+    pub(super) fn chance(&mut self, percent: u64) -> bool {
         self.below(100) < percent
     }
 }
@@ -49,9 +49,9 @@ impl Rng {
 /// The mutable world the sequence edits; workloads keep their ids across
 /// steps as a source's store does.
 #[derive(Default)]
-struct World {
-    services: BTreeMap<String, Service>,
-    workloads: Workloads,
+pub(super) struct World {
+    pub(super) services: BTreeMap<String, Service>,
+    pub(super) workloads: Workloads,
     policies: BTreeMap<String, Policy>,
     /// Netns cookie → its address: the node's pods, whose addresses are
     /// the destinations authorization is enforced for.
@@ -98,10 +98,10 @@ fn random_policy(r: &mut Rng, i: u64) -> Policy {
     serde_json::from_value(p).expect("a valid policy")
 }
 
-const SERVICES: u64 = 8;
-const WORKLOADS: u64 = 24;
+pub(super) const SERVICES: u64 = 8;
+pub(super) const WORKLOADS: u64 = 24;
 
-fn random_service(r: &mut Rng, i: u64) -> Service {
+pub(super) fn random_service(r: &mut Rng, i: u64) -> Service {
     // VIPs and addresses from pools that make collisions occasional.
     let vip = format!("10.96.0.{}", r.below(SERVICES * 3));
     let mut s = service(&format!("s{i}"), &vip);
@@ -141,7 +141,7 @@ fn service_waypoint(r: &mut Rng) -> Waypoint {
     }
 }
 
-fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
+pub(super) fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
     let keys: Vec<&Service> = w.services.values().collect();
     let ip = format!("10.244.0.{}", r.below(WORKLOADS * 8));
     let mut wl = match keys.first() {
@@ -263,7 +263,7 @@ impl World {
         }
     }
 
-    fn model(&self) -> Model {
+    pub(super) fn model(&self) -> Model {
         let mut m = Model::default();
         for s in self.services.values() {
             m.insert_service(s.clone());
@@ -284,7 +284,7 @@ impl World {
     }
 }
 
-fn answers(r: &mut Rng) -> ResolvedHosts {
+pub(super) fn answers(r: &mut Rng) -> ResolvedHosts {
     (0..3)
         .map(|h| {
             let n = r.below(4);
@@ -301,7 +301,7 @@ fn answers(r: &mut Rng) -> ResolvedHosts {
 /// The maps as names: VIP → (service name, lb, ports, per priority the
 /// set of (workload uid, addresses)); workload address → uid; own ports.
 #[derive(Debug, PartialEq, Eq)]
-struct Seen {
+pub(super) struct Seen {
     vips: BTreeMap<String, (String, String)>,
     endpoints: BTreeMap<String, BTreeMap<u32, BTreeSet<String>>>,
     workloads: BTreeMap<String, String>,
@@ -328,7 +328,7 @@ fn probes(model: &Model) -> (Vec<IpAddr>, Vec<IpAddr>) {
 /// Reads the kernel maps, checking the invariants the programs rely on:
 /// every VIP's endpoint indices 1..count exist, no index past a count, no
 /// entry of a service no VIP leads to.
-fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
+pub(super) fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
     let dp = w.datapath();
     let mut counts: HashMap<u32, [u32; crate::bpf::MAX_PRIO]> = HashMap::new();
     let mut vips = BTreeMap::new();

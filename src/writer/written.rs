@@ -99,7 +99,67 @@ impl Prints {
         self.ids.binary_search(&id).ok().map(|i| self.prints[i])
     }
 
-    pub(super) fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
-        self.ids.iter().copied().zip(self.prints.iter().copied())
+    /// Sets (Some) or removes (None) the prints of `changes`, in one
+    /// merge: a change of k entries costs O(n + k log k), not k shifts of
+    /// the arrays.
+    pub(super) fn set_many(&mut self, mut changes: Vec<(u32, Option<u64>)>) {
+        if changes.is_empty() {
+            return;
+        }
+        // The last word on an id wins.
+        changes.reverse();
+        changes.sort_by_key(|c| c.0);
+        changes.dedup_by_key(|c| c.0);
+        let small = changes.len() <= 8;
+        if small {
+            for (id, p) in changes {
+                match (self.ids.binary_search(&id), p) {
+                    (Ok(i), Some(p)) => self.prints[i] = p,
+                    (Ok(i), None) => {
+                        self.ids.remove(i);
+                        self.prints.remove(i);
+                    }
+                    (Err(i), Some(p)) => {
+                        self.ids.insert(i, id);
+                        self.prints.insert(i, p);
+                    }
+                    (Err(_), None) => {}
+                }
+            }
+            return;
+        }
+        let (mut ids, mut prints) = (Vec::with_capacity(self.ids.len()), Vec::new());
+        prints.reserve(self.ids.len());
+        let mut c = changes.into_iter().peekable();
+        for (id, p) in self.ids.iter().copied().zip(self.prints.iter().copied()) {
+            while let Some(&(cid, cp)) = c.peek().filter(|x| x.0 < id) {
+                if let Some(cp) = cp {
+                    ids.push(cid);
+                    prints.push(cp);
+                }
+                c.next();
+            }
+            match c.peek().copied().filter(|x| x.0 == id) {
+                Some((_, np)) => {
+                    c.next();
+                    if let Some(np) = np {
+                        ids.push(id);
+                        prints.push(np);
+                    }
+                }
+                None => {
+                    ids.push(id);
+                    prints.push(p);
+                }
+            }
+        }
+        for (cid, cp) in c {
+            if let Some(cp) = cp {
+                ids.push(cid);
+                prints.push(cp);
+            }
+        }
+        self.ids = ids;
+        self.prints = prints;
     }
 }

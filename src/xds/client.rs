@@ -35,7 +35,7 @@ const DELTA_ADS: &str =
 /// tens of MB).
 const MAX_MESSAGE: usize = 256 << 20;
 use crate::{
-    model::{EntryKey, Interner, Model, Placement, Scope, ServiceRef},
+    model::{Changes, EntryKey, Interner, Model, Placement, Scope, ServiceRef},
     writer::Rejected,
 };
 
@@ -198,6 +198,9 @@ pub struct XdsStore {
     /// Resources refused at conversion (NACKed, never stored), by name,
     /// until a valid version or a removal replaces them: for the dump.
     refused: BTreeMap<String, String>,
+    /// What changed since the daemon last took it, for an incremental
+    /// apply.
+    changes: Changes,
 }
 
 enum Alias {
@@ -268,16 +271,34 @@ impl XdsStore {
     fn remove_address(&mut self, name: &str) -> bool {
         self.versions.remove(name);
         match self.aliases.remove(name) {
-            Some(Alias::Service(k)) => self.model.services.remove(&k).is_some(),
-            Some(Alias::Workload(k)) => self.model.workloads.remove(&k).is_some(),
+            Some(Alias::Service(k)) => self.remove_service(&k),
+            Some(Alias::Workload(k)) => self.remove_workload(&k),
             // An entry under its own key: unless another resource name
             // stands for it (then `name` was never a resource).
             None if self.aliases.values().any(|a| a.key() == name) => false,
-            None => {
-                self.model.workloads.remove(name).is_some()
-                    || self.model.services.remove(name).is_some()
-            }
+            None => self.remove_workload(name) || self.remove_service(name),
         }
+    }
+
+    fn remove_service(&mut self, key: &str) -> bool {
+        let Some((k, old)) = self.model.services.remove_entry(key) else {
+            return false;
+        };
+        self.changes.service(k, Some(old));
+        true
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> bool {
+        let Some(old) = self.model.workloads.remove(uid) else {
+            return false;
+        };
+        self.changes.workload(uid, Some(old));
+        true
+    }
+
+    /// What changed since the last call, for the daemon's apply.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// Stores one resource; returns the version of the same entry it
@@ -314,8 +335,13 @@ impl XdsStore {
                         .insert(name.into(), Alias::Service(key.clone()));
                 }
                 let old = self.model.services.insert(key.clone(), Box::new(svc));
-                old.filter(|o| **o != *self.model.services[&key])
-                    .map(|o| Resource::Service(*o))
+                let same = old
+                    .as_ref()
+                    .is_some_and(|o| **o == *self.model.services[&key]);
+                if !same && !self.changes.whole {
+                    self.changes.service(key.clone(), old.clone());
+                }
+                old.filter(|_| !same).map(|o| Resource::Service(*o))
             }
             Resource::Workload(mut w) => {
                 // Share the service's key allocation (see model::ServiceRef),
@@ -337,8 +363,13 @@ impl XdsStore {
                 }
                 let uid: Box<str> = w.uid().into();
                 let old = self.model.workloads.insert(w);
-                old.filter(|o| *o != self.model.workloads[&*uid])
-                    .map(Resource::Workload)
+                let same = old
+                    .as_ref()
+                    .is_some_and(|o| *o == self.model.workloads[&*uid]);
+                if !same && !self.changes.whole {
+                    self.changes.workload(&uid, old.clone());
+                }
+                old.filter(|_| !same).map(Resource::Workload)
             }
         };
         if !version.is_empty() {
@@ -458,6 +489,7 @@ impl XdsStore {
                         }
                         self.model.policies.insert(p);
                         self.authorizations.insert(r.name, (r.version, key));
+                        self.changes.everything();
                         changed = true;
                     }),
                     other => {
@@ -478,6 +510,7 @@ impl XdsStore {
                 _ => {
                     if let Some((_, key)) = self.authorizations.remove(name) {
                         changed |= self.model.policies.remove(&key).is_some();
+                        self.changes.everything();
                     }
                 }
             };

@@ -1,0 +1,622 @@
+//! Incremental apply: a source says which services and workloads it
+//! changed, with the versions they replaced (model::Changes), and the
+//! writer updates the desired state it kept from the last apply and the
+//! map entries of just those (`write` with a `Scope`). One pod changing
+//! at 100k workloads costs its own few map writes, not a recomputation
+//! of the node's whole state (issue: a busy cluster's pushes otherwise
+//! keep a core busy converting nothing).
+//!
+//! The full apply stays the reference: whenever a change is one the
+//! incremental path does not do exactly as the full apply would, it
+//! declines and the caller applies everything. It declines when:
+//! - the last apply left an entry out (a change may let it in), or a
+//!   change would be left out (invalid, or an address another entry
+//!   holds), or the result does not fit the maps (the full apply picks
+//!   what to leave out);
+//! - authorization policies exist (identities and policy sets are
+//!   compiled for the whole node);
+//! - a changed entry is a hostname (DNS) workload or a passthrough
+//!   service, or is defined by more than one source;
+//! - a service changes its load balancing or ports, or appears while
+//!   workloads already name it (its members would have to be found among
+//!   all workloads), or its first address changes while some waypoint
+//!   names a service.
+//!
+//! The property tests check that both paths leave the same maps.
+
+use std::{
+    collections::{BTreeSet, HashMap, HashSet},
+    net::IpAddr,
+    sync::Arc,
+};
+
+use super::{
+    admit::{local_network, Admission, NO_ROOM},
+    desired::{Desired, ServiceEntry},
+    written::Written,
+    ApplyReport, ApplyStats, MapWriter, WriterError,
+};
+use crate::{
+    bpf::{MapId, MAX_PRIO},
+    model::{
+        canonical, Changes, EntryKey, Layers, LbMode, Service, Waypoint, WaypointTarget, Workload,
+    },
+};
+
+/// What the last apply computed, kept for the next incremental one.
+pub(super) struct Cache {
+    pub(super) d: Desired,
+    /// Service key → how many workloads name it (routable or not).
+    refs: HashMap<Arc<str>, u32>,
+    /// Services and workloads whose waypoint is a service: their entries
+    /// carry that service's first VIP.
+    service_waypoints: usize,
+    vips: usize,
+    endpoints: usize,
+}
+
+fn names_service(wp: Option<&Waypoint>) -> bool {
+    wp.is_some_and(|w| matches!(w.target, WaypointTarget::Service(_)))
+}
+
+impl Cache {
+    pub(super) fn new(d: Desired, model: Layers) -> Cache {
+        let mut refs: HashMap<Arc<str>, u32> = HashMap::new();
+        let mut service_waypoints = 0;
+        for (_, s) in model.services() {
+            service_waypoints += usize::from(names_service(s.waypoint.as_ref()));
+        }
+        for w in model.workloads() {
+            for r in w.services.iter() {
+                *refs.entry(r.key.clone()).or_default() += 1;
+            }
+            service_waypoints += usize::from(names_service(w.waypoint()));
+        }
+        let vips = d.services.values().map(|s| s.1.len()).sum();
+        let endpoints = d.endpoints.values().map(|s| s.len()).sum();
+        // What the maps (and `Written`) hold already is not kept twice:
+        // the endpoint sets of the services a change touches are read back
+        // from the written lists, and only the changed workloads' addresses
+        // and endpoint values are computed (100k of each would cost ~15 MB).
+        let d = Desired {
+            workload_ips: HashMap::new(),
+            endpoints: HashMap::new(),
+            backends: HashMap::new(),
+            ..d
+        };
+        Cache {
+            d,
+            refs,
+            service_waypoints,
+            vips,
+            endpoints,
+        }
+    }
+
+    fn unref(&mut self, key: &Arc<str>) {
+        if let Some(n) = self.refs.get_mut(key) {
+            *n -= 1;
+            if *n == 0 {
+                self.refs.remove(key);
+            }
+        }
+    }
+
+    /// Makes `sid`'s endpoint sets those its written lists hold, once
+    /// per apply (`scope.sids` records it).
+    fn open(&mut self, written: &Written, scope: &mut Scope, sid: u32) {
+        if !scope.sids.insert(sid) {
+            return;
+        }
+        for p in 0..MAX_PRIO as u32 {
+            if let Some(list) = written.endpoints.get(&(sid, p)) {
+                self.d
+                    .endpoints
+                    .insert((sid, p), list.iter().copied().collect());
+            }
+        }
+    }
+
+    /// Drops what `open` and the changed workloads put in.
+    fn close(&mut self) {
+        self.d.endpoints = HashMap::new();
+        self.d.workload_ips = HashMap::new();
+        self.d.backends = HashMap::new();
+    }
+
+    /// Endpoint entries the lists of `sid` hold.
+    fn members(&self, sid: u32) -> usize {
+        (0..MAX_PRIO as u32)
+            .filter_map(|p| self.d.endpoints.get(&(sid, p)))
+            .map(|s| s.len())
+            .sum()
+    }
+}
+
+/// The entries an incremental apply looks at (see `MapWriter::write`).
+#[derive(Default)]
+pub(super) struct Scope {
+    /// Services whose VIP entries or endpoint lists may change.
+    pub(super) sids: BTreeSet<u32>,
+    /// VIPs the changed services had.
+    old_vips: Vec<IpAddr>,
+    /// Addresses the changed workloads had or have.
+    pub(super) ips: Vec<IpAddr>,
+    /// Endpoint ids the changed workloads had or have.
+    pub(super) wids: Vec<u32>,
+    /// Own-port keys the changed workloads had or have.
+    pub(super) ports: Vec<(u32, u32, u16)>,
+}
+
+impl Scope {
+    /// Of the VIPs the changed services had, those the maps hold and `d`
+    /// no longer routes. (A VIP has one holder, and only a changed service
+    /// can have given one up.)
+    pub(super) fn stale_vips(&self, d: &Desired, written: &Written) -> Vec<IpAddr> {
+        let wanted: HashSet<&IpAddr> = self
+            .sids
+            .iter()
+            .filter_map(|s| d.services.get(s))
+            .flat_map(|(_, vips)| vips)
+            .collect();
+        let mut out: Vec<IpAddr> = self
+            .old_vips
+            .iter()
+            .filter(|ip| written.vips.get(ip).is_some() && !wanted.contains(ip))
+            .copied()
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+/// A changed entry, as the model has it now.
+struct Change<'a, T> {
+    key: &'a str,
+    old: Option<&'a T>,
+    new: Option<&'a T>,
+}
+
+impl MapWriter {
+    /// Applies `changes` to the maps in proportion to their size, when the
+    /// maps hold `model` less those changes; None when this cannot be
+    /// done exactly as a full apply would (see the module comment): the
+    /// caller then applies the whole model.
+    pub fn apply_changes(
+        &mut self,
+        model: Layers,
+        changes: &Changes,
+    ) -> Option<Result<ApplyReport, WriterError>> {
+        // Taken: a failure or a decline leaves no cache, so the next apply
+        // is a full one, which makes a new one.
+        let decline = |why: &str| {
+            tracing::debug!("incremental apply declined ({why}): applying everything");
+            None
+        };
+        let Some(mut cache) = self.cache.take() else {
+            return decline("no state kept from the last apply");
+        };
+        if changes.whole {
+            return decline("not tracked one by one");
+        }
+        if !self.last.notes.is_empty() {
+            return decline("the last apply kept an older DNS answer");
+        }
+        if self
+            .last
+            .rejected
+            .iter()
+            .any(|r| r.reason.starts_with(NO_ROOM))
+        {
+            return decline("the last apply left entries out for want of room");
+        }
+        if model.policies().next().is_some() {
+            return decline("authorization policies");
+        }
+        let (services, workloads) = match self.changed(model, changes, &cache) {
+            Ok(c) => c,
+            Err(why) => return decline(why),
+        };
+        let Some(scope) = self.update_cache(&mut cache, model, &services, &workloads) else {
+            return decline("a passthrough service");
+        };
+        // The same room as the full apply needs (admit.rs, `growth`).
+        let stale_ports = scope
+            .ports
+            .iter()
+            .filter(|k| !cache.d.ports.contains_key(k) && self.written.ports.contains_key(k))
+            .count();
+        for (map, needed) in [
+            (MapId::Vip, cache.vips),
+            (MapId::Workload, cache.d.workload_ips.len()),
+            (MapId::Endpoint, cache.endpoints),
+            (MapId::Port, cache.d.ports.len() + stale_ports),
+        ] {
+            if needed > self.dp.capacity(map) as usize {
+                return decline(map.name());
+            }
+        }
+        let mut st = ApplyStats::default();
+        let result = (|| {
+            let waypoints = services
+                .iter()
+                .any(|c| c.new.is_some_and(|s| s.waypoint.is_some()))
+                || workloads
+                    .iter()
+                    .any(|c| c.new.is_some_and(|w| w.waypoint().is_some()));
+            if waypoints {
+                self.dp.want_sockops()?;
+            }
+            self.write(&cache.d, None, model, &mut st, Some(&scope))
+        })();
+        if let Err(e) = result {
+            return Some(Err(e));
+        }
+        cache.close();
+        // Ids of services gone from the maps go, as after a full apply.
+        for c in &services {
+            if let Some(&id) = self.service_ids.by_key.get(c.key) {
+                let live = cache.d.services.contains_key(&id)
+                    || (0..MAX_PRIO as u32).any(|p| self.written.endpoints.contains_key(&(id, p)));
+                if !live {
+                    self.service_ids.by_key.remove(c.key);
+                }
+            }
+        }
+        self.cache = Some(cache);
+        self.last = ApplyReport {
+            stats: st,
+            // What was left out stays out: nothing it needs changed.
+            rejected: std::mem::take(&mut self.last.rejected),
+            notes: Vec::new(),
+        };
+        Some(Ok(self.last.clone()))
+    }
+
+    /// Each changed entry once, with its version before and now; None if
+    /// one of them is not for the incremental path.
+    #[allow(clippy::type_complexity)]
+    fn changed<'a>(
+        &self,
+        model: Layers<'a>,
+        changes: &'a Changes,
+        cache: &Cache,
+    ) -> Result<(Vec<Change<'a, Service>>, Vec<Change<'a, Workload>>), &'static str> {
+        let mut seen = HashSet::new();
+        let mut services = Vec::new();
+        for (key, old) in &changes.services {
+            if !seen.insert(&**key) {
+                continue;
+            }
+            if model
+                .0
+                .iter()
+                .filter(|m| m.services.contains_key(&**key))
+                .count()
+                > 1
+            {
+                return Err("a service defined by two sources");
+            }
+            let c = Change {
+                key,
+                old: old.as_deref(),
+                new: model.service(key),
+            };
+            let passthrough = |s: Option<&Service>| {
+                s.is_some_and(|s| s.load_balancing.mode == LbMode::Passthrough)
+            };
+            if passthrough(c.old) || passthrough(c.new) {
+                return Err("a passthrough service");
+            }
+            if c.new.is_some_and(|s| s.validate().is_err()) {
+                return Err("an invalid service");
+            }
+            let first = |s: Option<&Service>| s.and_then(|s| s.addresses.first()).cloned();
+            if cache.service_waypoints > 0 && first(c.old) != first(c.new) {
+                return Err("a waypoint service's address");
+            }
+            let routed = self
+                .service_ids
+                .by_key
+                .get(&**key)
+                .is_some_and(|id| cache.d.services.contains_key(id));
+            let why = match (c.old, c.new) {
+                // Its members are whoever names it: unchanged only if how
+                // they are members is.
+                (Some(o), Some(n)) if routed => (o.load_balancing != n.load_balancing
+                    || o.ports != n.ports)
+                    .then_some("a service's load balancing or ports"),
+                (None, _) if routed => Some("a service with no version before"),
+                // Not routed before: members would have to be found.
+                (_, Some(_)) if !routed && cache.refs.contains_key(&**key) => {
+                    Some("a service that workloads already name")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(why);
+            }
+            services.push(c);
+        }
+        let mut seen = HashSet::new();
+        let mut workloads = Vec::new();
+        for (uid, old) in &changes.workloads {
+            if !seen.insert(&**uid) {
+                continue;
+            }
+            let mut holders = model.0.iter().rev().filter_map(|m| m.workloads.get(uid));
+            let new = holders.next();
+            if holders.next().is_some() {
+                return Err("a workload defined by two sources");
+            }
+            let c = Change {
+                key: uid,
+                old: old.as_ref(),
+                new,
+            };
+            let dns = |w: Option<&Workload>| w.is_some_and(|w| w.hostname().is_some());
+            if dns(c.old) || dns(c.new) {
+                return Err("a hostname workload");
+            }
+            if c.new.is_some_and(|w| w.validate().is_err()) {
+                return Err("an invalid workload");
+            }
+            workloads.push(c);
+        }
+        // Entries left out stay out only if nothing they need changes: not
+        // themselves, no address they hold or want.
+        let left_out: HashSet<&EntryKey> = self.last.rejected.iter().map(|r| &r.entry).collect();
+        if !left_out.is_empty() {
+            let named = services
+                .iter()
+                .any(|c| left_out.contains(&EntryKey::Service(c.key.into())))
+                || workloads
+                    .iter()
+                    .any(|c| left_out.contains(&EntryKey::Workload(c.key.into())));
+            if named {
+                return Err("an entry the last apply left out");
+            }
+        }
+        let wanted = self.wanted_by(model, &left_out);
+        if !self.claims_are_free(&services, &workloads, &wanted) {
+            return Err("an address another entry holds, wants or gives up");
+        }
+        Ok((services, workloads))
+    }
+
+    /// The frontend addresses the entries left out would claim.
+    fn wanted_by(&self, model: Layers, left_out: &HashSet<&EntryKey>) -> HashSet<IpAddr> {
+        let mut out = HashSet::new();
+        for e in left_out {
+            match e {
+                EntryKey::Service(k) => {
+                    let s = model.service(k).into_iter();
+                    out.extend(s.flat_map(|s| &s.addresses).map(|a| canonical(a.address)));
+                }
+                EntryKey::Workload(uid) => {
+                    let w = model.0.iter().rev().find_map(|m| m.workloads.get(uid));
+                    out.extend(
+                        w.into_iter()
+                            .flat_map(|w| w.addresses.iter().map(|a| canonical(*a))),
+                    );
+                }
+                EntryKey::Enrollment(_) | EntryKey::Resource(_) => {}
+            }
+        }
+        out
+    }
+
+    /// Whether every address the changed entries claim is free for them:
+    /// held by no one, by themselves, or by a changed entry that gives it
+    /// up. (Anything else is a conflict the full apply decides.)
+    fn claims_are_free(
+        &self,
+        services: &[Change<Service>],
+        workloads: &[Change<Workload>],
+        wanted: &HashSet<IpAddr>,
+    ) -> bool {
+        let local = &self.local.network;
+        let vips = |s: Option<&Service>| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = s
+                .into_iter()
+                .flat_map(|s| &s.addresses)
+                .filter(|a| local_network(&a.network, local))
+                .map(|a| canonical(a.address))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let ips = |w: Option<&Workload>| -> Vec<IpAddr> {
+            let mut v: Vec<IpAddr> = w
+                .filter(|w| !w.host_network && local_network(w.network(), local))
+                .into_iter()
+                .flat_map(|w| w.addresses.iter().map(|a| canonical(*a)))
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        // (address, who: Ok(service key) / Err(workload id))
+        let mut released: HashSet<IpAddr> = HashSet::new();
+        let mut claims: Vec<(IpAddr, Result<&str, u32>)> = Vec::new();
+        for c in services {
+            let (old, new) = (vips(c.old), vips(c.new));
+            released.extend(old.iter().filter(|a| !new.contains(a)));
+            claims.extend(new.into_iter().map(|a| (a, Ok(c.key))));
+        }
+        for c in workloads {
+            let (old, new) = (ips(c.old), ips(c.new));
+            released.extend(old.iter().filter(|a| !new.contains(a)));
+            let id = c.new.map_or(0, Workload::id);
+            claims.extend(new.into_iter().map(|a| (a, Err(id))));
+        }
+        // An entry left out may want what is given up or claimed.
+        if !wanted.is_empty()
+            && (!released.is_empty() || claims.iter().any(|c| wanted.contains(&c.0)))
+        {
+            return false;
+        }
+        let mut claimed = HashSet::new();
+        for (ip, who) in claims {
+            if !claimed.insert(ip) {
+                return false;
+            }
+            let free = match (
+                self.written.vips.get(&ip),
+                self.written.workload_ips.get(&ip),
+            ) {
+                (None, None) => true,
+                (Some((sid, _)), None) => {
+                    released.contains(&ip)
+                        || who.is_ok_and(|k| self.service_ids.by_key.get(k) == Some(sid))
+                }
+                (None, Some(wid)) => released.contains(&ip) || who == Err(*wid),
+                (Some(_), Some(_)) => false,
+            };
+            if !free {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Takes the changed entries' old contributions out of the cached
+    /// desired state and puts their new ones in; returns what the maps
+    /// must be brought to. None: the change turned out not to be for the
+    /// incremental path (the cache is then dropped).
+    fn update_cache(
+        &mut self,
+        cache: &mut Cache,
+        model: Layers,
+        services: &[Change<Service>],
+        workloads: &[Change<Workload>],
+    ) -> Option<Scope> {
+        let mut scope = Scope::default();
+        for c in services {
+            cache.service_waypoints -=
+                usize::from(names_service(c.old.and_then(|s| s.waypoint.as_ref())));
+            cache.service_waypoints +=
+                usize::from(names_service(c.new.and_then(|s| s.waypoint.as_ref())));
+            let old = self.service_ids.by_key.get(c.key).copied();
+            if let Some((_, vips)) = old.and_then(|id| cache.d.services.remove(&id)) {
+                cache.vips -= vips.len();
+                scope.old_vips.extend(vips);
+            }
+            let key: Arc<str> = match self.service_ids.by_key.get_key_value(c.key) {
+                Some((k, _)) => k.clone(),
+                None => c.key.into(),
+            };
+            let entry = c.new.map(|s| self.service_entry(&key, s, model));
+            match entry {
+                Some(ServiceEntry::Routed(id, v, vips)) => {
+                    cache.vips += vips.len();
+                    cache.d.services.insert(id, (v, vips));
+                    cache.open(&self.written, &mut scope, id);
+                }
+                Some(ServiceEntry::Passthrough(_)) => return None,
+                Some(ServiceEntry::NoVip) | None => {}
+            }
+            // No longer routed: its lists and own ports go.
+            if let Some(id) = old.filter(|id| !cache.d.services.contains_key(id)) {
+                scope.sids.insert(id);
+                for p in 0..MAX_PRIO as u32 {
+                    cache.d.endpoints.remove(&(id, p));
+                    if let Some(list) = self.written.endpoints.get(&(id, p)) {
+                        cache.endpoints -= list.len();
+                    }
+                }
+                let ports: Vec<_> = cache
+                    .d
+                    .ports
+                    .keys()
+                    .filter(|k| k.0 == id)
+                    .copied()
+                    .collect();
+                for k in ports {
+                    cache.d.ports.remove(&k);
+                    scope.ports.push(k);
+                }
+            }
+        }
+        for c in workloads {
+            if let Some(o) = c.old {
+                self.take_out(cache, o, &mut scope);
+            }
+        }
+        let none = Admission::default();
+        for c in workloads {
+            let Some(n) = c.new else { continue };
+            let id = n.id();
+            let mut members = Vec::new();
+            for r in n.services.iter() {
+                *cache.refs.entry(r.key.clone()).or_default() += 1;
+                let Some(&sid) = self.service_ids.by_key.get(&r.key) else {
+                    continue;
+                };
+                let Some(svc) = model
+                    .service(&r.key)
+                    .filter(|_| cache.d.services.contains_key(&sid))
+                else {
+                    continue;
+                };
+                cache.open(&self.written, &mut scope, sid);
+                scope
+                    .ports
+                    .extend(r.ports.iter().map(|p| (sid, id, p.service_port)));
+                members.push((sid, &svc.load_balancing, &svc.ports[..], &r.ports[..]));
+            }
+            cache.service_waypoints += usize::from(names_service(n.waypoint()));
+            let sids: BTreeSet<u32> = members.iter().map(|m| m.0).collect();
+            let before: usize = sids.iter().map(|s| cache.members(*s)).sum();
+            self.add_workload(&mut cache.d, n, model, &none, &members, false);
+            let after: usize = sids.iter().map(|s| cache.members(*s)).sum();
+            cache.endpoints += after - before;
+            scope.wids.push(id);
+            if !n.host_network {
+                scope.ips.extend(n.addresses.iter().map(|a| canonical(*a)));
+            }
+        }
+        Some(scope)
+    }
+
+    /// Takes what `old` put in the cached desired state out of it.
+    fn take_out(&self, cache: &mut Cache, old: &Workload, scope: &mut Scope) {
+        let id = old.id();
+        for ip in old.addresses.iter().map(|a| canonical(*a)) {
+            if self.written.workload_ips.get(&ip) == Some(&id) {
+                scope.ips.push(ip);
+            }
+        }
+        scope.wids.push(id);
+        cache.service_waypoints -= usize::from(names_service(old.waypoint()));
+        for r in old.services.iter() {
+            cache.unref(&r.key);
+            let Some(&sid) = self.service_ids.by_key.get(&r.key) else {
+                continue;
+            };
+            if !cache.d.services.contains_key(&sid) {
+                continue;
+            }
+            cache.open(&self.written, scope, sid);
+            for p in 0..MAX_PRIO as u32 {
+                let Some(set) = cache.d.endpoints.get_mut(&(sid, p)) else {
+                    continue;
+                };
+                if set.remove(&id) {
+                    cache.endpoints -= 1;
+                    if set.is_empty() {
+                        cache.d.endpoints.remove(&(sid, p));
+                    }
+                }
+            }
+            for p in &r.ports {
+                let k = (sid, id, p.service_port);
+                if cache.d.ports.remove(&k).is_some() {
+                    scope.ports.push(k);
+                }
+            }
+        }
+    }
+}
