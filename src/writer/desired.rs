@@ -125,6 +125,7 @@ pub(super) struct Desired {
     pub(super) answers: HashMap<Box<str>, Vec<IpAddr>>,
     /// Identity numbers the workload entries hold (none without policies).
     pub(super) identities: std::collections::HashSet<u32>,
+    pub(super) weights: super::weights::Weights, // traffic:
 }
 
 impl Desired {
@@ -139,6 +140,7 @@ impl Desired {
             || self.services.values().any(|(s, _)| s.waypoint.port != 0)
             || self.workload_ips.values().any(|w| w.waypoint.port != 0)
             || self.backends.values().any(|b| b.waypoint.port != 0)
+            || self.services.values().any(|(s, _)| s.max_connections != 0) // traffic: breaker counts in sockops
     }
 }
 
@@ -214,6 +216,7 @@ impl MapWriter {
             owner: HashMap::new(),
             answers: HashMap::new(),
             identities: Default::default(),
+            weights: Default::default(), // traffic:
         };
         let authz_on = model.policies().next().is_some();
         // A service without a VIP cannot be connected to: nothing to write.
@@ -257,6 +260,9 @@ impl MapWriter {
                     v.target_port[i] = port_to_map(p.target_port);
                 }
             }
+            let tp = model.traffic(key); // traffic:
+            super::limits::set_limits(&mut v, key, tp); // traffic:
+            d.weights.service(id, tp); // traffic:
             d.services.insert(id, (v, vips));
         }
         let mut ids = Vec::new();
@@ -340,6 +346,7 @@ impl MapWriter {
                     continue;
                 };
                 d.endpoints.entry((sid, prio)).or_default().extend(&ids);
+                d.weights.note(sid, prio, &ids, w); // traffic:
                 for p in own_ports(svc_ports, &r.ports) {
                     for eid in &ids {
                         d.ports.insert((sid, *eid, p.service_port), p.target_port);
@@ -350,6 +357,7 @@ impl MapWriter {
                 }
             }
         }
+        super::weights::Weights::finish(&mut d); // traffic:
         d
     }
 }

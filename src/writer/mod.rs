@@ -21,7 +21,9 @@ mod authz;
 mod clock;
 mod desired;
 mod dump;
+mod limits; // traffic:
 mod lists;
+mod weights; // traffic:
 mod written;
 
 use std::{
@@ -45,6 +47,7 @@ use written::{Prints, Written};
 
 pub use admit::Rejected;
 pub use dump::Dump;
+pub use limits::TrafficDump; // traffic:
 
 #[derive(Debug, Error)]
 pub enum WriterError {
@@ -108,6 +111,7 @@ pub struct MapWriter {
     /// As of the last successful apply, for the dump.
     last: ApplyReport,
     authz: authz::AuthzState,
+    traffic: weights::TrafficState, // traffic:
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -139,6 +143,7 @@ impl MapWriter {
             refused_answers: HashSet::new(),
             last: ApplyReport::default(),
             authz: authz::AuthzState::default(),
+            traffic: Default::default(), // traffic:
         }
     }
 
@@ -384,7 +389,12 @@ impl MapWriter {
             .map(|(id, _)| id)
             .collect();
         let counts = self.sync_lists(d, &moved, st)?;
-        // 4. Services: every VIP carries the full value, counts included.
+        // traffic: pick tables of weighted lists (their indices are now in
+        // place), and the breakers' counters, before the VIP values that
+        // turn them on.
+        self.sync_weights(d, st)?; // traffic:
+        self.sync_limits(d, st)?; // traffic:
+                                  // 4. Services: every VIP carries the full value, counts included.
         for (id, (template, vips)) in &d.services {
             let counts = counts.get(id).copied().unwrap_or_default();
             self.write_vips(*id, template, vips, counts, st)?;
