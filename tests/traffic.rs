@@ -266,8 +266,10 @@ fn rate_limit_is_a_token_bucket_per_client_pod() {
             .any(|p| p["source"] == a_src.as_str() && p["tokens"] == 5)
     });
     assert_eq!(burst(&a), 5, "one fill");
-    // Long idle: back to the bucket's size, not beyond.
-    std::thread::sleep(Duration::from_millis(interval as u64 * 3));
+    // Long idle: back to the bucket's size, not beyond. (Two and a half
+    // intervals after a fill, so that the burst is half an interval from
+    // the next one, however slow the machine.)
+    std::thread::sleep(Duration::from_millis(interval as u64 * 5 / 2));
     assert_eq!(burst(&a), 10, "refilled to max_tokens");
 }
 
