@@ -29,8 +29,8 @@ use inproc::{connect_once, listen, median, ns_per_run, paired_rounds, rate, InCg
 use kmesh::{
     bpf::{Datapath, MapSizes},
     model::{
-        Addresses, Enrollment, LoadBalancing, Model, NetworkAddress, PortMapping, Service,
-        ServiceRef, Workload,
+        Addresses, Enrollment, LoadBalancing, Model, NetworkAddress, PortMapping, RateLimit,
+        Service, ServiceRef, TrafficPolicy, Workload, WorkloadExtra,
     },
     writer::MapWriter,
 };
@@ -192,6 +192,102 @@ fn main() {
     println!("  pod IP (direct)   : {:>7.1} ns", median(miss));
     println!("  netns not enrolled: {:>7.1} ns", median(idle));
 
+    traffic_rows(&mut w, &m, &backend, quick);
+
     drop(cg);
     drop(w);
+}
+
+/// `base` plus service web-t (VIP 10.96.0.11) on web-0 with traffic
+/// settings `tp`; `weighted`: web-0 weighs 3 and a second pod on
+/// 127.0.0.2 weighs 1 (both serve :8080 in the bench netns).
+fn traffic_model(base: &Model, tp: TrafficPolicy, weighted: bool) -> Model {
+    let mut m = base.clone();
+    let web_key: Arc<str> = "bench/web.bench.svc.cluster.local".into();
+    let mut t = m.services[&web_key].as_ref().clone();
+    t.name = "web-t".into();
+    t.hostname = "web-t.bench.svc.cluster.local".into();
+    t.addresses[0].address = "10.96.0.11".parse().unwrap();
+    let t_key: Arc<str> = t.key().into();
+    let refs = |keys: &[&Arc<str>]| -> Arc<[ServiceRef]> {
+        keys.iter()
+            .map(|k| ServiceRef {
+                key: (*k).clone(),
+                ports: vec![],
+            })
+            .collect()
+    };
+    let mut w0 = m.workloads["bench/web-0"].clone();
+    w0.services = refs(&[&web_key, &t_key]);
+    if weighted {
+        w0.set_extra(WorkloadExtra {
+            weight: 3,
+            ..Default::default()
+        });
+        let mut w1 = Workload::new("bench/web-1", "web-1", "bench");
+        w1.addresses = Addresses::One("127.0.0.2".parse().unwrap());
+        w1.services = refs(&[&t_key]);
+        m.insert_workload(w1);
+    }
+    m.insert_workload(w0);
+    m.insert_service(t);
+    m.traffic.insert(t_key, tp);
+    m
+}
+
+/// Connect cost with weights, a breaker and a rate limit configured (none
+/// ever refusing) against the plain VIP: the per-call run time of connect4
+/// and the connect rate relative to direct connects, as above.
+fn traffic_rows(w: &mut MapWriter, base: &Model, backend: &SocketAddr, quick: bool) {
+    let second: SocketAddr = "127.0.0.2:8080".parse().unwrap();
+    let l = listen(second);
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            drop(c);
+        }
+    });
+    let vip_t: SocketAddr = "10.96.0.11:80".parse().unwrap();
+    let breaker = TrafficPolicy {
+        max_connections: Some(1 << 30),
+        ..Default::default()
+    };
+    let limit = TrafficPolicy {
+        rate_limit: Some(RateLimit {
+            max_tokens: u32::MAX,
+            tokens_per_fill: 1,
+            fill_interval_ms: 1000,
+        }),
+        ..Default::default()
+    };
+    let all = TrafficPolicy {
+        max_connections: breaker.max_connections,
+        rate_limit: limit.rate_limit,
+        ..Default::default()
+    };
+    let rows = [
+        ("plain", TrafficPolicy::default(), false),
+        ("weights 3:1", TrafficPolicy::default(), true),
+        ("breaker", breaker, false),
+        ("rate limit", limit, false),
+        ("all three", all, true),
+    ];
+    let (rounds, batch) = if quick { (3, 500) } else { (11, 3000) };
+    let n = if quick { 2000 } else { 20000 };
+    println!("\ntraffic settings on the VIP (none refusing; median of {rounds} rounds x {batch}):");
+    for (label, tp, weighted) in rows {
+        w.apply(&traffic_model(base, tp, weighted))
+            .expect("apply traffic variant");
+        connect_once(&vip_t);
+        let (_, _, ratios) = paired_rounds(rounds, |to_vip| {
+            rate(if to_vip { &vip_t } else { backend }, batch)
+        });
+        let ns: Vec<f64> = (0..5)
+            .map(|_| ns_per_run(w.datapath(), "connect4", n, &vip_t))
+            .collect();
+        println!(
+            "  {label:<12}: connect4 {:>6.1} ns/call, rate VIP/direct {:.3}",
+            median(ns),
+            median(ratios)
+        );
+    }
 }

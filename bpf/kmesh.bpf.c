@@ -19,6 +19,8 @@
  *   peer socket's receive queue when the peer is a local enrolled socket.
  * Telemetry (lib/telemetry.h): connect4/6 leave the original destination
  *   on an enrolled socket; sockops reports each end's open and close.
+ * Limits (lib/limits.h): a service's circuit breaker and per-pod connect
+ *   rate limit refuse a connect at connect4/6; sockops keeps the counts.
  * sk_lookup (on each enrolled netns): refuses a connection that an
  *   authorization policy of its destination denies, before any listener
  *   can take it (the client gets a reset: connection refused). The connect
@@ -36,6 +38,7 @@
 #include "lib/accel.h"
 #include "lib/authz.h"
 #include "lib/telemetry.h"
+#include "lib/limits.h"
 
 SEC("cgroup/connect4")
 int kmesh_connect4(struct bpf_sock_addr *ctx)
@@ -59,8 +62,11 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	const struct kmesh_addr dst = addr;
 	const __u32 dst_port = port;
 	struct sock_state orig = {};
-	enum verdict v = redirect(&addr, &port, true, m->flags & KMESH_NETNS_WAYPOINT, &orig);
+	const struct service_value *hit = NULL;
+	enum verdict v = redirect(&addr, &port, true, m->flags & KMESH_NETNS_WAYPOINT, &orig, &hit);
 	if (v == V_REJECT)
+		return 0;
+	if (hit && !limits_connect(ctx, hit, netns))
 		return 0;
 	/* No way to carry the original destination: fail closed. */
 	if (v == V_WAYPOINT && !remember_orig(ctx, &orig, netns))
@@ -96,9 +102,12 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	const struct kmesh_addr dst = addr;
 	const __u32 dst_port = port;
 	struct sock_state orig = {};
-	enum verdict v =
-		redirect(&addr, &port, addr_is_v4(&addr), m->flags & KMESH_NETNS_WAYPOINT, &orig);
+	const struct service_value *hit = NULL;
+	enum verdict v = redirect(&addr, &port, addr_is_v4(&addr), m->flags & KMESH_NETNS_WAYPOINT,
+				  &orig, &hit);
 	if (v == V_REJECT)
+		return 0;
+	if (hit && !limits_connect(ctx, hit, netns))
 		return 0;
 	if (v == V_WAYPOINT && !remember_orig(ctx, &orig, netns))
 		return 0;
@@ -161,6 +170,7 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
  */
 static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
+	limits_sockops(skops);
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		tele_connecting(skops);

@@ -16,7 +16,8 @@
 #   KMESH_KERNEL_TESTS  the test binaries (cargo test target names) to run in
 #                       each guest, each optionally with test-name filters
 #                       ("authz:a,b"); default: redirect waypoint accel
-#                       kernel, two authz tests and two telemetry tests
+#                       kernel, two authz tests, two telemetry tests and
+#                       three traffic tests
 #   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
 #                       /etc/apt/sources.list*)
 #
@@ -67,7 +68,7 @@ cache=${KMESH_KERNEL_CACHE:-/var/lib/kmesh-kernels}
 # every authorization path the kernel has to run (sk_lookup refusals over
 # IPv4, IPv6 and v4-mapped, connect-time EPERM, the live cut); the whole
 # file takes over 10 minutes in an emulated guest.
-tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel authz:source_cidr_destination_port,live_connections_are_cut telemetry:counted_exactly_on_both_reporters,a_reset_and_a_refused}
+tests=${KMESH_KERNEL_TESTS:-redirect waypoint accel kernel authz:source_cidr_destination_port,live_connections_are_cut telemetry:counted_exactly_on_both_reporters,a_reset_and_a_refused traffic:canary_split,breaker_caps,rate_limit}
 fetch_only=0
 kernels=()
 for a in "$@"; do

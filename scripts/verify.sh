@@ -5,15 +5,15 @@
 # every command with its output, and exits non-zero when an outcome is not
 # the documented one.
 #
-#   bash scripts/verify.sh locality | ingress | egress      (as root)
+#   bash scripts/verify.sh locality | ingress | egress | breaker | ratelimit   (as root)
 #
 # KMESH_BIN=DIR uses kmesh and kmesh-probe from DIR instead of building the
 # release binaries (the tests pass target/debug).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GUIDE=${1:?usage: verify.sh locality|ingress|egress}
-case "$GUIDE" in locality | ingress | egress) ;; *)
-  echo "unknown guide '$GUIDE': locality, ingress or egress" >&2
+GUIDE=${1:?usage: verify.sh locality|ingress|egress|breaker|ratelimit}
+case "$GUIDE" in locality | ingress | egress | breaker | ratelimit) ;; *)
+  echo "unknown guide '$GUIDE': locality, ingress, egress, breaker or ratelimit" >&2
   exit 2
   ;;
 esac

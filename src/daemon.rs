@@ -23,7 +23,7 @@ use crate::{
     dns::{Answers, DnsConfig, DnsError, HostState, Resolver},
     http::{self, AdminState, HttpOptions, Metrics, Readiness},
     logging::LogControl,
-    model::{Changes, Layers, LocalNode, Model, ResolvedHosts},
+    model::{Changes, Layers, LocalNode, Model, ResolvedHosts, MAX_TRACKED_CHANGES},
     telemetry::{AccessLog, Telemetry},
     writer::{MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
@@ -140,19 +140,20 @@ impl Sources {
 fn apply_changes(
     writer: &Mutex<MapWriter>,
     sources: &Sources,
-    telemetry: &Telemetry,
-) -> Option<Verdict> {
+    telemetry: Option<&Telemetry>,
+) -> Option<(Verdict, usize)> {
     let (result, changes) = sources.with_changes(|layers, changes| {
         let result = writer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .apply_changes(layers, &changes)?;
-        if result.is_ok() {
-            telemetry.update(layers, &changes);
+        if let (Ok(_), Some(t)) = (&result, telemetry) {
+            t.update(layers, &changes);
         }
         Some((result, changes))
     })?;
-    Some(match result {
+    let resources = changes.resources;
+    let verdict = match result {
         Ok(r) => {
             tracing::info!(
                 "xDS update: applied {} services, {} workloads changed, incrementally ({} map updates, {} deletes)",
@@ -173,7 +174,8 @@ fn apply_changes(
                 failed: Some(e.to_string()),
             }
         }
-    })
+    };
+    Some((verdict, resources))
 }
 
 /// Makes the maps hold the sources' models. Returns the hostnames the
@@ -289,6 +291,9 @@ pub fn one_malloc_arena() {
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
+
+/// How often incremental applies give freed memory back.
+const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 fn trim_heap() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -506,7 +511,12 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             .unwrap_or(opts.access_log),
     ));
     let telemetry = Arc::new(Telemetry::new(metrics.tcp(), access_log.clone()));
-    sources.with_layers(|l| telemetry.refresh(l));
+    // The names by address are for the telemetry reader only (at 100k
+    // workloads they take tens of MB).
+    let telemetry_names = telemetry_on.then_some(&*telemetry);
+    if let Some(t) = telemetry_names {
+        sources.with_layers(|l| t.refresh(l));
+    }
     if telemetry_on {
         let ring = {
             let w = writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -557,6 +567,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     });
 
     let mut tick = tokio::time::interval(opts.watch_interval);
+    let mut last_trim = Instant::now();
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
         let mut cni_pending = None;
@@ -633,12 +644,19 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         }
         if reply.is_some() && !reread_file && cni_pending.is_none() {
             let started = Instant::now();
-            if let Some(verdict) = apply_changes(&writer, &sources, &telemetry) {
+            if let Some((verdict, resources)) = apply_changes(&writer, &sources, telemetry_names) {
                 let took = started.elapsed();
                 metrics.applied("xDS update (incremental)", took, verdict.failed.is_some());
                 if let Some(reply) = reply {
                     // The client may have gone with its stream.
                     let _ = reply.send(verdict);
+                }
+                // After the reply: off the update's latency. A large
+                // response (a resend after a reconnect) leaves its buffers
+                // free but resident until trimmed; small ones add up too.
+                if resources > MAX_TRACKED_CHANGES || last_trim.elapsed() > TRIM_EVERY {
+                    trim_heap();
+                    last_trim = Instant::now();
                 }
                 continue;
             }
@@ -651,7 +669,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         };
         let started = Instant::now();
         let (hosts, mut verdict) = apply(&writer, &sources, why);
-        sources.with_layers(|l| telemetry.refresh(l));
+        if let Some(t) = telemetry_names {
+            sources.with_layers(|l| t.refresh(l));
+        }
         metrics.applied(why, started.elapsed(), verdict.failed.is_some());
         verdict.rejected.extend(kept);
         watch_hosts(hosts);

@@ -36,3 +36,13 @@ fn ingress_guide() {
 fn egress_guide() {
     guide("egress");
 }
+
+#[test]
+fn breaker_guide() {
+    guide("breaker");
+}
+
+#[test]
+fn ratelimit_guide() {
+    guide("ratelimit");
+}

@@ -56,7 +56,9 @@ enum kmesh_stat {
 	KMESH_STAT_AUTHZ_EVENT_LOST = 21, /* denial not logged: ring buffer full */
 	KMESH_STAT_AUTHZ_CUT = 22, /* (daemon) live connections a policy change closed */
 	KMESH_STAT_TELE_LOST = 23, /* connection event lost: ring buffer full */
-	KMESH_STAT_MAX = 24,
+	KMESH_STAT_BREAKER_REJECT = 24, /* service at max_connections: refused */
+	KMESH_STAT_RATE_LIMITED = 25,   /* client pod's token bucket empty: refused */
+	KMESH_STAT_MAX = 26,
 };
 
 /* km_manage flags */
@@ -118,6 +120,69 @@ struct service_value {
 	__u32 service_port[KMESH_MAX_PORTS]; /* network order in low 16 bits, 0 = unused */
 	__u32 target_port[KMESH_MAX_PORTS];  /* 0 = same as service port */
 	struct waypoint waypoint;
+	/* Bit p: priority p picks through its km_lb table (unequal weights);
+	 * clear, the pick is uniform and costs no further lookup. */
+	__u32 weighted_prios;
+	/* Limits (bpf/lib/limits.h), all 0 = none. The id is a hash of the
+	 * service's name, not service_id: the counts outlive the daemon, and
+	 * the next one numbers services anew. */
+	__u32 limit_id[2];
+	__u32 max_connections;     /* concurrent connections from this node */
+	__u32 rl_max_tokens;       /* token bucket per client netns */
+	__u32 rl_tokens_per_fill;
+	__u32 rl_fill_interval_ms;
+};
+
+/*
+ * km_lb value: a weighted priority's pick table. Each slot holds an
+ * endpoint index (1-based), each endpoint in proportion to its weight; a
+ * uniformly drawn slot is then a weighted draw. 0 or an index beyond the
+ * priority's count (mid-update) falls back to the uniform pick.
+ */
+#define KMESH_LB_SLOTS 1024
+
+struct lb_key {
+	__u32 service_id;
+	__u32 prio;
+};
+
+struct lb_table {
+	__u16 slot[KMESH_LB_SLOTS];
+};
+
+/* km_svc_conns key (limit_id) and value: connections counted by sockops
+ * from connect to close, and connects the breaker refused. */
+struct limit_id {
+	__u32 id[2];
+};
+
+struct svc_conns {
+	__s64 active;
+	__u64 rejected;
+};
+
+/* km_bucket: one token bucket per (service, client netns). */
+struct bucket_key {
+	__u32 id[2];
+	__u64 netns;
+};
+
+struct bucket {
+	struct bpf_spin_lock lock;
+	__u32 tokens;
+	__u64 last_fill_ns; /* bpf_ktime_get_ns of the last whole interval */
+	__u64 rejected;
+};
+
+/* km_limit_sock (socket storage): the service a socket counts against. */
+enum kmesh_limit_sock_state {
+	KMESH_LIMIT_PENDING = 1, /* connect passed the breaker; not counted yet */
+	KMESH_LIMIT_COUNTED = 2, /* in its service's active count until close */
+};
+
+struct limit_sock {
+	struct limit_id id;
+	__u32 state; /* enum kmesh_limit_sock_state */
 };
 
 /* km_workload value: a pod address, for direct access. */

@@ -223,4 +223,8 @@ struct sk_psock {
 /* Low bits of sk_user_data (include/net/sock.h); PSOCK marks a psock. */
 #define SK_USER_DATA_PSOCK 4UL
 #define SK_USER_DATA_PTRMASK (~7UL)
+/* uapi: only inside a map value (bpf/lib/limits.h's token buckets). */
+struct bpf_spin_lock {
+	__u32 val;
+};
 #endif

@@ -8,6 +8,7 @@
 #define __KMESH_LIB_REDIRECT_H__
 
 #include "common.h"
+#include "lb.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -115,6 +116,7 @@ static __always_inline enum verdict pick_backend(const struct service_value *svc
 		.prio = prio,
 		.index = bpf_get_prandom_u32() % count + 1,
 	};
+	ek.index = lb_weighted_index(svc, prio, count, ek.index);
 	struct endpoint_value *ev = bpf_map_lookup_elem(&km_endpoint, &ek);
 	if (!ev) {
 		stat_inc(KMESH_STAT_NO_ENDPOINT);
@@ -193,9 +195,11 @@ static __always_inline enum verdict to_waypoint(const struct waypoint *wp, struc
  * socket's representation (network order). want_v4: the socket can only
  * reach an IPv4 backend (connect4 or a v4-mapped connect6). The caller has
  * checked enrollment; no_waypoint: the caller is a waypoint itself.
+ * *hit: the service matched (VIP and port), if any.
  */
 static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *port, bool want_v4,
-					     bool no_waypoint, struct sock_state *orig)
+					     bool no_waypoint, struct sock_state *orig,
+					     const struct service_value **hit)
 {
 	struct addr_key key = { .addr = *addr };
 	struct service_value *svc = bpf_map_lookup_elem(&km_vip, &key);
@@ -215,6 +219,8 @@ static __always_inline enum verdict redirect(struct kmesh_addr *addr, __u32 *por
 		stat_inc(KMESH_STAT_PORT_MISS);
 		return V_PASS;
 	}
+	/* The service the client asked for: its limits apply (limits.h). */
+	*hit = svc;
 	if (svc->waypoint.port != 0 && !no_waypoint)
 		return to_waypoint(&svc->waypoint, addr, port, want_v4, orig);
 

@@ -80,11 +80,20 @@ pub enum MapId {
     AuthzVerdict,
     /// Per-CPU counters per policy index.
     AuthzCount,
+    /// (service, priority) → weighted pick table (bpf/lib/lb.h).
+    Lb,
+    /// (service, client netns) → token bucket (made by the programs, swept
+    /// by the writer).
+    Bucket,
+    /// Service limit id → live connection count (counted by the programs).
+    SvcConns,
+    /// Per-socket storage: the service a socket counts against.
+    LimitSock,
 }
 
 impl MapId {
     /// Maps the writer fills.
-    pub const WRITTEN: [MapId; 12] = [
+    pub const WRITTEN: [MapId; 14] = [
         MapId::Vip,
         MapId::Workload,
         MapId::Endpoint,
@@ -97,10 +106,20 @@ impl MapId {
         MapId::AuthzSrc,
         MapId::AuthzVerdict,
         MapId::AuthzCount,
+        MapId::Lb,
+        MapId::Bucket,
     ];
     /// Maps that hold live sockets: they outlive the daemon (see
     /// `Datapath::shutdown`) and are reused by the next one.
-    pub const SOCKETS: [MapId; 3] = [MapId::Sock, MapId::SockState, MapId::Conn];
+    /// (The connection counts and what each socket counts against are
+    /// among them: they must agree with the sockets still open.)
+    pub const SOCKETS: [MapId; 5] = [
+        MapId::Sock,
+        MapId::SockState,
+        MapId::Conn,
+        MapId::SvcConns,
+        MapId::LimitSock,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -119,6 +138,10 @@ impl MapId {
             MapId::AuthzSrc => "km_authz_src",
             MapId::AuthzVerdict => "km_authz_verdict",
             MapId::AuthzCount => "km_authz_count",
+            MapId::Lb => "km_lb",
+            MapId::Bucket => "km_bucket",
+            MapId::SvcConns => "km_svc_conns",
+            MapId::LimitSock => "km_limit_sock",
         }
     }
 }
@@ -142,6 +165,10 @@ impl Datapath {
             MapId::AuthzSrc => &m.km_authz_src,
             MapId::AuthzVerdict => &m.km_authz_verdict,
             MapId::AuthzCount => &m.km_authz_count,
+            MapId::Lb => &m.km_lb,
+            MapId::Bucket => &m.km_bucket,
+            MapId::SvcConns => &m.km_svc_conns,
+            MapId::LimitSock => &m.km_limit_sock,
         }
     }
 
@@ -163,6 +190,10 @@ impl Datapath {
             MapId::AuthzSrc => &mut m.km_authz_src,
             MapId::AuthzVerdict => &mut m.km_authz_verdict,
             MapId::AuthzCount => &mut m.km_authz_count,
+            MapId::Lb => &mut m.km_lb,
+            MapId::Bucket => &mut m.km_bucket,
+            MapId::SvcConns => &mut m.km_svc_conns,
+            MapId::LimitSock => &mut m.km_limit_sock,
         }
     }
 

@@ -43,8 +43,9 @@ pub use types::*;
 
 pub use skel::types::{
     addr_key, authz_class, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
-    authz_verdict_key, backend_addr, config_value, endpoint_key, endpoint_value, kmesh_addr,
-    manage_value, port_key, service_value, sock_key, sock_state, waypoint, workload_value,
+    authz_verdict_key, backend_addr, bucket_key, config_value, endpoint_key, endpoint_value,
+    kmesh_addr, lb_key, lb_table, limit_id, manage_value, port_key, service_value, sock_key,
+    sock_state, svc_conns, waypoint, workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -54,6 +55,8 @@ pub const MAX_PRIO: usize = 7;
 pub const MAX_PORTS: usize = 10;
 pub const NETNS_WAYPOINT: u32 = 1;
 pub const EP_PORTS: u32 = 1;
+/// KMESH_LB_SLOTS: entries of a weighted priority's pick table.
+pub const LB_SLOTS: usize = 1024;
 #[derive(Debug, Error)]
 pub enum BpfError {
     #[error("loading BPF object: {source}{}", verifier_tail())]
@@ -280,6 +283,8 @@ impl Datapath {
                 (&mut m.km_sock, "km_sock"),
                 (&mut m.km_sock_state, "km_sock_state"),
                 (&mut m.km_conn, "km_conn"),
+                (&mut m.km_svc_conns, "km_svc_conns"),
+                (&mut m.km_limit_sock, "km_limit_sock"),
             ] {
                 let path = dir.join(name);
                 if !path.exists() {
@@ -289,7 +294,10 @@ impl Datapath {
                     // A reused map keeps the size it was made with: say so
                     // when --max-sockets asked for another (resizing would
                     // drop the live sockets it holds).
-                    Ok(()) if name != "km_sock_state" && map.max_entries() != sizes.sockets => {
+                    Ok(())
+                        if matches!(name, "km_sock" | "km_conn")
+                            && map.max_entries() != sizes.sockets =>
+                    {
                         tracing::warn!(
                             "reusing {} (live sockets kept) with its {} entries: --max-sockets {} \
                              takes effect at a start that finds no socket map pinned",

@@ -9,7 +9,7 @@ use super::Datapath;
 
 /// Names of km_stats' counters, in the order of enum kmesh_stat
 /// (bpf/include/kmesh.h).
-pub const STAT_NAMES: [&str; 24] = [
+pub const STAT_NAMES: [&str; 26] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -34,6 +34,8 @@ pub const STAT_NAMES: [&str; 24] = [
     "authz_event_lost",
     "authz_cut",
     "telemetry_events_lost",
+    "breaker_reject",
+    "rate_limited",
 ];
 
 /// km_stats counters the daemon keeps (the programs never write them).

@@ -43,6 +43,11 @@ impl Pod for authz_id_key {}
 impl Pod for authz_src_key {}
 impl Pod for authz_verdict_key {}
 impl Pod for authz_verdict {}
+impl Pod for lb_key {}
+impl Pod for lb_table {}
+impl Pod for limit_id {}
+impl Pod for svc_conns {}
+impl Pod for bucket_key {}
 impl Pod for u32 {}
 impl Pod for u64 {}
 

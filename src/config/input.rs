@@ -105,8 +105,9 @@ pub(super) fn netns_cookie(f: fs::File) -> Result<(u64, Vec<std::net::IpAddr>), 
 /// array too (its fields in order, missing ones defaulted), so `[]` would
 /// read as an empty config and `"enroll": []` as no enrollment; every
 /// other array in the file is a mistake.
-const ARRAY_KEYS: [&str; 23] = [
+const ARRAY_KEYS: [&str; 24] = [
     "netns",
+    "split",
     "services",
     "addresses",
     "ports",

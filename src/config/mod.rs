@@ -23,6 +23,7 @@ use crate::model::{
 };
 
 mod input;
+mod traffic;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -142,6 +143,15 @@ struct ServiceEntry {
     /// ServiceEntry's resolution.
     #[serde(default)]
     resolution: Resolution,
+    /// Canary: shares of the connections by workload labels (traffic.rs).
+    #[serde(default)]
+    split: Vec<traffic::SplitEntry>,
+    /// Circuit breaker: concurrent connections from this node.
+    #[serde(default)]
+    max_connections: Option<u32>,
+    /// Connects per client pod: a token bucket.
+    #[serde(default)]
+    rate_limit: Option<traffic::RateLimitEntry>,
 }
 
 /// Istio ServiceEntry resolution: STATIC (endpoints are the workloads
@@ -231,6 +241,12 @@ struct WorkloadEntry {
     /// WORKLOAD_SELECTOR policies selecting this workload, "namespace/name".
     #[serde(default)]
     authorization_policies: Vec<String>,
+    /// Share relative to the service's other endpoints (1..=1000, default 1).
+    #[serde(default)]
+    weight: Option<u32>,
+    /// What a service's split selects by.
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -416,6 +432,11 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
         };
         svc.validate()
             .map_err(|e| field_err(format!("services[{i}]"), e.to_string()))?;
+        let tp = traffic::policy(&s.split, s.max_connections, s.rate_limit.as_ref())
+            .map_err(|(f, m)| field_err(format!("services[{i}].{f}"), m))?;
+        if !tp.is_default() {
+            model.traffic.insert(svc.key().into(), tp);
+        }
         if model.insert_service(svc).is_some() {
             return Err(field_err(
                 format!("services[{i}]"),
@@ -452,6 +473,9 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
         wl.set_extra(WorkloadExtra {
             hostname: w.hostname.as_deref().map(Into::into),
             policies: w.authorization_policies.clone(),
+            weight: traffic::weight(w.weight)
+                .map_err(|e| field_err(format!("workloads[{i}].weight"), e))?,
+            labels: w.labels.clone(),
             waypoint: w
                 .waypoint
                 .as_ref()
@@ -516,6 +540,13 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
     }
     let good = &model.policies;
     model.refused_policies.retain(|k| good.get(k).is_none());
+    for (i, s) in file.services.iter().enumerate() {
+        let key = format!("{}/{}", s.namespace, s.hostname);
+        if let Some(tp) = model.traffic.get(key.as_str()) {
+            traffic::check_split(&model, &key, tp)
+                .map_err(|(f, m)| field_err(format!("services[{i}].{f}"), m))?;
+        }
+    }
     // A DNS service no workload backs resolves its own hostname, as
     // istiod does for a ServiceEntry without endpoints.
     let backed: std::collections::HashSet<Arc<str>> = model

@@ -391,3 +391,81 @@ fn policies_and_identities_come_from_the_file() {
         "{e}"
     );
 }
+
+/// A file with service web (two workloads, v1 and v2) and `svc` / `wl`
+/// spliced into the service and the first workload.
+fn traffic(svc: &str, wl: &str) -> String {
+    format!(
+        r#"{{
+  "services": [{{
+    "name": "web", "hostname": "web", "addresses": ["10.96.0.10"],
+    "ports": [{{"service_port": 80}}] {svc}
+  }}],
+  "workloads": [
+    {{"uid": "a", "name": "a", "addresses": ["10.244.0.11"], "services": {{"default/web": {{}}}},
+      "labels": {{"version": "v1"}} {wl}}},
+    {{"uid": "b", "name": "b", "addresses": ["10.244.0.12"], "services": {{"default/web": {{}}}},
+      "labels": {{"version": "v2"}}}}
+  ]
+}}"#
+    )
+}
+
+#[test]
+fn traffic_keys_parse() {
+    let text = traffic(
+        r#", "split": [{"labels": {"version": "v1"}, "weight": 80}, {"labels": {"version": "v2"}, "weight": 20}],
+           "max_connections": 5,
+           "rate_limit": {"max_tokens": 10, "tokens_per_fill": 5, "fill_interval_ms": 100}"#,
+        r#", "weight": 3"#,
+    );
+    let (m, _) = parse(Path::new("t.json"), &text).unwrap();
+    let tp = &m.traffic["default/web"];
+    assert_eq!(tp.split.len(), 2);
+    assert_eq!(tp.max_connections, Some(5));
+    assert_eq!(tp.rate_limit.unwrap().fill_interval_ms, 100);
+    assert_eq!(m.workloads["a"].weight(), 3);
+    assert_eq!(m.workloads["b"].weight(), 1);
+}
+
+#[test]
+fn bad_traffic_values_are_refused_by_field() {
+    let cases = [
+        (
+            r#", "max_connections": -1"#,
+            "",
+            "services[0].max_connections",
+        ),
+        (
+            r#", "max_connections": 0"#,
+            "",
+            "services[0].max_connections",
+        ),
+        (
+            r#", "rate_limit": {"max_tokens": 10, "tokens_per_fill": 5, "fill_interval_ms": 0}"#,
+            "",
+            "services[0].rate_limit.fill_interval_ms",
+        ),
+        (
+            r#", "rate_limit": {"max_tokens": 10, "tokens_per_fill": 5, "fill_interval_ms": -100}"#,
+            "",
+            "services[0].rate_limit.fill_interval_ms",
+        ),
+        (
+            r#", "split": [{"labels": {"version": "v1"}, "weight": 80}, {"labels": {"version": "v2"}, "weight": 30}]"#,
+            "",
+            "services[0].split:",
+        ),
+        (
+            r#", "split": [{"labels": {"version": "v1"}, "weight": 80}, {"labels": {"version": "v3"}, "weight": 20}]"#,
+            "",
+            "services[0].split[1].labels",
+        ),
+        ("", r#", "weight": 0"#, "workloads[0].weight"),
+        ("", r#", "weight": 1001"#, "workloads[0].weight"),
+    ];
+    for (svc, wl, field) in cases {
+        let e = err(&traffic(svc, wl));
+        assert!(e.contains(field), "{svc} {wl}: {e}");
+    }
+}

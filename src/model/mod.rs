@@ -13,8 +13,10 @@ use std::{
 use serde::Serialize;
 use thiserror::Error;
 
+mod traffic;
 mod workload;
 
+pub use traffic::{weight, RateLimit, SplitRule, TrafficPolicy, MAX_WEIGHT};
 pub use workload::{
     fresh_id, Addresses, Compact, HealthStatus, Scope, ServiceRef, Workload, WorkloadExtra,
     Workloads,
@@ -386,6 +388,8 @@ pub struct Model {
     /// The access log's format (config file key access_log); None leaves
     /// it to the daemon's flag and run-time switches.
     pub access_log: Option<crate::telemetry::Format>,
+    /// Service key → its traffic settings (only non-default ones).
+    pub traffic: HashMap<Arc<str>, TrafficPolicy>,
 }
 
 /// Default for `accel_queue_limit`: as much as plain TCP lets a sender
@@ -443,6 +447,8 @@ pub struct Changes {
     /// entries than are worth tracking one by one): only a full apply
     /// will do.
     pub whole: bool,
+    /// Resources the source received for these changes, changed or not.
+    pub resources: usize,
 }
 
 /// Beyond this many entries one push is applied whole: its cost is then
@@ -525,6 +531,11 @@ impl<'a> Layers<'a> {
 
     pub fn accelerate(self) -> bool {
         self.0.iter().any(|m| m.accelerate)
+    }
+
+    /// A service's traffic settings: the topmost layer's that has some.
+    pub fn traffic(self, key: &str) -> Option<&'a TrafficPolicy> {
+        self.0.iter().rev().find_map(|m| m.traffic.get(key))
     }
 
     /// The topmost layer's setting, else the default.

@@ -101,6 +101,11 @@ pub struct WorkloadExtra {
     /// Istio's authorization_policies: WORKLOAD_SELECTOR policies
     /// selecting this workload, as "namespace/name".
     pub policies: Vec<String>,
+    /// Share of its services' connections relative to the other
+    /// endpoints (Istio's Workload.capacity); 0: the default, 1.
+    pub weight: u32,
+    /// Labels a service's canary split selects by (config file).
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// Process-wide, so that workloads of different sources (config file,
@@ -231,6 +236,14 @@ impl Workload {
 
     /// Keys ("namespace/name") of the WORKLOAD_SELECTOR policies that
     /// select this workload.
+    pub fn weight(&self) -> u32 {
+        super::weight(self.extra.as_ref().map_or(1, |e| e.weight))
+    }
+
+    pub fn labels(&self) -> Option<&std::collections::BTreeMap<String, String>> {
+        self.extra.as_ref().map(|e| &e.labels)
+    }
+
     pub fn policies(&self) -> &[String] {
         self.extra.as_ref().map_or(&[], |e| &e.policies)
     }

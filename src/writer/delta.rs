@@ -15,8 +15,10 @@
 //!   what to leave out);
 //! - authorization policies exist (identities and policy sets are
 //!   compiled for the whole node);
-//! - a changed entry is a hostname (DNS) workload or a passthrough
-//!   service, or is defined by more than one source;
+//! - a changed entry is a hostname (DNS) workload, a weighted workload or
+//!   a passthrough service, or is defined by more than one source;
+//! - a change touches a service with a traffic policy (split, circuit
+//!   breaker, rate limit) or with weighted endpoints;
 //! - a service changes its load balancing or ports, or appears while
 //!   workloads already name it (its members would have to be found among
 //!   all workloads), or its first address changes while some waypoint
@@ -218,9 +220,20 @@ impl MapWriter {
             Ok(c) => c,
             Err(why) => return decline(why),
         };
-        let Some(scope) = self.update_cache(&mut cache, model, &services, &workloads) else {
-            return decline("a passthrough service");
+        let scope = match self.update_cache(&mut cache, model, &services, &workloads) {
+            Ok(s) => s,
+            Err(why) => return decline(why),
         };
+        // A weighted list's shares depend on all its members; a limit's
+        // counters on every limited service (weights.rs, limits.rs).
+        let traffic = scope
+            .sids
+            .iter()
+            .filter_map(|s| cache.d.services.get(s))
+            .any(|(v, _)| v.weighted_prios != 0 || v.max_connections != 0 || v.rl_max_tokens != 0);
+        if traffic {
+            return decline("a service with weighted endpoints or limits");
+        }
         // The same room as the full apply needs (admit.rs, `growth`).
         let stale_ports = scope
             .ports
@@ -312,6 +325,10 @@ impl MapWriter {
             if c.new.is_some_and(|s| s.validate().is_err()) {
                 return Err("an invalid service");
             }
+            // Splits and limits: see the module comment.
+            if model.traffic(key).is_some() {
+                return Err("a service with a traffic policy");
+            }
             let first = |s: Option<&Service>| s.and_then(|s| s.addresses.first()).cloned();
             if cache.service_waypoints > 0 && first(c.old) != first(c.new) {
                 return Err("a waypoint service's address");
@@ -358,6 +375,10 @@ impl MapWriter {
             let dns = |w: Option<&Workload>| w.is_some_and(|w| w.hostname().is_some());
             if dns(c.old) || dns(c.new) {
                 return Err("a hostname workload");
+            }
+            let weighted = |w: Option<&Workload>| w.is_some_and(|w| w.weight() != 1);
+            if weighted(c.old) || weighted(c.new) {
+                return Err("a weighted workload");
             }
             if c.new.is_some_and(|w| w.validate().is_err()) {
                 return Err("an invalid workload");
@@ -484,15 +505,15 @@ impl MapWriter {
 
     /// Takes the changed entries' old contributions out of the cached
     /// desired state and puts their new ones in; returns what the maps
-    /// must be brought to. None: the change turned out not to be for the
-    /// incremental path (the cache is then dropped).
+    /// must be brought to. An error: the change turned out not to be for
+    /// the incremental path (the cache is then dropped).
     fn update_cache(
         &mut self,
         cache: &mut Cache,
         model: Layers,
         services: &[Change<Service>],
         workloads: &[Change<Workload>],
-    ) -> Option<Scope> {
+    ) -> Result<Scope, &'static str> {
         let mut scope = Scope::default();
         for c in services {
             cache.service_waypoints -=
@@ -500,7 +521,10 @@ impl MapWriter {
             cache.service_waypoints +=
                 usize::from(names_service(c.new.and_then(|s| s.waypoint.as_ref())));
             let old = self.service_ids.by_key.get(c.key).copied();
-            if let Some((_, vips)) = old.and_then(|id| cache.d.services.remove(&id)) {
+            if let Some((v, vips)) = old.and_then(|id| cache.d.services.remove(&id)) {
+                if v.weighted_prios != 0 {
+                    return Err("a service with weighted endpoints or limits");
+                }
                 cache.vips -= vips.len();
                 scope.old_vips.extend(vips);
             }
@@ -515,7 +539,7 @@ impl MapWriter {
                     cache.d.services.insert(id, (v, vips));
                     cache.open(&self.written, &mut scope, id);
                 }
-                Some(ServiceEntry::Passthrough(_)) => return None,
+                Some(ServiceEntry::Passthrough(_)) => return Err("a passthrough service"),
                 Some(ServiceEntry::NoVip) | None => {}
             }
             // No longer routed: its lists and own ports go.
@@ -578,7 +602,7 @@ impl MapWriter {
                 scope.ips.extend(n.addresses.iter().map(|a| canonical(*a)));
             }
         }
-        Some(scope)
+        Ok(scope)
     }
 
     /// Takes what `old` put in the cached desired state out of it.

@@ -125,6 +125,7 @@ pub(super) struct Desired {
     pub(super) answers: HashMap<Box<str>, Vec<IpAddr>>,
     /// Identity numbers the workload entries hold (none without policies).
     pub(super) identities: std::collections::HashSet<u32>,
+    pub(super) weights: super::weights::Weights, // traffic:
 }
 
 impl Desired {
@@ -139,6 +140,8 @@ impl Desired {
             || self.services.values().any(|(s, _)| s.waypoint.port != 0)
             || self.workload_ips.values().any(|w| w.waypoint.port != 0)
             || self.backends.values().any(|b| b.waypoint.port != 0)
+            // traffic: the breaker counts in sockops
+            || self.services.values().any(|(s, _)| s.max_connections != 0)
     }
 }
 
@@ -213,6 +216,7 @@ impl MapWriter {
             owner: HashMap::new(),
             answers: HashMap::new(),
             identities: Default::default(),
+            weights: Default::default(), // traffic:
         };
         let authz_on = model.policies().next().is_some();
         // A service without a VIP cannot be connected to: nothing to write.
@@ -225,6 +229,7 @@ impl MapWriter {
                 ServiceEntry::Passthrough(addrs) => d.passthrough.push((key.clone(), addrs)),
                 ServiceEntry::Routed(id, v, vips) => {
                     routable.insert(key, (id, &svc.load_balancing, &svc.ports));
+                    d.weights.service(id, model.traffic(key)); // traffic:
                     d.services.insert(id, (v, vips));
                 }
                 ServiceEntry::NoVip => {}
@@ -243,6 +248,7 @@ impl MapWriter {
             }));
             self.add_workload(&mut d, w, model, a, &members, authz_on);
         }
+        super::weights::Weights::finish(&mut d); // traffic:
         d
     }
 
@@ -287,6 +293,7 @@ impl MapWriter {
                 v.target_port[i] = port_to_map(p.target_port);
             }
         }
+        super::limits::set_limits(&mut v, key, model.traffic(key)); // traffic:
         ServiceEntry::Routed(id, v, vips)
     }
 
@@ -388,6 +395,7 @@ impl MapWriter {
                 continue;
             };
             d.endpoints.entry((sid, prio)).or_default().extend(ids);
+            d.weights.note(sid, prio, ids, w); // traffic:
             for p in own_ports(svc_ports, own) {
                 for eid in ids {
                     d.ports.insert((sid, *eid, p.service_port), p.target_port);

@@ -48,6 +48,9 @@ pub struct Dump {
     pub map_memory_bytes: u64,
     /// What this kernel runs (features found at start, and why any is off).
     pub kernel: crate::bpf::KernelSupport,
+    /// Weighted endpoints, circuit breakers and rate limits, with live
+    /// counts (writer/limits.rs).
+    pub traffic: Vec<super::TrafficDump>,
 }
 
 #[derive(Debug, Serialize)]
@@ -396,6 +399,7 @@ impl MapWriter {
             attached: self.dp.attached(),
             map_memory_bytes: self.dp.memlock_total(),
             kernel: self.dp.kernel().clone(),
+            traffic: self.traffic_dump(model),
         }
     }
 }

@@ -22,7 +22,9 @@ mod clock;
 mod delta;
 mod desired;
 mod dump;
+mod limits; // traffic:
 mod lists;
+mod weights; // traffic:
 mod written;
 
 use std::{
@@ -47,6 +49,7 @@ use written::{Prints, Written};
 
 pub use admit::Rejected;
 pub use dump::Dump;
+pub use limits::TrafficDump; // traffic:
 
 #[derive(Debug, Error)]
 pub enum WriterError {
@@ -113,6 +116,7 @@ pub struct MapWriter {
     /// The desired state of the last apply, for the next incremental one
     /// (delta.rs); None after anything that changes it otherwise.
     cache: Option<Cache>,
+    traffic: weights::TrafficState, // traffic:
 }
 
 fn own_port_key(service_id: u32, workload_id: u32, port: u16) -> port_key {
@@ -145,6 +149,7 @@ impl MapWriter {
             last: ApplyReport::default(),
             authz: authz::AuthzState::default(),
             cache: None,
+            traffic: Default::default(), // traffic:
         }
     }
 
@@ -426,6 +431,14 @@ impl MapWriter {
         };
         let keys = self.list_keys(d, scope);
         let counts = self.sync_lists(d, keys, &moved, st)?;
+        // traffic: pick tables of weighted lists (their indices are now in
+        // place), and the breakers' counters, before the VIP values that
+        // turn them on. (An incremental apply declines where either
+        // changes: delta.rs.)
+        if scope.is_none() {
+            self.sync_weights(d, st)?;
+            self.sync_limits(d, st)?;
+        }
         // 4. Services: every VIP carries the full value, counts included.
         let services: Vec<u32> = match scope {
             None => d.services.keys().copied().collect(),

@@ -420,6 +420,7 @@ impl XdsStore {
     /// Resources are decoded one at a time from the received message.
     pub fn apply_response_tracked(&mut self, resp: &DeltaDiscoveryResponseFrame) -> Outcome {
         self.replaced.clear();
+        self.changes.resources += resp.resources.len() + resp.removed_resources.len();
         let mut touched = Touched::new();
         let mut errors = Vec::new();
         let mut changed = false;

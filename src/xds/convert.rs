@@ -224,6 +224,12 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         waypoint: waypoint(w.waypoint.as_ref())?,
         policies: w.authorization_policies.clone(),
+        // Istio's capacity: absent is 1, as ztunnel reads it; 0, which
+        // ztunnel would keep, is read as 1 too (an endpoint no pick can
+        // reach is what health status is for). 1 is stored as the
+        // default, so most workloads carry no extra box.
+        weight: w.capacity.filter(|&c| c > 1).unwrap_or(0),
+        labels: Default::default(),
     });
     wl.placement =
         (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(|| {
