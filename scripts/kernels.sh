@@ -18,6 +18,7 @@
 #                       ("authz:a,b"); default: redirect waypoint accel
 #                       kernel, two authz tests, two telemetry tests and
 #                       three traffic tests
+#   KMESH_KERNEL_JOBS   guests run at once (default 2)
 #   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
 #                       /etc/apt/sources.list*)
 #
@@ -161,11 +162,11 @@ bins=$(cargo test --no-run --message-format=json "${args[@]}" 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
 [ -n "$bins" ] || { echo "kernels: building the test binaries failed (cargo test --no-run ${args[*]})" >&2; exit 1; }
 
-total_pass=0
-total_fail=0
-total_skip=0
-summary=()
-for k in "${kernels[@]}"; do
+# One kernel's guest run; leaves its summary lines in RES/K.summary and
+# "pass fail skip" in RES/K.counts.
+run_kernel() {
+  local k=$1 res=$2
+  local kimg out start secs line kpass=0 kfail=0 kskip=0 vrc=0
   kimg=$(fetch "$k")
   out=$(mktemp -d /tmp/kmesh-kernel-XXXXXX)
   start=$(date +%s)
@@ -177,30 +178,28 @@ for k in "${kernels[@]}"; do
     objcopy --strip-debug "$f" "$out/bin/$(basename "$f")"
     echo "$f" >"$out/orig/$(basename "$f")"
   done
-  vrc=0
   # --disable-kvm: this machine's /dev/kvm cannot run guests; --force-9p:
   # virtiofsd is not needed. The guest shares the host's filesystem
   # read-only (with tmpfs overlays on /tmp, /var, /etc), OUT read-write.
   # shellcheck disable=SC2086
-  timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
+  timeout "${KMESH_GUEST_TIMEOUT:-1800}" vng --run "$kimg" --disable-kvm --force-9p \
     --memory 3G --cpus 2 --rwdir "$out" \
     --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
     >"$out/vng.log" 2>&1 </dev/null || vrc=$?
   secs=$(($(date +%s) - start))
   line="$k ($(head -n1 "$out/guest.log" 2>/dev/null || echo unknown)), ${secs}s:"
-  kpass=0
-  kfail=0
-  kskip=0
+  : >"$res/$k.summary"
   for bin in $bins; do
+    local name res_line p f s skipped rc
     name=$(basename "$bin")
     name=${name%-*}
-    res=$(grep -E '^test result:' "$out/$name.log" 2>/dev/null | tail -n1 || true)
-    p=$(echo "$res" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
-    f=$(echo "$res" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
-    s=$(echo "$res" | sed -n 's/.* \([0-9]*\) ignored.*/\1/p')
+    res_line=$(grep -E '^test result:' "$out/$name.log" 2>/dev/null | tail -n1 || true)
+    p=$(echo "$res_line" | sed -n 's/.* \([0-9]*\) passed.*/\1/p')
+    f=$(echo "$res_line" | sed -n 's/.* \([0-9]*\) failed.*/\1/p')
+    s=$(echo "$res_line" | sed -n 's/.* \([0-9]*\) ignored.*/\1/p')
     skipped=$( (grep '^SKIP' "$out/$name.log" 2>/dev/null || true) | sort -u | wc -l)
     rc=$(cat "$out/$name.rc" 2>/dev/null || echo none)
-    if [ -z "$res" ] || [ "$rc" != 0 ]; then
+    if [ -z "$res_line" ] || [ "$rc" != 0 ]; then
       # No result line (crash, timeout) counts as one failure at least.
       [ -n "$f" ] && [ "$f" -gt 0 ] || f=1
       p=${p:-0}
@@ -218,15 +217,35 @@ for k in "${kernels[@]}"; do
     : "$s"
   done
   [ -f "$out/finished" ] || { line+=" [guest did not finish: vng exit $vrc]"; kfail=$((kfail + 1)); }
-  summary+=("$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line")
+  echo "$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line" >>"$res/$k.summary"
   # Each reason for skipping once, with how many tests it skipped.
   while read -r n why; do
-    if [ -n "$why" ]; then summary+=("       $n skipped: $why"); fi
+    if [ -n "$why" ]; then echo "       $n skipped: $why" >>"$res/$k.summary"; fi
   done < <( (grep -h '^SKIP' "$out"/*.log 2>/dev/null || true) | sort -u | sed 's/^SKIP [^:]*: //' | sort | uniq -c)
-  total_pass=$((total_pass + kpass))
-  total_skip=$((total_skip + kskip))
-  total_fail=$((total_fail + kfail))
+  echo "$kpass $kfail $kskip" >"$res/$k.counts"
   echo "kernels: $k done in ${secs}s (logs in $out)" >&2
+}
+
+# Guests run side by side (KMESH_KERNEL_JOBS, default 2): much of a
+# guest's time is its tests waiting on timeouts and sockets, so two
+# emulated guests on two cores take far less than twice one.
+res=$(mktemp -d /tmp/kmesh-kernels-XXXXXX)
+jobs_max=${KMESH_KERNEL_JOBS:-2}
+for k in "${kernels[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+  run_kernel "$k" "$res" &
+done
+wait
+total_pass=0
+total_fail=0
+total_skip=0
+summary=()
+for k in "${kernels[@]}"; do
+  while IFS= read -r l; do summary+=("$l"); done <"$res/$k.summary"
+  read -r kp kf ks <"$res/$k.counts" || { kp=0; kf=1; ks=0; }
+  total_pass=$((total_pass + kp))
+  total_fail=$((total_fail + kf))
+  total_skip=$((total_skip + ks))
 done
 echo "kernel matrix:"
 printf '  %s\n' "${summary[@]}"
