@@ -8,6 +8,7 @@ use libbpf_rs::MapCore;
 
 use super::tests::{kernel_endpoints, model, service, workload, writer};
 use super::*;
+use crate::bpf::addr_key;
 use crate::{
     bpf::{service_value, MapSizes},
     model::{
