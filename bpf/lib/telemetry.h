@@ -275,13 +275,24 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 		w.fin_out = 1;
 		w.fin_in = 1;
 	}
-	if (w.reason != KMESH_TELE_NORMAL && km_feat_probe_read) {
-		struct sock *ks = NULL;
+	struct sock *ks = NULL;
+	if ((w.reason != KMESH_TELE_NORMAL || old == BPF_TCP_FIN_WAIT2) && km_feat_probe_read &&
+	    !bpf_core_read(&ks, sizeof(ks), &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
+	    ks) {
 		int err = 0;
-		if (!bpf_core_read(&ks, sizeof(ks),
-				   &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
-		    ks && !bpf_core_read(&err, sizeof(err), &ks->sk_err) && err == ETIMEDOUT)
+		if (w.reason != KMESH_TELE_NORMAL && !bpf_core_read(&err, sizeof(err), &ks->sk_err) &&
+		    err == ETIMEDOUT)
 			w.reason = KMESH_TELE_TIMEOUT;
+		/*
+		 * FIN_WAIT2 also ends before the peer's FIN where the
+		 * application closed first: the rest of the wait goes on in
+		 * a timewait socket (tcp_close), and the FIN arrives there.
+		 * It is in the counters only if it shut our receive side.
+		 * (A bitfield on some kernels: read by CO-RE either way.)
+		 */
+		if (old == BPF_TCP_FIN_WAIT2 &&
+		    !(BPF_CORE_READ_BITFIELD_PROBED(ks, sk_shutdown) & RCV_SHUTDOWN))
+			w.fin_in = 0;
 	}
 	tele_emit(skops, &w);
 }
