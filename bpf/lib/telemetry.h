@@ -276,7 +276,7 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 		w.fin_in = 1;
 	}
 	struct sock *ks = NULL;
-	if ((w.reason != KMESH_TELE_NORMAL || old == BPF_TCP_FIN_WAIT2) && km_feat_probe_read &&
+	if (km_feat_probe_read &&
 	    !bpf_core_read(&ks, sizeof(ks), &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
 	    ks) {
 		int err = 0;
@@ -284,15 +284,22 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 		    err == ETIMEDOUT)
 			w.reason = KMESH_TELE_TIMEOUT;
 		/*
-		 * FIN_WAIT2 also ends before the peer's FIN where the
-		 * application closed first: the rest of the wait goes on in
-		 * a timewait socket (tcp_close), and the FIN arrives there.
-		 * It is in the counters only if it shut our receive side.
-		 * (A bitfield on some kernels: read by CO-RE either way.)
+		 * The state says whether the peer's FIN came in only
+		 * roughly: FIN_WAIT2 also ends before it where the
+		 * application closed first (the rest of the wait goes on in
+		 * a timewait socket, which gets the FIN). SOCK_DONE is set
+		 * exactly when it came in, and so is in bytes_received
+		 * (sk_shutdown is not: close() sets it whole).
 		 */
-		if (old == BPF_TCP_FIN_WAIT2 &&
-		    !(BPF_CORE_READ_BITFIELD_PROBED(ks, sk_shutdown) & RCV_SHUTDOWN))
-			w.fin_in = 0;
+		unsigned long sflags = 0;
+		long rerr = -1;
+		if (bpf_core_field_exists(struct sock_common, skc_flags))
+			rerr = bpf_core_read(&sflags, sizeof(sflags), &ks->__sk_common.skc_flags);
+		else if (bpf_core_field_exists(struct sock___old, sk_flags))
+			rerr = bpf_core_read(&sflags, sizeof(sflags),
+					     &((struct sock___old *)(void *)ks)->sk_flags);
+		if (!rerr)
+			w.fin_in = !!(sflags & (1UL << SOCK_DONE));
 	}
 	tele_emit(skops, &w);
 }
