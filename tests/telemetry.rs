@@ -26,6 +26,11 @@ const HOST: &str = "web.default.svc.cluster.local";
 /// their accepted sockets report too), all enrolled and all workloads of
 /// the model; a second service whose backend port has no listener.
 fn world(env: &mut Env, extra: &[&str]) -> (Pod, Daemon, HttpPorts) {
+    world_with(env, extra, false)
+}
+
+/// `world`, with same-host acceleration on or off.
+fn world_with(env: &mut Env, extra: &[&str], accelerate: bool) -> (Pod, Daemon, HttpPorts) {
     let client = env.pod(2, &[]);
     let pods: Vec<Pod> = (1..=2u8).map(|i| env.pod(10 + i, &[])).collect();
     for (i, p) in pods.iter().enumerate() {
@@ -50,6 +55,7 @@ fn world(env: &mut Env, extra: &[&str]) -> (Pod, Daemon, HttpPorts) {
         "addresses": ["10.96.0.11"],
         "ports": [{"service_port": 80, "target_port": 9999}]
     }));
+    cfg["accelerate"] = json!(accelerate);
     let ports = HttpPorts::new();
     let mut args = ports.args();
     args.extend(["--telemetry".to_string(), "on".to_string()]);
@@ -103,8 +109,24 @@ const DST: (&str, &str) = ("reporter", "destination");
 
 #[test]
 fn connections_and_bytes_are_counted_exactly_on_both_reporters() {
+    counted_exactly(false);
+}
+
+/// With acceleration the bytes go from socket to socket, past TCP's
+/// counters: they are counted all the same, exactly, on both reporters.
+#[test]
+fn accelerated_connections_and_bytes_are_counted_exactly_on_both_reporters() {
+    if harness::skip_unless_acceleration(
+        "accelerated_connections_and_bytes_are_counted_exactly_on_both_reporters",
+    ) {
+        return;
+    }
+    counted_exactly(true);
+}
+
+fn counted_exactly(accelerate: bool) {
     let mut env = Env::new();
-    let (client, d, ports) = world(&mut env, &[]);
+    let (client, d, ports) = world_with(&mut env, &[], accelerate);
     const N: usize = 6;
     let lines = transfer(&env, &client, VIP, &["--sizes", "100,1000", "--conns", "6"]);
     assert_eq!(lines.len(), N, "{lines:?}");
@@ -159,6 +181,8 @@ fn connections_and_bytes_are_counted_exactly_on_both_reporters() {
     // No per-connection labels: no pod address or port in any series.
     assert!(!text.contains(&client.v4.to_string()), "{text}");
     assert_eq!(d.stat("telemetry_events_lost"), 0);
+    // Bytes went the accelerated way (so past TCP's counters), or none.
+    assert_eq!(d.stat("accel_on") > 0, accelerate, "{}", d.dump()["stats"]);
     dashboard_queries_only_exported_metrics(&text);
     assert_eq!(
         d.dump()["kernel"]["telemetry_on"],
@@ -282,7 +306,7 @@ fn a_reset_and_a_refused_connection_are_labelled_as_such() {
 #[test]
 fn a_full_ring_buffer_counts_lost_events_and_every_connection_succeeds() {
     let mut env = Env::new();
-    // One page: about 39 events of 96 bytes (plus each one's header).
+    // One page: 32 events of 120 bytes (128 with each one's header).
     let (client, d, ports) = world(&mut env, &["--telemetry-ring-bytes", "4096"]);
     scrape(&ports);
     // The reader stopped (the daemon is): the data path must not wait.

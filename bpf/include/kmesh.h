@@ -371,6 +371,9 @@ struct sock_state {
 	/* The socket's netns cookie, from connect4: where sockops and sk_msg
 	 * cannot ask for it (bpf_get_netns_cookie there needs Linux 5.15). */
 	__u64 netns;
+	/* Bytes sent straight into the peer's queue (acceleration), which
+	 * TCP's counters never see; telemetry adds them at close. */
+	__u64 redirected;
 };
 
 /*
@@ -381,7 +384,7 @@ struct tele_sock {
 	struct kmesh_addr orig; /* destination before connect's rewrite */
 	__u32 orig_port;        /* host order */
 	__u32 flags;            /* enum kmesh_tele_sock_flag */
-	__u64 start_ns;         /* connect (client) or accept (server) */
+	__u64 start_ns;         /* connect */
 	/* The socket's counters once established: the client's SYN is in
 	 * its bytes_acked; only data (and FINs, see tele_closed) follows. */
 	__u64 base_acked;
@@ -391,7 +394,6 @@ struct tele_sock {
 enum kmesh_tele_sock_flag {
 	KMESH_TELE_OPENED = 1, /* the open event went out */
 	KMESH_TELE_CLOSED = 2, /* the close event went out */
-	KMESH_TELE_PASSIVE = 4, /* the accepting end (reporter=destination) */
 };
 
 enum kmesh_tele_kind {
@@ -409,7 +411,7 @@ enum kmesh_tele_reason {
 
 /* One event in km_tele_events. Ports in host order. */
 struct tele_event {
-	__u64 duration_ns;
+	__u64 duration_ns; /* client: since its connect; server: 0 */
 	__u64 sent;     /* bytes_acked: sent and acknowledged */
 	__u64 received; /* bytes_received */
 	struct kmesh_addr local;
@@ -421,6 +423,13 @@ struct tele_event {
 	__u32 kind;      /* enum kmesh_tele_kind */
 	__u32 reason;    /* enum kmesh_tele_reason, for CLOSE */
 	__u32 passive;   /* 1: the accepting end (reporter=destination) */
+	__u64 ts_ns;     /* bpf_ktime_get_ns() at the event */
+	/* A close: of `sent`, the bytes that went straight into the peer's
+	 * queue (acceleration), which the peer's own counters miss. */
+	__u64 redirected;
+	__u32 in_sockmap; /* 1: had acceleration state: a local peer may have
+			   * redirected bytes into it */
+	__u32 pad;
 };
 
 /* Settings the daemon writes into km_config[0]. */

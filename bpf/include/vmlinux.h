@@ -204,7 +204,15 @@ struct sk_msg_md {
 struct sk_msg {
 	struct sock *sk_redir; /* set by bpf_msg_redirect_hash */
 } __attribute__((preserve_access_index));
+/* sk_flags lives here (skc_flags) since Linux 6.x; in struct sock before. */
+struct sock_common {
+	unsigned long skc_flags;
+} __attribute__((preserve_access_index));
+struct sock___old {
+	unsigned long sk_flags;
+} __attribute__((preserve_access_index));
 struct sock {
+	struct sock_common __sk_common;
 	__u8 sk_userlocks;
 	__u8 sk_shutdown;
 	int sk_rcvbuf;
@@ -220,6 +228,8 @@ struct sk_psock {
 } __attribute__((preserve_access_index));
 #define SOCK_RCVBUF_LOCK 2
 #define RCV_SHUTDOWN 1
+/* enum sock_flags: SOCK_DONE, set by tcp_fin when the peer's FIN comes in. */
+#define SOCK_DONE 1
 /* Low bits of sk_user_data (include/net/sock.h); PSOCK marks a psock. */
 #define SK_USER_DATA_PSOCK 4UL
 #define SK_USER_DATA_PTRMASK (~7UL)

@@ -43,6 +43,13 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops, const
 		if (!bpf_map_lookup_elem(&km_manage, &cookie))
 			return 1;
 	}
+	/* Every socket in km_sock has state: sock_closed looks there first
+	 * (sendmsg would create it at the first send anyway). */
+	if (!passive && !st) {
+		st = bpf_sk_storage_get(&km_sock_state, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (!st)
+			return 1;
+	}
 	struct sock_key key = {};
 	FILL_KEY(&key, skops, SOCK_NETNS(skops, st));
 	if (passive) {
@@ -71,6 +78,7 @@ static __always_inline int sockops_established(struct bpf_sock_ops *skops, const
 		st->flags = passive ? KMESH_SOCK_PASSIVE : (st->flags & KMESH_SOCK_TLV_PENDING);
 		st->unchecked_bytes = 0;
 		st->unchecked_sends = 0;
+		st->redirected = 0;
 	}
 	if (conn)
 		conn_fetch_or(conn, KMESH_CONN_ACCEPTED_IN, accel);
@@ -157,8 +165,13 @@ static __always_inline void sock_closed(struct bpf_sock_ops *skops, const bool a
 {
 	struct sock_key key = {};
 	struct sock_state *st = NULL;
-	if (!km_feat_netns_helper && skops->sk)
+	/* Only sockets with state enter km_sock (see sockops_established);
+	 * telemetry watches the others' state too, which then costs no
+	 * map deletes. */
+	if (skops->sk)
 		st = bpf_sk_storage_get(&km_sock_state, skops->sk, 0, 0);
+	if (!st)
+		return;
 	FILL_KEY(&key, skops, SOCK_NETNS(skops, st));
 	/* km_conn holds connecting ends' keys: no-op for an accepting end. */
 	bpf_map_delete_elem(&km_conn, &key);
@@ -273,6 +286,7 @@ static __always_inline int accel_sendmsg(struct sk_msg_md *msg, struct sock_stat
 			if (!(old & KMESH_CONN_LEAVING(!end)) && (end || (old & KMESH_CONN_ACCEPTED_IN)) &&
 			    bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) == SK_PASS) {
 				st->flags |= KMESH_SOCK_ACCEL;
+				st->redirected += msg->size;
 				stat_inc(KMESH_STAT_ACCEL_ON);
 				return SK_PASS;
 			}
@@ -289,6 +303,8 @@ static __always_inline int accel_sendmsg(struct sk_msg_md *msg, struct sock_stat
 	/* Peer gone (closed): plain TCP, which fails as TCP would. */
 	if (bpf_msg_redirect_hash(msg, &km_sock, &peer, BPF_F_INGRESS) != SK_PASS)
 		return SK_PASS;
+	/* Sends on one socket are serialized by its lock: no atomic needed. */
+	st->redirected += msg->size;
 	/*
 	 * A peer that stopped reading: this message still joins its queue
 	 * (a redirect cannot be taken back), the next ones go through TCP,

@@ -22,6 +22,8 @@
 #define KMESH_RB_FORCE_WAKEUP 2
 #define KMESH_RB_AVAIL_DATA 0
 #define KMESH_RB_RING_SIZE 1
+/* An event's room in the ring: its 8-byte header, rounded to 8. */
+#define KMESH_TELE_RECORD ((sizeof(struct tele_event) + 8 + 7) / 8 * 8)
 
 /* Set by the loader when telemetry is on (--telemetry). */
 const volatile __u32 km_feat_telemetry = 0;
@@ -58,8 +60,23 @@ static __always_inline void tele_connect(struct bpf_sock_addr *ctx, const struct
 	t->start_ns = bpf_ktime_get_ns();
 }
 
-static __always_inline void tele_emit(struct bpf_sock_ops *skops, struct tele_sock *t, __u32 kind,
-				      __u32 reason, __u32 fin_out, __u32 fin_in)
+/*
+ * What one event says besides the socket's addresses. The accepting end
+ * keeps nothing on its socket (see tele_established): its open carries the
+ * time, which the reader subtracts from its close's.
+ */
+struct tele_what {
+	__u32 kind, reason, passive;
+	__u32 opened; /* a close: the open went out (else no bytes) */
+	__u32 fin_out, fin_in;
+	__u64 start_ns;        /* 0: none (the reader knows the open's time) */
+	__u64 base_a, base_r;  /* bytes_acked, bytes_received at the open */
+	__u64 redirected;      /* sent into the peer's queue (acceleration) */
+	__u32 in_sockmap;      /* had acceleration state (see tele_event) */
+	const struct tele_sock *t; /* the client's storage: orig, or NULL */
+};
+
+static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
 {
 	struct tele_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
 	if (!e) {
@@ -72,35 +89,58 @@ static __always_inline void tele_emit(struct bpf_sock_ops *skops, struct tele_so
 	e->remote = k.remote;
 	e->local_port = k.local_port;
 	e->remote_port = k.remote_port;
-	e->orig = t->orig;
-	e->orig_port = t->orig_port;
-	e->kind = kind;
-	e->reason = reason;
-	e->passive = !!(t->flags & KMESH_TELE_PASSIVE);
-	e->duration_ns = bpf_ktime_get_ns() - t->start_ns;
+	if (w->t) {
+		e->orig = w->t->orig;
+		e->orig_port = w->t->orig_port;
+	} else {
+		__builtin_memset(&e->orig, 0, sizeof(e->orig));
+		e->orig_port = 0;
+	}
+	e->kind = w->kind;
+	e->reason = w->reason;
+	e->passive = w->passive;
+	e->ts_ns = bpf_ktime_get_ns();
+	e->duration_ns = w->start_ns ? e->ts_ns - w->start_ns : 0;
 	e->sent = 0;
 	e->received = 0;
-	if (kind == KMESH_TELE_CLOSE && (t->flags & KMESH_TELE_OPENED)) {
+	if (w->kind == KMESH_TELE_CLOSE && w->opened) {
 		__u64 acked = skops->bytes_acked, received = skops->bytes_received;
-		__u64 base_a = t->base_acked + fin_out, base_r = t->base_received + fin_in;
-		e->sent = acked > base_a ? acked - base_a : 0;
+		__u64 base_a = w->base_a + w->fin_out, base_r = w->base_r + w->fin_in;
+		e->sent = (acked > base_a ? acked - base_a : 0) + w->redirected;
 		e->received = received > base_r ? received - base_r : 0;
 	}
+	e->redirected = w->redirected;
+	e->in_sockmap = w->in_sockmap;
+	e->pad = 0;
 	/*
-	 * A wake-up per event costs the reader a context switch per
-	 * connection end: at 20k connects/s that is a fifth of a core. The
-	 * reader drains the ring every 50 ms on its own; it is woken only
-	 * once an eighth of the ring is waiting, well before it fills.
+	 * No wake-up per event: each is an irq_work, an IPI to this CPU and
+	 * a context switch of the reader, about a tenth of a bare connect's
+	 * cost. The reader drains the ring on its own (every 10 ms while
+	 * events come, see src/telemetry/mod.rs); it is woken only when this
+	 * event takes the ring past half full, in case it fell behind. Two
+	 * CPUs may both step over that line unseen: the next drain still
+	 * comes in time, as 10 ms of events fill a fraction of the ring.
 	 */
 	__u64 waiting = bpf_ringbuf_query(&km_tele_events, KMESH_RB_AVAIL_DATA);
-	__u64 size = bpf_ringbuf_query(&km_tele_events, KMESH_RB_RING_SIZE);
-	bpf_ringbuf_submit(e, waiting < size / 8 ? KMESH_RB_NO_WAKEUP : KMESH_RB_FORCE_WAKEUP);
+	__u64 half = bpf_ringbuf_query(&km_tele_events, KMESH_RB_RING_SIZE) / 2;
+	bool crossed = waiting >= half && waiting < half + KMESH_TELE_RECORD;
+	bpf_ringbuf_submit(e, crossed ? KMESH_RB_FORCE_WAKEUP : KMESH_RB_NO_WAKEUP);
 }
 
-static __always_inline void tele_watch_state(struct bpf_sock_ops *skops)
+/*
+ * An accepting end telemetry reports is marked by this callback flag
+ * rather than by storage of its own: creating and freeing sk_storage (an
+ * allocation charged to the memory cgroup, freed after an RCU grace
+ * period) was a third of telemetry's cost per connection. The RTO
+ * callback it also asks for runs only when a retransmission timer fires,
+ * and the switch in kmesh.bpf.c ignores it.
+ */
+#define KMESH_TELE_SERVER_MARK BPF_SOCK_OPS_RTO_CB_FLAG
+
+static __always_inline void tele_watch_state(struct bpf_sock_ops *skops, __u32 mark)
 {
 	bpf_sock_ops_cb_flags_set(skops,
-				  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+				  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG | mark);
 }
 
 /* The client starts its handshake: watch its state, so that a connect
@@ -111,7 +151,7 @@ static __always_inline void tele_connecting(struct bpf_sock_ops *skops)
 	if (!km_feat_telemetry || !sk)
 		return;
 	if (bpf_sk_storage_get(&km_tele_sock, sk, 0, 0))
-		tele_watch_state(skops);
+		tele_watch_state(skops, 0);
 }
 
 /*
@@ -141,6 +181,14 @@ static __always_inline bool tele_server_enrolled(struct bpf_sock_ops *skops)
 	return bpf_map_lookup_elem(&km_workload, &key) != NULL;
 }
 
+/*
+ * The base of an accepting end's counters: the peer's SYN and the ACK of
+ * ours are not counted in them (the child socket starts past both), so
+ * everything there is data and FINs; data in a fast-open SYN is counted,
+ * as it should be.
+ */
+#define KMESH_TELE_SERVER_BASE 0
+
 static __always_inline void tele_established(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -148,25 +196,25 @@ static __always_inline void tele_established(struct bpf_sock_ops *skops)
 		return;
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return;
-	struct tele_sock *t;
+	struct tele_what w = { .kind = KMESH_TELE_OPEN };
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
 		if (!tele_server_enrolled(skops))
 			return;
-		t = bpf_sk_storage_get(&km_tele_sock, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (!t)
-			return;
-		t->flags = KMESH_TELE_PASSIVE;
-		t->start_ns = bpf_ktime_get_ns();
-	} else {
-		t = bpf_sk_storage_get(&km_tele_sock, sk, 0, 0);
-		if (!t)
-			return;
+		w.passive = 1;
+		tele_emit(skops, &w);
+		tele_watch_state(skops, KMESH_TELE_SERVER_MARK);
+		return;
 	}
+	struct tele_sock *t = bpf_sk_storage_get(&km_tele_sock, sk, 0, 0);
+	if (!t)
+		return;
 	t->flags |= KMESH_TELE_OPENED;
 	t->base_acked = skops->bytes_acked;
 	t->base_received = skops->bytes_received;
-	tele_emit(skops, t, KMESH_TELE_OPEN, 0, 0, 0);
-	tele_watch_state(skops);
+	w.t = t;
+	w.start_ns = t->start_ns;
+	tele_emit(skops, &w);
+	tele_watch_state(skops, 0);
 }
 
 /*
@@ -181,33 +229,79 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 	struct bpf_sock *sk = skops->sk;
 	if (!km_feat_telemetry || !sk)
 		return;
+	struct tele_what w = { .kind = KMESH_TELE_CLOSE };
 	struct tele_sock *t = bpf_sk_storage_get(&km_tele_sock, sk, 0, 0);
-	if (!t || (t->flags & KMESH_TELE_CLOSED))
-		return;
-	__u32 old = skops->args[0];
-	__u32 reason = KMESH_TELE_NORMAL, fin_out = 0, fin_in = 0;
-	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV) {
-		reason = KMESH_TELE_CONNECT_FAILED;
-	} else if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1) {
-		reason = KMESH_TELE_RESET;
-	} else if (old == BPF_TCP_CLOSE_WAIT) {
-		reason = KMESH_TELE_RESET;
-		fin_in = 1;
+	if (t) {
+		if (t->flags & KMESH_TELE_CLOSED)
+			return;
+		/* A connect that failed was never opened; it is reported once, closed. */
+		t->flags |= KMESH_TELE_CLOSED;
+		w.t = t;
+		w.start_ns = t->start_ns;
+		w.base_a = t->base_acked;
+		w.base_r = t->base_received;
+		w.opened = !!(t->flags & KMESH_TELE_OPENED);
 	} else {
-		fin_out = 1;
-		fin_in = 1;
+		__u32 flags = skops->bpf_sock_ops_cb_flags;
+		if (!(flags & KMESH_TELE_SERVER_MARK))
+			return;
+		/* Once: a socket can be connected again after a disconnect. */
+		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_TELE_SERVER_MARK);
+		w.passive = 1;
+		w.opened = 1;
+		w.base_a = w.base_r = KMESH_TELE_SERVER_BASE;
 	}
-	if (reason != KMESH_TELE_NORMAL && km_feat_probe_read) {
-		struct sock *ks = NULL;
+	/*
+	 * Accelerated bytes bypass TCP's counters: this end's are added to
+	 * what it sent; those its peer sent into it come with the peer's
+	 * close, and the reader adds them to this end's report
+	 * (src/telemetry/mod.rs).
+	 */
+	struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
+	if (st) {
+		w.redirected = st->redirected;
+		w.in_sockmap = 1;
+	}
+	__u32 old = skops->args[0];
+	w.reason = KMESH_TELE_NORMAL;
+	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV) {
+		w.reason = KMESH_TELE_CONNECT_FAILED;
+	} else if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1) {
+		w.reason = KMESH_TELE_RESET;
+	} else if (old == BPF_TCP_CLOSE_WAIT) {
+		w.reason = KMESH_TELE_RESET;
+		w.fin_in = 1;
+	} else {
+		w.fin_out = 1;
+		w.fin_in = 1;
+	}
+	struct sock *ks = NULL;
+	if (km_feat_probe_read &&
+	    !bpf_core_read(&ks, sizeof(ks), &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
+	    ks) {
 		int err = 0;
-		if (!bpf_core_read(&ks, sizeof(ks),
-				   &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
-		    ks && !bpf_core_read(&err, sizeof(err), &ks->sk_err) && err == ETIMEDOUT)
-			reason = KMESH_TELE_TIMEOUT;
+		if (w.reason != KMESH_TELE_NORMAL && !bpf_core_read(&err, sizeof(err), &ks->sk_err) &&
+		    err == ETIMEDOUT)
+			w.reason = KMESH_TELE_TIMEOUT;
+		/*
+		 * The state says whether the peer's FIN came in only
+		 * roughly: FIN_WAIT2 also ends before it where the
+		 * application closed first (the rest of the wait goes on in
+		 * a timewait socket, which gets the FIN). SOCK_DONE is set
+		 * exactly when it came in, and so is in bytes_received
+		 * (sk_shutdown is not: close() sets it whole).
+		 */
+		unsigned long sflags = 0;
+		long rerr = -1;
+		if (bpf_core_field_exists(struct sock_common, skc_flags))
+			rerr = bpf_core_read(&sflags, sizeof(sflags), &ks->__sk_common.skc_flags);
+		else if (bpf_core_field_exists(struct sock___old, sk_flags))
+			rerr = bpf_core_read(&sflags, sizeof(sflags),
+					     &((struct sock___old *)(void *)ks)->sk_flags);
+		if (!rerr)
+			w.fin_in = !!(sflags & (1UL << SOCK_DONE));
 	}
-	/* A connect that failed was never opened; it is reported once, closed. */
-	t->flags |= KMESH_TELE_CLOSED;
-	tele_emit(skops, t, KMESH_TELE_CLOSE, reason, fin_out, fin_in);
+	tele_emit(skops, &w);
 }
 
 #endif

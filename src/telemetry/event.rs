@@ -54,14 +54,25 @@ pub struct ConnEvent {
     pub remote: SocketAddr,
     /// The client's destination before connect's rewrite (service VIP).
     pub orig: Option<SocketAddr>,
+    /// Since the connect (the client's ends); zero for the accepting
+    /// end, whose duration the reader takes from its open's `at`.
     pub duration: Duration,
-    /// Bytes this end sent (and the peer acknowledged), and received.
+    /// When, on the kernel's monotonic clock.
+    pub at: Duration,
+    /// Bytes this end sent (and the peer acknowledged, or that went
+    /// straight into the peer's queue), and received through TCP.
     pub sent: u64,
     pub received: u64,
+    /// Of `sent`, what went straight into the peer's queue
+    /// (acceleration): the peer's received, which its own event misses.
+    pub redirected: u64,
+    /// The socket had acceleration state: its peer may be a local end
+    /// that redirected bytes into it.
+    pub in_sockmap: bool,
 }
 
 /// Size of struct tele_event.
-pub const EVENT_SIZE: usize = 96;
+pub const EVENT_SIZE: usize = 120;
 
 impl ConnEvent {
     pub fn parse(b: &[u8]) -> Option<ConnEvent> {
@@ -91,6 +102,9 @@ impl ConnEvent {
                 _ => Kind::Close(Reason::from_raw(u32_at(88))),
             },
             passive: u32_at(92) != 0,
+            at: Duration::from_nanos(u64_at(96)),
+            redirected: u64_at(104),
+            in_sockmap: u32_at(112) != 0,
         })
     }
 
@@ -128,6 +142,9 @@ mod tests {
         b[80..84].copy_from_slice(&80u32.to_ne_bytes());
         b[84..88].copy_from_slice(&1u32.to_ne_bytes());
         b[88..92].copy_from_slice(&1u32.to_ne_bytes());
+        b[96..104].copy_from_slice(&7_000u64.to_ne_bytes());
+        b[104..112].copy_from_slice(&40u64.to_ne_bytes());
+        b[112..116].copy_from_slice(&1u32.to_ne_bytes());
         let e = ConnEvent::parse(&b).unwrap();
         assert_eq!(e.kind, Kind::Close(Reason::Reset));
         assert_eq!(e.local, "10.0.0.1:40000".parse().unwrap());
@@ -135,6 +152,8 @@ mod tests {
         assert_eq!(e.orig, Some("10.96.0.1:80".parse().unwrap()));
         assert_eq!((e.sent, e.received), (100, 200));
         assert_eq!(e.duration, Duration::from_micros(1500));
+        assert_eq!(e.at, Duration::from_micros(7));
+        assert_eq!((e.redirected, e.in_sockmap), (40, true));
         assert!(!e.passive);
         assert!(ConnEvent::parse(&b[..50]).is_none());
     }

@@ -7,6 +7,7 @@ pub mod access_log;
 pub mod event;
 pub mod index;
 pub mod metrics;
+pub mod redirect;
 
 use std::{
     collections::HashMap,
@@ -41,13 +42,13 @@ pub enum TelemetryError {
 const MAX_OPEN: usize = 1 << 18;
 
 /// Open connection ends on this node, by (client, server, accepting end),
-/// with the service the client addressed.
-pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), Option<Arc<ServiceInfo>>>;
+/// with the service the client addressed and when the end opened.
+pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), (Option<Arc<ServiceInfo>>, Duration)>;
 
 /// The five counters of one label set, shared with their families (a
 /// prometheus-client counter is a handle on one atomic).
 #[derive(Clone)]
-struct Counters {
+pub struct Counters {
     opened: prometheus_client::metrics::counter::Counter,
     closed: prometheus_client::metrics::counter::Counter,
     failed: prometheus_client::metrics::counter::Counter,
@@ -67,6 +68,14 @@ const MAX_LABEL_SETS: usize = 1 << 14;
 
 fn ptr<T>(a: Option<&T>) -> usize {
     a.map_or(0, |a| a as *const T as usize)
+}
+
+/// What the reader keeps between events.
+#[derive(Default)]
+pub struct ReaderState {
+    open: OpenConns,
+    cache: LabelCache,
+    redirects: redirect::Redirects,
 }
 
 /// What the reader shares with the daemon.
@@ -119,12 +128,13 @@ impl Telemetry {
         std::thread::Builder::new()
             .name("telemetry".into())
             .spawn(move || {
-                let mut open = OpenConns::new();
-                let mut cache = LabelCache::default();
+                let mut state = ReaderState::default();
+                let got = std::cell::Cell::new(0usize);
                 let mut builder = libbpf_rs::RingBufferBuilder::new();
                 let cb = |data: &[u8]| -> i32 {
+                    got.set(got.get() + 1);
                     if let Some(e) = ConnEvent::parse(data) {
-                        self.handle(&e, &mut open, &mut cache);
+                        self.handle(&e, &mut state);
                     }
                     0
                 };
@@ -140,13 +150,20 @@ impl Telemetry {
                         return;
                     }
                 };
-                // The data path wakes this thread only when the ring is
-                // an eighth full (bpf/lib/telemetry.h); otherwise events
-                // are collected here every 50 ms, in one batch.
+                // The data path does not wake this thread per event (each
+                // wake-up costs the connection's CPU an interrupt): it
+                // drains the ring every 10 ms while events come, every
+                // 50 ms when idle, and is woken early only when the ring
+                // passes half full (bpf/lib/telemetry.h).
                 loop {
-                    let r = rb
-                        .poll(Duration::from_millis(50))
-                        .and_then(|_| rb.consume());
+                    let idle = got.replace(0) == 0;
+                    let r = if idle {
+                        rb.poll(Duration::from_millis(50))
+                    } else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        Ok(())
+                    }
+                    .and_then(|_| rb.consume());
                     if let Err(e) = r {
                         if e.kind() != libbpf_rs::ErrorKind::Interrupted {
                             tracing::error!("telemetry: reader stopped: {e}");
@@ -160,18 +177,30 @@ impl Telemetry {
     }
 
     /// One event: metrics, and the access log line of a close.
-    pub fn handle(&self, e: &ConnEvent, open: &mut OpenConns, cache: &mut LabelCache) {
+    pub fn handle(&self, e: &ConnEvent, st: &mut ReaderState) {
+        let ReaderState {
+            open,
+            cache,
+            redirects,
+        } = st;
         let (generation, ix) = self.index();
         let (client, server) = e.endpoints();
-        let key = (client, server, e.passive);
+        let end = (client, server, e.passive);
         // The service: the client's original destination; at the server,
         // what the client's own report said (both ends on this node; the
         // client's open is always reported before the server's).
+        let mut duration = e.duration;
         let service = match (e.kind, e.passive) {
             (Kind::Open, false) => e.orig.and_then(|o| ix.service(o).cloned()),
-            (Kind::Open, true) => open.get(&(client, server, false)).cloned().flatten(),
-            (Kind::Close(_), _) => match open.remove(&key) {
-                Some(s) => s,
+            (Kind::Open, true) => open.get(&(client, server, false)).and_then(|o| o.0.clone()),
+            (Kind::Close(_), _) => match open.remove(&end) {
+                Some((s, at)) => {
+                    // The accepting end keeps no start time in the kernel.
+                    if e.passive {
+                        duration = e.at.saturating_sub(at);
+                    }
+                    s
+                }
                 None if !e.passive => e.orig.and_then(|o| ix.service(o).cloned()),
                 None => None,
             },
@@ -180,7 +209,7 @@ impl Telemetry {
             if open.len() >= MAX_OPEN {
                 open.clear();
             }
-            open.insert(key, service.clone());
+            open.insert(end, (service.clone(), e.at));
         }
         let parties = metrics::Parties {
             source: !e.passive,
@@ -226,11 +255,20 @@ impl Telemetry {
                 c
             }
         };
-        let (to_server, to_client) = if e.passive {
+        let (mut to_server, mut to_client) = if e.passive {
             (e.received, e.sent)
         } else {
             (e.sent, e.received)
         };
+        if matches!(e.kind, Kind::Close(r) if r != Reason::ConnectFailed) {
+            let peer_open = open.contains_key(&(client, server, !e.passive));
+            let from_peer = redirects.close(end, e, &c, peer_open);
+            if e.passive {
+                to_server += from_peer;
+            } else {
+                to_client += from_peer;
+            }
+        }
         match e.kind {
             Kind::Open => {
                 c.opened.inc();
@@ -269,7 +307,7 @@ impl Telemetry {
             dst_service: service.as_deref().map_or("unknown", |s| &*s.hostname),
             bytes_to_server: to_server,
             bytes_to_client: to_client,
-            duration_ms: e.duration.as_secs_f64() * 1e3,
+            duration_ms: duration.as_secs_f64() * 1e3,
             reason: reason.as_str(),
         };
         if let Some(line) = entry.line(format) {
