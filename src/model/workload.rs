@@ -86,6 +86,10 @@ pub struct Scope {
     /// Empty: Istio's defaults ("cluster.local", "default").
     pub trust_domain: Box<str>,
     pub service_account: Box<str>,
+    /// Istio's canonical service and revision (the telemetry labels);
+    /// empty: from the workload's labels, as Istio derives them.
+    pub canonical_name: Box<str>,
+    pub canonical_revision: Box<str>,
 }
 
 /// The parts of a workload most do not have, in one optional box.
@@ -234,8 +238,55 @@ impl Workload {
         }
     }
 
-    /// Keys ("namespace/name") of the WORKLOAD_SELECTOR policies that
-    /// select this workload.
+    /// Sets the canonical service and revision (empty: derived).
+    pub fn set_canonical(&mut self, name: &str, revision: &str) {
+        if *self.scope.canonical_name != *name || *self.scope.canonical_revision != *revision {
+            self.scope = Arc::new(Scope {
+                canonical_name: name.into(),
+                canonical_revision: revision.into(),
+                ..(*self.scope).clone()
+            });
+        }
+    }
+
+    /// The first of `keys` among the workload's labels.
+    fn label(&self, keys: &[&str]) -> Option<&str> {
+        let labels = self.labels()?;
+        keys.iter().find_map(|k| labels.get(*k).map(String::as_str))
+    }
+
+    /// Istio's canonical service: as the source gave it, else the pod
+    /// labels service.istio.io/canonical-name, app.kubernetes.io/name, app,
+    /// else the workload's name.
+    pub fn canonical_name(&self) -> &str {
+        match &*self.scope.canonical_name {
+            "" => self
+                .label(&[
+                    "service.istio.io/canonical-name",
+                    "app.kubernetes.io/name",
+                    "app",
+                ])
+                .unwrap_or(self.name()),
+            n => n,
+        }
+    }
+
+    /// Istio's canonical revision: as the source gave it, else the labels
+    /// service.istio.io/canonical-revision, app.kubernetes.io/version,
+    /// version, else "latest".
+    pub fn canonical_revision(&self) -> &str {
+        match &*self.scope.canonical_revision {
+            "" => self
+                .label(&[
+                    "service.istio.io/canonical-revision",
+                    "app.kubernetes.io/version",
+                    "version",
+                ])
+                .unwrap_or("latest"),
+            r => r,
+        }
+    }
+
     pub fn weight(&self) -> u32 {
         super::weight(self.extra.as_ref().map_or(1, |e| e.weight))
     }
@@ -244,6 +295,8 @@ impl Workload {
         self.extra.as_ref().map(|e| &e.labels)
     }
 
+    /// Keys ("namespace/name") of the WORKLOAD_SELECTOR policies that
+    /// select this workload.
     pub fn policies(&self) -> &[String] {
         self.extra.as_ref().map_or(&[], |e| &e.policies)
     }
@@ -489,6 +542,41 @@ mod tests {
     fn wl(uid: &str) -> Workload {
         let name = uid.rsplit('/').next().unwrap();
         Workload::new(uid, name, "default")
+    }
+
+    #[test]
+    fn canonical_service_and_revision_as_istio_derives_them() {
+        let mut w = wl("c//Pod/ns/web-7d9-x2");
+        assert_eq!(
+            (w.canonical_name(), w.canonical_revision()),
+            ("web-7d9-x2", "latest")
+        );
+        let labels = |pairs: &[(&str, &str)]| WorkloadExtra {
+            labels: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        w.set_extra(labels(&[("app", "web"), ("version", "v2")]));
+        assert_eq!((w.canonical_name(), w.canonical_revision()), ("web", "v2"));
+        w.set_extra(labels(&[
+            ("app", "web"),
+            ("app.kubernetes.io/name", "web-k"),
+            ("service.istio.io/canonical-name", "web-c"),
+            ("version", "v2"),
+            ("app.kubernetes.io/version", "v3"),
+        ]));
+        assert_eq!(
+            (w.canonical_name(), w.canonical_revision()),
+            ("web-c", "v3")
+        );
+        // What the source says (xDS canonical_name / _revision) wins.
+        w.set_canonical("web-x", "v9");
+        assert_eq!(
+            (w.canonical_name(), w.canonical_revision()),
+            ("web-x", "v9")
+        );
     }
 
     #[test]

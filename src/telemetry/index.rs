@@ -17,6 +17,8 @@ pub struct WorkloadInfo {
     /// SPIFFE id, as ztunnel's principal labels show it.
     pub principal: Arc<str>,
     pub cluster: Arc<str>,
+    pub canonical_name: Arc<str>,
+    pub canonical_revision: Arc<str>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,8 @@ fn workload_info(w: &Workload) -> Arc<WorkloadInfo> {
             id.trust_domain, id.namespace, id.service_account
         )),
         cluster: or_unknown(w.placement().map_or("", |p| p.cluster.as_str())),
+        canonical_name: or_unknown(w.canonical_name()),
+        canonical_revision: or_unknown(w.canonical_revision()),
     })
 }
 

@@ -73,12 +73,11 @@ pub struct Parties<'a> {
 }
 
 /// The label set, in ztunnel's order; "unknown" where the model has no
-/// value. Canonical service and app are the workload's name, revision and
-/// version Istio's default "latest" (the model carries no pod labels).
+/// value. App and version are the canonical service and revision, as
+/// ztunnel reports them.
 pub fn labels(p: &Parties, response_flags: &'static str) -> Labels {
     use std::sync::Arc;
     let unknown: Arc<str> = Arc::from("unknown");
-    let latest: Arc<str> = Arc::from("latest");
     let s = |a: Arc<str>| a;
     let mut l: Labels = Vec::with_capacity(23);
     l.push((
@@ -86,15 +85,17 @@ pub fn labels(p: &Parties, response_flags: &'static str) -> Labels {
         Arc::from(if p.source { "source" } else { "destination" }),
     ));
     let side = |l: &mut Labels, w: Option<&WorkloadInfo>, names: [&'static str; 8]| {
-        let (name, ns, principal, cluster, rev) = match w {
+        let (name, canonical, ns, principal, cluster, rev) = match w {
             Some(w) => (
                 w.name.clone(),
+                w.canonical_name.clone(),
                 w.namespace.clone(),
                 w.principal.clone(),
                 w.cluster.clone(),
-                latest.clone(),
+                w.canonical_revision.clone(),
             ),
             None => (
+                unknown.clone(),
                 unknown.clone(),
                 unknown.clone(),
                 unknown.clone(),
@@ -103,12 +104,12 @@ pub fn labels(p: &Parties, response_flags: &'static str) -> Labels {
             ),
         };
         let [workload, canon, canon_rev, wns, princ, app, version, clus] = names;
-        l.push((workload, name.clone()));
-        l.push((canon, name.clone()));
+        l.push((workload, name));
+        l.push((canon, canonical.clone()));
         l.push((canon_rev, rev.clone()));
         l.push((wns, ns));
         l.push((princ, principal));
-        l.push((app, name));
+        l.push((app, canonical));
         l.push((version, rev));
         l.push((clus, cluster));
     };

@@ -220,6 +220,7 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
     };
     wl.host_network = w.network_mode == pb::NetworkMode::HostNetwork as i32;
     wl.set_identity(&w.trust_domain, &w.service_account);
+    wl.set_canonical(&w.canonical_name, &w.canonical_revision);
     wl.set_extra(WorkloadExtra {
         hostname: (!w.hostname.is_empty()).then(|| w.hostname.as_str().into()),
         waypoint: waypoint(w.waypoint.as_ref())?,

@@ -100,6 +100,8 @@ fn workload_converts_with_services_and_host_network() {
         .into(),
         status: pb::WorkloadStatus::Unhealthy as i32,
         network_mode: pb::NetworkMode::HostNetwork as i32,
+        canonical_name: "web".into(),
+        canonical_revision: "v2".into(),
         ..Default::default()
     };
     let Resource::Workload(w) = address(
@@ -109,6 +111,7 @@ fn workload_converts_with_services_and_host_network() {
     .unwrap() else {
         panic!()
     };
+    assert_eq!((w.canonical_name(), w.canonical_revision()), ("web", "v2"));
     assert_eq!(w.addresses.len(), 2);
     assert_eq!(w.status, HealthStatus::Unhealthy);
     assert!(w.host_network);
