@@ -25,7 +25,7 @@ use crate::{
     logging::LogControl,
     model::{Changes, Layers, LocalNode, Model, ResolvedHosts, MAX_TRACKED_CHANGES},
     telemetry::{AccessLog, Telemetry},
-    writer::{MapWriter, WriterError},
+    writer::{ApplyReport, MapWriter, WriterError},
     xds::client::{self as xds, SharedStore, Verdict, XdsOptions, XdsStatus},
 };
 
@@ -152,30 +152,34 @@ fn apply_changes(
         }
         Some((result, changes))
     })?;
-    let resources = changes.resources;
-    let verdict = match result {
-        Ok(r) => {
-            tracing::info!(
-                "xDS update: applied {} services, {} workloads changed, incrementally ({} map updates, {} deletes)",
-                changes.services.len(),
-                changes.workloads.len(),
-                r.stats.updates,
-                r.stats.deletes,
-            );
-            Verdict {
-                rejected: r.rejected,
-                failed: None,
-            }
-        }
+    if let Ok(r) = &result {
+        tracing::info!(
+            "xDS update: applied {} services, {} workloads changed, incrementally ({} map updates, {} deletes)",
+            changes.services.len(),
+            changes.workloads.len(),
+            r.stats.updates,
+            r.stats.deletes,
+        );
+    }
+    Some((verdict("xDS update", result), changes.resources))
+}
+
+/// What an apply tells the xDS client: what was left out, or why nothing
+/// was applied (logged here).
+fn verdict(why: &str, result: Result<ApplyReport, WriterError>) -> Verdict {
+    match result {
+        Ok(r) => Verdict {
+            rejected: r.rejected,
+            failed: None,
+        },
         Err(e) => {
-            tracing::error!("xDS update: apply failed, the maps converge at the next apply: {e}");
+            tracing::error!("{why}: apply failed, the maps converge at the next apply: {e}");
             Verdict {
                 rejected: Vec::new(),
                 failed: Some(e.to_string()),
             }
         }
-    };
-    Some((verdict, resources))
+    }
 }
 
 /// Makes the maps hold the sources' models. Returns the hostnames the
@@ -201,30 +205,19 @@ fn apply_layers(
         tracing::warn!("{key} is defined by the config file and by xDS; using xDS");
     }
     let mut w = writer.lock().unwrap_or_else(|e| e.into_inner());
-    let verdict = match w.apply_layers(layers) {
-        Ok(r) => {
-            tracing::info!(
-                "{why}: applied {} services, {} workloads, {} enrolled netns ({} map updates, {} deletes, {} entries left out)",
-                layers.services().count(),
-                layers.workloads().count(),
-                layers.enrolled().len(),
-                r.stats.updates,
-                r.stats.deletes,
-                r.rejected.len(),
-            );
-            Verdict {
-                rejected: r.rejected,
-                failed: None,
-            }
-        }
-        Err(e) => {
-            tracing::error!("{why}: apply failed, the maps converge at the next apply: {e}");
-            Verdict {
-                rejected: Vec::new(),
-                failed: Some(e.to_string()),
-            }
-        }
-    };
+    let result = w.apply_layers(layers);
+    if let Ok(r) = &result {
+        tracing::info!(
+            "{why}: applied {} services, {} workloads, {} enrolled netns ({} map updates, {} deletes, {} entries left out)",
+            layers.services().count(),
+            layers.workloads().count(),
+            layers.enrolled().len(),
+            r.stats.updates,
+            r.stats.deletes,
+            r.rejected.len(),
+        );
+    }
+    let verdict = verdict(why, result);
     drop(w);
     (layers.hostnames(), verdict)
 }

@@ -108,6 +108,11 @@ impl<'a> Layers<'a> {
             .find_map(|m| m.services.get(key).map(|s| &**s))
     }
 
+    /// The effective workload for a uid.
+    pub fn workload(self, uid: &str) -> Option<&'a Workload> {
+        self.0.iter().rev().find_map(|m| m.workloads.get(uid))
+    }
+
     pub fn accelerate(self) -> bool {
         self.0.iter().any(|m| m.accelerate)
     }

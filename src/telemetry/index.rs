@@ -68,24 +68,10 @@ impl Index {
     pub fn build(layers: Layers) -> Index {
         let mut ix = Index::default();
         for w in layers.workloads() {
-            // A hostNetwork pod's address is the node's, not its own.
-            if w.host_network {
-                continue;
-            }
-            let info = workload_info(w);
-            for a in w.addresses.iter() {
-                ix.workloads.entry(canonical(*a)).or_insert(info.clone());
-            }
+            ix.add_workload(w);
         }
         for (_, s) in layers.services() {
-            let info = service_info(s);
-            for a in &s.addresses {
-                let ip = canonical(a.address);
-                for p in &s.ports {
-                    ix.vip_ports.insert((ip, p.service_port), info.clone());
-                }
-                ix.vips.entry(ip).or_insert(info.clone());
-            }
+            ix.add_service(s);
         }
         ix
     }
@@ -94,46 +80,58 @@ impl Index {
     /// addresses out, the current ones in. (Only for changes the writer
     /// applied incrementally: no address is then contested.)
     pub fn update(&mut self, layers: Layers, changes: &Changes) {
-        for (_, old) in &changes.workloads {
-            for a in old
-                .iter()
-                .filter(|w| !w.host_network)
-                .flat_map(|w| w.addresses.iter())
-            {
-                self.workloads.remove(&canonical(*a));
+        for w in changes.workloads.iter().filter_map(|(_, old)| old.as_ref()) {
+            if !w.host_network {
+                for a in w.addresses.iter() {
+                    self.workloads.remove(&canonical(*a));
+                }
             }
         }
-        for (_, old) in &changes.services {
-            for s in old.iter() {
-                for a in &s.addresses {
-                    let ip = canonical(a.address);
-                    self.vips.remove(&ip);
-                    for p in &s.ports {
-                        self.vip_ports.remove(&(ip, p.service_port));
-                    }
+        for s in changes
+            .services
+            .iter()
+            .filter_map(|(_, old)| old.as_deref())
+        {
+            for a in &s.addresses {
+                let ip = canonical(a.address);
+                self.vips.remove(&ip);
+                for p in &s.ports {
+                    self.vip_ports.remove(&(ip, p.service_port));
                 }
             }
         }
         for (uid, _) in &changes.workloads {
-            let w = layers.0.iter().rev().find_map(|m| m.workloads.get(uid));
-            if let Some(w) = w.filter(|w| !w.host_network) {
-                let info = workload_info(w);
-                for a in w.addresses.iter() {
-                    self.workloads.insert(canonical(*a), info.clone());
-                }
+            if let Some(w) = layers.workload(uid) {
+                self.add_workload(w);
             }
         }
         for (key, _) in &changes.services {
             if let Some(s) = layers.service(key) {
-                let info = service_info(s);
-                for a in &s.addresses {
-                    let ip = canonical(a.address);
-                    for p in &s.ports {
-                        self.vip_ports.insert((ip, p.service_port), info.clone());
-                    }
-                    self.vips.insert(ip, info.clone());
-                }
+                self.add_service(s);
             }
+        }
+    }
+
+    /// A workload's addresses, where no other workload has them.
+    fn add_workload(&mut self, w: &Workload) {
+        // A hostNetwork pod's address is the node's, not its own.
+        if w.host_network {
+            return;
+        }
+        let info = workload_info(w);
+        for a in w.addresses.iter() {
+            self.workloads.entry(canonical(*a)).or_insert(info.clone());
+        }
+    }
+
+    fn add_service(&mut self, s: &Service) {
+        let info = service_info(s);
+        for a in &s.addresses {
+            let ip = canonical(a.address);
+            for p in &s.ports {
+                self.vip_ports.insert((ip, p.service_port), info.clone());
+            }
+            self.vips.entry(ip).or_insert(info.clone());
         }
     }
 

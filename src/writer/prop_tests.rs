@@ -441,24 +441,34 @@ pub(super) fn read(w: &MapWriter, model: &Model) -> Result<Seen, String> {
     })
 }
 
+/// Maps small enough that some steps do not fit.
+pub(super) fn small_maps() -> MapSizes {
+    MapSizes {
+        endpoints: 40,
+        ..MapSizes::default()
+    }
+}
+
+/// The node the sequences' localities are ranked from.
+pub(super) fn local_node() -> LocalNode {
+    LocalNode {
+        placement: Placement {
+            region: "r1".into(),
+            zone: "z1".into(),
+            node: "n1".into(),
+            ..Placement::default()
+        },
+        network: String::new(),
+    }
+}
+
 #[test]
 fn random_update_sequences_match_a_fresh_full_apply() {
     for seed in 1..=6u64 {
         let mut r = Rng(0x9e37_79b9_7f4a_7c15 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d));
-        let small = MapSizes {
-            endpoints: 40,
-            ..MapSizes::default()
-        };
+        let small = small_maps();
         let mut w = writer(small);
-        w.set_local_node(LocalNode {
-            placement: Placement {
-                region: "r1".into(),
-                zone: "z1".into(),
-                node: "n1".into(),
-                ..Placement::default()
-            },
-            network: String::new(),
-        });
+        w.set_local_node(local_node());
         // Reused, emptied and checked empty before each comparison (a
         // new writer loads the programs: ~0.25 s each), and replaced by a
         // new one on new maps every 8th.
