@@ -235,6 +235,18 @@ impl MapWriter {
             return decline("a service with weighted endpoints or limits");
         }
         // The same room as the full apply needs (admit.rs, `growth`).
+        // The cache holds only the changed workloads' addresses: the
+        // others are counted in what was written.
+        let mut workload_ips = self.written.workload_ips.len();
+        let touched: HashSet<&IpAddr> = scope.ips.iter().collect();
+        for ip in touched {
+            let had = self.written.workload_ips.get(ip).is_some();
+            match (had, cache.d.workload_ips.contains_key(ip)) {
+                (true, false) => workload_ips -= 1,
+                (false, true) => workload_ips += 1,
+                _ => {}
+            }
+        }
         let stale_ports = scope
             .ports
             .iter()
@@ -242,7 +254,7 @@ impl MapWriter {
             .count();
         for (map, needed) in [
             (MapId::Vip, cache.vips),
-            (MapId::Workload, cache.d.workload_ips.len()),
+            (MapId::Workload, workload_ips),
             (MapId::Endpoint, cache.endpoints),
             (MapId::Port, cache.d.ports.len() + stale_ports),
         ] {
@@ -287,8 +299,8 @@ impl MapWriter {
         Some(Ok(self.last.clone()))
     }
 
-    /// Each changed entry once, with its version before and now; None if
-    /// one of them is not for the incremental path.
+    /// Each changed entry once, with its version before and now; an error
+    /// naming why if one of them is not for the incremental path.
     #[allow(clippy::type_complexity)]
     fn changed<'a>(
         &self,
@@ -416,7 +428,7 @@ impl MapWriter {
                     out.extend(s.flat_map(|s| &s.addresses).map(|a| canonical(a.address)));
                 }
                 EntryKey::Workload(uid) => {
-                    let w = model.0.iter().rev().find_map(|m| m.workloads.get(uid));
+                    let w = model.workload(uid);
                     out.extend(
                         w.into_iter()
                             .flat_map(|w| w.addresses.iter().map(|a| canonical(*a))),

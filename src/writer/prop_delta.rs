@@ -7,12 +7,14 @@
 //! always applies whole has, and where nothing is left out, what a new
 //! writer's full apply of the same model writes.
 
-use super::prop_tests::{random_service, random_workload, read, Rng, World, SERVICES, WORKLOADS};
+use super::prop_tests::{
+    local_node, random_service, random_workload, read, small_maps, Rng, World, SERVICES, WORKLOADS,
+};
 use super::tests::writer;
 use super::*;
 use crate::{
     bpf::MapSizes,
-    model::{Addresses, Changes, HealthStatus, LocalNode, Placement},
+    model::{Addresses, Changes, HealthStatus},
 };
 
 /// What a source would report for the step from `prev` to `next`.
@@ -96,20 +98,12 @@ fn incremental_applies_match_a_fresh_full_apply() {
     let mut incremental_steps = 0;
     for seed in 1..=5u64 {
         let mut r = Rng(0x2545_f491_4f6c_dd1d ^ seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-        // Small enough that some steps do not fit.
+        // Workload addresses too: some steps do not fit either map.
         let small = MapSizes {
-            endpoints: 40,
-            ..MapSizes::default()
+            workload_ips: 12,
+            ..small_maps()
         };
-        let local = LocalNode {
-            placement: Placement {
-                region: "r1".into(),
-                zone: "z1".into(),
-                node: "n1".into(),
-                ..Placement::default()
-            },
-            network: String::new(),
-        };
+        let local = local_node();
         let mut w = writer(small);
         w.set_local_node(local.clone());
         // The same history, applied whole every time: with entries left

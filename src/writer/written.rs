@@ -67,6 +67,10 @@ impl<V> IpMap<V> {
         };
     }
 
+    pub(super) fn len(&self) -> usize {
+        self.v4.len() + self.v6.len()
+    }
+
     pub(super) fn keys(&self) -> impl Iterator<Item = IpAddr> + '_ {
         let v4 = self.v4.keys().map(|a| IpAddr::V4(*a));
         v4.chain(self.v6.keys().map(|a| IpAddr::V6(*a)))
