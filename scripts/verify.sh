@@ -45,13 +45,25 @@ landed() {
   echo "\$ kmesh-probe --netns /run/netns/$CLIENT --cgroup $CG connect $2 --count $1  # pods counted" >&2
   "$BIN/kmesh-probe" --netns "/run/netns/$CLIENT" --cgroup "$CG" connect "$2" --count "$1" --timeout-ms 1000 | per_pod
 }
+# dump_section SECTION NAME KEY...: each entry of a `kmesh ctl dump` section,
+# by its NAME field, with the given keys.
+dump_section() {
+  local section=$1 name=$2
+  shift 2
+  "$BIN/kmesh" ctl dump --admin-socket "$RUN/admin.sock" | python3 -c '
+import json, sys
+for s in json.load(sys.stdin)[sys.argv[1]]:
+    print(s[sys.argv[2]], " ".join(f"{k}={json.dumps(s.get(k))}" for k in sys.argv[3:]))' "$section" "$name" "$@"
+}
 # dump_services KEY...: each service's name and the given keys from `kmesh ctl dump`.
 dump_services() {
   echo "\$ kmesh ctl dump --admin-socket $RUN/admin.sock  # services: name, $*"
-  "$BIN/kmesh" ctl dump --admin-socket "$RUN/admin.sock" | python3 -c '
-import json, sys
-for s in json.load(sys.stdin)["services"]:
-    print(s["name"], " ".join(f"{k}={json.dumps(s.get(k))}" for k in sys.argv[1:]))' "$@"
+  dump_section services name "$@"
+}
+# dump_traffic KEY...: each service's traffic section from `kmesh ctl dump`.
+dump_traffic() {
+  echo "\$ kmesh ctl dump --admin-socket $RUN/admin.sock  # traffic: $*"
+  dump_section traffic service "$@"
 }
 # dump_stats KEY...: the given data-path counters from `kmesh ctl dump`.
 dump_stats() {

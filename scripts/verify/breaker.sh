@@ -37,14 +37,6 @@ release() {
   kill "${holder[$1]}"
   echo "connection $1 closed"
 }
-# traffic KEY...: the service's traffic section of `kmesh ctl dump`.
-traffic() {
-  echo "\$ kmesh ctl dump --admin-socket $RUN/admin.sock  # traffic: $*"
-  "$BIN/kmesh" ctl dump --admin-socket "$RUN/admin.sock" | python3 -c '
-import json, sys
-for t in json.load(sys.stdin)["traffic"]:
-    print(t["service"], " ".join(f"{k}={json.dumps(t.get(k))}" for k in sys.argv[1:]))' "$@"
-}
 # wait_active N: until the kernel's count is N (closes take a round trip).
 wait_active() {
   for _ in $(seq 50); do
@@ -53,7 +45,7 @@ wait_active() {
       return 0
     sleep 0.1
   done
-  traffic active_connections
+  dump_traffic active_connections
   fail "active_connections did not reach $1"
 }
 
@@ -65,13 +57,13 @@ start_daemon
 step "5 connections held open"
 for i in 1 2 3 4 5; do hold $i; done
 wait_active 5
-traffic max_connections active_connections breaker_rejected
+dump_traffic max_connections active_connections breaker_rejected
 
 step "a 6th connect() fails at once with EPERM (errno 1)"
 out=$(show "$BIN/kmesh-probe" --netns "/run/netns/$CLIENT" --cgroup "$CG" connect 10.96.0.10:80 --timeout-ms 1000 || true)
 echo "$out"
 echo "$out" | grep -q '"errno":1,' || fail "expected errno 1 (EPERM)"
-traffic active_connections breaker_rejected
+dump_traffic active_connections breaker_rejected
 out=$(dump_stats breaker_reject); echo "$out"
 expect "$out" "breaker_reject=1"
 
@@ -92,7 +84,7 @@ step "a new daemon finds the count the kernel kept: 2"
 rm -f "$RUN/admin.sock"
 start_daemon
 wait_active 2
-traffic max_connections active_connections
+dump_traffic max_connections active_connections
 
 step "so 3 more fit, and the 6th is refused again"
 for i in 6 7 8; do hold $i; done
@@ -102,4 +94,4 @@ echo "$out"
 echo "$out" | grep -q '"errno":1,' || fail "expected errno 1 (EPERM)"
 for i in 1 2 6 7 8; do release $i; done
 wait_active 0
-traffic active_connections breaker_rejected
+dump_traffic active_connections breaker_rejected
