@@ -35,11 +35,6 @@ pub struct Changes {
 pub const MAX_TRACKED_CHANGES: usize = 4096;
 
 impl Changes {
-    /// Nothing tracked and nothing else changed.
-    pub fn is_empty(&self) -> bool {
-        !self.whole && self.services.is_empty() && self.workloads.is_empty()
-    }
-
     fn full(&self) -> bool {
         self.whole || self.services.len() + self.workloads.len() >= MAX_TRACKED_CHANGES
     }
