@@ -7,23 +7,22 @@
 //! services are errors that name the field; a rejected file changes nothing.
 
 use std::{
-    collections::BTreeMap,
-    net::IpAddr,
     path::{Path, PathBuf},
     sync::Arc,
 };
 
-use serde::{de, Deserialize, Deserializer};
 use thiserror::Error;
 
 use crate::model::{
-    Enrollment, HealthPolicy, HealthStatus, LbMode, LoadBalancing, Model, ModelError,
-    NetworkAddress, Placement, PortMapping, Service, ServiceRef, Waypoint, WaypointTarget,
-    Workload, WorkloadExtra,
+    Enrollment, HealthStatus, LbMode, LoadBalancing, Model, ModelError, Placement, PortMapping,
+    Service, ServiceRef, Waypoint, WaypointTarget, Workload, WorkloadExtra,
 };
 
 mod input;
+mod schema;
 mod traffic;
+
+use schema::*;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -40,263 +39,6 @@ pub enum ConfigError {
     },
     #[error("config {path}: {source}")]
     Model { path: PathBuf, source: ModelError },
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct File {
-    #[serde(default)]
-    enroll: Enroll,
-    /// Same-host sockmap acceleration (also the daemon's --accelerate).
-    #[serde(default)]
-    accelerate: bool,
-    /// Bytes an accelerated receiver may leave unread before its sender
-    /// falls back to TCP's flow control (0: no limit).
-    #[serde(default)]
-    accel_queue_limit: Option<u32>,
-    /// One line per closed connection: "off", "text" or "json" (also the
-    /// daemon's --access-log, and switchable at run time).
-    #[serde(default)]
-    access_log: Option<String>,
-    #[serde(default)]
-    services: Vec<ServiceEntry>,
-    #[serde(default)]
-    workloads: Vec<WorkloadEntry>,
-    /// L4 authorization policies, shaped like istio.security.Authorization.
-    /// Read one by one (see `parse`): a bad policy is left out alone.
-    #[serde(default)]
-    policies: Vec<serde_json::Value>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Enroll {
-    /// Network namespaces whose sockets are redirected (/run/netns/NAME,
-    /// /proc/PID/ns/net, …).
-    #[serde(default)]
-    netns: Vec<NetnsEntry>,
-}
-
-/// A path, or {"path": …, "waypoint": true} for a waypoint's own netns.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum NetnsEntry {
-    Path(PathBuf),
-    Detailed(NetnsDetail),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NetnsDetail {
-    path: PathBuf,
-    #[serde(default)]
-    waypoint: bool,
-}
-
-impl NetnsEntry {
-    fn parts(&self) -> (&Path, bool) {
-        match self {
-            NetnsEntry::Path(p) => (p, false),
-            NetnsEntry::Detailed(d) => (&d.path, d.waypoint),
-        }
-    }
-}
-
-/// Istio's GatewayAddress, flattened: exactly one of address / service.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WaypointEntry {
-    #[serde(default)]
-    address: Option<IpAddrField>,
-    /// "namespace/hostname" of the waypoint's service.
-    #[serde(default)]
-    service: Option<String>,
-    port: u16,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct LocalityEntry {
-    #[serde(default)]
-    region: String,
-    #[serde(default)]
-    zone: String,
-    #[serde(default)]
-    subzone: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceEntry {
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
-    hostname: String,
-    #[serde(default)]
-    addresses: Vec<Addr>,
-    #[serde(default)]
-    ports: Vec<PortEntry>,
-    #[serde(default)]
-    load_balancing: Option<LbEntry>,
-    #[serde(default)]
-    waypoint: Option<WaypointEntry>,
-    /// ServiceEntry's resolution.
-    #[serde(default)]
-    resolution: Resolution,
-    /// Canary: shares of the connections by workload labels (traffic.rs).
-    #[serde(default)]
-    split: Vec<traffic::SplitEntry>,
-    /// Circuit breaker: concurrent connections from this node.
-    #[serde(default)]
-    max_connections: Option<u32>,
-    /// Connects per client pod: a token bucket.
-    #[serde(default)]
-    rate_limit: Option<traffic::RateLimitEntry>,
-}
-
-/// Istio ServiceEntry resolution: STATIC (endpoints are the workloads
-/// listed with addresses), DNS (the hostname, or the workloads' hostnames,
-/// are resolved), NONE (connections keep their original destination).
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-enum Resolution {
-    #[default]
-    #[serde(rename = "STATIC")]
-    Static,
-    #[serde(rename = "DNS")]
-    Dns,
-    #[serde(rename = "NONE")]
-    None,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PortEntry {
-    service_port: u16,
-    #[serde(default)]
-    target_port: u16,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LbEntry {
-    #[serde(default)]
-    mode: LbModeEntry,
-    #[serde(default)]
-    routing_preference: Vec<String>,
-    /// ONLY_HEALTHY or ALLOW_ALL, as Istio names them.
-    #[serde(default)]
-    health_policy: HealthPolicy,
-}
-
-/// Istio's LoadBalancing.Mode names.
-#[derive(Debug, Deserialize, Default, Clone, Copy)]
-enum LbModeEntry {
-    #[default]
-    #[serde(rename = "UNSPECIFIED_MODE")]
-    Unspecified,
-    #[serde(rename = "STRICT")]
-    Strict,
-    #[serde(rename = "FAILOVER")]
-    Failover,
-    #[serde(rename = "PASSTHROUGH")]
-    Passthrough,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WorkloadEntry {
-    uid: String,
-    name: String,
-    #[serde(default = "default_namespace")]
-    namespace: String,
-    #[serde(default)]
-    network: String,
-    #[serde(default)]
-    addresses: Vec<IpAddrField>,
-    /// Resolved by DNS instead of listing addresses.
-    #[serde(default)]
-    hostname: Option<String>,
-    /// Istio's `services` map: "namespace/hostname" → PortList.
-    #[serde(default)]
-    services: BTreeMap<String, PortList>,
-    #[serde(default)]
-    status: StatusEntry,
-    /// Istio's network_mode HOST_NETWORK.
-    #[serde(default)]
-    host_network: bool,
-    #[serde(default)]
-    waypoint: Option<WaypointEntry>,
-    #[serde(default)]
-    locality: Option<LocalityEntry>,
-    #[serde(default)]
-    node: String,
-    #[serde(default)]
-    cluster_id: String,
-    /// The identity its connections carry for authorization (Istio's
-    /// defaults when empty: "default", "cluster.local").
-    #[serde(default)]
-    service_account: String,
-    #[serde(default)]
-    trust_domain: String,
-    /// WORKLOAD_SELECTOR policies selecting this workload, "namespace/name".
-    #[serde(default)]
-    authorization_policies: Vec<String>,
-    /// Share relative to the service's other endpoints (1..=1000, default 1).
-    #[serde(default)]
-    weight: Option<u32>,
-    /// What a service's split selects by.
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct PortList {
-    #[serde(default)]
-    ports: Vec<PortEntry>,
-}
-
-#[derive(Debug, Deserialize, Default, Clone, Copy)]
-enum StatusEntry {
-    #[default]
-    #[serde(rename = "HEALTHY")]
-    Healthy,
-    #[serde(rename = "UNHEALTHY")]
-    Unhealthy,
-}
-
-fn default_namespace() -> String {
-    "default".into()
-}
-
-/// "[network/]ip", Istio's textual NetworkAddress.
-#[derive(Debug)]
-struct Addr(NetworkAddress);
-
-impl<'de> Deserialize<'de> for Addr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        let (network, ip) = match s.rsplit_once('/') {
-            Some((n, ip)) => (n.to_string(), ip),
-            None => (String::new(), s.as_str()),
-        };
-        let address: IpAddr = ip
-            .parse()
-            .map_err(|_| de::Error::custom(format!("{s:?} is not an IP address ([network/]ip)")))?;
-        Ok(Addr(NetworkAddress::new(network, address)))
-    }
-}
-
-#[derive(Debug)]
-struct IpAddrField(IpAddr);
-
-impl<'de> Deserialize<'de> for IpAddrField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse()
-            .map(|ip: IpAddr| IpAddrField(ip.to_canonical()))
-            .map_err(|_| de::Error::custom(format!("{s:?} is not an IP address")))
-    }
 }
 
 fn waypoint(w: &WaypointEntry) -> Result<Waypoint, String> {

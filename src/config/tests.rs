@@ -1,6 +1,7 @@
-use std::{fs, path::Path};
+use std::{fs, net::IpAddr, path::Path};
 
 use super::*;
+use crate::model::HealthPolicy;
 
 const GOOD: &str = r#"{
   "services": [{
