@@ -458,6 +458,7 @@ fn main() -> ExitCode {
                         sys::cgroup2_mount().map_err(|e| format!("finding cgroup2 mount: {e}"))?
                     }
                 };
+                sys::check_cgroup2(&cgroup)?;
                 let opts = daemon::Options {
                     cni,
                     xds,

@@ -25,6 +25,25 @@ pub fn cgroup2_mount() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 mount in /proc/mounts"))
 }
 
+/// Checks that `dir` is a directory of a cgroup2 filesystem: the programs
+/// attach only there, and the kernel's own answer to anything else (a
+/// cgroup v1 or tmpfs directory) is a bare EBADF at attach time.
+pub fn check_cgroup2(dir: &Path) -> Result<(), String> {
+    let st =
+        nix::sys::statfs::statfs(dir).map_err(|e| format!("--cgroup {}: {e}", dir.display()))?;
+    if st.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC {
+        return Ok(());
+    }
+    let hint = match cgroup2_mount() {
+        Ok(m) => format!("cgroup2 is mounted at {}", m.display()),
+        Err(_) => "no cgroup2 filesystem is mounted".into(),
+    };
+    Err(format!(
+        "--cgroup {}: not a cgroup2 directory ({hint})",
+        dir.display()
+    ))
+}
+
 /// Moves the calling thread into the network namespace at `path`.
 pub fn enter_netns(path: &Path) -> io::Result<()> {
     let f = fs::File::open(path)
@@ -193,5 +212,17 @@ mod tests {
     #[test]
     fn cgroup2_is_mounted() {
         assert!(cgroup2_mount().unwrap().join("cgroup.procs").exists());
+    }
+
+    #[test]
+    fn only_a_cgroup2_directory_is_taken() {
+        check_cgroup2(&cgroup2_mount().unwrap()).unwrap();
+        let err = check_cgroup2(Path::new("/tmp")).unwrap_err();
+        assert!(
+            err.contains("--cgroup /tmp: not a cgroup2 directory (cgroup2 is mounted at"),
+            "{err}"
+        );
+        let err = check_cgroup2(Path::new("/nonexistent-kmesh")).unwrap_err();
+        assert!(err.starts_with("--cgroup /nonexistent-kmesh: "), "{err}");
     }
 }
