@@ -52,12 +52,17 @@ if [ "${1:-}" = "--guest" ]; then
   for bin in "$@"; do
     name=$(basename "$bin")
     name=${name%-*}
-    rc=0
     # Test-name filters for this binary (KMESH_KERNEL_TESTS "name:a,b").
     filters=$(cat "$out/filters/$name" 2>/dev/null || true)
+    # NAME.times: when each test ended, in seconds since the binary
+    # started (the matrix's time budget is spent per test).
+    start=$(date +%s)
     # shellcheck disable=SC2086
-    timeout "${KMESH_GUEST_TEST_TIMEOUT:-600}" "$bin" --test-threads=2 --show-output $filters >"$out/$name.log" 2>&1 || rc=$?
-    echo "$rc" >"$out/$name.rc"
+    { timeout "${KMESH_GUEST_TEST_TIMEOUT:-600}" "$bin" --test-threads=2 --show-output $filters 2>&1 || echo $? >"$out/$name.rc"; } |
+      tee "$out/$name.log" | while IFS= read -r l; do
+        case "$l" in "test "*" ... "*) printf '%d %s\n' $(($(date +%s) - start)) "$l" ;; esac
+      done >"$out/$name.times"
+    [ -f "$out/$name.rc" ] || echo 0 >"$out/$name.rc"
   done
   echo done >"$out/finished"
   exit 0
@@ -190,7 +195,7 @@ run_kernel() {
   line="$k ($(head -n1 "$out/guest.log" 2>/dev/null || echo unknown)), ${secs}s:"
   : >"$res/$k.summary"
   for bin in $bins; do
-    local name res_line p f s skipped rc
+    local name res_line p f s t skipped rc
     name=$(basename "$bin")
     name=${name%-*}
     res_line=$(grep -E '^test result:' "$out/$name.log" 2>/dev/null | tail -n1 || true)
@@ -212,7 +217,8 @@ run_kernel() {
     kpass=$((kpass + p))
     kfail=$((kfail + f))
     kskip=$((kskip + skipped))
-    line+=" $name ${p}/$((p + f + skipped))"
+    t=$(echo "$res_line" | sed -n 's/.*finished in \([0-9]*\).*/\1/p')
+    line+=" $name ${p}/$((p + f + skipped))${t:+ in ${t}s}"
     [ "$skipped" -eq 0 ] || line+=" ($skipped skipped)"
     : "$s"
   done

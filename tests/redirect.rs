@@ -81,6 +81,19 @@ fn vip_connect_is_redirected_with_port_rewrite() {
     }
     assert_eq!(d.stat("service_redirect"), 5);
     assert_eq!(d.stat("enrolled_connect"), 5);
+    // The harness asks for the dump in-process; the command prints the same.
+    let out = std::process::Command::new(harness::KMESH)
+        .args(["ctl", "dump", "--admin-socket", d.sock.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: Value = serde_json::from_slice(&out.stdout).expect("ctl dump prints JSON");
+    assert_eq!(printed["stats"]["service_redirect"], 5, "{printed:#}");
+    assert_eq!(printed["maps"], d.dump()["maps"]);
 }
 
 #[test]

@@ -77,28 +77,65 @@ pub fn skip_unless_waypoints(test: &str) -> bool {
 static SEQ: AtomicU32 = AtomicU32::new(0);
 static SWEEP: Once = Once::new();
 
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .expect("spawn");
-    assert!(
-        out.status.success(),
-        "{:?} failed: {}",
-        args,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 fn cgroup_root() -> PathBuf {
     kmesh::sys::cgroup2_mount().expect("cgroup2 mounted")
 }
 
-/// `ip -n NS ARGS…`, panicking with ip's message on failure.
-fn ip(ns: &str, args: &str) {
-    let mut v = vec!["ip", "-n", ns];
-    v.extend(args.split_whitespace());
-    sh(&v);
+/// `ip -n NS -batch -`, one command per line, panicking with ip's message
+/// on failure. One process for the lot: in the kernel matrix's emulated
+/// guests a process start costs about a second, and a pod took nine.
+fn ip_batch(ns: &str, cmds: &[String]) {
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ip");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(cmds.join("\n").as_bytes()).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "ip -n {ns} -batch {cmds:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `ip netns add` does, without a process: a new network namespace
+/// (unshared by a thread of its own, so this process's stay as they are)
+/// bind-mounted at /run/netns/NAME, where `ip -n` and the daemon find it.
+fn add_netns(name: &str) {
+    let dir = Path::new("/run/netns");
+    fs::create_dir_all(dir).unwrap();
+    let path = dir.join(name);
+    fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let made = std::thread::spawn(move || -> nix::Result<()> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &path,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+    })
+    .join()
+    .unwrap();
+    made.unwrap_or_else(|e| panic!("netns {name}: {e}"));
+}
+
+/// What `ip netns del` does, without a process: the namespace goes once
+/// its last user (a process, a socket) does.
+fn del_netns(name: &str) {
+    let path = Path::new("/run/netns").join(name);
+    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
+    let _ = fs::remove_file(&path);
 }
 
 /// Pid encoded in a harness name `kmt<pid>x…`, if any.
@@ -132,7 +169,7 @@ fn sweep() {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if owner_pid(&name).is_some_and(dead) {
-                let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                del_netns(&name);
             }
         }
     }
@@ -242,11 +279,16 @@ impl Env {
         )
         .expect("mount bpffs");
         let node = env.node.clone();
-        sh(&["ip", "netns", "add", &node]);
+        add_netns(&node);
         env.netns.push(node.clone());
-        ip(&node, "link add br0 type bridge");
-        ip(&node, "link set br0 up");
-        ip(&node, "link set lo up");
+        ip_batch(
+            &node,
+            &[
+                "link add br0 type bridge".into(),
+                "link set br0 up".into(),
+                "link set lo up".into(),
+            ],
+        );
         env
     }
 
@@ -276,31 +318,41 @@ impl Env {
     /// node bridge, plus any `extra` addresses (e.g. a decoy owning a VIP).
     pub fn pod(&mut self, n: u8, extra: &[&str]) -> Pod {
         let ns = format!("{}p{}", self.tag, n);
-        sh(&["ip", "netns", "add", &ns]);
+        add_netns(&ns);
         self.netns.push(ns.clone());
         let (node, peer) = (self.node.clone(), format!("v{n}"));
-        ip(
+        ip_batch(
             &node,
-            &format!("link add eth0 netns {ns} type veth peer name {peer}"),
+            &[
+                format!("link add eth0 netns {ns} type veth peer name {peer}"),
+                format!("link set {peer} master br0 up"),
+            ],
         );
-        ip(&node, &format!("link set {peer} master br0 up"));
         let v4 = format!("10.244.0.{n}");
         let v6 = format!("fd00:244::{n}");
-        ip(&ns, &format!("addr add {v4}/24 dev eth0"));
-        ip(&ns, &format!("addr add {v6}/64 dev eth0 nodad"));
+        let mut cmds = vec![
+            format!("addr add {v4}/24 dev eth0"),
+            format!("addr add {v6}/64 dev eth0 nodad"),
+        ];
         for a in extra {
             if a.contains(':') {
-                ip(&ns, &format!("addr add {a}/128 dev eth0 nodad"));
+                cmds.push(format!("addr add {a}/128 dev eth0 nodad"));
             } else {
-                ip(&ns, &format!("addr add {a}/32 dev eth0"));
+                cmds.push(format!("addr add {a}/32 dev eth0"));
             }
         }
-        ip(&ns, "link set lo up");
-        ip(&ns, "link set eth0 up");
         // Everything else is on-link, so an unredirected VIP reaches a decoy
         // that owns it, and nothing can leave the test's namespaces.
-        ip(&ns, "route add default dev eth0");
-        ip(&ns, "-6 route add default dev eth0");
+        cmds.extend(
+            [
+                "link set lo up",
+                "link set eth0 up",
+                "route add default dev eth0",
+                "route add ::/0 dev eth0",
+            ]
+            .map(String::from),
+        );
+        ip_batch(&ns, &cmds);
         Pod {
             netns: ns,
             v4: v4.parse().unwrap(),
@@ -311,7 +363,7 @@ impl Env {
     /// Deletes `pod`'s network namespace now (a pod gone while still
     /// listed somewhere).
     pub fn delete_netns(&mut self, pod: &Pod) {
-        sh(&["ip", "netns", "del", &pod.netns]);
+        del_netns(&pod.netns);
         self.netns.retain(|n| *n != pod.netns);
     }
 
@@ -601,7 +653,7 @@ impl Drop for Env {
             let _ = c.wait();
         }
         for ns in self.netns.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            del_netns(ns);
         }
         remove_cgroup(&self.cgroup, false);
         remove_cgroup(&self.servers_cgroup, false);
@@ -682,17 +734,23 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// The dump, asked over the admin socket as `kmesh ctl dump` asks it
+    /// (kmesh::admin::request), in this process: tests poll it, and each
+    /// `kmesh` process costs seconds in an emulated guest. The command
+    /// itself is run by redirect.rs `vip_connect_is_redirected_with_port_rewrite`.
     pub fn dump(&self) -> Value {
-        let out = Command::new(KMESH)
-            .args(["ctl", "dump", "--admin-socket", self.sock.to_str().unwrap()])
-            .output()
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "ctl dump: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("dump is JSON")
+        let out = rt
+            .block_on(kmesh::admin::request(
+                &self.sock,
+                "dump",
+                Duration::from_secs(10) * time_scale(),
+            ))
+            .unwrap_or_else(|e| panic!("dump: {e}"));
+        serde_json::from_str(&out).expect("dump is JSON")
     }
 
     pub fn stat(&self, name: &str) -> u64 {
