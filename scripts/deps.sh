@@ -7,7 +7,8 @@ need=()
 # rpm (rpmbuild), binutils (also objcopy for the matrix): scripts/package.sh;
 # systemd: systemd-analyze for the package test (only installed, never
 # started there). qemu-system-x86, kmod (depmod), file, busybox-static: the
-# kernel matrix's guests (scripts/kernels.sh, booted by virtme-ng). podman,
+# kernel matrix's guests (scripts/kernels.sh, booted by virtme-ng); zstd:
+# the matrix's binaries travel compressed into the guests. podman,
 # runc: the image test (crun refuses hybrid cgroup hosts); python3-venv: the
 # manifests' schema validator (kubernetes-validate in a venv).
 # prometheus: tests/observability.rs scrapes the daemon with a real server.
@@ -15,7 +16,7 @@ need=()
 # containernetworking-plugins: bridge + host-local under podman's CNI
 # backend in tests/cni.rs.
 for pkg in clang llvm libelf-dev zlib1g-dev pkg-config make gcc iproute2 procps dnsmasq-base \
-  rpm binutils systemd qemu-system-x86 kmod file busybox-static python3 python3-venv \
+  rpm binutils systemd qemu-system-x86 kmod file busybox-static zstd python3 python3-venv \
   podman runc prometheus haproxy containernetworking-plugins; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
 done

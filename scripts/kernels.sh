@@ -37,23 +37,29 @@ if [ "${1:-}" = "--guest" ]; then
   # The test harness mounts its own bpffs and finds cgroup2 in /proc/mounts;
   # veth is a module in Debian's kernels (virtme-ng exposes the package's
   # modules dir as /lib/modules/<release>).
+  step() { echo "$(date +%T) $*"; }
+  step modprobe veth
   modprobe veth || echo "modprobe veth failed"
   ulimit -l unlimited
   # Binaries are read over 9p without a page cache: every daemon start
-  # would read the whole debug binary again. The host left stripped copies
-  # in OUT/bin; they go to RAM and over the originals' paths (the test
-  # binaries start the daemon by its build path).
+  # would read the whole binary again, and 6.12's 9p reads at ~3 MB/s. The
+  # host left stripped, zstd-compressed copies in OUT/bin; they go to RAM
+  # and over the originals' paths (the test binaries start the daemon by
+  # its build path).
+  step copying the binaries into RAM
   mkdir -p /run/kmesh-bin
-  for f in "$out"/bin/*; do
-    cp "$f" /run/kmesh-bin/
-    orig=$(cat "$out/orig/$(basename "$f")")
-    mount --bind "/run/kmesh-bin/$(basename "$f")" "$orig"
+  for f in "$out"/bin/*.zst; do
+    name=$(basename "$f" .zst)
+    zstd -d -q "$f" -o "/run/kmesh-bin/$name"
+    chmod +x "/run/kmesh-bin/$name"
+    mount --bind "/run/kmesh-bin/$name" "$(cat "$out/bin/$name.orig")"
   done
   for bin in "$@"; do
     name=$(basename "$bin")
     name=${name%-*}
     # Test-name filters for this binary (KMESH_KERNEL_TESTS "name:a,b").
     filters=$(cat "$out/filters/$name" 2>/dev/null || true)
+    step "$name"
     # NAME.times: when each test ended, in seconds since the binary
     # started (the matrix's time budget is spent per test).
     start=$(date +%s)
@@ -167,6 +173,17 @@ bins=$(cargo test --no-run --message-format=json "${args[@]}" 2>/dev/null |
   sed -n 's/.*"executable":"\([^"]*\/deps\/[^"]*\)".*/\1/p')
 [ -n "$bins" ] || { echo "kernels: building the test binaries failed (cargo test --no-run ${args[*]})" >&2; exit 1; }
 
+# Stripped and compressed once for every guest (OUT/bin links here): the
+# binaries with debug info are ~1.5 GB, and a guest reads them at a few MB/s.
+binz=$(mktemp -d /tmp/kmesh-kernel-bins-XXXXXX)
+trap 'rm -rf "$binz"' EXIT
+for f in $bins "$repo/target/debug/kmesh" "$repo/target/debug/kmesh-probe" "$repo/target/debug/kmesh-load"; do
+  name=$(basename "$f")
+  objcopy --strip-all "$f" "$binz/$name"
+  zstd -q -1 --rm "$binz/$name" -o "$binz/$name.zst"
+  echo "$f" >"$binz/$name.orig"
+done
+
 # One kernel's guest run; leaves its summary lines in RES/K.summary and
 # "pass fail skip" in RES/K.counts.
 run_kernel() {
@@ -175,22 +192,27 @@ run_kernel() {
   kimg=$(fetch "$k")
   out=$(mktemp -d /tmp/kmesh-kernel-XXXXXX)
   start=$(date +%s)
-  mkdir -p "$out/bin" "$out/orig" "$out/filters"
+  mkdir -p "$out/filters"
+  ln -s "$binz" "$out/bin"
   for t in $tests; do
     case "$t" in *:*) echo "${t#*:}" | tr ',' ' ' >"$out/filters/${t%%:*}" ;; esac
-  done
-  for f in $bins "$repo/target/debug/kmesh" "$repo/target/debug/kmesh-probe" "$repo/target/debug/kmesh-load"; do
-    objcopy --strip-debug "$f" "$out/bin/$(basename "$f")"
-    echo "$f" >"$out/orig/$(basename "$f")"
   done
   # --disable-kvm: this machine's /dev/kvm cannot run guests; --force-9p:
   # virtiofsd is not needed. The guest shares the host's filesystem
   # read-only (with tmpfs overlays on /tmp, /var, /etc), OUT read-write.
-  # shellcheck disable=SC2086
-  timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
-    --memory 3G --cpus 2 --rwdir "$out" \
-    --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
-    >"$out/vng.log" 2>&1 </dev/null || vrc=$?
+  # A guest that never got to run the script (vng once exited 255 within
+  # seconds, with nothing logged) is started once more.
+  local attempt
+  for attempt in 1 2; do
+    vrc=0
+    # shellcheck disable=SC2086
+    timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
+      --memory 3G --cpus 2 --rwdir "$out" \
+      --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
+      >>"$out/vng.log" 2>&1 </dev/null || vrc=$?
+    [ "$vrc" -ne 0 ] && [ ! -f "$out/guest.log" ] && [ "$attempt" = 1 ] || break
+    echo "kernels: $k: the guest did not start (vng exit $vrc); starting it again" >&2
+  done
   secs=$(($(date +%s) - start))
   line="$k ($(head -n1 "$out/guest.log" 2>/dev/null || echo unknown)), ${secs}s:"
   : >"$res/$k.summary"
