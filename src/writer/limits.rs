@@ -320,3 +320,40 @@ pub struct BucketDump {
     /// Connects refused for want of a token.
     pub rejected: u64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::MapSizes;
+
+    /// Only notes no breaker counts by and older than any handshake go.
+    #[test]
+    fn the_sweep_takes_only_old_uncounted_notes() {
+        let w = super::super::tests::writer(MapSizes::default());
+        let now = monotonic_ns();
+        let old = now.saturating_sub(NOTE_MAX_AGE_NS + 1_000_000_000);
+        let notes: [(u64, u32, u64); 4] = [
+            (1, 2, old),                  // pending, never counted: goes
+            (2, NOTE_LIMIT_COUNTED, old), // counted until its close: stays
+            (3, 1, now),                  // a handshake going on: stays
+            (4, 1, old),                  // telemetry only, long gone: goes
+        ];
+        let map = w.dp.map(MapId::ConnNote);
+        for (cookie, flags, start_ns) in notes {
+            let n = conn_note {
+                flags,
+                start_ns,
+                ..Default::default()
+            };
+            map.update(&cookie.to_ne_bytes(), n.as_bytes(), MapFlags::ANY)
+                .unwrap();
+        }
+        assert_eq!(w.sweep_notes(), 2);
+        let mut left: Vec<u64> = map
+            .keys()
+            .map(|k| u64::from_ne_bytes(k[..8].try_into().unwrap()))
+            .collect();
+        left.sort();
+        assert_eq!(left, [2, 3]);
+    }
+}
