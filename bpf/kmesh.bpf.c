@@ -17,10 +17,12 @@
  * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.
- * Telemetry (lib/telemetry.h): connect4/6 leave the original destination
- *   on an enrolled socket; sockops reports each end's open and close.
+ * Telemetry (lib/telemetry.h): connect4/6 note the original destination
+ *   of an enrolled socket (km_conn_note, lib/sock.h); sockops reports each
+ *   end's open and close.
  * Limits (lib/limits.h): a service's circuit breaker and per-pod connect
- *   rate limit refuse a connect at connect4/6; sockops keeps the counts.
+ *   rate limit refuse a connect at connect4/6; sockops keeps the counts,
+ *   by the same note.
  * sk_lookup (on each enrolled netns): refuses a connection that an
  *   authorization policy of its destination denies, before any listener
  *   can take it (the client gets a reset: connection refused). The connect
@@ -62,11 +64,12 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	const struct kmesh_addr dst = addr;
 	const __u32 dst_port = port;
 	struct sock_state orig = {};
+	struct conn_note note = {};
 	const struct service_value *hit = NULL;
 	enum verdict v = redirect(&addr, &port, true, m->flags & KMESH_NETNS_WAYPOINT, &orig, &hit);
 	if (v == V_REJECT)
 		return 0;
-	if (hit && !limits_connect(ctx, hit, netns))
+	if (hit && !limits_connect(hit, netns, &note))
 		return 0;
 	/* No way to carry the original destination: fail closed. */
 	if (v == V_WAYPOINT && !remember_orig(ctx, &orig, netns))
@@ -78,7 +81,8 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	/* A waypoint's own policies are its destination's business. */
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, true))
 		return 0;
-	tele_connect(ctx, &dst, dst_port);
+	tele_connect(&note, &dst, dst_port);
+	note_commit(ctx, &note);
 	return 1;
 }
 
@@ -102,12 +106,13 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	const struct kmesh_addr dst = addr;
 	const __u32 dst_port = port;
 	struct sock_state orig = {};
+	struct conn_note note = {};
 	const struct service_value *hit = NULL;
 	enum verdict v = redirect(&addr, &port, addr_is_v4(&addr), m->flags & KMESH_NETNS_WAYPOINT,
 				  &orig, &hit);
 	if (v == V_REJECT)
 		return 0;
-	if (hit && !limits_connect(ctx, hit, netns))
+	if (hit && !limits_connect(hit, netns, &note))
 		return 0;
 	if (v == V_WAYPOINT && !remember_orig(ctx, &orig, netns))
 		return 0;
@@ -120,7 +125,8 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	}
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, addr_is_v4(&addr)))
 		return 0;
-	tele_connect(ctx, &dst, dst_port);
+	tele_connect(&note, &dst, dst_port);
+	note_commit(ctx, &note);
 	return 1;
 }
 
@@ -168,12 +174,50 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
  * the atomic instructions at all, even unreachable). The loader loads one
  * of each pair.
  */
+/*
+ * A client socket's SYN goes out: whatever connect4/6 noted for it is
+ * taken up, and the socket marked so that later callbacks look for the
+ * note only where there is one.
+ */
+static __always_inline void note_connecting(struct bpf_sock_ops *skops)
+{
+	struct conn_note *n = note_get(skops);
+	if (!n)
+		return;
+	/* Both run: the breaker counts whatever telemetry does. */
+	bool counted = limits_connecting(n);
+	bool telemetry = tele_connecting(n);
+	if (!counted && !telemetry) {
+		note_drop(skops);
+		return;
+	}
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+						 BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_NOTE_MARK);
+}
+
+static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
+{
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
+	bool marked = flags & KMESH_NOTE_MARK;
+	struct conn_note *n = NULL;
+	if (marked) {
+		/* Once: a socket can be connected again after a disconnect. */
+		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_NOTE_MARK);
+		n = note_get(skops);
+	}
+	tele_closed(skops, marked, n);
+	if (n) {
+		limits_closed(n);
+		note_drop(skops);
+	}
+	sock_closed(skops, accel);
+}
+
 static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
-	limits_sockops(skops);
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		tele_connecting(skops);
+		note_connecting(skops);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
@@ -182,10 +226,8 @@ static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 	case BPF_SOCK_OPS_RTT_CB:
 		return leave_if_on_tcp(skops, accel);
 	case BPF_SOCK_OPS_STATE_CB:
-		if (skops->args[1] == BPF_TCP_CLOSE) {
-			tele_closed(skops);
-			sock_closed(skops, accel);
-		}
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			closed(skops, accel);
 		return 1;
 	}
 	return 1;

@@ -561,6 +561,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
 
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut last_trim = Instant::now();
+    let mut last_note_sweep = Instant::now();
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
         let mut cni_pending = None;
@@ -581,6 +582,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
             _ = tick.tick() => {
                 if let Some(o) = &cni_install {
                     install::keep_installed(o, &mut cni_failing);
+                }
+                // Notes of connects that never sent a SYN (writer/limits.rs).
+                if last_note_sweep.elapsed() > Duration::from_secs(60) {
+                    last_note_sweep = Instant::now();
+                    writer.lock().unwrap_or_else(|e| e.into_inner()).sweep_notes();
                 }
                 let now = opts.config.as_deref().and_then(file_stamp);
                 if now.is_none() || now == stamp {

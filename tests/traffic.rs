@@ -217,7 +217,13 @@ fn breaker_caps_concurrent_connections_and_counts_survive_a_crash() {
     wait_active(&d, 5);
     refused_fast(&env.connect(&client, VIP, 1)[0]);
     held.clear();
-    wait_active(&d, 0);
+    let dump = wait_active(&d, 0);
+    // Each socket's note (its service, for sockops) went with its close.
+    assert_eq!(
+        dump["maps"]["km_conn_note"]["entries"], 0,
+        "{}",
+        dump["maps"]
+    );
 }
 
 #[test]

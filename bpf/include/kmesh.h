@@ -58,7 +58,8 @@ enum kmesh_stat {
 	KMESH_STAT_TELE_LOST = 23, /* connection event lost: ring buffer full */
 	KMESH_STAT_BREAKER_REJECT = 24, /* service at max_connections: refused */
 	KMESH_STAT_RATE_LIMITED = 25,   /* client pod's token bucket empty: refused */
-	KMESH_STAT_MAX = 26,
+	KMESH_STAT_NOTE_FULL = 26,      /* km_conn_note full: no orig label, breaker not counting */
+	KMESH_STAT_MAX = 27,
 };
 
 /* km_manage flags */
@@ -174,15 +175,25 @@ struct bucket {
 	__u64 rejected;
 };
 
-/* km_limit_sock (socket storage): the service a socket counts against. */
-enum kmesh_limit_sock_state {
-	KMESH_LIMIT_PENDING = 1, /* connect passed the breaker; not counted yet */
-	KMESH_LIMIT_COUNTED = 2, /* in its service's active count until close */
+/*
+ * km_conn_note (bpf/lib/sock.h): what connect4/6 leave for sockops about
+ * a client socket, by socket cookie: a preallocated hash entry instead of
+ * socket storage, whose creation at every connect (an allocation charged
+ * to the memory cgroup, freed after RCU) was the largest part of both
+ * telemetry's and the breaker's cost per connection.
+ */
+enum kmesh_note_flag {
+	KMESH_NOTE_TELE = 1,          /* telemetry: orig and start_ns set, open not reported yet */
+	KMESH_NOTE_LIMIT_PENDING = 2, /* passed the breaker; counted when its SYN goes out */
+	KMESH_NOTE_LIMIT_COUNTED = 4, /* in its service's active count until close */
 };
 
-struct limit_sock {
-	struct limit_id id;
-	__u32 state; /* enum kmesh_limit_sock_state */
+struct conn_note {
+	struct kmesh_addr orig; /* destination before connect's rewrite */
+	__u32 orig_port;        /* host order */
+	__u32 flags;            /* enum kmesh_note_flag */
+	__u64 start_ns;         /* connect (bpf_ktime_get_ns); the daemon's sweep ages by it */
+	struct limit_id limit;  /* the service the socket counts against */
 };
 
 /* km_workload value: a pod address, for direct access. */
@@ -374,26 +385,6 @@ struct sock_state {
 	/* Bytes sent straight into the peer's queue (acceleration), which
 	 * TCP's counters never see; telemetry adds them at close. */
 	__u64 redirected;
-};
-
-/*
- * Connection telemetry (bpf/lib/telemetry.h): what connect4/6 leave on an
- * enrolled client's socket for sockops (km_tele_sock storage).
- */
-struct tele_sock {
-	struct kmesh_addr orig; /* destination before connect's rewrite */
-	__u32 orig_port;        /* host order */
-	__u32 flags;            /* enum kmesh_tele_sock_flag */
-	__u64 start_ns;         /* connect */
-	/* The socket's counters once established: the client's SYN is in
-	 * its bytes_acked; only data (and FINs, see tele_closed) follows. */
-	__u64 base_acked;
-	__u64 base_received;
-};
-
-enum kmesh_tele_sock_flag {
-	KMESH_TELE_OPENED = 1, /* the open event went out */
-	KMESH_TELE_CLOSED = 2, /* the close event went out */
 };
 
 enum kmesh_tele_kind {

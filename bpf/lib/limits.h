@@ -3,14 +3,16 @@
  * Per-service limits at connect time, for services whose km_vip value sets
  * them:
  * - circuit breaker: at most max_connections concurrent connections from
- *   this node. sockops counts a socket in when its SYN goes out and out
- *   when it closes (a failed connect too); connect4/6 refuse while the
- *   count is at the limit. The check and the count are apart, so
- *   simultaneous connects on several CPUs can pass it by at most one per
- *   CPU; in exchange a connect that fails before its SYN (no route, no
- *   port) never leaves a count behind. Count and socket storage are
- *   pinned and reused by the next daemon, and the programs stay attached
- *   between daemons, so counts stay right across a restart.
+ *   this node. connect4/6 refuse while the count is at the limit, and
+ *   leave a note (km_conn_note, lib/sock.h) naming the service; sockops
+ *   counts the socket in when its SYN goes out and out when it closes (a
+ *   failed connect too), and drops the note then. The check and the count
+ *   are apart, so simultaneous connects on several CPUs can pass it by at
+ *   most one per CPU; in exchange a connect that fails before its SYN (no
+ *   route, no port) never leaves a count behind (its note, never counted,
+ *   is swept by the daemon). Counts and notes are pinned and reused by
+ *   the next daemon, and the programs stay attached between daemons, so
+ *   counts stay right across a restart.
  * - rate limit: a token bucket per (service, client netns), as Envoy's
  *   local_ratelimit for TCP: max_tokens, refilled by tokens_per_fill
  *   every fill_interval; a connect takes one token or is refused. The
@@ -22,6 +24,7 @@
 #define __KMESH_LIB_LIMITS_H__
 
 #include "common.h"
+#include "sock.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -40,13 +43,6 @@ struct {
 	 * unlimited (and the writer sweeps pairs gone). */
 	__uint(max_entries, 4096);
 } km_bucket SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct limit_sock);
-} km_limit_sock SEC(".maps");
 
 /* Takes a token from the bucket of (svc, netns); false: none left. */
 static __always_inline bool bucket_take(const struct service_value *svc, __u64 netns)
@@ -92,10 +88,11 @@ static __always_inline bool bucket_take(const struct service_value *svc, __u64 n
 
 /*
  * connect4/6, once the destination matched service svc: false refuses the
- * connect. A connect that passes is marked for sockops to count.
+ * connect. A connect that passes a breaker gets its service in `n`, for
+ * sockops to count (see note_commit).
  */
-static __always_inline bool limits_connect(struct bpf_sock_addr *ctx,
-					   const struct service_value *svc, __u64 netns)
+static __always_inline bool limits_connect(const struct service_value *svc, __u64 netns,
+					   struct conn_note *n)
 {
 	if (!svc->max_connections && !svc->rl_max_tokens)
 		return true;
@@ -113,47 +110,38 @@ static __always_inline bool limits_connect(struct bpf_sock_addr *ctx,
 		return false;
 	}
 	if (svc->max_connections) {
-		struct limit_sock *ls =
-			bpf_sk_storage_get(&km_limit_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-		if (ls) {
-			ls->id = id;
-			ls->state = KMESH_LIMIT_PENDING;
-		}
+		n->limit = id;
+		n->flags |= KMESH_NOTE_LIMIT_PENDING;
 	}
 	return true;
 }
 
 /*
- * sockops: a marked socket is counted when its SYN goes out (and its
- * state changes watched), and uncounted when it closes, established or
- * not.
+ * sockops, a socket's SYN going out: counts it in if its note says so.
+ * True: the note is needed until the socket closes.
  */
-static __always_inline void limits_sockops(struct bpf_sock_ops *skops)
+static __always_inline bool limits_connecting(struct conn_note *n)
 {
-	__u32 op = skops->op;
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB &&
-	    !(op == BPF_SOCK_OPS_STATE_CB && skops->args[1] == BPF_TCP_CLOSE))
-		return;
-	struct bpf_sock *sk = skops->sk;
-	if (!sk)
-		return;
-	struct limit_sock *ls = bpf_sk_storage_get(&km_limit_sock, sk, 0, 0);
-	if (!ls)
-		return;
-	struct limit_id id = ls->id;
+	if (!(n->flags & KMESH_NOTE_LIMIT_PENDING))
+		return false;
+	n->flags &= ~KMESH_NOTE_LIMIT_PENDING;
+	struct limit_id id = n->limit;
 	struct svc_conns *c = bpf_map_lookup_elem(&km_svc_conns, &id);
-	if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
-		if (ls->state != KMESH_LIMIT_PENDING || !c)
-			return;
-		ls->state = KMESH_LIMIT_COUNTED;
-		__sync_fetch_and_add(&c->active, 1);
-		bpf_sock_ops_cb_flags_set(skops,
-					  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	if (!c)
+		return false;
+	__sync_fetch_and_add(&c->active, 1);
+	n->flags |= KMESH_NOTE_LIMIT_COUNTED;
+	return true;
+}
+
+/* sockops, a marked socket closing (established or not): counts it out. */
+static __always_inline void limits_closed(struct conn_note *n)
+{
+	if (!(n->flags & KMESH_NOTE_LIMIT_COUNTED))
 		return;
-	}
-	if (ls->state != KMESH_LIMIT_COUNTED)
-		return;
-	ls->state = 0;
+	n->flags &= ~KMESH_NOTE_LIMIT_COUNTED;
+	struct limit_id id = n->limit;
+	struct svc_conns *c = bpf_map_lookup_elem(&km_svc_conns, &id);
 	if (c)
 		__sync_fetch_and_add(&c->active, -1);
 }

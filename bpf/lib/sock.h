@@ -41,6 +41,57 @@ struct {
 } km_sock_state SEC(".maps");
 
 /*
+ * What connect4/6 leave for sockops about a client socket (struct
+ * conn_note), by socket cookie. Preallocated: an update takes an element
+ * from a free list, where socket storage allocated (charged to the memory
+ * cgroup) and freed after RCU for every connect. sockops finds a socket
+ * that has a note by KMESH_NOTE_MARK, set when its SYN goes out, and
+ * removes the note once nothing needs it (the open reported, and the
+ * breaker's count returned at close). A note whose connect failed before
+ * its SYN is never seen by sockops; the daemon removes such notes by age
+ * (src/writer/limits.rs). Full: telemetry loses the service label and the
+ * breaker does not count that connection (KMESH_STAT_NOTE_FULL).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u64);
+	__type(value, struct conn_note);
+	__uint(max_entries, 16384);
+} km_conn_note SEC(".maps");
+
+/*
+ * Marks a client socket with a note (the server side of telemetry uses
+ * BPF_SOCK_OPS_RTO_CB_FLAG). The retransmission callback it also asks for
+ * runs only on a retransmission, and the sockops switch ignores it.
+ */
+#define KMESH_NOTE_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
+
+/* connect4/6, once the connect is let through: one update, if any concern filled n. */
+static __always_inline void note_commit(struct bpf_sock_addr *ctx, struct conn_note *n)
+{
+	/* Without sockops nothing would take the note up (or away). */
+	if (!n->flags || !km_feat_tlv)
+		return;
+	if (!n->start_ns)
+		n->start_ns = bpf_ktime_get_ns();
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	if (bpf_map_update_elem(&km_conn_note, &cookie, n, BPF_ANY))
+		stat_inc(KMESH_STAT_NOTE_FULL);
+}
+
+static __always_inline struct conn_note *note_get(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	return bpf_map_lookup_elem(&km_conn_note, &cookie);
+}
+
+static __always_inline void note_drop(struct bpf_sock_ops *skops)
+{
+	__u64 cookie = bpf_get_socket_cookie(skops);
+	bpf_map_delete_elem(&km_conn_note, &cookie);
+}
+
+/*
  * A socket's netns cookie in sockops and sk_msg: from the helper where the
  * kernel allows it there (5.15), else as connect4 stored it (a socket that
  * connect4 did not see is then taken as 0, which only loopback keys use:

@@ -28,13 +28,6 @@
 /* Set by the loader when telemetry is on (--telemetry). */
 const volatile __u32 km_feat_telemetry = 0;
 
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct tele_sock);
-} km_tele_sock SEC(".maps");
-
 /* Sized by the loader (--telemetry-ring-bytes). */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -42,22 +35,18 @@ struct {
 } km_tele_events SEC(".maps");
 
 /*
- * connect4/6 of an enrolled socket: remember where it meant to go (the
- * service VIP and port, before the rewrite) and when.
+ * connect4/6 of an enrolled socket: where it meant to go (the service VIP
+ * and port, before the rewrite) and when, in the socket's note.
  */
-static __always_inline void tele_connect(struct bpf_sock_addr *ctx, const struct kmesh_addr *orig,
+static __always_inline void tele_connect(struct conn_note *n, const struct kmesh_addr *orig,
 					 __u32 orig_port)
 {
 	if (!km_feat_telemetry)
 		return;
-	struct tele_sock *t =
-		bpf_sk_storage_get(&km_tele_sock, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!t)
-		return;
-	t->orig = *orig;
-	t->orig_port = bpf_ntohs((__u16)orig_port);
-	t->flags = 0;
-	t->start_ns = bpf_ktime_get_ns();
+	n->orig = *orig;
+	n->orig_port = bpf_ntohs((__u16)orig_port);
+	n->flags |= KMESH_NOTE_TELE;
+	n->start_ns = bpf_ktime_get_ns();
 }
 
 /*
@@ -70,10 +59,10 @@ struct tele_what {
 	__u32 opened; /* a close: the open went out (else no bytes) */
 	__u32 fin_out, fin_in;
 	__u64 start_ns;        /* 0: none (the reader knows the open's time) */
-	__u64 base_a, base_r;  /* bytes_acked, bytes_received at the open */
+	__u64 base_a;          /* bytes_acked at the open */
 	__u64 redirected;      /* sent into the peer's queue (acceleration) */
 	__u32 in_sockmap;      /* had acceleration state (see tele_event) */
-	const struct tele_sock *t; /* the client's storage: orig, or NULL */
+	const struct conn_note *n; /* the client's note: orig, or NULL */
 };
 
 static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
@@ -89,9 +78,9 @@ static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct t
 	e->remote = k.remote;
 	e->local_port = k.local_port;
 	e->remote_port = k.remote_port;
-	if (w->t) {
-		e->orig = w->t->orig;
-		e->orig_port = w->t->orig_port;
+	if (w->n) {
+		e->orig = w->n->orig;
+		e->orig_port = w->n->orig_port;
 	} else {
 		__builtin_memset(&e->orig, 0, sizeof(e->orig));
 		e->orig_port = 0;
@@ -105,7 +94,7 @@ static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct t
 	e->received = 0;
 	if (w->kind == KMESH_TELE_CLOSE && w->opened) {
 		__u64 acked = skops->bytes_acked, received = skops->bytes_received;
-		__u64 base_a = w->base_a + w->fin_out, base_r = w->base_r + w->fin_in;
+		__u64 base_a = w->base_a + w->fin_out, base_r = w->fin_in;
 		e->sent = (acked > base_a ? acked - base_a : 0) + w->redirected;
 		e->received = received > base_r ? received - base_r : 0;
 	}
@@ -143,15 +132,14 @@ static __always_inline void tele_watch_state(struct bpf_sock_ops *skops, __u32 m
 				  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG | mark);
 }
 
-/* The client starts its handshake: watch its state, so that a connect
- * that fails (never established) is reported too. */
-static __always_inline void tele_connecting(struct bpf_sock_ops *skops)
+/*
+ * The client's SYN goes out and its note is there: watch its state, so
+ * that a connect that fails (never established) is reported too. True:
+ * the note is needed (until the open).
+ */
+static __always_inline bool tele_connecting(const struct conn_note *n)
 {
-	struct bpf_sock *sk = skops->sk;
-	if (!km_feat_telemetry || !sk)
-		return;
-	if (bpf_sk_storage_get(&km_tele_sock, sk, 0, 0))
-		tele_watch_state(skops, 0);
+	return km_feat_telemetry && (n->flags & KMESH_NOTE_TELE);
 }
 
 /*
@@ -182,12 +170,15 @@ static __always_inline bool tele_server_enrolled(struct bpf_sock_ops *skops)
 }
 
 /*
- * The base of an accepting end's counters: the peer's SYN and the ACK of
- * ours are not counted in them (the child socket starts past both), so
- * everything there is data and FINs; data in a fast-open SYN is counted,
- * as it should be.
+ * The bases of the counters, so that no end keeps them on its socket: an
+ * accepting end's count neither the peer's SYN nor the ACK of its own
+ * (the child socket starts past both), so everything there is data and
+ * FINs; data in a fast-open SYN is counted, as it should be. A connecting
+ * end's bytes_acked holds its SYN (one sequence number) and then data;
+ * its bytes_received starts past the peer's SYN.
  */
 #define KMESH_TELE_SERVER_BASE 0
+#define KMESH_TELE_CLIENT_BASE 1
 
 static __always_inline void tele_established(struct bpf_sock_ops *skops)
 {
@@ -205,16 +196,20 @@ static __always_inline void tele_established(struct bpf_sock_ops *skops)
 		tele_watch_state(skops, KMESH_TELE_SERVER_MARK);
 		return;
 	}
-	struct tele_sock *t = bpf_sk_storage_get(&km_tele_sock, sk, 0, 0);
-	if (!t)
+	if (!(skops->bpf_sock_ops_cb_flags & KMESH_NOTE_MARK))
 		return;
-	t->flags |= KMESH_TELE_OPENED;
-	t->base_acked = skops->bytes_acked;
-	t->base_received = skops->bytes_received;
-	w.t = t;
-	w.start_ns = t->start_ns;
+	/* The note goes once the open is out, unless the breaker counts by it. */
+	struct conn_note *n = note_get(skops);
+	if (n && (n->flags & KMESH_NOTE_TELE)) {
+		w.n = n;
+		w.start_ns = n->start_ns;
+	}
 	tele_emit(skops, &w);
-	tele_watch_state(skops, 0);
+	if (!n)
+		return;
+	n->flags &= ~KMESH_NOTE_TELE;
+	if (!(n->flags & KMESH_NOTE_LIMIT_COUNTED))
+		note_drop(skops);
 }
 
 /*
@@ -224,23 +219,23 @@ static __always_inline void tele_established(struct bpf_sock_ops *skops)
  * FINs went and ours was acknowledged; CLOSE_WAIT, that the peer's came
  * in before a reset; ESTABLISHED and FIN_WAIT1, a reset or a timeout.
  */
-static __always_inline void tele_closed(struct bpf_sock_ops *skops)
+static __always_inline void tele_closed(struct bpf_sock_ops *skops, bool marked,
+				       const struct conn_note *n)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!km_feat_telemetry || !sk)
 		return;
 	struct tele_what w = { .kind = KMESH_TELE_CLOSE };
-	struct tele_sock *t = bpf_sk_storage_get(&km_tele_sock, sk, 0, 0);
-	if (t) {
-		if (t->flags & KMESH_TELE_CLOSED)
-			return;
-		/* A connect that failed was never opened; it is reported once, closed. */
-		t->flags |= KMESH_TELE_CLOSED;
-		w.t = t;
-		w.start_ns = t->start_ns;
-		w.base_a = t->base_acked;
-		w.base_r = t->base_received;
-		w.opened = !!(t->flags & KMESH_TELE_OPENED);
+	__u32 old = skops->args[0];
+	/* A connect that failed was never opened. */
+	w.opened = old != BPF_TCP_SYN_SENT && old != BPF_TCP_SYN_RECV;
+	if (marked) {
+		/* A note still for telemetry: it never opened; it names the service. */
+		if (n && (n->flags & KMESH_NOTE_TELE)) {
+			w.n = n;
+			w.start_ns = n->start_ns;
+		}
+		w.base_a = KMESH_TELE_CLIENT_BASE;
 	} else {
 		__u32 flags = skops->bpf_sock_ops_cb_flags;
 		if (!(flags & KMESH_TELE_SERVER_MARK))
@@ -249,7 +244,7 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_TELE_SERVER_MARK);
 		w.passive = 1;
 		w.opened = 1;
-		w.base_a = w.base_r = KMESH_TELE_SERVER_BASE;
+		w.base_a = KMESH_TELE_SERVER_BASE;
 	}
 	/*
 	 * Accelerated bytes bypass TCP's counters: this end's are added to
@@ -262,7 +257,6 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops)
 		w.redirected = st->redirected;
 		w.in_sockmap = 1;
 	}
-	__u32 old = skops->args[0];
 	w.reason = KMESH_TELE_NORMAL;
 	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV) {
 		w.reason = KMESH_TELE_CONNECT_FAILED;

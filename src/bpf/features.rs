@@ -100,6 +100,10 @@ pub struct KernelSupport {
     /// connection that would go to a waypoint is refused (EPERM), as the
     /// waypoint could not learn its original destination.
     pub waypoints: Option<String>,
+    /// Why circuit breakers cannot count here (None: they can): the
+    /// sockops program counts a connection from its SYN to its close, and
+    /// without it a breaker never refuses a connect.
+    pub circuit_breaker: Option<String>,
     /// Why connection telemetry is off here (None: it runs, or was not
     /// asked for: see `telemetry_on`).
     pub telemetry: Option<String>,
@@ -125,6 +129,7 @@ impl KernelSupport {
             features,
             acceleration: features.acceleration_unavailable().map(str::to_string),
             waypoints: features.waypoints_unavailable().map(str::to_string),
+            circuit_breaker: features.waypoints_unavailable().map(str::to_string),
             telemetry: None,
             telemetry_on: false,
             telemetry_server_check: if features.netns_cookie_in_sockops {
@@ -143,6 +148,7 @@ impl KernelSupport {
     /// The sockops/sk_msg programs could not be loaded: both features off.
     pub fn without_socket_programs(&mut self, reason: String) {
         self.acceleration.get_or_insert_with(|| reason.clone());
+        self.circuit_breaker = Some(reason.clone());
         self.waypoints = Some(reason);
     }
 
@@ -184,6 +190,13 @@ impl KernelSupport {
         if let Some(why) = &self.waypoints {
             tracing::warn!(
                 "waypoints are off on this kernel ({}): {why}; connections to a waypoint are refused",
+                self.release
+            );
+        }
+        if let Some(why) = &self.circuit_breaker {
+            tracing::warn!(
+                "circuit breakers are off on this kernel ({}): {why}; max_connections is not \
+                 counted and never refuses a connect (rate limits still apply)",
                 self.release
             );
         }

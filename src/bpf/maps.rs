@@ -87,8 +87,9 @@ pub enum MapId {
     Bucket,
     /// Service limit id → live connection count (counted by the programs).
     SvcConns,
-    /// Per-socket storage: the service a socket counts against.
-    LimitSock,
+    /// Socket cookie → what connect4/6 noted for sockops (original
+    /// destination, the service a socket counts against; bpf/lib/sock.h).
+    ConnNote,
 }
 
 impl MapId {
@@ -118,7 +119,7 @@ impl MapId {
         MapId::SockState,
         MapId::Conn,
         MapId::SvcConns,
-        MapId::LimitSock,
+        MapId::ConnNote,
     ];
 
     pub fn name(self) -> &'static str {
@@ -141,7 +142,7 @@ impl MapId {
             MapId::Lb => "km_lb",
             MapId::Bucket => "km_bucket",
             MapId::SvcConns => "km_svc_conns",
-            MapId::LimitSock => "km_limit_sock",
+            MapId::ConnNote => "km_conn_note",
         }
     }
 }
@@ -168,7 +169,7 @@ impl Datapath {
             MapId::Lb => &m.km_lb,
             MapId::Bucket => &m.km_bucket,
             MapId::SvcConns => &m.km_svc_conns,
-            MapId::LimitSock => &m.km_limit_sock,
+            MapId::ConnNote => &m.km_conn_note,
         }
     }
 
@@ -193,7 +194,7 @@ impl Datapath {
             MapId::Lb => &mut m.km_lb,
             MapId::Bucket => &mut m.km_bucket,
             MapId::SvcConns => &mut m.km_svc_conns,
-            MapId::LimitSock => &mut m.km_limit_sock,
+            MapId::ConnNote => &mut m.km_conn_note,
         }
     }
 

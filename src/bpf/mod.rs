@@ -43,9 +43,9 @@ pub use types::*;
 
 pub use skel::types::{
     addr_key, authz_class, authz_dst, authz_id_key, authz_port_key, authz_src_key, authz_verdict,
-    authz_verdict_key, backend_addr, bucket_key, config_value, endpoint_key, endpoint_value,
-    kmesh_addr, lb_key, lb_table, limit_id, manage_value, port_key, service_value, sock_key,
-    sock_state, svc_conns, waypoint, workload_value,
+    authz_verdict_key, backend_addr, bucket_key, config_value, conn_note, endpoint_key,
+    endpoint_value, kmesh_addr, lb_key, lb_table, limit_id, manage_value, port_key, service_value,
+    sock_key, sock_state, svc_conns, waypoint, workload_value,
 };
 
 /// Mirrors the enums in bpf/include/kmesh.h (enums carry no BTF type through
@@ -284,7 +284,7 @@ impl Datapath {
                 (&mut m.km_sock_state, "km_sock_state"),
                 (&mut m.km_conn, "km_conn"),
                 (&mut m.km_svc_conns, "km_svc_conns"),
-                (&mut m.km_limit_sock, "km_limit_sock"),
+                (&mut m.km_conn_note, "km_conn_note"),
             ] {
                 let path = dir.join(name);
                 if !path.exists() {

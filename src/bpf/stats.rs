@@ -9,7 +9,7 @@ use super::Datapath;
 
 /// Names of km_stats' counters, in the order of enum kmesh_stat
 /// (bpf/include/kmesh.h).
-pub const STAT_NAMES: [&str; 26] = [
+pub const STAT_NAMES: [&str; 27] = [
     "enrolled_connect",
     "service_redirect",
     "workload_direct",
@@ -36,6 +36,7 @@ pub const STAT_NAMES: [&str; 26] = [
     "telemetry_events_lost",
     "breaker_reject",
     "rate_limited",
+    "conn_note_full",
 ];
 
 /// km_stats counters the daemon keeps (the programs never write them).

@@ -47,6 +47,7 @@ impl Pod for lb_key {}
 impl Pod for lb_table {}
 impl Pod for limit_id {}
 impl Pod for svc_conns {}
+impl Pod for conn_note {}
 impl Pod for bucket_key {}
 impl Pod for u32 {}
 impl Pod for u64 {}

@@ -52,10 +52,12 @@ pub struct ConnEvent {
     pub passive: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// The client's destination before connect's rewrite (service VIP).
+    /// The client's destination before connect's rewrite (service VIP): on
+    /// its open, and on the close of a connect that failed.
     pub orig: Option<SocketAddr>,
-    /// Since the connect (the client's ends); zero for the accepting
-    /// end, whose duration the reader takes from its open's `at`.
+    /// Since the connect, on a client's open (its handshake) and on the
+    /// close of a connect that failed; otherwise zero, and the reader takes
+    /// the duration from the open.
     pub duration: Duration,
     /// When, on the kernel's monotonic clock.
     pub at: Duration,

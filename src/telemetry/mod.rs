@@ -42,7 +42,8 @@ pub enum TelemetryError {
 const MAX_OPEN: usize = 1 << 18;
 
 /// Open connection ends on this node, by (client, server, accepting end),
-/// with the service the client addressed and when the end opened.
+/// with the service the client addressed and when the connection began
+/// (the client's connect, the server's accept).
 pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), (Option<Arc<ServiceInfo>>, Duration)>;
 
 /// The five counters of one label set, shared with their families (a
@@ -194,13 +195,13 @@ impl Telemetry {
             (Kind::Open, false) => e.orig.and_then(|o| ix.service(o).cloned()),
             (Kind::Open, true) => open.get(&(client, server, false)).and_then(|o| o.0.clone()),
             (Kind::Close(_), _) => match open.remove(&end) {
-                Some((s, at)) => {
-                    // The accepting end keeps no start time in the kernel.
-                    if e.passive {
-                        duration = e.at.saturating_sub(at);
-                    }
+                Some((s, start)) => {
+                    // No end keeps its start time in the kernel past the
+                    // open: the open said when the connection began.
+                    duration = e.at.saturating_sub(start);
                     s
                 }
+                // A connect that failed: its note named the service.
                 None if !e.passive => e.orig.and_then(|o| ix.service(o).cloned()),
                 None => None,
             },
@@ -209,7 +210,8 @@ impl Telemetry {
             if open.len() >= MAX_OPEN {
                 open.clear();
             }
-            open.insert(end, (service.clone(), e.at));
+            // A client's open says how long its handshake took.
+            open.insert(end, (service.clone(), e.at.saturating_sub(e.duration)));
         }
         let parties = metrics::Parties {
             source: !e.passive,

@@ -291,7 +291,7 @@ impl MapWriter {
 
         let maps = MapId::WRITTEN
             .iter()
-            .chain(&[MapId::Sock, MapId::Conn])
+            .chain(&[MapId::Sock, MapId::Conn, MapId::ConnNote])
             .map(|&id| {
                 let usage = MapUsage {
                     entries: self.dp.map(id).keys().count(),

@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use super::{desired::Desired, ApplyStats, MapWriter, WriterError};
 use crate::{
-    bpf::{addr_key, bucket_key, limit_id, service_value, svc_conns, MapId, Pod, MAX_PRIO},
+    bpf::{
+        addr_key, bucket_key, conn_note, limit_id, service_value, svc_conns, MapId, Pod, MAX_PRIO,
+    },
     model::{Layers, RateLimit, TrafficPolicy},
 };
 
@@ -40,6 +42,13 @@ pub(super) fn set_limits(v: &mut service_value, key: &str, tp: Option<&TrafficPo
         v.rl_fill_interval_ms = r.fill_interval_ms;
     }
 }
+
+/// KMESH_NOTE_LIMIT_COUNTED (bpf/include/kmesh.h).
+const NOTE_LIMIT_COUNTED: u32 = 4;
+/// Past every SYN retry of a connect (tcp_syn_retries 6 gives up after
+/// about 127 s): a note this old that the breaker does not count belongs
+/// to no handshake any more.
+const NOTE_MAX_AGE_NS: u64 = 300 * 1_000_000_000;
 
 fn id_of(v: &service_value) -> limit_id {
     limit_id { id: v.limit_id }
@@ -102,7 +111,32 @@ impl MapWriter {
         for k in stale {
             self.delete(MapId::Bucket, &k, || "an unused token bucket".into(), st)?;
         }
+        st.deletes += self.sweep_notes();
         Ok(())
+    }
+
+    /// Removes the notes of connects that never sent a SYN (the kernel
+    /// refused them after connect4/6 let them through, e.g. no local port
+    /// left), which sockops never sees: a note not counted by the breaker
+    /// and older than any handshake. Counted notes go with their socket's
+    /// close. Returns how many went.
+    pub fn sweep_notes(&self) -> usize {
+        let map = self.dp.map(MapId::ConnNote);
+        let now = monotonic_ns();
+        let old: Vec<Vec<u8>> = map
+            .keys()
+            .filter(|k| {
+                map.lookup(k, MapFlags::ANY)
+                    .ok()
+                    .flatten()
+                    .and_then(|v| conn_note::from_bytes(&v))
+                    .is_some_and(|n| {
+                        n.flags & NOTE_LIMIT_COUNTED == 0
+                            && now.saturating_sub(n.start_ns) > NOTE_MAX_AGE_NS
+                    })
+            })
+            .collect();
+        old.iter().filter(|k| map.delete(k).is_ok()).count()
     }
 
     /// Weighted lists and limits with their live counts, for the dump.
@@ -118,6 +152,7 @@ impl MapWriter {
                 .collect();
         let buckets = self.read_buckets();
         let now = monotonic_ns();
+        let breaker_off = self.dp.kernel().circuit_breaker.clone();
         let mut out = Vec::new();
         for (id, v) in by_service {
             if v.weighted_prios == 0 && v.max_connections == 0 && v.rl_max_tokens == 0 {
@@ -148,6 +183,7 @@ impl MapWriter {
                 service: name,
                 weighted,
                 max_connections: (v.max_connections != 0).then_some(v.max_connections),
+                breaker_off: breaker_off.clone().filter(|_| v.max_connections != 0),
                 active_connections: c.map(|c| c.active),
                 breaker_rejected: c.map(|c| c.rejected),
                 rate_limit,
@@ -263,6 +299,9 @@ pub struct TrafficDump {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub weighted: BTreeMap<u32, Vec<(String, u32)>>,
     pub max_connections: Option<u32>,
+    /// Why this kernel cannot count for the breaker (it then never refuses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub breaker_off: Option<String>,
     /// Connections from this node open now (counted by the kernel).
     pub active_connections: Option<i64>,
     /// Connects the breaker refused.
@@ -280,4 +319,41 @@ pub struct BucketDump {
     pub tokens: u32,
     /// Connects refused for want of a token.
     pub rejected: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::MapSizes;
+
+    /// Only notes no breaker counts by and older than any handshake go.
+    #[test]
+    fn the_sweep_takes_only_old_uncounted_notes() {
+        let w = super::super::tests::writer(MapSizes::default());
+        let now = monotonic_ns();
+        let old = now.saturating_sub(NOTE_MAX_AGE_NS + 1_000_000_000);
+        let notes: [(u64, u32, u64); 4] = [
+            (1, 2, old),                  // pending, never counted: goes
+            (2, NOTE_LIMIT_COUNTED, old), // counted until its close: stays
+            (3, 1, now),                  // a handshake going on: stays
+            (4, 1, old),                  // telemetry only, long gone: goes
+        ];
+        let map = w.dp.map(MapId::ConnNote);
+        for (cookie, flags, start_ns) in notes {
+            let n = conn_note {
+                flags,
+                start_ns,
+                ..Default::default()
+            };
+            map.update(&cookie.to_ne_bytes(), n.as_bytes(), MapFlags::ANY)
+                .unwrap();
+        }
+        assert_eq!(w.sweep_notes(), 2);
+        let mut left: Vec<u64> = map
+            .keys()
+            .map(|k| u64::from_ne_bytes(k[..8].try_into().unwrap()))
+            .collect();
+        left.sort();
+        assert_eq!(left, [2, 3]);
+    }
 }
