@@ -170,7 +170,7 @@ struct DaemonArgs {
     /// Size of the telemetry ring buffer in bytes (a power of two, 4096 to
     /// 1 GiB; 96 bytes per event, two events per connection end). When the
     /// reader falls behind by this much, events are counted as lost.
-    #[arg(long, env = "KMESH_TELEMETRY_RING_BYTES", default_value = "262144", value_parser = ring_bytes)]
+    #[arg(long, env = "KMESH_TELEMETRY_RING_BYTES", default_value = "4194304", value_parser = ring_bytes)]
     telemetry_ring_bytes: u32,
     /// One line per closed connection on stderr: off, text or json (the
     /// config file's access_log key overrides; switch at run time with
