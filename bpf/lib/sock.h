@@ -50,13 +50,16 @@ struct {
  * breaker's count returned at close). A note whose connect failed before
  * its SYN is never seen by sockops; the daemon removes such notes by age
  * (src/writer/limits.rs). Full: telemetry loses the service label and the
- * breaker does not count that connection (KMESH_STAT_NOTE_FULL).
+ * breaker does not count that connection (KMESH_STAT_NOTE_FULL). 8,192
+ * notes (0.9 MB preallocated) hold the connects in flight and, until they
+ * close, the connections a breaker counts: services' max_connections on
+ * one node summed well past that are not what a breaker is for.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u64);
 	__type(value, struct conn_note);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 8192);
 } km_conn_note SEC(".maps");
 
 /*

@@ -576,10 +576,11 @@ mod tests {
         }
     }
 
-    /// The default sizes' kernel memory, idle: the bucket arrays. (18.6 MB
-    /// before the defaults were sized for a node.)
+    /// The default sizes' kernel memory, idle: the bucket arrays, and
+    /// km_conn_note's preallocated 0.9 MB. (18.6 MB before the defaults
+    /// were sized for a node.)
     #[test]
-    fn default_sizes_hold_under_six_megabytes_idle() {
+    fn default_sizes_hold_under_seven_megabytes_idle() {
         let dp = Datapath::load(MapSizes::default()).unwrap_or_else(|e| panic!("{e}"));
         for id in MapId::WRITTEN.into_iter().chain(MapId::SOCKETS) {
             println!("{}: {} bytes", id.name(), dp.memlock(id));
@@ -587,7 +588,7 @@ mod tests {
         let total = dp.memlock_total();
         println!("total: {total} bytes");
         assert!(total > 1_000_000, "memlock not read: {total}");
-        assert!(total < 6_000_000, "{total} bytes at default sizes");
+        assert!(total < 7_000_000, "{total} bytes at default sizes");
     }
 
     #[test]
