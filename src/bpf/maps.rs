@@ -124,6 +124,15 @@ impl MapId {
         MapId::ConnNote,
     ];
 
+    /// The maps `kmesh ctl dump` and the metrics show with their entries:
+    /// all but socket storage (km_sock_state has no keys to count) and the
+    /// breaker's counts (the dump's traffic section shows them by service).
+    pub fn shown() -> impl Iterator<Item = MapId> {
+        MapId::WRITTEN
+            .into_iter()
+            .chain([MapId::Sock, MapId::Conn, MapId::ConnNote])
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             MapId::Vip => "km_vip",

@@ -169,13 +169,10 @@ impl DataPlane {
     fn snapshot(&self) -> Snapshot {
         let w = self.0.writer.lock().unwrap_or_else(|e| e.into_inner());
         let dp = w.datapath();
-        // The dump's set of maps (km_sock_state is socket storage: it has
-        // no keys to count). Counting keys is one syscall per entry,
+        // The dump's set of maps. Counting keys is one syscall per entry,
         // which is what a scrape of 100k workloads costs (~tens of ms).
-        let maps = MapId::WRITTEN
-            .iter()
-            .chain(&[MapId::Sock, MapId::Conn])
-            .map(|&id| {
+        let maps = MapId::shown()
+            .map(|id| {
                 (
                     id.name(),
                     dp.map(id).keys().count(),

@@ -289,10 +289,8 @@ impl MapWriter {
             .collect();
         enrolled_netns.sort_by_key(|e| e.cookie);
 
-        let maps = MapId::WRITTEN
-            .iter()
-            .chain(&[MapId::Sock, MapId::Conn, MapId::ConnNote])
-            .map(|&id| {
+        let maps = MapId::shown()
+            .map(|id| {
                 let usage = MapUsage {
                     entries: self.dp.map(id).keys().count(),
                     capacity: self.dp.capacity(id),
