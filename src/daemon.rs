@@ -192,7 +192,7 @@ fn apply(writer: &Mutex<MapWriter>, sources: &Sources, why: &str) -> (BTreeSet<S
     });
     // An apply of 100k workloads frees tens of MB of temporaries; glibc
     // keeps them mapped unless asked.
-    trim_heap();
+    trim_heap(true);
     out
 }
 
@@ -285,22 +285,35 @@ pub fn one_malloc_arena() {
     }
 }
 
-/// How often incremental applies give freed memory back.
-const TRIM_EVERY: Duration = Duration::from_secs(5);
+/// How long after an incremental apply the memory it freed is given back:
+/// off every update's path (the trim waits for the main loop to be free),
+/// and under steady churn once a second, so what is resident between trims
+/// stays small.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
 
-fn trim_heap() {
+/// Gives free heap pages back; `log` reports the heap (info; else debug,
+/// as the trims during churn would flood the log).
+fn trim_heap(log: bool) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks the allocator's own free lists;
     // mallinfo2 only reads its counters.
     unsafe {
         libc::malloc_trim(0);
+        if !log && !tracing::enabled!(tracing::Level::DEBUG) {
+            return;
+        }
         let mi = libc::mallinfo2();
-        tracing::info!(
-            "heap: {:.1} MB in use, {:.1} MB free in arenas, {:.1} MB mmapped",
+        let heap = format!(
+            "{:.1} MB in use, {:.1} MB free in arenas, {:.1} MB mmapped",
             mi.uordblks as f64 / 1e6,
             mi.fordblks as f64 / 1e6,
             mi.hblkhd as f64 / 1e6
         );
+        if log {
+            tracing::info!("heap: {heap}");
+        } else {
+            tracing::debug!("heap: {heap}");
+        }
     }
 }
 
@@ -560,8 +573,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     });
 
     let mut tick = tokio::time::interval(opts.watch_interval);
-    let mut last_trim = Instant::now();
     let mut last_note_sweep = Instant::now();
+    // When the memory freed by incremental applies is given back.
+    let mut trim_at: Option<tokio::time::Instant> = None;
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
         let mut cni_pending = None;
@@ -601,6 +615,11 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     .unwrap_or_else(|e| e.into_inner())
                     .set_resolved(resolved_hosts(&answers));
                 ("DNS answers changed", false, None)
+            }
+            _ = tokio::time::sleep_until(trim_at.unwrap_or_else(tokio::time::Instant::now)), if trim_at.is_some() => {
+                trim_at = None;
+                trim_heap(false);
+                continue;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -652,10 +671,13 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 }
                 // After the reply: off the update's latency. A large
                 // response (a resend after a reconnect) leaves its buffers
-                // free but resident until trimmed; small ones add up too.
-                if resources > MAX_TRACKED_CHANGES || last_trim.elapsed() > TRIM_EVERY {
-                    trim_heap();
-                    last_trim = Instant::now();
+                // free but resident until trimmed, now; small ones add up
+                // too, and are given back when the loop is next free.
+                if resources > MAX_TRACKED_CHANGES {
+                    trim_heap(true);
+                    trim_at = None;
+                } else if trim_at.is_none() {
+                    trim_at = Some(tokio::time::Instant::now() + TRIM_AFTER);
                 }
                 continue;
             }

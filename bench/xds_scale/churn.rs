@@ -142,7 +142,7 @@ pub fn one_pod_latency(cp: &Cp, map: &MapHandle, at: &mut Where) {
     let (mu, pu) = median_p99(&mut from_update);
     println!("\none pod moved, 100 times, control plane -> daemon -> map write:");
     println!("  from the control plane's send : median {m:>7.2} ms, p99 {p:>7.2} ms (target p99 <= 5 ms)");
-    println!("  from its update call          : median {mu:>7.2} ms, p99 {pu:>7.2} ms (+ its diff of every resource)");
+    println!("  from its update call          : median {mu:>7.2} ms, p99 {pu:>7.2} ms (+ the control plane's own work)");
 }
 
 /// utime + stime of `pid`, in clock ticks.

@@ -47,7 +47,15 @@ use crate::{
 
 /// What the last apply computed, kept for the next incremental one.
 pub(super) struct Cache {
+    /// The last apply's desired state less what the maps (and `Written`)
+    /// hold already: during an apply, the entries of the services and
+    /// workloads it touches (`open`).
     pub(super) d: Desired,
+    /// Services with VIP entries, and those of them with weighted
+    /// endpoints. Their values are computed again from the model when a
+    /// change touches them: 10k of them kept would cost ~3 MB.
+    routed: HashSet<u32>,
+    weighted: HashSet<u32>,
     /// Service key → how many workloads name it (routable or not).
     refs: HashMap<Arc<str>, u32>,
     /// Services and workloads whose waypoint is a service: their entries
@@ -76,11 +84,19 @@ impl Cache {
         }
         let vips = d.services.values().map(|s| s.1.len()).sum();
         let endpoints = d.endpoints.values().map(|s| s.len()).sum();
+        let routed = d.services.keys().copied().collect();
+        let weighted = d
+            .services
+            .iter()
+            .filter(|(_, (v, _))| v.weighted_prios != 0)
+            .map(|(id, _)| *id)
+            .collect();
         // What the maps (and `Written`) hold already is not kept twice:
         // the endpoint sets of the services a change touches are read back
         // from the written lists, and only the changed workloads' addresses
         // and endpoint values are computed (100k of each would cost ~15 MB).
         let d = Desired {
+            services: HashMap::new(),
             workload_ips: HashMap::new(),
             endpoints: HashMap::new(),
             backends: HashMap::new(),
@@ -88,6 +104,8 @@ impl Cache {
         };
         Cache {
             d,
+            routed,
+            weighted,
             refs,
             service_waypoints,
             vips,
@@ -104,23 +122,9 @@ impl Cache {
         }
     }
 
-    /// Makes `sid`'s endpoint sets those its written lists hold, once
-    /// per apply (`scope.sids` records it).
-    fn open(&mut self, written: &Written, scope: &mut Scope, sid: u32) {
-        if !scope.sids.insert(sid) {
-            return;
-        }
-        for p in 0..MAX_PRIO as u32 {
-            if let Some(list) = written.endpoints.get(&(sid, p)) {
-                self.d
-                    .endpoints
-                    .insert((sid, p), list.iter().copied().collect());
-            }
-        }
-    }
-
     /// Drops what `open` and the changed workloads put in.
     fn close(&mut self) {
+        self.d.services = HashMap::new();
         self.d.endpoints = HashMap::new();
         self.d.workload_ips = HashMap::new();
         self.d.backends = HashMap::new();
@@ -226,11 +230,14 @@ impl MapWriter {
         };
         // A weighted list's shares depend on all its members; a limit's
         // counters on every limited service (weights.rs, limits.rs).
-        let traffic = scope
-            .sids
-            .iter()
-            .filter_map(|s| cache.d.services.get(s))
-            .any(|(v, _)| v.weighted_prios != 0 || v.max_connections != 0 || v.rl_max_tokens != 0);
+        let traffic = scope.sids.iter().any(|s| {
+            cache.weighted.contains(s)
+                || cache
+                    .d
+                    .services
+                    .get(s)
+                    .is_some_and(|(v, _)| v.max_connections != 0 || v.rl_max_tokens != 0)
+        });
         if traffic {
             return decline("a service with weighted endpoints or limits");
         }
@@ -282,7 +289,7 @@ impl MapWriter {
         // Ids of services gone from the maps go, as after a full apply.
         for c in &services {
             if let Some(&id) = self.service_ids.by_key.get(c.key) {
-                let live = cache.d.services.contains_key(&id)
+                let live = cache.routed.contains(&id)
                     || (0..MAX_PRIO as u32).any(|p| self.written.endpoints.contains_key(&(id, p)));
                 if !live {
                     self.service_ids.by_key.remove(c.key);
@@ -349,7 +356,7 @@ impl MapWriter {
                 .service_ids
                 .by_key
                 .get(&**key)
-                .is_some_and(|id| cache.d.services.contains_key(id));
+                .is_some_and(|id| cache.routed.contains(id));
             let why = match (c.old, c.new) {
                 // Its members are whoever names it: unchanged only if how
                 // they are members is.
@@ -533,29 +540,37 @@ impl MapWriter {
             cache.service_waypoints +=
                 usize::from(names_service(c.new.and_then(|s| s.waypoint.as_ref())));
             let old = self.service_ids.by_key.get(c.key).copied();
-            if let Some((v, vips)) = old.and_then(|id| cache.d.services.remove(&id)) {
-                if v.weighted_prios != 0 {
-                    return Err("a service with weighted endpoints or limits");
-                }
-                cache.vips -= vips.len();
-                scope.old_vips.extend(vips);
-            }
             let key: Arc<str> = match self.service_ids.by_key.get_key_value(c.key) {
                 Some((k, _)) => k.clone(),
                 None => c.key.into(),
             };
+            if let Some(id) = old.filter(|id| cache.routed.remove(id)) {
+                if cache.weighted.contains(&id) {
+                    return Err("a service with weighted endpoints or limits");
+                }
+                // Its VIPs as written: the old version's (a routed service
+                // always has one, see `changed`).
+                cache.d.services.remove(&id);
+                if let Some(ServiceEntry::Routed(_, _, vips)) =
+                    c.old.map(|s| self.service_entry(&key, s, model))
+                {
+                    cache.vips -= vips.len();
+                    scope.old_vips.extend(vips);
+                }
+            }
             let entry = c.new.map(|s| self.service_entry(&key, s, model));
             match entry {
                 Some(ServiceEntry::Routed(id, v, vips)) => {
                     cache.vips += vips.len();
+                    cache.routed.insert(id);
                     cache.d.services.insert(id, (v, vips));
-                    cache.open(&self.written, &mut scope, id);
+                    self.open(cache, &mut scope, id, &key, model);
                 }
                 Some(ServiceEntry::Passthrough(_)) => return Err("a passthrough service"),
                 Some(ServiceEntry::NoVip) | None => {}
             }
             // No longer routed: its lists and own ports go.
-            if let Some(id) = old.filter(|id| !cache.d.services.contains_key(id)) {
+            if let Some(id) = old.filter(|id| !cache.routed.contains(id)) {
                 scope.sids.insert(id);
                 for p in 0..MAX_PRIO as u32 {
                     cache.d.endpoints.remove(&(id, p));
@@ -578,7 +593,7 @@ impl MapWriter {
         }
         for c in workloads {
             if let Some(o) = c.old {
-                self.take_out(cache, o, &mut scope);
+                self.take_out(cache, o, &mut scope, model);
             }
         }
         let none = Admission::default();
@@ -593,11 +608,11 @@ impl MapWriter {
                 };
                 let Some(svc) = model
                     .service(&r.key)
-                    .filter(|_| cache.d.services.contains_key(&sid))
+                    .filter(|_| cache.routed.contains(&sid))
                 else {
                     continue;
                 };
-                cache.open(&self.written, &mut scope, sid);
+                self.open(cache, &mut scope, sid, &r.key, model);
                 scope
                     .ports
                     .extend(r.ports.iter().map(|p| (sid, id, p.service_port)));
@@ -617,8 +632,41 @@ impl MapWriter {
         Ok(scope)
     }
 
+    /// Makes `sid`'s endpoint sets those its written lists hold, and its
+    /// VIP entry (a routed service's) what the model makes of it, once per
+    /// apply (`scope.sids` records it).
+    fn open(
+        &mut self,
+        cache: &mut Cache,
+        scope: &mut Scope,
+        sid: u32,
+        key: &Arc<str>,
+        model: Layers,
+    ) {
+        if !scope.sids.insert(sid) {
+            return;
+        }
+        for p in 0..MAX_PRIO as u32 {
+            if let Some(list) = self.written.endpoints.get(&(sid, p)) {
+                cache
+                    .d
+                    .endpoints
+                    .insert((sid, p), list.iter().copied().collect());
+            }
+        }
+        if !cache.routed.contains(&sid) || cache.d.services.contains_key(&sid) {
+            return;
+        }
+        if let Some(ServiceEntry::Routed(id, v, vips)) = model
+            .service(key)
+            .map(|s| self.service_entry(key, s, model))
+        {
+            cache.d.services.insert(id, (v, vips));
+        }
+    }
+
     /// Takes what `old` put in the cached desired state out of it.
-    fn take_out(&self, cache: &mut Cache, old: &Workload, scope: &mut Scope) {
+    fn take_out(&mut self, cache: &mut Cache, old: &Workload, scope: &mut Scope, model: Layers) {
         let id = old.id();
         for ip in old.addresses.iter().map(|a| canonical(*a)) {
             if self.written.workload_ips.get(&ip) == Some(&id) {
@@ -632,10 +680,10 @@ impl MapWriter {
             let Some(&sid) = self.service_ids.by_key.get(&r.key) else {
                 continue;
             };
-            if !cache.d.services.contains_key(&sid) {
+            if !cache.routed.contains(&sid) {
                 continue;
             }
-            cache.open(&self.written, scope, sid);
+            self.open(cache, scope, sid, &r.key, model);
             for p in 0..MAX_PRIO as u32 {
                 let Some(set) = cache.d.endpoints.get_mut(&(sid, p)) else {
                     continue;
