@@ -312,21 +312,29 @@ pub type ResolvedHosts = HashMap<Box<str>, Vec<IpAddr>>;
 /// Shares equal values (namespaces, networks, placements) between the
 /// workloads of a source.
 #[derive(Debug)]
-pub struct Interner<T: ?Sized>(std::collections::HashSet<Arc<T>>);
+pub struct Interner<T: ?Sized> {
+    set: std::collections::HashSet<Arc<T>>,
+    /// Values added since the last prune: what it can have to drop.
+    added: usize,
+}
 
 impl<T: ?Sized> Default for Interner<T> {
     fn default() -> Self {
-        Interner(Default::default())
+        Interner {
+            set: Default::default(),
+            added: 0,
+        }
     }
 }
 
 impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
     /// The shared copy of `a`'s value (`a` itself if it is the first).
     pub fn intern(&mut self, a: Arc<T>) -> Arc<T> {
-        if let Some(shared) = self.0.get(&a) {
+        if let Some(shared) = self.set.get(&a) {
             return shared.clone();
         }
-        self.0.insert(a.clone());
+        self.set.insert(a.clone());
+        self.added += 1;
         a
     }
 
@@ -335,17 +343,52 @@ impl<T: ?Sized + std::hash::Hash + Eq> Interner<T> {
     where
         for<'b> Arc<T>: From<&'b T>,
     {
-        if let Some(shared) = self.0.get(v) {
+        if let Some(shared) = self.set.get(v) {
             return shared.clone();
         }
         let a: Arc<T> = Arc::from(v);
-        self.0.insert(a.clone());
+        self.set.insert(a.clone());
+        self.added += 1;
         a
     }
 
-    /// Drops values nothing else holds any more.
+    /// Drops values nothing else holds any more, once enough were added
+    /// since the last time that it pays: a walk over every value per xDS
+    /// response was a few percent of the daemon's CPU under churn, and
+    /// what is left over is at most a quarter of what is held (or 64).
     pub fn prune(&mut self) {
-        self.0.retain(|a| Arc::strong_count(a) > 1);
+        if self.added * 4 < self.set.len().max(256) {
+            return;
+        }
+        self.set.retain(|a| Arc::strong_count(a) > 1);
+        self.added = 0;
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.set.len()
+    }
+}
+
+#[cfg(test)]
+mod interner_tests {
+    use super::*;
+
+    #[test]
+    fn prune_drops_unheld_values_once_enough_were_added() {
+        let mut i = Interner::<str>::default();
+        let held: Vec<Arc<str>> = (0..300).map(|n| i.intern_ref(&n.to_string())).collect();
+        i.prune();
+        assert_eq!(i.len(), 300);
+        for n in 300..399 {
+            i.intern_ref(&n.to_string());
+        }
+        i.prune();
+        assert_eq!(i.len(), 399, "99 added to 300: not yet worth a walk");
+        i.intern_ref("one more");
+        i.prune();
+        assert_eq!(i.len(), 300, "the 100 values nothing holds are gone");
+        assert!(Arc::ptr_eq(&i.intern_ref("7"), &held[7]));
     }
 }
 
