@@ -169,12 +169,6 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
 }
 
 /*
- * Each socket program comes twice: with acceleration, and without it for
- * kernels that cannot run it (their verifier refuses an object that holds
- * the atomic instructions at all, even unreachable). The loader loads one
- * of each pair.
- */
-/*
  * A client socket's SYN goes out: whatever connect4/6 noted for it is
  * taken up, and the socket marked so that later callbacks look for the
  * note only where there is one.
@@ -213,6 +207,12 @@ static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
 	sock_closed(skops, accel);
 }
 
+/*
+ * Each socket program comes twice: with acceleration, and without it for
+ * kernels that cannot run it (their verifier refuses an object that holds
+ * the atomic instructions at all, even unreachable). The loader loads one
+ * of each pair.
+ */
 static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
 	switch (skops->op) {

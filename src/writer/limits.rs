@@ -111,7 +111,6 @@ impl MapWriter {
         for k in stale {
             self.delete(MapId::Bucket, &k, || "an unused token bucket".into(), st)?;
         }
-        st.deletes += self.sweep_notes();
         Ok(())
     }
 
@@ -119,7 +118,9 @@ impl MapWriter {
     /// refused them after connect4/6 let them through, e.g. no local port
     /// left), which sockops never sees: a note not counted by the breaker
     /// and older than any handshake. Counted notes go with their socket's
-    /// close. Returns how many went.
+    /// close. Returns how many went. The daemon calls it once a minute
+    /// (notes go at 300 s): not from applies, where it would read every
+    /// note, one syscall each, whatever the apply changed.
     pub fn sweep_notes(&self) -> usize {
         let map = self.dp.map(MapId::ConnNote);
         let now = monotonic_ns();
