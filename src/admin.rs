@@ -72,6 +72,14 @@ pub struct Server {
 
 impl Server {
     pub fn stop(self) {
+        drop(self)
+    }
+}
+
+/// Also on an early return with an error: no socket file is left behind
+/// that clients would get "connection refused" from.
+impl Drop for Server {
+    fn drop(&mut self) {
         self.task.abort();
         match std::fs::symlink_metadata(&self.path) {
             Ok(m) if (m.dev(), m.ino()) == self.bound => {
@@ -96,9 +104,21 @@ pub fn serve(path: &Path, state: Arc<AdminState>) -> Result<Server, AdminError> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    // Bound and listening under a private name first, then renamed over
+    // the path: a client never finds a socket file nobody listens on yet
+    // (bind creates the file before listen), and a daemon taking over
+    // from another replaces its socket in one step.
+    let mut fresh = path.as_os_str().to_owned();
+    fresh.push(format!(".{}", std::process::id()));
+    let fresh = PathBuf::from(fresh);
+    let _ = std::fs::remove_file(&fresh);
+    let listener = UnixListener::bind(&fresh).map_err(err)?;
+    let placed = std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&fresh, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&fresh);
+        return Err(err(e));
+    }
     let m = std::fs::symlink_metadata(path).map_err(err)?;
     Ok(Server {
         task: tokio::spawn(accept_loop(listener, state)),

@@ -749,7 +749,7 @@ impl Daemon {
                 "dump",
                 Duration::from_secs(10) * time_scale(),
             ))
-            .unwrap_or_else(|e| panic!("dump: {e}"));
+            .unwrap_or_else(|e| panic!("dump: {e}\ndaemon log:\n{}", self.log()));
         serde_json::from_str(&out).expect("dump is JSON")
     }
 
