@@ -18,11 +18,17 @@ use std::{
 
 use serde_json::{json, Value};
 
+mod daemon;
 pub mod dns;
 pub mod http;
 pub mod kube;
 pub mod load;
+mod system;
 pub mod xds;
+
+#[allow(unused_imports)] // not every test binary uses each
+pub use daemon::{wait_or_kill, Daemon};
+use system::*;
 
 pub const PROBE: &str = env!("CARGO_BIN_EXE_kmesh-probe");
 pub const KMESH: &str = env!("CARGO_BIN_EXE_kmesh");
@@ -79,117 +85,6 @@ static SWEEP: Once = Once::new();
 
 fn cgroup_root() -> PathBuf {
     kmesh::sys::cgroup2_mount().expect("cgroup2 mounted")
-}
-
-/// `ip -n NS -batch -`, one command per line, panicking with ip's message
-/// on failure. One process for the lot: in the kernel matrix's emulated
-/// guests a process start costs about a second, and a pod took nine.
-fn ip_batch(ns: &str, cmds: &[String]) {
-    let mut child = Command::new("ip")
-        .args(["-n", ns, "-batch", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ip");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(cmds.join("\n").as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "ip -n {ns} -batch {cmds:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// What `ip netns add` does, without a process: a new network namespace
-/// (unshared by a thread of its own, so this process's stay as they are)
-/// bind-mounted at /run/netns/NAME, where `ip -n` and the daemon find it.
-fn add_netns(name: &str) {
-    let dir = Path::new("/run/netns");
-    fs::create_dir_all(dir).unwrap();
-    let path = dir.join(name);
-    fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let made = std::thread::spawn(move || -> nix::Result<()> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)?;
-        nix::mount::mount(
-            Some("/proc/thread-self/ns/net"),
-            &path,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        )
-    })
-    .join()
-    .unwrap();
-    made.unwrap_or_else(|e| panic!("netns {name}: {e}"));
-}
-
-/// What `ip netns del` does, without a process: the namespace goes once
-/// its last user (a process, a socket) does.
-fn del_netns(name: &str) {
-    let path = Path::new("/run/netns").join(name);
-    let _ = nix::mount::umount2(&path, nix::mount::MntFlags::MNT_DETACH);
-    let _ = fs::remove_file(&path);
-}
-
-/// Pid encoded in a harness name `kmt<pid>x…`, if any.
-fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("kmt")?;
-    rest.split('x').next()?.parse().ok()
-}
-
-fn dead(pid: u32) -> bool {
-    !Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Removes a harness cgroup. Only for a dead run's cgroup does it first end
-/// the processes left in it (cgroup.kill): a live run reaps its own children,
-/// and a bench process may still be inside its cgroup by mistake.
-fn remove_cgroup(dir: &Path, kill_leftovers: bool) {
-    if kill_leftovers {
-        let _ = fs::write(dir.join("cgroup.kill"), "1");
-    }
-    for _ in 0..50 {
-        if fs::remove_dir(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Removes namespaces, cgroups and bpffs mounts left by dead test runs.
-fn sweep() {
-    if let Ok(rd) = fs::read_dir("/run/netns") {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if owner_pid(&name).is_some_and(dead) {
-                del_netns(&name);
-            }
-        }
-    }
-    if let Ok(rd) = fs::read_dir(cgroup_root()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if owner_pid(&name).is_some_and(dead) {
-                remove_cgroup(&e.path(), true);
-            }
-        }
-    }
-    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().to_string();
-            if owner_pid(&name).is_some_and(dead) {
-                let _ = nix::mount::umount(&e.path().join("bpffs"));
-                let _ = fs::remove_dir_all(e.path());
-            }
-        }
-    }
 }
 
 /// A pod: its own netns with `eth0` on the node bridge.
@@ -550,91 +445,6 @@ impl Env {
         self.daemon_named("", config, extra)
     }
 
-    /// As `daemon_args`, with its own config file and log (`config-NAME.json`,
-    /// `daemon-NAME.log`) but the same admin socket and bpffs: a second
-    /// daemon overlapping a running one, as in a rolling update. Returns
-    /// once it has bound the admin socket (taking it over).
-    pub fn daemon_named(
-        &mut self,
-        name: &str,
-        config: &Value,
-        extra: &[&str],
-    ) -> Result<Daemon, String> {
-        use std::os::unix::fs::MetadataExt;
-        let suffix = if name.is_empty() {
-            String::new()
-        } else {
-            format!("-{name}")
-        };
-        let cfg = self.dir.join(format!("config{suffix}.json"));
-        fs::write(&cfg, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-        let sock = self.dir.join("admin.sock");
-        let log = self.dir.join(format!("daemon{suffix}.log"));
-        let ino = |p: &Path| fs::metadata(p).ok().map(|m| m.ino());
-        let before = if name.is_empty() {
-            let _ = fs::remove_file(&sock);
-            None
-        } else {
-            ino(&sock)
-        };
-        let mut cmd = Command::new(KMESH);
-        // If the test process dies without running Drop (kill -9), the
-        // daemon shuts down (detaching) instead of outliving it. Set from
-        // the spawning thread, which is the one holding the Daemon.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                    .map_err(std::io::Error::from)
-            });
-        }
-        let mut child = cmd
-            .args(["daemon", "--config", cfg.to_str().unwrap()])
-            .args(["--cgroup", self.cgroup.to_str().unwrap()])
-            .args(if extra.contains(&"--bpffs") {
-                vec![]
-            } else {
-                vec!["--bpffs".into(), self.bpffs.join("kmesh").into_os_string()]
-            })
-            .args([
-                "--admin-socket",
-                sock.to_str().unwrap(),
-                "--watch-interval",
-                "0.2",
-            ])
-            .args(extra)
-            .args(http::OFF.iter().flat_map(|&(flag, off)| {
-                let given = extra
-                    .iter()
-                    .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
-                (!given).then_some([flag, off]).into_iter().flatten()
-            }))
-            .env("KMESH_LOG", "info")
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn daemon");
-        let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
-        while ino(&sock).is_none() || ino(&sock) == before {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Err(format!(
-                    "{status}: {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                ));
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not start: {}",
-                fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Daemon {
-            child: Some(child),
-            config: cfg,
-            sock,
-            log,
-        })
-    }
-
     /// Client netns: a pod enrolled via the config's enroll list.
     pub fn enroll_list(pods: &[&Pod]) -> Value {
         Value::Array(pods.iter().map(|p| Value::String(p.path())).collect())
@@ -719,121 +529,6 @@ impl Drop for Held {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-pub struct Daemon {
-    child: Option<Child>,
-    pub config: PathBuf,
-    pub sock: PathBuf,
-    pub log: PathBuf,
-}
-
-impl Daemon {
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// The dump, asked over the admin socket as `kmesh ctl dump` asks it
-    /// (kmesh::admin::request), in this process: tests poll it, and each
-    /// `kmesh` process costs seconds in an emulated guest. The command
-    /// itself is run by redirect.rs `vip_connect_is_redirected_with_port_rewrite`.
-    pub fn dump(&self) -> Value {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let out = rt
-            .block_on(kmesh::admin::request(
-                &self.sock,
-                "dump",
-                Duration::from_secs(10) * time_scale(),
-            ))
-            .unwrap_or_else(|e| panic!("dump: {e}\ndaemon log:\n{}", self.log()));
-        serde_json::from_str(&out).expect("dump is JSON")
-    }
-
-    pub fn stat(&self, name: &str) -> u64 {
-        self.dump()["stats"][name].as_u64().unwrap()
-    }
-
-    pub fn write_config(&self, config: &Value) {
-        // Write-then-rename so the daemon never reads a half-written file.
-        let tmp = self.config.with_extension("tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(config).unwrap()).unwrap();
-        fs::rename(&tmp, &self.config).unwrap();
-    }
-
-    pub fn write_raw_config(&self, text: &str) {
-        let tmp = self.config.with_extension("tmp");
-        fs::write(&tmp, text).unwrap();
-        fs::rename(&tmp, &self.config).unwrap();
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = self.child.as_ref().expect("running").id();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
-    }
-
-    pub fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Polls `cond` on the dump until true or `timeout`.
-    pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout * time_scale();
-        loop {
-            let d = self.dump();
-            if cond(&d) {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "condition not reached; last dump: {d:#}\nlog:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// SIGKILL (a crash: no cleanup runs) and wait; returns the exit status.
-    pub fn kill(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let _ = child.kill();
-        child.wait().unwrap()
-    }
-
-    /// SIGTERM and wait; returns the exit status.
-    pub fn stop(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        wait_or_kill(&mut child, Duration::from_secs(10) * time_scale())
-    }
-}
-
-/// Waits up to `within` for `child` to exit, then kills it.
-pub fn wait_or_kill(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            return child.wait().unwrap();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            self.stop();
-        }
     }
 }
 
