@@ -186,6 +186,15 @@ fn status_kib(pid: u32, field: &str) -> u64 {
         .unwrap()
 }
 
+/// The daemon's last report of its heap (after its last trim).
+fn last_heap(log: &str) -> String {
+    let line = log.lines().rev().find(|l| l.contains("heap:"));
+    line.and_then(|l| l.split("heap:").nth(1))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
 fn rss_kib(pid: u32) -> u64 {
     status_kib(pid, "VmRSS")
 }
@@ -307,6 +316,7 @@ fn main() {
         status_kib(d.pid(), "RssFile"),
     );
     let maps_kib = bpf_map_kib(d.pid());
+    let loaded_heap = last_heap(&d.log());
     // The control plane drops the stream: the daemon reconnects and gets
     // every resource again (istiod keeps no versions for addresses), as
     // after an istiod restart. Memory must not grow with each round.
@@ -321,7 +331,7 @@ fn main() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_secs(1));
-        after_resend.push(rss_kib(d.pid()));
+        after_resend.push((rss_kib(d.pid()), last_heap(&d.log())));
     }
     if std::env::var_os("KMESH_BENCH_SMAPS").is_some() {
         print_smaps(d.pid());
@@ -352,9 +362,9 @@ fn main() {
         (loaded_parts.0 as f64 - idle_parts.0 as f64) / 1024.0,
         (loaded_parts.1 as f64 - idle_parts.1 as f64) / 1024.0
     );
-    for (i, kib) in after_resend.iter().enumerate() {
+    for (i, (kib, heap)) in after_resend.iter().enumerate() {
         println!(
-            "  RSS above idle, resend {}       : {:>7.1} MB   (reconnect, everything sent again)",
+            "  RSS above idle, resend {}       : {:>7.1} MB   (reconnect, everything sent again; heap: {heap})",
             i + 1,
             (*kib as f64 - idle_rss as f64) / 1024.0
         );
@@ -363,10 +373,7 @@ fn main() {
         "  BPF maps (kernel, not in RSS)  : {:>7.1} MB",
         maps_kib as f64 / 1024.0
     );
-    if let Some(heap) = d.log().lines().rev().find(|l| l.contains("heap:")) {
-        let heap = heap.split("heap:").nth(1).unwrap_or_default();
-        println!("  daemon's allocator            : {}", heap.trim());
-    }
+    println!("  daemon's allocator, loaded    : {loaded_heap}");
 
     // Changes on the loaded daemon.
     let map = churn::workload_map(&env.bpffs);

@@ -291,6 +291,13 @@ pub fn one_malloc_arena() {
 /// stays small.
 const TRIM_AFTER: Duration = Duration::from_secs(1);
 
+/// How soon after the verdict on a large xDS response the heap is trimmed
+/// again: the client frees that response's name set (1.2 MB at 110k
+/// resources) only once it has the verdict, after the apply's own trim,
+/// and that much stayed resident until the next trim (measured: the
+/// resend's growth and part of the loaded daemon's RSS).
+const TRIM_AFTER_VERDICT: Duration = Duration::from_millis(100);
+
 /// Gives free heap pages back; `log` reports the heap (info; else debug,
 /// as the trims during churn would flood the log).
 fn trim_heap(log: bool) {
@@ -575,7 +582,8 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
     let mut tick = tokio::time::interval(opts.watch_interval);
     let mut last_note_sweep = Instant::now();
     // When the memory freed by incremental applies is given back.
-    let mut trim_at: Option<tokio::time::Instant> = None;
+    // (when, whether to log the heap at info: after a large response)
+    let mut trim_at: Option<(tokio::time::Instant, bool)> = None;
     let mut stamp = opts.config.as_deref().and_then(file_stamp);
     loop {
         let mut cni_pending = None;
@@ -616,9 +624,9 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                     .set_resolved(resolved_hosts(&answers));
                 ("DNS answers changed", false, None)
             }
-            _ = tokio::time::sleep_until(trim_at.unwrap_or_else(tokio::time::Instant::now)), if trim_at.is_some() => {
-                trim_at = None;
-                trim_heap(false);
+            _ = tokio::time::sleep_until(trim_at.map_or_else(tokio::time::Instant::now, |t| t.0)), if trim_at.is_some() => {
+                let log = trim_at.take().is_some_and(|t| t.1);
+                trim_heap(log);
                 continue;
             }
             _ = term.recv() => break,
@@ -674,10 +682,10 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
                 // free but resident until trimmed, now; small ones add up
                 // too, and are given back when the loop is next free.
                 if resources > MAX_TRACKED_CHANGES {
-                    trim_heap(true);
-                    trim_at = None;
+                    trim_heap(false);
+                    trim_at = Some((tokio::time::Instant::now() + TRIM_AFTER_VERDICT, true));
                 } else if trim_at.is_none() {
-                    trim_at = Some(tokio::time::Instant::now() + TRIM_AFTER);
+                    trim_at = Some((tokio::time::Instant::now() + TRIM_AFTER, false));
                 }
                 continue;
             }
@@ -706,6 +714,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         if let Some(reply) = reply {
             // The client may have gone with its stream: nothing to tell.
             let _ = reply.send(verdict);
+            trim_at = Some((tokio::time::Instant::now() + TRIM_AFTER_VERDICT, true));
         }
     }
     if let Some(t) = xds_task {

@@ -225,17 +225,18 @@ fn parse(path: &Path, text: &str) -> Result<(Model, Vec<NetnsEntry>), ConfigErro
                 .transpose()
                 .map_err(|e| field_err(format!("workloads[{i}].waypoint"), e))?,
         });
-        wl.placement = (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty())
-            .then(|| {
+        wl.set_placement(
+            (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(|| {
                 let l = w.locality.as_ref();
-                Arc::new(Placement {
+                Placement {
                     region: l.map(|l| l.region.clone()).unwrap_or_default(),
                     zone: l.map(|l| l.zone.clone()).unwrap_or_default(),
                     subzone: l.map(|l| l.subzone.clone()).unwrap_or_default(),
                     node: w.node.clone(),
                     cluster: w.cluster_id.clone(),
-                })
-            });
+                }
+            }),
+        );
         wl.validate()
             .map_err(|e| field_err(format!("workloads[{i}]"), e.to_string()))?;
         if model.insert_workload(wl).is_some() {

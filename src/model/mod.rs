@@ -519,7 +519,7 @@ mod tests {
         };
         let at = |zone: &str, node: &str| {
             let mut w = Workload::new("w", "w", "default");
-            w.placement = Some(Arc::new(Placement {
+            w.set_placement(Some(Placement {
                 zone: zone.into(),
                 node: node.into(),
                 ..here.clone()

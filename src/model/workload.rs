@@ -77,8 +77,10 @@ pub struct ServiceRef {
     pub ports: Vec<PortMapping>,
 }
 
-/// A workload's namespace, network and identity: one shared value for all
-/// the replicas of a deployment where the source interns it.
+/// A workload's namespace, network, identity and placement: one shared
+/// value for the replicas of a deployment on one node where the source
+/// interns it (one pointer in each workload, not one for this and one for
+/// the placement: 100k workloads, 0.8 MB).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Scope {
     pub namespace: Box<str>,
@@ -90,6 +92,8 @@ pub struct Scope {
     /// empty: from the workload's labels, as Istio derives them.
     pub canonical_name: Box<str>,
     pub canonical_revision: Box<str>,
+    /// Where it runs (istiod sends node and cluster for every pod).
+    pub placement: Option<Placement>,
 }
 
 /// The parts of a workload most do not have, in one optional box.
@@ -138,9 +142,6 @@ pub struct Workload {
     /// one deployment back the same services with the same ports, so a
     /// source can share one list between them.
     pub services: Arc<[ServiceRef]>,
-    /// Where it runs (istiod sends node and cluster for every pod); shared
-    /// by the workloads of one node where the source interns it.
-    pub placement: Option<Arc<Placement>>,
     pub status: HealthStatus,
     /// hostNetwork pods share the node's address: they serve as endpoints
     /// but get no direct-access entry (the address is not theirs alone).
@@ -165,7 +166,6 @@ impl Workload {
             }),
             addresses: Addresses::None,
             services: Arc::from([]),
-            placement: None,
             status: HealthStatus::Healthy,
             host_network: false,
             extra: None,
@@ -194,7 +194,17 @@ impl Workload {
     }
 
     pub fn placement(&self) -> Option<&Placement> {
-        self.placement.as_deref()
+        self.scope.placement.as_ref()
+    }
+
+    /// Sets where it runs (in the shared scope).
+    pub fn set_placement(&mut self, placement: Option<Placement>) {
+        if self.scope.placement != placement {
+            self.scope = Arc::new(Scope {
+                placement,
+                ..(*self.scope).clone()
+            });
+        }
     }
 
     pub fn namespace(&self) -> &str {
@@ -360,7 +370,6 @@ impl PartialEq for Workload {
             && self.scope == o.scope
             && self.addresses == o.addresses
             && self.services == o.services
-            && self.placement == o.placement
             && self.status == o.status
             && self.host_network == o.host_network
             && self.extra == o.extra
@@ -378,7 +387,7 @@ impl fmt::Debug for Workload {
             .field("scope", &self.scope)
             .field("addresses", &self.addresses)
             .field("services", &self.services)
-            .field("placement", &self.placement)
+            .field("placement", &self.placement())
             .field("status", &self.status)
             .field("host_network", &self.host_network)
             .field("extra", &self.extra)

@@ -190,7 +190,7 @@ pub(super) fn random_workload(r: &mut Rng, w: &World, uid: &str) -> Workload {
         wl.status = HealthStatus::Unhealthy;
     }
     if r.chance(40) {
-        wl.placement = Some(Arc::new(Placement {
+        wl.set_placement(Some(Placement {
             region: ["r1", "r2"][r.below(2) as usize].into(),
             zone: ["z1", "z2"][r.below(2) as usize].into(),
             node: ["n1", "n2"][r.below(2) as usize].into(),

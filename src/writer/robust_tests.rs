@@ -2,8 +2,6 @@
 //! one spelling per address, networks, priorities, capacity as the maps
 //! will hold it, DNS answers. Against real kernel maps.
 
-use std::sync::Arc;
-
 use libbpf_rs::MapCore;
 
 use super::tests::{kernel_endpoints, model, service, workload, writer};
@@ -99,7 +97,7 @@ fn routing_preferences_never_index_past_the_table() {
         ..LoadBalancing::default()
     };
     let mut far = workload("far", "10.244.9.1", &service("x", "10.96.0.1"));
-    far.placement = Some(Arc::new(Placement {
+    far.set_placement(Some(Placement {
         region: "elsewhere".into(),
         ..Placement::default()
     }));

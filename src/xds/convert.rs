@@ -2,7 +2,7 @@
 //! checked on its own, so one invalid resource is reported by name (and
 //! NACKed) while the others in the same response still apply.
 
-use std::{net::IpAddr, sync::Arc};
+use std::net::IpAddr;
 
 use prost::Message;
 use thiserror::Error;
@@ -232,17 +232,18 @@ fn workload(w: &pb::Workload) -> Result<Workload, String> {
         weight: w.capacity.filter(|&c| c > 1).unwrap_or(0),
         labels: Default::default(),
     });
-    wl.placement =
+    wl.set_placement(
         (w.locality.is_some() || !w.node.is_empty() || !w.cluster_id.is_empty()).then(|| {
             let l = w.locality.clone().unwrap_or_default();
-            Arc::new(Placement {
+            Placement {
                 region: l.region,
                 zone: l.zone,
                 subzone: l.subzone,
                 node: w.node.clone(),
                 cluster: w.cluster_id.clone(),
-            })
-        });
+            }
+        }),
+    );
     wl.validate().map_err(|e| e.to_string())?;
     Ok(wl)
 }

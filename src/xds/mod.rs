@@ -9,6 +9,8 @@ pub mod client;
 pub mod control_plane;
 pub mod convert;
 mod grpc;
+#[cfg(test)]
+mod resend_tests;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {
