@@ -465,7 +465,14 @@ impl World {
             State::Accelerated => vec!["--accelerate"],
         };
         let config = self.config();
-        self.daemon = Some(self.env.daemon_args(&config, &extra)?);
+        let d = self.env.daemon_args(&config, &extra)?;
+        // KMESH_BENCH_DAEMON_CPU=any: leave the daemon where the
+        // scheduler puts it (to compare with earlier runs).
+        let any = std::env::var("KMESH_BENCH_DAEMON_CPU").is_ok_and(|v| v == "any");
+        if let (Some(cpu), false) = (self.cpu, any) {
+            keep_off_cpu(d.pid(), cpu);
+        }
+        self.daemon = Some(d);
         Ok(())
     }
 
@@ -484,6 +491,36 @@ impl Drop for World {
         for c in &mut self.procs {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+}
+
+/// Moves every thread of process `pid` off `cpu`, the one the measured
+/// client and servers share: the daemon is not on the measured path (its
+/// CPU is reported apart, as cpu10k), and the scheduler would otherwise
+/// put its telemetry reader on that CPU some runs and not others, which
+/// moved the telemetry connect ratio by several percent from run to run.
+/// Threads started later inherit the mask from their parent. On one CPU
+/// there is nowhere else to go.
+fn keep_off_cpu(pid: u32, cpu: usize) {
+    use nix::sched::{sched_setaffinity, CpuSet};
+    use nix::unistd::{sysconf, Pid, SysconfVar};
+    // Not this process's own mask: it may be pinned for the moment.
+    let online = match sysconf(SysconfVar::_NPROCESSORS_ONLN) {
+        Ok(Some(n)) if n > 1 => (n as usize).min(CpuSet::count()),
+        _ => return,
+    };
+    let mut set = CpuSet::new();
+    for c in (0..online).filter(|&c| c != cpu) {
+        set.set(c).expect("cpu below CpuSet::count");
+    }
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse().ok()) {
+            // A thread that ended meanwhile: nothing to move.
+            let _ = sched_setaffinity(Pid::from_raw(tid), &set);
         }
     }
 }
