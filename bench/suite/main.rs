@@ -23,9 +23,8 @@
 //! KMESH_BENCH_SIZES=1,64,4096, KMESH_BENCH_MODES=direct,accel,
 //! KMESH_BENCH_TOOLS=rr,stream (of rr, stream, iperf3, sockperf, wrk,
 //! connect, criterion). KMESH_BENCH_MESH_VARIANT="label:--flag value ..."
-//! adds a row `mesh-label`: the mesh with those extra daemon flags. The
-//! daemon runs off the measured CPU (its own CPU is reported apart);
-//! KMESH_BENCH_DAEMON_CPU=any leaves it to the scheduler.
+//! adds a row `mesh-label`: the mesh with those extra daemon flags.
+//! KMESH_BENCH_DAEMON_CPU=other keeps the daemon off the measured CPU.
 
 #[path = "../common.rs"]
 mod common;
