@@ -185,8 +185,8 @@ static __always_inline void note_connecting(struct bpf_sock_ops *skops)
 		note_drop(skops);
 		return;
 	}
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						 BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_NOTE_MARK);
+	__u32 flags = skops->bpf_sock_ops_cb_flags & ~KMESH_NOTE_GONE;
+	bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_NOTE_MARK);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
@@ -196,8 +196,9 @@ static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
 	struct conn_note *n = NULL;
 	if (marked) {
 		/* Once: a socket can be connected again after a disconnect. */
-		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_NOTE_MARK);
-		n = note_get(skops);
+		bpf_sock_ops_cb_flags_set(skops, flags & ~(KMESH_NOTE_MARK | KMESH_NOTE_GONE));
+		if (!(flags & KMESH_NOTE_GONE))
+			n = note_get(skops);
 	}
 	tele_closed(skops, marked, n);
 	if (n) {

@@ -24,6 +24,7 @@
 //! KMESH_BENCH_TOOLS=rr,stream (of rr, stream, iperf3, sockperf, wrk,
 //! connect, criterion). KMESH_BENCH_MESH_VARIANT="label:--flag value ..."
 //! adds a row `mesh-label`: the mesh with those extra daemon flags.
+//! KMESH_BENCH_DAEMON_CPU=other keeps the daemon off the measured CPU.
 
 #[path = "../common.rs"]
 mod common;

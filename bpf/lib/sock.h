@@ -69,6 +69,16 @@ struct {
  */
 #define KMESH_NOTE_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
 
+/*
+ * With KMESH_NOTE_MARK: the note is gone already (dropped at the open, as
+ * nothing else needed it), so the close skips the lookup. Set for what
+ * is gone rather than for what is kept: a socket marked by an older
+ * daemon's programs, without it, is still looked up at its close. Its RTO
+ * callback is ignored too (the server side of telemetry marks with the
+ * same flag, but never with KMESH_NOTE_MARK).
+ */
+#define KMESH_NOTE_GONE BPF_SOCK_OPS_RTO_CB_FLAG
+
 /* connect4/6, once the connect is let through: one update, if any concern filled n. */
 static __always_inline void note_commit(struct bpf_sock_addr *ctx, struct conn_note *n)
 {

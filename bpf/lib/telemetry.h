@@ -65,6 +65,15 @@ struct tele_what {
 	const struct conn_note *n; /* the client's note: orig, or NULL */
 };
 
+/* A note whose open is not reported yet names the service and the start. */
+static __always_inline void tele_from_note(struct tele_what *w, const struct conn_note *n)
+{
+	if (n && (n->flags & KMESH_NOTE_TELE)) {
+		w->n = n;
+		w->start_ns = n->start_ns;
+	}
+}
+
 static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
 {
 	struct tele_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
@@ -200,16 +209,16 @@ static __always_inline void tele_established(struct bpf_sock_ops *skops)
 		return;
 	/* The note goes once the open is out, unless the breaker counts by it. */
 	struct conn_note *n = note_get(skops);
-	if (n && (n->flags & KMESH_NOTE_TELE)) {
-		w.n = n;
-		w.start_ns = n->start_ns;
-	}
+	tele_from_note(&w, n);
 	tele_emit(skops, &w);
 	if (!n)
 		return;
 	n->flags &= ~KMESH_NOTE_TELE;
-	if (!(n->flags & KMESH_NOTE_LIMIT_COUNTED))
-		note_drop(skops);
+	if (n->flags & KMESH_NOTE_LIMIT_COUNTED)
+		return;
+	note_drop(skops);
+	/* The close then need not look for it. */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KMESH_NOTE_GONE);
 }
 
 /*
@@ -231,10 +240,7 @@ static __always_inline void tele_closed(struct bpf_sock_ops *skops, bool marked,
 	w.opened = old != BPF_TCP_SYN_SENT && old != BPF_TCP_SYN_RECV;
 	if (marked) {
 		/* A note still for telemetry: it never opened; it names the service. */
-		if (n && (n->flags & KMESH_NOTE_TELE)) {
-			w.n = n;
-			w.start_ns = n->start_ns;
-		}
+		tele_from_note(&w, n);
 		w.base_a = KMESH_TELE_CLIENT_BASE;
 	} else {
 		__u32 flags = skops->bpf_sock_ops_cb_flags;
