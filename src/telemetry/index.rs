@@ -2,10 +2,11 @@
 //! after each apply (the reader never takes the sources' locks).
 
 use std::{
-    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
+
+use foldhash::HashMap;
 
 use crate::model::{canonical, Changes, Layers, Service, Workload};
 

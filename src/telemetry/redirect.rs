@@ -8,7 +8,9 @@
 //! out exact once both have closed; the access log line of the end that
 //! closed first lacks what its peer sent it that way.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+use foldhash::HashMap;
 
 use super::{ConnEvent, Counters};
 
