@@ -170,6 +170,8 @@ pub fn churn(cp: &Cp, map: &MapHandle, at: &mut Where, pid: u32, secs: u32, idle
     let acks = cp.cp.acks();
     let (c0, t0) = (cpu_ticks(pid), Instant::now());
     let mut max_rss = 0;
+    // Every 10 s: whether RSS settles or creeps.
+    let mut trace = Vec::new();
     let mut last = base_ip(0);
     let mut next = 0u32;
     for push in 0..secs * rate {
@@ -186,7 +188,11 @@ pub fn churn(cp: &Cp, map: &MapHandle, at: &mut Where, pid: u32, secs: u32, idle
             }
         });
         if push % rate == 0 {
-            max_rss = max_rss.max(rss_kib(pid));
+            let now = rss_kib(pid);
+            max_rss = max_rss.max(now);
+            if push % (10 * rate) == 0 {
+                trace.push(format!("{:.1}", (now as f64 - idle_rss as f64) / 1024.0));
+            }
         }
     }
     let pushed = t0.elapsed();
@@ -194,7 +200,12 @@ pub fn churn(cp: &Cp, map: &MapHandle, at: &mut Where, pid: u32, secs: u32, idle
     let done = seen(map, last, Instant::now() + Duration::from_secs(120));
     let wall = done - t0;
     let cpu = (cpu_ticks(pid) - c0) as f64 / ticks_per_sec();
-    max_rss = max_rss.max(rss_kib(pid));
+    let end_rss = rss_kib(pid);
+    trace.push(format!(
+        "end {:.1}",
+        (end_rss as f64 - idle_rss as f64) / 1024.0
+    ));
+    max_rss = max_rss.max(end_rss);
     println!(
         "\nchurn: {rate} pushes/s x {per_push} pods moved, {secs} s ({} pushes sent in {:.1} s):",
         secs * rate,
@@ -214,7 +225,8 @@ pub fn churn(cp: &Cp, map: &MapHandle, at: &mut Where, pid: u32, secs: u32, idle
         ms(done - (t0 + pushed))
     );
     println!(
-        "  daemon RSS above idle, max     : {:>6.1} MB",
-        (max_rss as f64 - idle_rss as f64) / 1024.0
+        "  daemon RSS above idle, max     : {:>6.1} MB (every 10 s: {} MB)",
+        (max_rss as f64 - idle_rss as f64) / 1024.0,
+        trace.join(", ")
     );
 }
