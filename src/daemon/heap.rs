@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 /// Makes glibc keep one malloc arena for the whole process (and map large
-/// blocks apart); call before
-/// any thread starts. By default each thread gets its own, and the xDS task
+/// blocks apart); call before any thread starts. By default each thread gets its own, and the xDS task
 /// moves between tokio workers: after two full resends of 100k workloads
 /// (an istiod reconnect sends everything again) the arenas it had used held
 /// 53 MB resident against 29 MB with one arena, because malloc_trim does

@@ -843,7 +843,7 @@ mod tests {
 }
 
 #[cfg(test)]
-mod store_tests {
+pub(super) mod store_tests {
     use super::*;
     use crate::xds::proto::{discovery::DeltaDiscoveryResponse, workload as pb};
 
@@ -865,7 +865,7 @@ mod store_tests {
 
     /// Applies (name, version, payload) additions and removals as one
     /// response, through the same wire decoding the client uses.
-    fn apply(
+    pub(in crate::xds) fn apply(
         store: &mut XdsStore,
         add: &[(&str, &str, prost_types::Any)],
         remove: &[&str],

@@ -1,32 +1,11 @@
 //! The store's answer to a full resend (a reconnect sends every resource
 //! again): unchanged resources leave the stored copies alone.
 
-use prost::Message;
-
 use super::{
-    client::XdsStore,
-    proto::{
-        discovery::{self, DeltaDiscoveryResponse, DeltaDiscoveryResponseFrame},
-        workload as pb,
-    },
+    client::{store_tests::apply, XdsStore},
+    proto::workload as pb,
     ADDRESS_TYPE,
 };
-
-fn response(resources: &[(String, prost_types::Any)]) -> Vec<u8> {
-    DeltaDiscoveryResponse {
-        type_url: ADDRESS_TYPE.into(),
-        resources: resources
-            .iter()
-            .map(|(n, a)| discovery::Resource {
-                name: n.clone(),
-                resource: Some(a.clone()),
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    }
-    .encode_to_vec()
-}
 
 /// A full resend (a reconnect) of unchanged resources keeps the stored
 /// copies (same allocations) and records no change; a changed one is
@@ -54,35 +33,33 @@ fn an_unchanged_resend_keeps_the_stored_copies() {
     };
     let any = |t| crate::xds::to_any(ADDRESS_TYPE, &pb::Address { r#type: Some(t) });
     let res = |ip| {
-        vec![
+        [
             (
-                "default/web.default.svc.cluster.local".to_string(),
+                "default/web.default.svc.cluster.local",
+                "",
                 any(pb::address::Type::Service(svc.clone())),
             ),
             (
-                "c//Pod/default/web-1".to_string(),
+                "c//Pod/default/web-1",
+                "",
                 any(pb::address::Type::Workload(wl(ip))),
             ),
         ]
     };
     let mut s = XdsStore::default();
-    let raw = response(&res(1));
-    let frame = DeltaDiscoveryResponseFrame::decode(&raw[..]).unwrap();
-    assert!(s.apply_response(&frame).1.is_empty());
+    assert!(apply(&mut s, &res(1), &[]).1.is_empty());
     s.take_changes();
     let svc_at =
         |s: &XdsStore| &*s.model.services["default/web.default.svc.cluster.local"] as *const _;
     let uid_at = |s: &XdsStore| s.model.workloads["c//Pod/default/web-1"].uid().as_ptr();
     let (svc_before, uid_before) = (svc_at(&s), uid_at(&s));
-    assert!(s.apply_response(&frame).1.is_empty());
+    assert!(apply(&mut s, &res(1), &[]).1.is_empty());
     assert_eq!((svc_at(&s), uid_at(&s)), (svc_before, uid_before));
     let c = s.take_changes();
     assert!(c.services.is_empty() && c.workloads.is_empty() && !c.whole);
     assert!(!s.replaced_any());
 
-    let raw = response(&res(2));
-    let frame = DeltaDiscoveryResponseFrame::decode(&raw[..]).unwrap();
-    assert!(s.apply_response(&frame).1.is_empty());
+    assert!(apply(&mut s, &res(2), &[]).1.is_empty());
     assert_eq!(svc_at(&s), svc_before);
     let c = s.take_changes();
     assert_eq!(c.workloads.len(), 1);
