@@ -19,6 +19,10 @@
 #                       kernel, two authz tests, two telemetry tests and
 #                       three traffic tests
 #   KMESH_KERNEL_JOBS   guests run at once (default 1)
+#   KMESH_GUEST_TIMEOUT a whole guest's seconds (default 1500);
+#   KMESH_GUEST_TEST_TIMEOUT one test binary's (600); KMESH_GUEST_FROZEN
+#                       seconds without the guest's heartbeat that make it
+#                       frozen (240): what had not ended runs again, once
 #   KMESH_DEBIAN_MIRROR the Debian mirror (default: the host's own, from
 #                       /etc/apt/sources.list*)
 #
@@ -33,6 +37,8 @@ if [ "${1:-}" = "--guest" ]; then
   out=$2
   shift 2
   exec >"$out/guest.log" 2>&1
+  # The host takes a heartbeat that stops for minutes as a frozen guest.
+  while date +%s >"$out/heartbeat"; do sleep 10; done &
   uname -r
   # The test harness mounts its own bpffs and finds cgroup2 in /proc/mounts;
   # veth is a module in Debian's kernels (virtme-ng exposes the package's
@@ -54,6 +60,12 @@ if [ "${1:-}" = "--guest" ]; then
     chmod +x "/run/kmesh-bin/$name"
     mount --bind "/run/kmesh-bin/$name" "$(cat "$out/bin/$name.orig")"
   done
+  # A stuck test must leave evidence and must not stall the binaries after
+  # it: blocked tasks are reported on the console (vng.log on the host), and
+  # each binary runs in a session of its own that is killed whole when its
+  # time is up (a daemon or pod it left behind would hold the log pipe open).
+  sysctl -q -w kernel.hung_task_timeout_secs=60 kernel.hung_task_warnings=-1 2>/dev/null || true
+  limit=${KMESH_GUEST_TEST_TIMEOUT:-600}
   for bin in "$@"; do
     name=$(basename "$bin")
     name=${name%-*}
@@ -63,11 +75,33 @@ if [ "${1:-}" = "--guest" ]; then
     # NAME.times: when each test ended, in seconds since the binary
     # started (the matrix's time budget is spent per test).
     start=$(date +%s)
-    # shellcheck disable=SC2086
-    { timeout "${KMESH_GUEST_TEST_TIMEOUT:-600}" "$bin" --test-threads=2 --show-output $filters 2>&1 || echo $? >"$out/$name.rc"; } |
-      tee "$out/$name.log" | while IFS= read -r l; do
-        case "$l" in "test "*" ... "*) printf '%d %s\n' $(($(date +%s) - start)) "$l" ;; esac
-      done >"$out/$name.times"
+    rm -f "$out/$name.sid"
+    # Shortly before the limit: every task's state and kernel stack, and
+    # the kernel's own list of blocked tasks, into NAME.hang.
+    (
+      sleep $((limit - 15))
+      {
+        echo "$(date +%T) $name still running after $((limit - 15)) s"
+        # User tasks only (kernel threads are children of kthreadd, pid 2).
+        ps -eo pid,ppid,sid,stat,wchan:32,etime,args | awk '$1 != 2 && $2 != 2' | cut -c1-200
+        for t in /proc/[0-9]*/task/[0-9]*; do
+          st=$(awk '{print $3}' "$t/stat" 2>/dev/null) || continue
+          case "$st" in D | R) echo "--- $t $st $(tr '\0' ' ' <"${t%/task/*}/cmdline" 2>/dev/null | cut -c1-120)"; cat "$t/stack" 2>/dev/null ;; esac
+        done
+        echo w >/proc/sysrq-trigger 2>/dev/null
+        dmesg | tail -n 200
+      } >"$out/$name.hang" 2>&1
+    ) &
+    watchdog=$!
+    # shellcheck disable=SC2086,SC2016
+    {
+      setsid -w bash -c 'echo $$ >"$1"; shift; exec timeout -k 10 "$@"' _ "$out/$name.sid" \
+        "$limit" "$bin" --test-threads=2 --show-output $filters 2>&1 || echo $? >"$out/$name.rc"
+      pkill -KILL -s "$(cat "$out/$name.sid")" 2>/dev/null || true
+    } | tee "$out/$name.log" | while IFS= read -r l; do
+      case "$l" in "test "*" ... "*) printf '%d %s\n' $(($(date +%s) - start)) "$l" ;; esac
+    done >"$out/$name.times"
+    kill "$watchdog" 2>/dev/null || true
     [ -f "$out/$name.rc" ] || echo 0 >"$out/$name.rc"
   done
   echo done >"$out/finished"
@@ -184,6 +218,14 @@ for f in $bins "$repo/target/debug/kmesh" "$repo/target/debug/kmesh-probe" "$rep
   echo "$f" >"$binz/$name.orig"
 done
 
+# What a guest's kernel said that explains a hang: its warnings with their
+# stacks, and the console's last lines.
+console_report() {
+  grep -a -E -A 25 'INFO: task|soft lockup|hard LOCKUP|rcu: INFO|BUG:|WARNING:|Kernel panic|Oops' "$1" | head -n 150 || true
+  echo "-- the last lines of its console:"
+  tail -n 25 "$1" || true
+}
+
 # One kernel's guest run; leaves its summary lines in RES/K.summary and
 # "pass fail skip" in RES/K.counts.
 run_kernel() {
@@ -201,15 +243,48 @@ run_kernel() {
   # virtiofsd is not needed. The guest shares the host's filesystem
   # read-only (with tmpfs overlays on /tmp, /var, /etc), OUT read-write.
   # A guest that never got to run the script (vng once exited 255 within
-  # seconds, with nothing logged) is started once more.
-  local attempt
+  # seconds, with nothing logged) is started once more. So is one that
+  # froze (its heartbeat stopped: once on 5.10 in CI, within a minute of a
+  # test binary's start, not even libtest's 60 s notice came out): the
+  # binaries it had not ended run in a new guest, and the summary says so.
+  local attempt rest b n froze=""
   for attempt in 1 2; do
     vrc=0
-    # shellcheck disable=SC2086
+    rest=""
+    for b in $bins; do
+      n=$(basename "$b")
+      [ -f "$out/${n%-*}.rc" ] || rest+=" $b"
+    done
+    rm -f "$out/heartbeat"
     timeout "${KMESH_GUEST_TIMEOUT:-1500}" vng --run "$kimg" --disable-kvm --force-9p \
-      --memory 3G --cpus 2 --rwdir "$out" \
-      --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} bash $repo/scripts/kernels.sh --guest $out $(echo $bins)" \
-      >>"$out/vng.log" 2>&1 </dev/null || vrc=$?
+      --memory 3G --cpus 2 --rwdir "$out" --verbose \
+      --exec "KMESH_TEST_TIME_SCALE=${KMESH_TEST_TIME_SCALE:-10} KMESH_GUEST_TEST_TIMEOUT=${KMESH_GUEST_TEST_TIMEOUT:-600} bash $repo/scripts/kernels.sh --guest $out$rest" \
+      >>"$out/vng.log" 2>&1 </dev/null &
+    local vpid=$! stale=${KMESH_GUEST_FROZEN:-240} frozen=0
+    while kill -0 "$vpid" 2>/dev/null; do
+      sleep 5
+      if [ -f "$out/heartbeat" ] && [ ! -f "$out/finished" ] &&
+        [ $(($(date +%s) - $(stat -c %Y "$out/heartbeat"))) -gt "$stale" ]; then
+        frozen=1
+        kill -TERM "$vpid" 2>/dev/null || true
+        break
+      fi
+    done
+    wait "$vpid" || vrc=$?
+    if [ "$frozen" = 1 ]; then
+      local stuck
+      stuck=$(tail -n1 "$out/guest.log" | cut -d' ' -f2-)
+      froze+="${froze:+, then in }$stuck"
+      echo "---- $k: the guest froze in $stuck (no heartbeat for ${stale} s); its kernel's warnings:"
+      console_report "$out/vng.log"
+      mv "$out/vng.log" "$out/vng.froze$attempt.log"
+      [ ! -f "$out/$stuck.log" ] || mv "$out/$stuck.log" "$out/$stuck.froze$attempt.log"
+      if [ "$attempt" = 1 ]; then
+        echo "kernels: $k: the guest froze in $stuck; what had not ended runs in a new guest" >&2
+        continue
+      fi
+      break
+    fi
     [ "$vrc" -ne 0 ] && [ ! -f "$out/guest.log" ] && [ "$attempt" = 1 ] || break
     echo "kernels: $k: the guest did not start (vng exit $vrc); starting it again" >&2
   done
@@ -232,7 +307,12 @@ run_kernel() {
       p=${p:-0}
       echo "---- $k: $name (exit $rc) ----"
       grep -E '^(test .* FAILED|---- |thread .* panicked)|Error|error' "$out/$name.log" 2>/dev/null | head -n 40 || true
-      [ -f "$out/$name.log" ] || tail -n 30 "$out/vng.log"
+      if [ "$rc" != 0 ] && [ "$rc" != 101 ]; then
+        # Killed or never ended: where it was, and what the kernel said.
+        echo "-- the last lines of its output:"
+        tail -n 15 "$out/$name.log" 2>/dev/null || true
+        [ ! -f "$out/$name.hang" ] || { echo "-- its tasks before the time limit:"; head -c 12000 "$out/$name.hang"; }
+      fi
     fi
     # cargo counts a test that returned early as passed.
     p=$((p - skipped))
@@ -244,8 +324,15 @@ run_kernel() {
     [ "$skipped" -eq 0 ] || line+=" ($skipped skipped)"
     : "$s"
   done
-  [ -f "$out/finished" ] || { line+=" [guest did not finish: vng exit $vrc]"; kfail=$((kfail + 1)); }
-  echo "$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line" >>"$res/$k.summary"
+  if [ ! -f "$out/finished" ]; then
+    if [ -f "$out/vng.log" ]; then
+      echo "---- $k: the guest did not finish; its kernel's warnings:"
+      console_report "$out/vng.log"
+    fi
+    line+=" [guest did not finish: vng exit $vrc]"
+    kfail=$((kfail + 1))
+  fi
+  echo "$([ "$kfail" -eq 0 ] && echo PASS || echo FAIL) $line${froze:+ [the guest froze in $froze; a new guest ran what had not ended]}" >>"$res/$k.summary"
   # Each reason for skipping once, with how many tests it skipped.
   while read -r n why; do
     if [ -n "$why" ]; then echo "       $n skipped: $why" >>"$res/$k.summary"; fi
