@@ -7,14 +7,11 @@
 
 mod harness;
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::{process::Command, time::Duration};
 
 use harness::{
     http::{request, scrape, HttpPorts},
-    time_scale, web_config, Daemon, Env, Pod, KMESH,
+    poll_until, web_config, Daemon, Env, Pod, KMESH,
 };
 use serde_json::{json, Value};
 
@@ -82,19 +79,18 @@ fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
 
 /// Scrapes until `cond` holds (events reach the reader asynchronously).
 fn scrape_until(ports: &HttpPorts, d: &Daemon, what: &str, cond: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
-    loop {
-        let text = scrape(ports);
-        if cond(&text) {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not reached:\n{text}\nlog:\n{}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        Duration::from_secs(10),
+        || {
+            let text = scrape(ports);
+            if cond(&text) {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+        |text| format!("{what} not reached:\n{text}\nlog:\n{}", d.log()),
+    )
 }
 
 fn transfer(env: &Env, client: &Pod, addr: &str, args: &[&str]) -> Vec<Value> {
@@ -333,15 +329,18 @@ fn a_full_ring_buffer_counts_lost_events_and_every_connection_succeeds() {
 }
 
 fn wait_log(d: &Daemon, what: &str, cond: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10) * time_scale();
-    loop {
-        let log = d.log();
-        if cond(&log) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "{what} not logged:\n{log}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_until(
+        Duration::from_secs(10),
+        || {
+            let log = d.log();
+            if cond(&log) {
+                Ok(log)
+            } else {
+                Err(log)
+            }
+        },
+        |log| format!("{what} not logged:\n{log}"),
+    )
 }
 
 fn ctl(d: &Daemon, args: &[&str]) -> String {

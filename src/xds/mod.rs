@@ -1,6 +1,7 @@
 //! The xDS source: Istio's workload API over delta ADS.
 //!
 //! `client` speaks delta ADS to istiod (or any compatible control plane),
+//! `store` holds what it accepted (and outlives each connection),
 //! `convert` turns resources into model types at the boundary (nothing past
 //! it sees protobuf), and `control_plane` is a small delta ADS server used by
 //! the tests and benchmarks in place of istiod.
@@ -11,6 +12,7 @@ pub mod convert;
 mod grpc;
 #[cfg(test)]
 mod resend_tests;
+pub mod store;
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod proto {

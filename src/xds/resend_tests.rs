@@ -2,8 +2,8 @@
 //! again): unchanged resources leave the stored copies alone.
 
 use super::{
-    client::{store_tests::apply, XdsStore},
     proto::workload as pb,
+    store::{tests::apply, XdsStore},
     ADDRESS_TYPE,
 };
 

@@ -149,19 +149,23 @@ impl Daemon {
 
     /// Polls `cond` on the dump until true or `timeout`.
     pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout * time_scale();
-        loop {
-            let d = self.dump();
-            if cond(&d) {
-                return d;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "condition not reached; last dump: {d:#}\nlog:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll_until(
+            timeout,
+            || {
+                let d = self.dump();
+                if cond(&d) {
+                    Ok(d)
+                } else {
+                    Err(d)
+                }
+            },
+            |d| {
+                format!(
+                    "condition not reached; last dump: {d:#}\nlog:\n{}",
+                    self.log()
+                )
+            },
+        )
     }
 
     /// SIGKILL (a crash: no cleanup runs) and wait; returns the exit status.

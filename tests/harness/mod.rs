@@ -45,6 +45,24 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
+/// Retries `attempt` every 50 ms until it gives Ok, for at most `timeout`
+/// scaled by `time_scale`; then panics with the message `fail` makes of
+/// the last Err (only then: a dump is large to format).
+pub fn poll_until<T, E>(
+    timeout: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+    fail: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + timeout * time_scale();
+    loop {
+        match attempt() {
+            Ok(v) => return v,
+            Err(last) if Instant::now() >= deadline => panic!("{}", fail(last)),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
 /// What the running kernel supports, probed as the daemon does.
 pub fn kernel() -> &'static kmesh::bpf::KernelSupport {
     static K: std::sync::OnceLock<kmesh::bpf::KernelSupport> = std::sync::OnceLock::new();
