@@ -81,14 +81,8 @@ fn sum(text: &str, metric: &str, want: &[(&str, &str)]) -> f64 {
 fn scrape_until(ports: &HttpPorts, d: &Daemon, what: &str, cond: impl Fn(&str) -> bool) -> String {
     poll_until(
         Duration::from_secs(10),
-        || {
-            let text = scrape(ports);
-            if cond(&text) {
-                Ok(text)
-            } else {
-                Err(text)
-            }
-        },
+        || scrape(ports),
+        |text| cond(text),
         |text| format!("{what} not reached:\n{text}\nlog:\n{}", d.log()),
     )
 }
@@ -331,14 +325,8 @@ fn a_full_ring_buffer_counts_lost_events_and_every_connection_succeeds() {
 fn wait_log(d: &Daemon, what: &str, cond: impl Fn(&str) -> bool) -> String {
     poll_until(
         Duration::from_secs(10),
-        || {
-            let log = d.log();
-            if cond(&log) {
-                Ok(log)
-            } else {
-                Err(log)
-            }
-        },
+        || d.log(),
+        |log| cond(log),
         |log| format!("{what} not logged:\n{log}"),
     )
 }

@@ -151,14 +151,8 @@ impl Daemon {
     pub fn wait_dump(&self, timeout: Duration, cond: impl Fn(&Value) -> bool) -> Value {
         poll_until(
             timeout,
-            || {
-                let d = self.dump();
-                if cond(&d) {
-                    Ok(d)
-                } else {
-                    Err(d)
-                }
-            },
+            || self.dump(),
+            |d| cond(d),
             |d| {
                 format!(
                     "condition not reached; last dump: {d:#}\nlog:\n{}",

@@ -45,21 +45,25 @@ pub fn time_scale() -> u32 {
         .unwrap_or(1)
 }
 
-/// Retries `attempt` every 50 ms until it gives Ok, for at most `timeout`
-/// scaled by `time_scale`; then panics with the message `fail` makes of
-/// the last Err (only then: a dump is large to format).
-pub fn poll_until<T, E>(
+/// Takes a fresh value every 50 ms until `done` holds for it, for at most
+/// `timeout` scaled by `time_scale`; then panics with the message `fail`
+/// makes of the last value (only then: a dump is large to format).
+pub fn poll_until<T>(
     timeout: Duration,
-    mut attempt: impl FnMut() -> Result<T, E>,
-    fail: impl FnOnce(E) -> String,
+    mut get: impl FnMut() -> T,
+    done: impl Fn(&T) -> bool,
+    fail: impl FnOnce(T) -> String,
 ) -> T {
     let deadline = Instant::now() + timeout * time_scale();
     loop {
-        match attempt() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => panic!("{}", fail(last)),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        let v = get();
+        if done(&v) {
+            return v;
         }
+        if Instant::now() >= deadline {
+            panic!("{}", fail(v));
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

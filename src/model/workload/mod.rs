@@ -382,7 +382,9 @@ impl fmt::Debug for Workload {
 mod tests {
     use super::*;
 
-    fn wl(uid: &str) -> Workload {
+    /// A workload named after the last part of its uid (also the store's
+    /// tests').
+    pub(in crate::model::workload) fn wl(uid: &str) -> Workload {
         let name = uid.rsplit('/').next().unwrap();
         Workload::new(uid, name, "default")
     }

@@ -174,11 +174,7 @@ impl<'a> IntoIterator for &'a Workloads {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn wl(uid: &str) -> Workload {
-        let name = uid.rsplit('/').next().unwrap();
-        Workload::new(uid, name, "default")
-    }
+    use crate::model::workload::tests::wl;
 
     #[test]
     fn ids_survive_replacement_and_swap_removal() {
