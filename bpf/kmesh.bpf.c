@@ -17,9 +17,9 @@
  * sk_msg: on a waypoint socket's first send, prepends the TLV carrying the
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.
- * Telemetry (lib/telemetry.h): connect4/6 note the original destination
- *   of an enrolled socket (km_conn_note, lib/sock.h); sockops reports each
- *   end's open and close.
+ * Telemetry (lib/telemetry.h): connect4/6 report an enrolled socket's
+ *   connect with its original destination; sockops reports each end's
+ *   open and close.
  * Limits (lib/limits.h): a service's circuit breaker and per-pod connect
  *   rate limit refuse a connect at connect4/6; sockops keeps the counts,
  *   by the same note.
@@ -81,7 +81,7 @@ int kmesh_connect4(struct bpf_sock_addr *ctx)
 	/* A waypoint's own policies are its destination's business. */
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, true))
 		return 0;
-	tele_connect(&note, &dst, dst_port);
+	tele_connect(ctx, &dst, dst_port);
 	note_commit(ctx, &note);
 	return 1;
 }
@@ -125,7 +125,7 @@ int kmesh_connect6(struct bpf_sock_addr *ctx)
 	}
 	if (v != V_WAYPOINT && !authz_connect(m, &addr, port, addr_is_v4(&addr)))
 		return 0;
-	tele_connect(&note, &dst, dst_port);
+	tele_connect(ctx, &dst, dst_port);
 	note_commit(ctx, &note);
 	return 1;
 }
@@ -169,38 +169,45 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
 }
 
 /*
- * A client socket's SYN goes out: whatever connect4/6 noted for it is
- * taken up, and the socket marked so that later callbacks look for the
- * note only where there is one.
+ * A client socket's SYN goes out: the breaker counts it in if its note
+ * says so, and the socket is marked for what watches it from now on, so
+ * that later callbacks look for a note only where there may be one.
  */
-static __always_inline void note_connecting(struct bpf_sock_ops *skops)
+static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
+	bool telemetry = tele_connecting(skops);
 	struct conn_note *n = note_get(skops);
-	if (!n)
-		return;
-	/* Both run: the breaker counts whatever telemetry does. */
-	bool counted = limits_connecting(n);
-	bool telemetry = tele_connecting(n);
-	if (!counted && !telemetry) {
+	bool counted = n && limits_connecting(n);
+	if (n && !counted)
 		note_drop(skops);
+	__u32 flags = skops->bpf_sock_ops_cb_flags & ~(KMESH_CLIENT_MARK | KMESH_TELE_MARK);
+	if (counted) {
+		if (telemetry)
+			n->flags |= KMESH_NOTE_TELE;
+		flags |= KMESH_CLIENT_MARK;
+	} else if (telemetry) {
+		flags |= KMESH_CLIENT_MARK | KMESH_TELE_MARK;
+	} else {
 		return;
 	}
-	__u32 flags = skops->bpf_sock_ops_cb_flags & ~KMESH_NOTE_GONE;
-	bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_NOTE_MARK);
+	bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
 {
 	__u32 flags = skops->bpf_sock_ops_cb_flags;
-	bool marked = flags & KMESH_NOTE_MARK;
+	bool client = flags & KMESH_CLIENT_MARK;
+	bool telemetry = flags & KMESH_TELE_MARK;
 	struct conn_note *n = NULL;
-	if (marked) {
+	if (client || telemetry)
 		/* Once: a socket can be connected again after a disconnect. */
-		bpf_sock_ops_cb_flags_set(skops, flags & ~(KMESH_NOTE_MARK | KMESH_NOTE_GONE));
-		if (!(flags & KMESH_NOTE_GONE))
-			n = note_get(skops);
+		bpf_sock_ops_cb_flags_set(skops, flags & ~(KMESH_CLIENT_MARK | KMESH_TELE_MARK));
+	if (client && !telemetry) {
+		n = note_get(skops);
+		telemetry = n && (n->flags & KMESH_NOTE_TELE);
 	}
-	tele_closed(skops, marked, n);
+	if (telemetry)
+		tele_closed(skops, !client);
 	if (n) {
 		limits_closed(n);
 		note_drop(skops);
@@ -218,7 +225,7 @@ static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 {
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		note_connecting(skops);
+		connecting(skops);
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:

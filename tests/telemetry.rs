@@ -23,11 +23,17 @@ const HOST: &str = "web.default.svc.cluster.local";
 /// their accepted sockets report too), all enrolled and all workloads of
 /// the model; a second service whose backend port has no listener.
 fn world(env: &mut Env, extra: &[&str]) -> (Pod, Daemon, HttpPorts) {
-    world_with(env, extra, false)
+    world_with(env, extra, false, false)
 }
 
-/// `world`, with same-host acceleration on or off.
-fn world_with(env: &mut Env, extra: &[&str], accelerate: bool) -> (Pod, Daemon, HttpPorts) {
+/// `world`, with same-host acceleration on or off, and the web service's
+/// circuit breaker (which then keeps a note on each client socket).
+fn world_with(
+    env: &mut Env,
+    extra: &[&str],
+    accelerate: bool,
+    breaker: bool,
+) -> (Pod, Daemon, HttpPorts) {
     let client = env.pod(2, &[]);
     let pods: Vec<Pod> = (1..=2u8).map(|i| env.pod(10 + i, &[])).collect();
     for (i, p) in pods.iter().enumerate() {
@@ -53,6 +59,11 @@ fn world_with(env: &mut Env, extra: &[&str], accelerate: bool) -> (Pod, Daemon, 
         "ports": [{"service_port": 80, "target_port": 9999}]
     }));
     cfg["accelerate"] = json!(accelerate);
+    if breaker {
+        let web = &mut cfg["services"][0];
+        assert_eq!(web["hostname"], HOST);
+        web["max_connections"] = json!(64);
+    }
     let ports = HttpPorts::new();
     let mut args = ports.args();
     args.extend(["--telemetry".to_string(), "on".to_string()]);
@@ -99,7 +110,14 @@ const DST: (&str, &str) = ("reporter", "destination");
 
 #[test]
 fn connections_and_bytes_are_counted_exactly_on_both_reporters() {
-    counted_exactly(false);
+    counted_exactly(false, false);
+}
+
+/// A client socket the circuit breaker counts is watched for both: its
+/// note says telemetry reports it too, and goes at its close.
+#[test]
+fn connections_a_circuit_breaker_counts_are_counted_exactly_too() {
+    counted_exactly(false, true);
 }
 
 /// With acceleration the bytes go from socket to socket, past TCP's
@@ -111,12 +129,12 @@ fn accelerated_connections_and_bytes_are_counted_exactly_on_both_reporters() {
     ) {
         return;
     }
-    counted_exactly(true);
+    counted_exactly(true, false);
 }
 
-fn counted_exactly(accelerate: bool) {
+fn counted_exactly(accelerate: bool, breaker: bool) {
     let mut env = Env::new();
-    let (client, d, ports) = world_with(&mut env, &[], accelerate);
+    let (client, d, ports) = world_with(&mut env, &[], accelerate, breaker);
     const N: usize = 6;
     let lines = transfer(&env, &client, VIP, &["--sizes", "100,1000", "--conns", "6"]);
     assert_eq!(lines.len(), N, "{lines:?}");
@@ -174,6 +192,8 @@ fn counted_exactly(accelerate: bool) {
     // Bytes went the accelerated way (so past TCP's counters), or none.
     assert_eq!(d.stat("accel_on") > 0, accelerate, "{}", d.dump()["stats"]);
     dashboard_queries_only_exported_metrics(&text);
+    // Every note went with its socket (only the breaker leaves them).
+    assert_eq!(d.dump()["maps"]["km_conn_note"]["entries"], 0);
     assert_eq!(
         d.dump()["kernel"]["telemetry_on"],
         true,
@@ -296,7 +316,7 @@ fn a_reset_and_a_refused_connection_are_labelled_as_such() {
 #[test]
 fn a_full_ring_buffer_counts_lost_events_and_every_connection_succeeds() {
     let mut env = Env::new();
-    // One page: 32 events of 120 bytes (128 with each one's header).
+    // One page: 46 opens or closes of 80 bytes (88 with each one's header).
     let (client, d, ports) = world(&mut env, &["--telemetry-ring-bytes", "4096"]);
     scrape(&ports);
     // The reader stopped (the daemon is): the data path must not wait.
@@ -306,20 +326,22 @@ fn a_full_ring_buffer_counts_lost_events_and_every_connection_succeeds() {
     d.signal(nix::sys::signal::Signal::SIGCONT);
     assert_eq!(lines.len(), N, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
-    // Four events per connection (open and close at each end): each is
-    // either counted or lost, never both, never neither.
-    let seen = |t: &str| {
-        sum(t, "istio_tcp_connections_opened_total", &[])
-            + sum(t, "istio_tcp_connections_closed_total", &[])
-    };
-    let text = scrape_until(&ports, &d, "every event seen or lost", |t| {
-        seen(t) + harness::http::sample(t, "kmesh_telemetry_events_lost_total").unwrap_or(0.0)
-            == (4 * N) as f64
+    // Five events per connection (the client's connect, open and close at
+    // each end): each is either read or lost, never both, never neither.
+    let sample = |t: &str, m: &str| harness::http::sample(t, m).unwrap_or(0.0);
+    let text = scrape_until(&ports, &d, "every event read or lost", |t| {
+        sample(t, "kmesh_telemetry_events_read_total")
+            + sample(t, "kmesh_telemetry_events_lost_total")
+            == (5 * N) as f64
     });
-    let lost_n = harness::http::sample(&text, "kmesh_telemetry_events_lost_total").unwrap();
+    let lost_n = sample(&text, "kmesh_telemetry_events_lost_total");
     assert!(lost_n > 0.0, "{text}");
-    assert!(seen(&text) > 0.0, "{text}");
     assert_eq!(d.stat("telemetry_events_lost") as f64, lost_n);
+    // What was read was counted: opens and closes, at most four a
+    // connection.
+    let seen = sum(&text, "istio_tcp_connections_opened_total", &[])
+        + sum(&text, "istio_tcp_connections_closed_total", &[]);
+    assert!(seen > 0.0 && seen <= (4 * N) as f64, "{text}");
 }
 
 fn wait_log(d: &Daemon, what: &str, cond: impl Fn(&str) -> bool) -> String {

@@ -58,7 +58,7 @@ enum kmesh_stat {
 	KMESH_STAT_TELE_LOST = 23, /* connection event lost: ring buffer full */
 	KMESH_STAT_BREAKER_REJECT = 24, /* service at max_connections: refused */
 	KMESH_STAT_RATE_LIMITED = 25,   /* client pod's token bucket empty: refused */
-	KMESH_STAT_NOTE_FULL = 26,      /* km_conn_note full: no orig label, breaker not counting */
+	KMESH_STAT_NOTE_FULL = 26,      /* km_conn_note full: the breaker does not count it */
 	KMESH_STAT_MAX = 27,
 };
 
@@ -177,20 +177,23 @@ struct bucket {
 
 /*
  * km_conn_note (bpf/lib/sock.h): what connect4/6 leave for sockops about
- * a client socket, by socket cookie: a preallocated hash entry instead of
- * socket storage, whose creation at every connect (an allocation charged
- * to the memory cgroup, freed after RCU) was the largest part of both
- * telemetry's and the breaker's cost per connection.
+ * a client socket the circuit breaker counts, by socket cookie: a
+ * preallocated hash entry instead of socket storage, whose creation at
+ * every connect (an allocation charged to the memory cgroup, freed after
+ * RCU) was the largest part of the breaker's cost per connection.
+ * Telemetry keeps nothing there (its connect event, lib/telemetry.h).
  */
 enum kmesh_note_flag {
-	KMESH_NOTE_TELE = 1,          /* telemetry: orig and start_ns set, open not reported yet */
+	KMESH_NOTE_TELE = 1,          /* telemetry watches the socket too (set by sockops) */
 	KMESH_NOTE_LIMIT_PENDING = 2, /* passed the breaker; counted when its SYN goes out */
 	KMESH_NOTE_LIMIT_COUNTED = 4, /* in its service's active count until close */
 };
 
 struct conn_note {
-	struct kmesh_addr orig; /* destination before connect's rewrite */
-	__u32 orig_port;        /* host order */
+	/* Unused since telemetry's connect event; kept so that notes pinned
+	 * by an older daemon keep their layout. */
+	struct kmesh_addr orig;
+	__u32 orig_port;
 	__u32 flags;            /* enum kmesh_note_flag */
 	__u64 start_ns;         /* connect (bpf_ktime_get_ns); the daemon's sweep ages by it */
 	struct limit_id limit;  /* the service the socket counts against */
@@ -390,6 +393,7 @@ struct sock_state {
 enum kmesh_tele_kind {
 	KMESH_TELE_OPEN = 0,
 	KMESH_TELE_CLOSE = 1,
+	KMESH_TELE_CONNECT = 2,
 };
 
 /* Why a connection ended, as the socket's last state change shows it. */
@@ -400,27 +404,40 @@ enum kmesh_tele_reason {
 	KMESH_TELE_TIMEOUT = 3,        /* the kernel gave up (ETIMEDOUT) */
 };
 
-/* One event in km_tele_events. Ports in host order. */
+/*
+ * A client's connect let through by connect4/6: where it meant to go
+ * (the service VIP, before the rewrite) and when. The socket's open and
+ * close name it by the same cookie. Ports in host order; `kind` comes
+ * first in both events.
+ */
+struct tele_connect_event {
+	__u8 kind; /* KMESH_TELE_CONNECT */
+	__u8 pad;
+	__u16 orig_port;
+	__u32 pad2;
+	struct kmesh_addr orig;
+	__u64 cookie;
+	__u64 ts_ns;
+};
+
+/* A socket's open or close in km_tele_events. Ports in host order. */
 struct tele_event {
-	__u64 duration_ns; /* client: since its connect; server: 0 */
-	__u64 sent;     /* bytes_acked: sent and acknowledged */
-	__u64 received; /* bytes_received */
+	__u8 kind;       /* enum kmesh_tele_kind */
+	__u8 reason;     /* enum kmesh_tele_reason, for CLOSE */
+	__u8 passive;    /* 1: the accepting end (reporter=destination) */
+	__u8 in_sockmap; /* 1: had acceleration state: a local peer may have
+			  * redirected bytes into it */
+	__u16 local_port;
+	__u16 remote_port;
 	struct kmesh_addr local;
 	struct kmesh_addr remote;
-	struct kmesh_addr orig; /* client: destination before the rewrite */
-	__u32 local_port;
-	__u32 remote_port;
-	__u32 orig_port; /* 0: none */
-	__u32 kind;      /* enum kmesh_tele_kind */
-	__u32 reason;    /* enum kmesh_tele_reason, for CLOSE */
-	__u32 passive;   /* 1: the accepting end (reporter=destination) */
-	__u64 ts_ns;     /* bpf_ktime_get_ns() at the event */
+	__u64 cookie;   /* the socket's (a client's connect event has it too) */
+	__u64 ts_ns;    /* bpf_ktime_get_ns() at the event */
+	__u64 sent;     /* bytes_acked: sent and acknowledged */
+	__u64 received; /* bytes_received */
 	/* A close: of `sent`, the bytes that went straight into the peer's
 	 * queue (acceleration), which the peer's own counters miss. */
 	__u64 redirected;
-	__u32 in_sockmap; /* 1: had acceleration state: a local peer may have
-			   * redirected bytes into it */
-	__u32 pad;
 };
 
 /* Settings the daemon writes into km_config[0]. */

@@ -41,19 +41,19 @@ struct {
 } km_sock_state SEC(".maps");
 
 /*
- * What connect4/6 leave for sockops about a client socket (struct
- * conn_note), by socket cookie. Preallocated: an update takes an element
- * from a free list, where socket storage allocated (charged to the memory
- * cgroup) and freed after RCU for every connect. sockops finds a socket
- * that has a note by KMESH_NOTE_MARK, set when its SYN goes out, and
- * removes the note once nothing needs it (the open reported, and the
- * breaker's count returned at close). A note whose connect failed before
- * its SYN is never seen by sockops; the daemon removes such notes by age
- * (src/writer/limits.rs). Full: telemetry loses the service label and the
- * breaker does not count that connection (KMESH_STAT_NOTE_FULL). 8,192
- * notes (0.9 MB preallocated) hold the connects in flight and, until they
- * close, the connections a breaker counts: services' max_connections on
- * one node summed well past that are not what a breaker is for.
+ * What connect4/6 leave for sockops about a client socket the circuit
+ * breaker counts (struct conn_note), by socket cookie. Preallocated: an
+ * update takes an element from a free list, where socket storage
+ * allocated (charged to the memory cgroup) and freed after RCU for every
+ * connect. sockops finds a socket that may have a note by
+ * KMESH_CLIENT_MARK, set when its SYN goes out, and removes the note once
+ * the breaker's count is returned at close. A note whose connect failed
+ * before its SYN is never seen by sockops; the daemon removes such notes
+ * by age (src/writer/limits.rs). Full: the breaker does not count that
+ * connection (KMESH_STAT_NOTE_FULL). 8,192 notes (0.9 MB preallocated)
+ * hold the connects in flight and, until they close, the connections a
+ * breaker counts: services' max_connections on one node summed well past
+ * that are not what a breaker is for.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -63,21 +63,14 @@ struct {
 } km_conn_note SEC(".maps");
 
 /*
- * Marks a client socket with a note (the server side of telemetry uses
- * BPF_SOCK_OPS_RTO_CB_FLAG). The retransmission callback it also asks for
- * runs only on a retransmission, and the sockops switch ignores it.
+ * Marks a client socket sockops watches from its SYN on, for the breaker
+ * (a note), telemetry, or both (see KMESH_TELE_MARK, lib/telemetry.h).
+ * The retransmission callback it also asks for runs only on a
+ * retransmission, and the sockops switch ignores it. Older daemons used
+ * the two marks alike (with a note; without one, for telemetry only), so
+ * a socket one of them marked is still counted out right at its close.
  */
-#define KMESH_NOTE_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
-
-/*
- * With KMESH_NOTE_MARK: the note is gone already (dropped at the open, as
- * nothing else needed it), so the close skips the lookup. Set for what
- * is gone rather than for what is kept: a socket marked by an older
- * daemon's programs, without it, is still looked up at its close. Its RTO
- * callback is ignored too (the server side of telemetry marks with the
- * same flag, but never with KMESH_NOTE_MARK).
- */
-#define KMESH_NOTE_GONE BPF_SOCK_OPS_RTO_CB_FLAG
+#define KMESH_CLIENT_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
 
 /* connect4/6, once the connect is let through: one update, if any concern filled n. */
 static __always_inline void note_commit(struct bpf_sock_addr *ctx, struct conn_note *n)

@@ -3,10 +3,10 @@
  * Connection telemetry: for TCP connections of enrolled workloads, one
  * event when a socket opens and one when it closes (bytes each way from
  * the socket's own counters, duration, why it ended), per end: the client
- * socket (reporter=source) and the accepted one (reporter=destination).
- * Events go through a ring buffer; when it is full the event is counted
+ * socket (reporter=source) and the accepted one (reporter=destination),
+ * and before those one at the client's connect naming the service. Events go through a ring buffer; when it is full the event is counted
  * as lost (KMESH_STAT_TELE_LOST) and the connection goes on untouched.
- * Needs only what Linux 5.10 has: sk_storage and ring buffers in sockops;
+ * Needs only what Linux 5.10 has: ring buffers in sockops and connect4/6;
  * no atomics, and bpf_get_netns_cookie only where the kernel has it.
  * Authorization denials are counted by authz.h, not here.
  */
@@ -35,81 +35,20 @@ struct {
 } km_tele_events SEC(".maps");
 
 /*
- * connect4/6 of an enrolled socket: where it meant to go (the service VIP
- * and port, before the rewrite) and when, in the socket's note.
+ * Marks on the sockets telemetry reports, as callback flags rather than
+ * storage of their own: creating and freeing sk_storage (an allocation
+ * charged to the memory cgroup, freed after an RCU grace period) was a
+ * third of telemetry's cost per connection. The RTO callback the mark also
+ * asks for runs only when a retransmission timer fires, and the sockops
+ * switch ignores it. On a client socket (KMESH_CLIENT_MARK, lib/sock.h) it
+ * means that no note needs looking up for it: telemetry is all it is
+ * watched for. Alone, it marks an accepting end.
  */
-static __always_inline void tele_connect(struct conn_note *n, const struct kmesh_addr *orig,
-					 __u32 orig_port)
-{
-	if (!km_feat_telemetry)
-		return;
-	n->orig = *orig;
-	n->orig_port = bpf_ntohs((__u16)orig_port);
-	n->flags |= KMESH_NOTE_TELE;
-	n->start_ns = bpf_ktime_get_ns();
-}
+#define KMESH_TELE_MARK BPF_SOCK_OPS_RTO_CB_FLAG
 
-/*
- * What one event says besides the socket's addresses. The accepting end
- * keeps nothing on its socket (see tele_established): its open carries the
- * time, which the reader subtracts from its close's.
- */
-struct tele_what {
-	__u32 kind, reason, passive;
-	__u32 opened; /* a close: the open went out (else no bytes) */
-	__u32 fin_out, fin_in;
-	__u64 start_ns;        /* 0: none (the reader knows the open's time) */
-	__u64 base_a;          /* bytes_acked at the open */
-	__u64 redirected;      /* sent into the peer's queue (acceleration) */
-	__u32 in_sockmap;      /* had acceleration state (see tele_event) */
-	const struct conn_note *n; /* the client's note: orig, or NULL */
-};
-
-/* A note whose open is not reported yet names the service and the start. */
-static __always_inline void tele_from_note(struct tele_what *w, const struct conn_note *n)
+/* Queues an event reserved in km_tele_events. */
+static __always_inline void tele_submit(void *e)
 {
-	if (n && (n->flags & KMESH_NOTE_TELE)) {
-		w->n = n;
-		w->start_ns = n->start_ns;
-	}
-}
-
-static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
-{
-	struct tele_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
-	if (!e) {
-		stat_inc(KMESH_STAT_TELE_LOST);
-		return;
-	}
-	struct sock_key k = {};
-	FILL_KEY(&k, skops, 0);
-	e->local = k.local;
-	e->remote = k.remote;
-	e->local_port = k.local_port;
-	e->remote_port = k.remote_port;
-	if (w->n) {
-		e->orig = w->n->orig;
-		e->orig_port = w->n->orig_port;
-	} else {
-		__builtin_memset(&e->orig, 0, sizeof(e->orig));
-		e->orig_port = 0;
-	}
-	e->kind = w->kind;
-	e->reason = w->reason;
-	e->passive = w->passive;
-	e->ts_ns = bpf_ktime_get_ns();
-	e->duration_ns = w->start_ns ? e->ts_ns - w->start_ns : 0;
-	e->sent = 0;
-	e->received = 0;
-	if (w->kind == KMESH_TELE_CLOSE && w->opened) {
-		__u64 acked = skops->bytes_acked, received = skops->bytes_received;
-		__u64 base_a = w->base_a + w->fin_out, base_r = w->fin_in;
-		e->sent = (acked > base_a ? acked - base_a : 0) + w->redirected;
-		e->received = received > base_r ? received - base_r : 0;
-	}
-	e->redirected = w->redirected;
-	e->in_sockmap = w->in_sockmap;
-	e->pad = 0;
 	/*
 	 * No wake-up per event: each is an irq_work, an IPI to this CPU and
 	 * a context switch of the reader, about a tenth of a bare connect's
@@ -126,38 +65,88 @@ static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct t
 }
 
 /*
- * An accepting end telemetry reports is marked by this callback flag
- * rather than by storage of its own: creating and freeing sk_storage (an
- * allocation charged to the memory cgroup, freed after an RCU grace
- * period) was a third of telemetry's cost per connection. The RTO
- * callback it also asks for runs only when a retransmission timer fires,
- * and the switch in kmesh.bpf.c ignores it.
+ * connect4/6 let an enrolled socket's connect through: where it meant to
+ * go (the service VIP and port, before the rewrite) and when, as an event
+ * the reader joins to the socket's open, or to its close where the
+ * connect fails, by the socket's cookie. This replaced a note in a hash by
+ * the same cookie: its update, lookups and delete took several times what
+ * an event does. A connect that fails before its SYN leaves an event
+ * nothing joins; the reader drops those by age.
  */
-#define KMESH_TELE_SERVER_MARK BPF_SOCK_OPS_RTO_CB_FLAG
-
-static __always_inline void tele_watch_state(struct bpf_sock_ops *skops, __u32 mark)
+static __always_inline void tele_connect(struct bpf_sock_addr *ctx, const struct kmesh_addr *orig,
+					 __u32 orig_port)
 {
-	bpf_sock_ops_cb_flags_set(skops,
-				  skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG | mark);
+	/* Without sockops nothing would report the socket. */
+	if (!km_feat_telemetry || !km_feat_tlv)
+		return;
+	struct tele_connect_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(KMESH_STAT_TELE_LOST);
+		return;
+	}
+	e->kind = KMESH_TELE_CONNECT;
+	e->pad = 0;
+	e->orig_port = bpf_ntohs((__u16)orig_port);
+	e->pad2 = 0;
+	e->orig = *orig;
+	e->cookie = bpf_get_socket_cookie(ctx);
+	e->ts_ns = bpf_ktime_get_ns();
+	tele_submit(e);
+}
+
+/* What one open or close says besides the socket's addresses. */
+struct tele_what {
+	__u32 kind, reason, passive;
+	__u32 opened; /* a close: the open went out (else no bytes) */
+	__u32 fin_out, fin_in;
+	__u64 base_a;     /* bytes_acked at the open */
+	__u64 redirected; /* sent into the peer's queue (acceleration) */
+	__u32 in_sockmap; /* had acceleration state (see tele_event) */
+};
+
+static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
+{
+	struct tele_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(KMESH_STAT_TELE_LOST);
+		return;
+	}
+	struct sock_key k = {};
+	FILL_KEY(&k, skops, 0);
+	e->local = k.local;
+	e->remote = k.remote;
+	e->local_port = k.local_port;
+	e->remote_port = k.remote_port;
+	e->kind = w->kind;
+	e->reason = w->reason;
+	e->passive = w->passive;
+	e->in_sockmap = w->in_sockmap;
+	/*
+	 * Only a client's events are joined by cookie (to its connect). An
+	 * accepted socket has none yet, and making one is an atomic on a
+	 * counter every CPU shares.
+	 */
+	e->cookie = w->passive ? 0 : bpf_get_socket_cookie(skops);
+	e->ts_ns = bpf_ktime_get_ns();
+	e->sent = 0;
+	e->received = 0;
+	if (w->kind == KMESH_TELE_CLOSE && w->opened) {
+		__u64 acked = skops->bytes_acked, received = skops->bytes_received;
+		__u64 base_a = w->base_a + w->fin_out, base_r = w->fin_in;
+		e->sent = (acked > base_a ? acked - base_a : 0) + w->redirected;
+		e->received = received > base_r ? received - base_r : 0;
+	}
+	e->redirected = w->redirected;
+	tele_submit(e);
 }
 
 /*
- * The client's SYN goes out and its note is there: watch its state, so
- * that a connect that fails (never established) is reported too. True:
- * the note is needed (until the open).
+ * A socket of an enrolled workload, as sockops can tell: by its netns
+ * where sockops can ask for the cookie (5.15); before that, by its own
+ * address being a workload's (a socket on this node with a workload's
+ * address is that workload's).
  */
-static __always_inline bool tele_connecting(const struct conn_note *n)
-{
-	return km_feat_telemetry && (n->flags & KMESH_NOTE_TELE);
-}
-
-/*
- * Whether an accepted socket belongs to a workload enrolled here: by its
- * netns where sockops can ask for the cookie (5.15); before that, by its
- * own address being a workload's (an accepted socket on this node with a
- * workload's address is that workload's).
- */
-static __always_inline bool tele_server_enrolled(struct bpf_sock_ops *skops)
+static __always_inline bool tele_enrolled(struct bpf_sock_ops *skops)
 {
 	if (km_feat_netns_helper) {
 		__u64 cookie = bpf_get_netns_cookie(skops);
@@ -189,6 +178,24 @@ static __always_inline bool tele_server_enrolled(struct bpf_sock_ops *skops)
 #define KMESH_TELE_SERVER_BASE 0
 #define KMESH_TELE_CLIENT_BASE 1
 
+/*
+ * A client's SYN goes out: whether telemetry reports it (it was enrolled
+ * at its connect, whose event names it).
+ */
+static __always_inline bool tele_connecting(struct bpf_sock_ops *skops)
+{
+	if (!km_feat_telemetry)
+		return false;
+	if (skops->family != AF_INET && skops->family != AF_INET6)
+		return false;
+	return tele_enrolled(skops);
+}
+
+/*
+ * Either end established. A client is reported when it was marked at its
+ * SYN (see connecting() in kmesh.bpf.c): by KMESH_TELE_MARK, or, where the
+ * breaker keeps a note on it, by the note's KMESH_NOTE_TELE.
+ */
 static __always_inline void tele_established(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
@@ -197,61 +204,44 @@ static __always_inline void tele_established(struct bpf_sock_ops *skops)
 	if (skops->family != AF_INET && skops->family != AF_INET6)
 		return;
 	struct tele_what w = { .kind = KMESH_TELE_OPEN };
+	__u32 flags = skops->bpf_sock_ops_cb_flags;
 	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
-		if (!tele_server_enrolled(skops))
+		if (!tele_enrolled(skops))
 			return;
 		w.passive = 1;
 		tele_emit(skops, &w);
-		tele_watch_state(skops, KMESH_TELE_SERVER_MARK);
+		bpf_sock_ops_cb_flags_set(skops,
+					  flags | BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_TELE_MARK);
 		return;
 	}
-	if (!(skops->bpf_sock_ops_cb_flags & KMESH_NOTE_MARK))
+	if (!(flags & KMESH_CLIENT_MARK))
 		return;
-	/* The note goes once the open is out, unless the breaker counts by it. */
-	struct conn_note *n = note_get(skops);
-	tele_from_note(&w, n);
+	if (!(flags & KMESH_TELE_MARK)) {
+		struct conn_note *n = note_get(skops);
+		if (!n || !(n->flags & KMESH_NOTE_TELE))
+			return;
+	}
 	tele_emit(skops, &w);
-	if (!n)
-		return;
-	n->flags &= ~KMESH_NOTE_TELE;
-	if (n->flags & KMESH_NOTE_LIMIT_COUNTED)
-		return;
-	note_drop(skops);
-	/* The close then need not look for it. */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KMESH_NOTE_GONE);
 }
 
 /*
- * TCP_CLOSE: the state it came from tells how the connection ended, and
- * which FINs the counters hold (each takes one sequence number, as the
- * SYN does): LAST_ACK, FIN_WAIT2 (on to TIME_WAIT) and CLOSING mean both
- * FINs went and ours was acknowledged; CLOSE_WAIT, that the peer's came
- * in before a reset; ESTABLISHED and FIN_WAIT1, a reset or a timeout.
+ * TCP_CLOSE of a socket telemetry reports: the state it came from tells
+ * how the connection ended, and which FINs the counters hold (each takes
+ * one sequence number, as the SYN does): LAST_ACK, FIN_WAIT2 (on to
+ * TIME_WAIT) and CLOSING mean both FINs went and ours was acknowledged;
+ * CLOSE_WAIT, that the peer's came in before a reset; ESTABLISHED and
+ * FIN_WAIT1, a reset or a timeout.
  */
-static __always_inline void tele_closed(struct bpf_sock_ops *skops, bool marked,
-				       const struct conn_note *n)
+static __always_inline void tele_closed(struct bpf_sock_ops *skops, bool passive)
 {
 	struct bpf_sock *sk = skops->sk;
 	if (!km_feat_telemetry || !sk)
 		return;
-	struct tele_what w = { .kind = KMESH_TELE_CLOSE };
+	struct tele_what w = { .kind = KMESH_TELE_CLOSE, .passive = passive };
 	__u32 old = skops->args[0];
 	/* A connect that failed was never opened. */
 	w.opened = old != BPF_TCP_SYN_SENT && old != BPF_TCP_SYN_RECV;
-	if (marked) {
-		/* A note still for telemetry: it never opened; it names the service. */
-		tele_from_note(&w, n);
-		w.base_a = KMESH_TELE_CLIENT_BASE;
-	} else {
-		__u32 flags = skops->bpf_sock_ops_cb_flags;
-		if (!(flags & KMESH_TELE_SERVER_MARK))
-			return;
-		/* Once: a socket can be connected again after a disconnect. */
-		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_TELE_SERVER_MARK);
-		w.passive = 1;
-		w.opened = 1;
-		w.base_a = KMESH_TELE_SERVER_BASE;
-	}
+	w.base_a = passive ? KMESH_TELE_SERVER_BASE : KMESH_TELE_CLIENT_BASE;
 	/*
 	 * Accelerated bytes bypass TCP's counters: this end's are added to
 	 * what it sent; those its peer sent into it come with the peer's

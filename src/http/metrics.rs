@@ -114,6 +114,11 @@ impl Metrics {
             "Time to write one apply into the maps",
             apply_seconds.clone(),
         );
+        registry.register(
+            "telemetry_events_read",
+            "Connection events the telemetry reader took from the ring buffer (see telemetry_events_lost)",
+            tcp.events_read.clone(),
+        );
         registry.register_collector(Box::new(DataPlane(sources)));
         Metrics {
             registry: root,

@@ -1,5 +1,5 @@
-//! One connection event as the data path reports it (struct tele_event in
-//! bpf/include/kmesh.h).
+//! The connection events as the data path reports them (struct
+//! tele_event and struct tele_connect_event in bpf/include/kmesh.h).
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -45,20 +45,37 @@ pub enum Kind {
     Close(Reason),
 }
 
-/// One end's event. `passive`: the accepting end (reporter=destination).
+/// What the data path reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A client's connect, let through by connect4/6 (struct
+    /// tele_connect_event).
+    Connect(Connect),
+    /// A socket's open or close (struct tele_event).
+    Conn(ConnEvent),
+}
+
+/// A client's connect: the socket's events name it by `cookie`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connect {
+    pub cookie: u64,
+    /// Where it meant to go (the service VIP, before connect's rewrite).
+    pub orig: SocketAddr,
+    /// When, on the kernel's monotonic clock.
+    pub at: Duration,
+}
+
+/// One end's open or close. `passive`: the accepting end
+/// (reporter=destination).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnEvent {
     pub kind: Kind,
     pub passive: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
-    /// The client's destination before connect's rewrite (service VIP): on
-    /// its open, and on the close of a connect that failed.
-    pub orig: Option<SocketAddr>,
-    /// Since the connect, on a client's open (its handshake) and on the
-    /// close of a connect that failed; otherwise zero, and the reader takes
-    /// the duration from the open.
-    pub duration: Duration,
+    /// A client's socket cookie, as in its `Connect`; 0 at the accepting
+    /// end.
+    pub cookie: u64,
     /// When, on the kernel's monotonic clock.
     pub at: Duration,
     /// Bytes this end sent (and the peer acknowledged, or that went
@@ -73,43 +90,62 @@ pub struct ConnEvent {
     pub in_sockmap: bool,
 }
 
-/// Size of struct tele_event.
-pub const EVENT_SIZE: usize = 120;
+/// Sizes of struct tele_event and struct tele_connect_event.
+pub const EVENT_SIZE: usize = 80;
+pub const CONNECT_SIZE: usize = 40;
+
+const KIND_OPEN: u8 = 0;
+const KIND_CLOSE: u8 = 1;
+const KIND_CONNECT: u8 = 2;
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or_default())
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_ne_bytes(b[o..o + 2].try_into().unwrap_or_default())
+}
+
+fn addr_at(b: &[u8], o: usize) -> IpAddr {
+    let mut a = kmesh_addr::default();
+    for (i, w) in a.ip6.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes(b[o + 4 * i..o + 4 * i + 4].try_into().unwrap_or_default());
+    }
+    a.to_ip()
+}
+
+impl Event {
+    /// None: not an event of a layout this daemon knows (too short, or
+    /// of an unknown kind).
+    pub fn parse(b: &[u8]) -> Option<Event> {
+        match *b.first()? {
+            KIND_CONNECT if b.len() >= CONNECT_SIZE => Some(Event::Connect(Connect {
+                orig: SocketAddr::new(addr_at(b, 8), u16_at(b, 2)),
+                cookie: u64_at(b, 24),
+                at: Duration::from_nanos(u64_at(b, 32)),
+            })),
+            k @ (KIND_OPEN | KIND_CLOSE) if b.len() >= EVENT_SIZE => Some(Event::Conn(ConnEvent {
+                kind: if k == KIND_OPEN {
+                    Kind::Open
+                } else {
+                    Kind::Close(Reason::from_raw(b[1].into()))
+                },
+                passive: b[2] != 0,
+                in_sockmap: b[3] != 0,
+                local: SocketAddr::new(addr_at(b, 8), u16_at(b, 4)),
+                remote: SocketAddr::new(addr_at(b, 24), u16_at(b, 6)),
+                cookie: u64_at(b, 40),
+                at: Duration::from_nanos(u64_at(b, 48)),
+                sent: u64_at(b, 56),
+                received: u64_at(b, 64),
+                redirected: u64_at(b, 72),
+            })),
+            _ => None,
+        }
+    }
+}
 
 impl ConnEvent {
-    pub fn parse(b: &[u8]) -> Option<ConnEvent> {
-        if b.len() < EVENT_SIZE {
-            return None;
-        }
-        let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap_or_default());
-        let u64_at = |o: usize| u64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or_default());
-        let addr_at = |o: usize| -> IpAddr {
-            let mut a = kmesh_addr::default();
-            for (i, w) in a.ip6.iter_mut().enumerate() {
-                *w = u32_at(o + 4 * i);
-            }
-            a.to_ip()
-        };
-        let port = |o: usize| u32_at(o) as u16;
-        let orig_port = port(80);
-        Some(ConnEvent {
-            duration: Duration::from_nanos(u64_at(0)),
-            sent: u64_at(8),
-            received: u64_at(16),
-            local: SocketAddr::new(addr_at(24), port(72)),
-            remote: SocketAddr::new(addr_at(40), port(76)),
-            orig: (orig_port != 0).then(|| SocketAddr::new(addr_at(56), orig_port)),
-            kind: match u32_at(84) {
-                0 => Kind::Open,
-                _ => Kind::Close(Reason::from_raw(u32_at(88))),
-            },
-            passive: u32_at(92) != 0,
-            at: Duration::from_nanos(u64_at(96)),
-            redirected: u64_at(104),
-            in_sockmap: u32_at(112) != 0,
-        })
-    }
-
     /// (client, server) addresses, whichever end reported.
     pub fn endpoints(&self) -> (SocketAddr, SocketAddr) {
         if self.passive {
@@ -124,39 +160,55 @@ impl ConnEvent {
 mod tests {
     use super::*;
 
+    fn put_addr(b: &mut [u8], o: usize, ip: &str) {
+        let a = kmesh_addr::from_ip(ip.parse().unwrap());
+        for (i, w) in a.ip6.iter().enumerate() {
+            b[o + 4 * i..o + 4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+    }
+
     #[test]
-    fn parses_the_kernel_layout() {
+    fn parses_the_kernel_layouts() {
         let mut b = vec![0u8; EVENT_SIZE];
-        b[0..8].copy_from_slice(&1_500_000u64.to_ne_bytes());
-        b[8..16].copy_from_slice(&100u64.to_ne_bytes());
-        b[16..24].copy_from_slice(&200u64.to_ne_bytes());
-        let put = |b: &mut Vec<u8>, o: usize, ip: IpAddr| {
-            let a = kmesh_addr::from_ip(ip);
-            for (i, w) in a.ip6.iter().enumerate() {
-                b[o + 4 * i..o + 4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-            }
+        b[0] = KIND_CLOSE;
+        b[1] = 1;
+        b[3] = 1;
+        b[4..6].copy_from_slice(&40000u16.to_ne_bytes());
+        b[6..8].copy_from_slice(&8080u16.to_ne_bytes());
+        put_addr(&mut b, 8, "10.0.0.1");
+        put_addr(&mut b, 24, "10.0.0.2");
+        b[40..48].copy_from_slice(&99u64.to_ne_bytes());
+        b[48..56].copy_from_slice(&7_000u64.to_ne_bytes());
+        b[56..64].copy_from_slice(&100u64.to_ne_bytes());
+        b[64..72].copy_from_slice(&200u64.to_ne_bytes());
+        b[72..80].copy_from_slice(&40u64.to_ne_bytes());
+        let Some(Event::Conn(e)) = Event::parse(&b) else {
+            panic!("not an open or close")
         };
-        put(&mut b, 24, "10.0.0.1".parse().unwrap());
-        put(&mut b, 40, "10.0.0.2".parse().unwrap());
-        put(&mut b, 56, "10.96.0.1".parse().unwrap());
-        b[72..76].copy_from_slice(&40000u32.to_ne_bytes());
-        b[76..80].copy_from_slice(&8080u32.to_ne_bytes());
-        b[80..84].copy_from_slice(&80u32.to_ne_bytes());
-        b[84..88].copy_from_slice(&1u32.to_ne_bytes());
-        b[88..92].copy_from_slice(&1u32.to_ne_bytes());
-        b[96..104].copy_from_slice(&7_000u64.to_ne_bytes());
-        b[104..112].copy_from_slice(&40u64.to_ne_bytes());
-        b[112..116].copy_from_slice(&1u32.to_ne_bytes());
-        let e = ConnEvent::parse(&b).unwrap();
         assert_eq!(e.kind, Kind::Close(Reason::Reset));
         assert_eq!(e.local, "10.0.0.1:40000".parse().unwrap());
         assert_eq!(e.remote, "10.0.0.2:8080".parse().unwrap());
-        assert_eq!(e.orig, Some("10.96.0.1:80".parse().unwrap()));
         assert_eq!((e.sent, e.received), (100, 200));
-        assert_eq!(e.duration, Duration::from_micros(1500));
-        assert_eq!(e.at, Duration::from_micros(7));
+        assert_eq!((e.cookie, e.at), (99, Duration::from_micros(7)));
         assert_eq!((e.redirected, e.in_sockmap), (40, true));
         assert!(!e.passive);
-        assert!(ConnEvent::parse(&b[..50]).is_none());
+        assert!(Event::parse(&b[..50]).is_none());
+
+        let mut c = vec![0u8; CONNECT_SIZE];
+        c[0] = KIND_CONNECT;
+        c[2..4].copy_from_slice(&80u16.to_ne_bytes());
+        put_addr(&mut c, 8, "10.96.0.1");
+        c[24..32].copy_from_slice(&99u64.to_ne_bytes());
+        c[32..40].copy_from_slice(&5_000u64.to_ne_bytes());
+        assert_eq!(
+            Event::parse(&c),
+            Some(Event::Connect(Connect {
+                cookie: 99,
+                orig: "10.96.0.1:80".parse().unwrap(),
+                at: Duration::from_micros(5),
+            }))
+        );
+        c[0] = 7;
+        assert!(Event::parse(&c).is_none());
     }
 }

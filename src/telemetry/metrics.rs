@@ -28,6 +28,9 @@ pub struct TcpMetrics {
     pub failed: Family<Labels, Counter>,
     pub sent: Family<Labels, Counter>,
     pub received: Family<Labels, Counter>,
+    /// Events the reader took from the ring (connects, opens, closes),
+    /// beside km_stats' lost ones: registered with the kmesh_* metrics.
+    pub events_read: Counter,
 }
 
 impl TcpMetrics {

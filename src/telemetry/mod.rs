@@ -19,7 +19,7 @@ use foldhash::HashMap;
 use thiserror::Error;
 
 pub use access_log::{AccessLog, Format};
-pub use event::{ConnEvent, Kind, Reason};
+pub use event::{ConnEvent, Connect, Event, Kind, Reason};
 use index::{Index, ServiceInfo};
 pub use metrics::TcpMetrics;
 
@@ -45,6 +45,18 @@ const MAX_OPEN: usize = 1 << 18;
 /// with the service the client addressed and when the connection began
 /// (the client's connect, the server's accept).
 pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), (Option<Arc<ServiceInfo>>, Duration)>;
+
+/// Clients' connects not yet joined to their socket's open (or, for a
+/// connect that fails, its close), by socket cookie: the service
+/// addressed and when. A connect that failed before its SYN has neither:
+/// past MAX_CONNECTING, those older than CONNECT_MAX_AGE go.
+type Connecting = HashMap<u64, (Option<Arc<ServiceInfo>>, Duration)>;
+
+const MAX_CONNECTING: usize = 1 << 14;
+
+/// Longer than any connect's handshake (the kernel gives up on a SYN
+/// after about two minutes by default).
+const CONNECT_MAX_AGE: Duration = Duration::from_secs(300);
 
 /// The five counters of one label set, shared with their families (a
 /// prometheus-client counter is a handle on one atomic).
@@ -74,6 +86,7 @@ fn ptr<T>(a: Option<&T>) -> usize {
 /// What the reader keeps between events.
 #[derive(Default)]
 pub struct ReaderState {
+    connecting: Connecting,
     open: OpenConns,
     cache: LabelCache,
     redirects: redirect::Redirects,
@@ -134,8 +147,10 @@ impl Telemetry {
                 let mut builder = libbpf_rs::RingBufferBuilder::new();
                 let cb = |data: &[u8]| -> i32 {
                     got.set(got.get() + 1);
-                    if let Some(e) = ConnEvent::parse(data) {
-                        self.handle(&e, &mut state);
+                    match Event::parse(data) {
+                        Some(Event::Conn(e)) => self.handle(&e, &mut state),
+                        Some(Event::Connect(c)) => self.connect(&c, &mut state),
+                        None => {}
                     }
                     0
                 };
@@ -157,7 +172,9 @@ impl Telemetry {
                 // 50 ms when idle, and is woken early only when the ring
                 // passes half full (bpf/lib/telemetry.h).
                 loop {
-                    let idle = got.replace(0) == 0;
+                    let n = got.replace(0);
+                    self.metrics.events_read.inc_by(n as u64);
+                    let idle = n == 0;
                     let r = if idle {
                         rb.poll(Duration::from_millis(50))
                     } else {
@@ -177,9 +194,25 @@ impl Telemetry {
             .map_err(TelemetryError::Thread)
     }
 
-    /// One event: metrics, and the access log line of a close.
+    /// A client's connect: named now, joined to its socket's events by
+    /// cookie.
+    pub fn connect(&self, c: &Connect, st: &mut ReaderState) {
+        let connecting = &mut st.connecting;
+        if connecting.len() >= MAX_CONNECTING {
+            let oldest = c.at.saturating_sub(CONNECT_MAX_AGE);
+            connecting.retain(|_, (_, at)| *at >= oldest);
+            if connecting.len() >= MAX_CONNECTING {
+                connecting.clear();
+            }
+        }
+        let service = self.index().1.service(c.orig).cloned();
+        connecting.insert(c.cookie, (service, c.at));
+    }
+
+    /// One open or close: metrics, and the access log line of a close.
     pub fn handle(&self, e: &ConnEvent, st: &mut ReaderState) {
         let ReaderState {
+            connecting,
             open,
             cache,
             redirects,
@@ -187,32 +220,40 @@ impl Telemetry {
         let (generation, ix) = self.index();
         let (client, server) = e.endpoints();
         let end = (client, server, e.passive);
-        // The service: the client's original destination; at the server,
-        // what the client's own report said (both ends on this node; the
-        // client's open is always reported before the server's).
-        let mut duration = e.duration;
-        let service = match (e.kind, e.passive) {
-            (Kind::Open, false) => e.orig.and_then(|o| ix.service(o).cloned()),
-            (Kind::Open, true) => open.get(&(client, server, false)).and_then(|o| o.0.clone()),
-            (Kind::Close(_), _) => match open.remove(&end) {
-                Some((s, start)) => {
-                    // No end keeps its start time in the kernel past the
-                    // open: the open said when the connection began.
+        // The service: the client's original destination, from its
+        // connect; at the server, what the client's own report said (both
+        // ends on this node; the client's open always comes first). No end
+        // keeps its start time in the kernel: the client's connect or the
+        // server's open says when the connection began.
+        let mut duration = Duration::ZERO;
+        let service = match e.kind {
+            Kind::Open => {
+                let (s, start) = if e.passive {
+                    let client = open.get(&(client, server, false));
+                    (client.and_then(|o| o.0.clone()), e.at)
+                } else {
+                    connecting.remove(&e.cookie).unwrap_or((None, e.at))
+                };
+                if open.len() >= MAX_OPEN {
+                    open.clear();
+                }
+                open.insert(end, (s.clone(), start));
+                s
+            }
+            Kind::Close(_) => {
+                let began = match open.remove(&end) {
+                    Some(o) => Some(o),
+                    // A connect that failed never opened: its connect
+                    // named it.
+                    None if !e.passive => connecting.remove(&e.cookie),
+                    None => None,
+                };
+                began.and_then(|(s, start)| {
                     duration = e.at.saturating_sub(start);
                     s
-                }
-                // A connect that failed: its note named the service.
-                None if !e.passive => e.orig.and_then(|o| ix.service(o).cloned()),
-                None => None,
-            },
-        };
-        if e.kind == Kind::Open {
-            if open.len() >= MAX_OPEN {
-                open.clear();
+                })
             }
-            // A client's open says how long its handshake took.
-            open.insert(end, (service.clone(), e.at.saturating_sub(e.duration)));
-        }
+        };
         let parties = metrics::Parties {
             source: !e.passive,
             src: ix.workload(client.ip()).map(|w| &**w),
