@@ -48,15 +48,17 @@ pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), (Option<Arc<Service
 
 /// Clients' connects not yet joined to their socket's open (or, for a
 /// connect that fails, its close), by socket cookie: the service
-/// addressed and when. A connect that failed before its SYN has neither:
-/// past MAX_CONNECTING, those older than CONNECT_MAX_AGE go.
+/// addressed and when. Some never are (a connect that failed before its
+/// SYN; before Linux 5.15, a client whose address is no workload's, which
+/// sockops cannot tell as enrolled): past MAX_CONNECTING, the oldest go.
 type Connecting = HashMap<u64, (Option<Arc<ServiceInfo>>, Duration)>;
 
 const MAX_CONNECTING: usize = 1 << 14;
 
-/// Longer than any connect's handshake (the kernel gives up on a SYN
-/// after about two minutes by default).
-const CONNECT_MAX_AGE: Duration = Duration::from_secs(300);
+/// Ages past which a connect is taken as never joining: first past any
+/// handshake (the kernel gives up on a SYN after about two minutes by
+/// default), then, where that is not enough, past any answered one.
+const CONNECT_MAX_AGES: [Duration; 2] = [Duration::from_secs(300), Duration::from_secs(5)];
 
 /// The five counters of one label set, shared with their families (a
 /// prometheus-client counter is a handle on one atomic).
@@ -198,12 +200,15 @@ impl Telemetry {
     /// cookie.
     pub fn connect(&self, c: &Connect, st: &mut ReaderState) {
         let connecting = &mut st.connecting;
-        if connecting.len() >= MAX_CONNECTING {
-            let oldest = c.at.saturating_sub(CONNECT_MAX_AGE);
-            connecting.retain(|_, (_, at)| *at >= oldest);
-            if connecting.len() >= MAX_CONNECTING {
-                connecting.clear();
+        for age in CONNECT_MAX_AGES {
+            if connecting.len() < MAX_CONNECTING {
+                break;
             }
+            let oldest = c.at.saturating_sub(age);
+            connecting.retain(|_, (_, at)| *at >= oldest);
+        }
+        if connecting.len() >= MAX_CONNECTING {
+            connecting.clear();
         }
         let service = self.index().1.service(c.orig).cloned();
         connecting.insert(c.cookie, (service, c.at));
@@ -355,5 +360,53 @@ impl Telemetry {
         if let Some(line) = entry.line(format) {
             access_log::write(&line);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(t: &Telemetry, st: &mut ReaderState, cookie: u64, at_ms: u64) {
+        let c = Connect {
+            cookie,
+            orig: "10.96.0.1:80".parse().unwrap(),
+            at: Duration::from_millis(at_ms),
+        };
+        t.connect(&c, st);
+    }
+
+    /// Connects that never join (no SYN went out, or sockops could not
+    /// tell the client as enrolled) make room for new ones, oldest first,
+    /// and the recent ones stay to be joined.
+    #[test]
+    fn connects_that_never_join_are_bounded_oldest_first() {
+        let t = Telemetry::new(TcpMetrics::default(), Arc::new(AccessLog::new(Format::Off)));
+        let mut st = ReaderState::default();
+        let n = MAX_CONNECTING as u64;
+        // Half of them ten minutes ago, half a minute ago.
+        for i in 0..n / 2 {
+            connect(&t, &mut st, i, 0);
+        }
+        for i in n / 2..n {
+            connect(&t, &mut st, i, 600_000);
+        }
+        connect(&t, &mut st, n, 630_000);
+        assert_eq!(st.connecting.len() as u64, n / 2 + 1);
+        assert!(st.connecting.contains_key(&(n - 1)) && !st.connecting.contains_key(&0));
+        // All recent but older than a handshake: past the second age.
+        for i in n + 1..2 * n {
+            connect(&t, &mut st, i, 640_000);
+        }
+        connect(&t, &mut st, 2 * n, 650_000);
+        assert!(st.connecting.contains_key(&(2 * n)));
+        assert!(!st.connecting.contains_key(&(n - 1)));
+        assert!(st.connecting.len() <= MAX_CONNECTING);
+        // A storm within the last 5 s: starts over rather than grow.
+        for i in 2 * n + 1..3 * n + 2 {
+            connect(&t, &mut st, i, 650_000);
+        }
+        assert!(st.connecting.len() <= MAX_CONNECTING);
+        assert!(st.connecting.contains_key(&(3 * n + 1)));
     }
 }
