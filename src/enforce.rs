@@ -32,13 +32,7 @@ pub struct Denial {
 impl Denial {
     pub fn parse(b: &[u8]) -> Option<Denial> {
         let u32_at = |o: usize| Some(u32::from_ne_bytes(b.get(o..o + 4)?.try_into().ok()?));
-        let addr_at = |o: usize| -> Option<IpAddr> {
-            let mut a = kmesh_addr::default();
-            for (i, w) in a.ip6.iter_mut().enumerate() {
-                *w = u32_at(o + 4 * i)?;
-            }
-            Some(a.to_ip())
-        };
+        let addr_at = |o: usize| kmesh_addr::ip_at(b, o);
         Some(Denial {
             policy: u32_at(0)?,
             at_connect: u32_at(4)? != 0,

@@ -4,7 +4,8 @@
  * event when a socket opens and one when it closes (bytes each way from
  * the socket's own counters, duration, why it ended), per end: the client
  * socket (reporter=source) and the accepted one (reporter=destination),
- * and before those one at the client's connect naming the service. Events go through a ring buffer; when it is full the event is counted
+ * and before those one at the client's connect naming the service.
+ * Events go through a ring buffer; when it is full the event is counted
  * as lost (KMESH_STAT_TELE_LOST) and the connection goes on untouched.
  * Needs only what Linux 5.10 has: ring buffers in sockops and connect4/6;
  * no atomics, and bpf_get_netns_cookie only where the kernel has it.

@@ -119,6 +119,16 @@ impl kmesh_addr {
         kmesh_addr { ip6 }
     }
 
+    /// The address whose 16 bytes (as the maps and the data path's events
+    /// hold them) start at `o` in `b`; None where `b` is too short.
+    pub fn ip_at(b: &[u8], o: usize) -> Option<std::net::IpAddr> {
+        let mut a = kmesh_addr::default();
+        for (i, w) in a.ip6.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes(b.get(o + 4 * i..o + 4 * i + 4)?.try_into().ok()?);
+        }
+        Some(a.to_ip())
+    }
+
     pub fn to_ip(&self) -> std::net::IpAddr {
         let mut o = [0u8; 16];
         for (i, w) in self.ip6.iter().enumerate() {

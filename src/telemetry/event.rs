@@ -1,10 +1,7 @@
 //! The connection events as the data path reports them (struct
 //! tele_event and struct tele_connect_event in bpf/include/kmesh.h).
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use crate::bpf::kmesh_addr;
 
@@ -106,21 +103,13 @@ fn u16_at(b: &[u8], o: usize) -> u16 {
     u16::from_ne_bytes(b[o..o + 2].try_into().unwrap_or_default())
 }
 
-fn addr_at(b: &[u8], o: usize) -> IpAddr {
-    let mut a = kmesh_addr::default();
-    for (i, w) in a.ip6.iter_mut().enumerate() {
-        *w = u32::from_ne_bytes(b[o + 4 * i..o + 4 * i + 4].try_into().unwrap_or_default());
-    }
-    a.to_ip()
-}
-
 impl Event {
     /// None: not an event of a layout this daemon knows (too short, or
     /// of an unknown kind).
     pub fn parse(b: &[u8]) -> Option<Event> {
         match *b.first()? {
             KIND_CONNECT if b.len() >= CONNECT_SIZE => Some(Event::Connect(Connect {
-                orig: SocketAddr::new(addr_at(b, 8), u16_at(b, 2)),
+                orig: SocketAddr::new(kmesh_addr::ip_at(b, 8)?, u16_at(b, 2)),
                 cookie: u64_at(b, 24),
                 at: Duration::from_nanos(u64_at(b, 32)),
             })),
@@ -132,8 +121,8 @@ impl Event {
                 },
                 passive: b[2] != 0,
                 in_sockmap: b[3] != 0,
-                local: SocketAddr::new(addr_at(b, 8), u16_at(b, 4)),
-                remote: SocketAddr::new(addr_at(b, 24), u16_at(b, 6)),
+                local: SocketAddr::new(kmesh_addr::ip_at(b, 8)?, u16_at(b, 4)),
+                remote: SocketAddr::new(kmesh_addr::ip_at(b, 24)?, u16_at(b, 6)),
                 cookie: u64_at(b, 40),
                 at: Duration::from_nanos(u64_at(b, 48)),
                 sent: u64_at(b, 56),
