@@ -346,6 +346,7 @@ struct Podman {
     bin_dir: PathBuf,
     containers_conf: PathBuf,
     rootfs: PathBuf,
+    cgroup_parent: String,
     names: Vec<String>,
 }
 
@@ -409,6 +410,7 @@ impl Podman {
             bin_dir,
             containers_conf,
             rootfs,
+            cgroup_parent: env.podman_cgroup_parent(),
             names: Vec::new(),
         }
     }
@@ -452,6 +454,8 @@ impl Podman {
             name,
             "--network",
             &self.net,
+            "--cgroup-parent",
+            &self.cgroup_parent,
             "--ulimit",
             &nofile,
             "--ulimit",

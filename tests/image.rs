@@ -52,8 +52,9 @@ struct Podman {
 /// Podman's defaults first. Where they fail, the two known ways out: raise
 /// no rlimit above what this process has (a host without CAP_SYS_RESOURCE),
 /// and runc where crun refuses a hybrid cgroup v1/v2 host (as here). Tried
-/// on `image` (its --help); Err: why podman cannot run a container here.
-fn podman(image: &Image) -> Result<&'static Podman, String> {
+/// on `image` (its --help) under `env`'s cgroup parent; Err: why podman
+/// cannot run a container here.
+fn podman(env: &Env, image: &Image) -> Result<&'static Podman, String> {
     static FOUND: OnceLock<Result<Podman, String>> = OnceLock::new();
     FOUND
         .get_or_init(|| {
@@ -79,6 +80,7 @@ fn podman(image: &Image) -> Result<&'static Podman, String> {
                     let out = Command::new("podman")
                         .args(&global)
                         .args(["run", "--rm", "--network", "none"])
+                        .args(["--cgroup-parent", &env.podman_cgroup_parent()])
                         .args(&run_flags)
                         .args([&image.tag, "--help"])
                         .output()
@@ -238,6 +240,8 @@ fn start(
         "--pid".into(),
         "host".into(),
         "--read-only".into(),
+        "--cgroup-parent".into(),
+        env.podman_cgroup_parent(),
         "--cap-drop".into(),
         "all".into(),
         "-v".into(),
@@ -380,7 +384,7 @@ macro_rules! podman_or_skip {
             return;
         }
         let image = Image::build(&$env);
-        match podman(&image) {
+        match podman(&$env, &image) {
             Ok(p) => (p, image),
             Err(why) => {
                 eprintln!("SKIPPED: {why}");

@@ -209,6 +209,13 @@ impl Env {
         env
     }
 
+    /// The cgroup parent for podman's containers in this test
+    /// (`--cgroup-parent`), removed with the env from every hierarchy:
+    /// podman's default, `libpod_parent`, would stay behind in each.
+    pub fn podman_cgroup_parent(&self) -> String {
+        format!("/{}pod", self.tag)
+    }
+
     /// How many programs the kernel has on the test cgroup for one attach
     /// type (e.g. libbpf_sys::BPF_CGROUP_SOCK_OPS), asked with
     /// BPF_PROG_QUERY rather than taken from the daemon's word.
@@ -489,6 +496,10 @@ impl Drop for Env {
         }
         remove_cgroup(&self.cgroup, false);
         remove_cgroup(&self.servers_cgroup, false);
+        let podman = self.podman_cgroup_parent();
+        for m in cgroup_mounts() {
+            remove_cgroup_tree(&m.join(podman.trim_start_matches('/')), false);
+        }
         let _ = nix::mount::umount(&self.bpffs);
         let _ = fs::remove_dir_all(&self.dir);
     }

@@ -87,6 +87,34 @@ pub(super) fn remove_cgroup(dir: &Path, kill_leftovers: bool) {
     }
 }
 
+/// Where cgroup hierarchies are mounted: the cgroup2 one and, on a hybrid
+/// host, each v1 controller's (podman with cgroupfs makes a container's
+/// parent cgroup in every one).
+pub(super) fn cgroup_mounts() -> Vec<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let at = l.split(' ').nth(4)?;
+            let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
+            matches!(fstype, "cgroup" | "cgroup2").then(|| PathBuf::from(at))
+        })
+        .collect()
+}
+
+/// `remove_cgroup` for a cgroup and the cgroups under it (podman's
+/// `conmon`, a container's own), deepest first.
+pub(super) fn remove_cgroup_tree(dir: &Path, kill_leftovers: bool) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path(), kill_leftovers);
+            }
+        }
+    }
+    remove_cgroup(dir, kill_leftovers);
+}
+
 /// Removes namespaces, cgroups and bpffs mounts left by dead test runs.
 pub(super) fn sweep() {
     if let Ok(rd) = fs::read_dir("/run/netns") {
@@ -97,11 +125,11 @@ pub(super) fn sweep() {
             }
         }
     }
-    if let Ok(rd) = fs::read_dir(cgroup_root()) {
+    for rd in cgroup_mounts().iter().filter_map(|m| fs::read_dir(m).ok()) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
             if owner_pid(&name).is_some_and(dead) {
-                remove_cgroup(&e.path(), true);
+                remove_cgroup_tree(&e.path(), true);
             }
         }
     }
