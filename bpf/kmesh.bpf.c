@@ -18,8 +18,8 @@
  *   original destination; with acceleration, sends go straight into the
  *   peer socket's receive queue when the peer is a local enrolled socket.
  * Telemetry (lib/telemetry.h): connect4/6 report an enrolled socket's
- *   connect with its original destination; sockops reports each end's
- *   open and close.
+ *   connect with its original destination; the inet_sock_set_state
+ *   tracepoint reports each end's open and close.
  * Limits (lib/limits.h): a service's circuit breaker and per-pod connect
  *   rate limit refuse a connect at connect4/6; sockops keeps the counts,
  *   by the same note.
@@ -170,47 +170,33 @@ int kmesh_authz_lookup(struct bpf_sk_lookup *ctx)
 
 /*
  * A client socket's SYN goes out: the breaker counts it in if its note
- * says so, and the socket is marked for what watches it from now on, so
- * that later callbacks look for a note only where there may be one.
+ * says so, and the socket is marked so that later callbacks look for a
+ * note only where there may be one.
  */
 static __always_inline void connecting(struct bpf_sock_ops *skops)
 {
-	bool telemetry = tele_connecting(skops);
 	struct conn_note *n = note_get(skops);
-	bool counted = n && limits_connecting(n);
-	if (n && !counted)
+	if (!n)
+		return;
+	if (!limits_connecting(n)) {
 		note_drop(skops);
-	__u32 flags = skops->bpf_sock_ops_cb_flags & ~(KMESH_CLIENT_MARK | KMESH_TELE_MARK);
-	if (counted) {
-		if (telemetry)
-			n->flags |= KMESH_NOTE_TELE;
-		flags |= KMESH_CLIENT_MARK;
-	} else if (telemetry) {
-		flags |= KMESH_CLIENT_MARK | KMESH_TELE_MARK;
-	} else {
 		return;
 	}
-	bpf_sock_ops_cb_flags_set(skops, flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | KMESH_CLIENT_MARK |
+						 BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 static __always_inline void closed(struct bpf_sock_ops *skops, const bool accel)
 {
 	__u32 flags = skops->bpf_sock_ops_cb_flags;
-	bool client = flags & KMESH_CLIENT_MARK;
-	bool telemetry = flags & KMESH_TELE_MARK;
-	struct conn_note *n = NULL;
-	if (client || telemetry)
+	if (flags & KMESH_CLIENT_MARK) {
 		/* Once: a socket can be connected again after a disconnect. */
-		bpf_sock_ops_cb_flags_set(skops, flags & ~(KMESH_CLIENT_MARK | KMESH_TELE_MARK));
-	if (client && !telemetry) {
-		n = note_get(skops);
-		telemetry = n && (n->flags & KMESH_NOTE_TELE);
-	}
-	if (telemetry)
-		tele_closed(skops, !client);
-	if (n) {
-		limits_closed(n);
-		note_drop(skops);
+		bpf_sock_ops_cb_flags_set(skops, flags & ~KMESH_CLIENT_MARK);
+		struct conn_note *n = note_get(skops);
+		if (n) {
+			limits_closed(n);
+			note_drop(skops);
+		}
 	}
 	sock_closed(skops, accel);
 }
@@ -229,7 +215,6 @@ static __always_inline int sockops(struct bpf_sock_ops *skops, const bool accel)
 		return 1;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
-		tele_established(skops);
 		return sockops_established(skops, accel);
 	case BPF_SOCK_OPS_RTT_CB:
 		return leave_if_on_tcp(skops, accel);
@@ -251,6 +236,25 @@ SEC("sockops")
 int kmesh_sockops_tlv(struct bpf_sock_ops *skops)
 {
 	return sockops(skops, false);
+}
+
+/*
+ * Telemetry's opens and closes (lib/telemetry.h), also in two variants:
+ * only with acceleration can a socket have redirected bytes to add, and
+ * tracing programs may read socket storage only from Linux 5.11.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int kmesh_tele_state(__u64 *ctx)
+{
+	tele_state((struct sock *)ctx[0], (int)ctx[1], (int)ctx[2], true);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int kmesh_tele_state_plain(__u64 *ctx)
+{
+	tele_state((struct sock *)ctx[0], (int)ctx[1], (int)ctx[2], false);
+	return 0;
 }
 
 static __always_inline int sendmsg(struct sk_msg_md *msg, const bool accel)

@@ -184,7 +184,7 @@ struct bucket {
  * Telemetry keeps nothing there (its connect event, lib/telemetry.h).
  */
 enum kmesh_note_flag {
-	KMESH_NOTE_TELE = 1,          /* telemetry watches the socket too (set by sockops) */
+	KMESH_NOTE_UNUSED = 1,        /* was: telemetry watched the socket too */
 	KMESH_NOTE_LIMIT_PENDING = 2, /* passed the breaker; counted when its SYN goes out */
 	KMESH_NOTE_LIMIT_COUNTED = 4, /* in its service's active count until close */
 };
@@ -420,11 +420,20 @@ struct tele_connect_event {
 	__u64 ts_ns;
 };
 
+/* Which end of its connection a socket is. */
+enum kmesh_tele_end {
+	KMESH_TELE_ACTIVE = 0,  /* the client (reporter=source) */
+	KMESH_TELE_PASSIVE = 1, /* the accepting end (reporter=destination) */
+	/* A close after the open: the reader knows from the open. The kernel
+	 * keeps nothing per socket to tell it then. */
+	KMESH_TELE_END_UNKNOWN = 2,
+};
+
 /* A socket's open or close in km_tele_events. Ports in host order. */
 struct tele_event {
 	__u8 kind;       /* enum kmesh_tele_kind */
 	__u8 reason;     /* enum kmesh_tele_reason, for CLOSE */
-	__u8 passive;    /* 1: the accepting end (reporter=destination) */
+	__u8 end;        /* enum kmesh_tele_end */
 	__u8 in_sockmap; /* 1: had acceleration state: a local peer may have
 			  * redirected bytes into it */
 	__u16 local_port;
@@ -433,7 +442,8 @@ struct tele_event {
 	struct kmesh_addr remote;
 	__u64 cookie;   /* the socket's (a client's connect event has it too) */
 	__u64 ts_ns;    /* bpf_ktime_get_ns() at the event */
-	__u64 sent;     /* bytes_acked: sent and acknowledged */
+	__u64 sent;     /* bytes_acked less our FIN (a client's SYN is in it:
+			 * the reader takes it out), plus `redirected` */
 	__u64 received; /* bytes_received */
 	/* A close: of `sent`, the bytes that went straight into the peer's
 	 * queue (acceleration), which the peer's own counters miss. */

@@ -92,6 +92,7 @@ enum {
 	BPF_TCP_CLOSE = 7,
 	BPF_TCP_CLOSE_WAIT = 8,
 	BPF_TCP_LAST_ACK = 9,
+	BPF_TCP_LISTEN = 10,
 	BPF_TCP_CLOSING = 11,
 };
 
@@ -204,9 +205,36 @@ struct sk_msg_md {
 struct sk_msg {
 	struct sock *sk_redir; /* set by bpf_msg_redirect_hash */
 } __attribute__((preserve_access_index));
+/* The netns cookie: made at the netns's creation since Linux 5.12 ... */
+struct net {
+	__u64 net_cookie;
+} __attribute__((preserve_access_index));
+/* ... and on first use before (an atomic64_t). */
+struct net___old {
+	struct {
+		__s64 counter;
+	} net_cookie;
+} __attribute__((preserve_access_index));
+struct in6_addr {
+	union {
+		__u32 u6_addr32[4];
+	} in6_u;
+} __attribute__((preserve_access_index));
 /* sk_flags lives here (skc_flags) since Linux 6.x; in struct sock before. */
 struct sock_common {
 	unsigned long skc_flags;
+	__be32 skc_daddr;
+	__be32 skc_rcv_saddr;
+	__be16 skc_dport;
+	unsigned short skc_family;
+	struct in6_addr skc_v6_daddr;
+	struct in6_addr skc_v6_rcv_saddr;
+	struct {
+		struct net *net;
+	} skc_net;
+	struct {
+		__s64 counter;
+	} skc_cookie;
 } __attribute__((preserve_access_index));
 struct sock___old {
 	unsigned long sk_flags;
@@ -218,6 +246,18 @@ struct sock {
 	int sk_rcvbuf;
 	int sk_err;
 	void *sk_user_data;
+} __attribute__((preserve_access_index));
+struct inet_sock {
+	__be16 inet_sport; /* kept at TCP_CLOSE, where inet_num is cleared */
+} __attribute__((preserve_access_index));
+struct inet_connection_sock {
+	struct inet_sock icsk_inet;
+} __attribute__((preserve_access_index));
+struct tcp_sock {
+	struct inet_connection_sock inet_conn;
+	__u64 bytes_received;
+	__u64 bytes_acked;
+	__u64 tcp_mstamp;
 } __attribute__((preserve_access_index));
 /* The kernel's context behind struct bpf_sock_ops. */
 struct bpf_sock_ops_kern {

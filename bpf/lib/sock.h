@@ -63,12 +63,11 @@ struct {
 } km_conn_note SEC(".maps");
 
 /*
- * Marks a client socket sockops watches from its SYN on, for the breaker
- * (a note), telemetry, or both (see KMESH_TELE_MARK, lib/telemetry.h).
- * The retransmission callback it also asks for runs only on a
- * retransmission, and the sockops switch ignores it. Older daemons used
- * the two marks alike (with a note; without one, for telemetry only), so
- * a socket one of them marked is still counted out right at its close.
+ * Marks a client socket the breaker counts from its SYN on (it has a
+ * note). The retransmission callback it also asks for runs only on a
+ * retransmission, and the sockops switch ignores it. (Daemons before
+ * telemetry moved to a tracepoint also set the RTO flag on sockets
+ * telemetry reported: ignored now.)
  */
 #define KMESH_CLIENT_MARK BPF_SOCK_OPS_RETRANS_CB_FLAG
 

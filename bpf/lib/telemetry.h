@@ -5,17 +5,16 @@
  * the socket's own counters, duration, why it ended), per end: the client
  * socket (reporter=source) and the accepted one (reporter=destination),
  * and before those one at the client's connect naming the service.
- * Events go through a ring buffer; when it is full the event is counted
- * as lost (KMESH_STAT_TELE_LOST) and the connection goes on untouched.
- * Needs only what Linux 5.10 has: ring buffers in sockops and connect4/6;
- * no atomics, and bpf_get_netns_cookie only where the kernel has it.
- * Authorization denials are counted by authz.h, not here.
+ * connect4/6 write the connect; the inet_sock_set_state tracepoint the
+ * rest (tele_state). Events go through a ring buffer; when it is full the
+ * event is counted as lost (KMESH_STAT_TELE_LOST) and the connection goes
+ * on untouched. Needs what Linux 5.10 has: BTF tracepoints, ring buffers,
+ * bpf_skc_to_tcp_sock. Authorization denials are counted by authz.h.
  */
 #ifndef __KMESH_LIB_TELEMETRY_H__
 #define __KMESH_LIB_TELEMETRY_H__
 
 #include "common.h"
-#include "redirect.h"
 #include "sock.h"
 
 /* bpf_ringbuf_query / bpf_ringbuf_submit flags (uapi enum values). */
@@ -34,18 +33,6 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 256 * 1024);
 } km_tele_events SEC(".maps");
-
-/*
- * Marks on the sockets telemetry reports, as callback flags rather than
- * storage of their own: creating and freeing sk_storage (an allocation
- * charged to the memory cgroup, freed after an RCU grace period) was a
- * third of telemetry's cost per connection. The RTO callback the mark also
- * asks for runs only when a retransmission timer fires, and the sockops
- * switch ignores it. On a client socket (KMESH_CLIENT_MARK, lib/sock.h) it
- * means that no note needs looking up for it: telemetry is all it is
- * watched for. Alone, it marks an accepting end.
- */
-#define KMESH_TELE_MARK BPF_SOCK_OPS_RTO_CB_FLAG
 
 /* Queues an event reserved in km_tele_events. */
 static __always_inline void tele_submit(void *e)
@@ -77,8 +64,7 @@ static __always_inline void tele_submit(void *e)
 static __always_inline void tele_connect(struct bpf_sock_addr *ctx, const struct kmesh_addr *orig,
 					 __u32 orig_port)
 {
-	/* Without sockops nothing would report the socket. */
-	if (!km_feat_telemetry || !km_feat_tlv)
+	if (!km_feat_telemetry)
 		return;
 	struct tele_connect_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
 	if (!e) {
@@ -95,204 +81,166 @@ static __always_inline void tele_connect(struct bpf_sock_addr *ctx, const struct
 	tele_submit(e);
 }
 
-/* What one open or close says besides the socket's addresses. */
-struct tele_what {
-	__u32 kind, reason, passive;
-	__u32 opened; /* a close: the open went out (else no bytes) */
-	__u32 fin_out, fin_in;
-	__u64 base_a;     /* bytes_acked at the open */
-	__u64 redirected; /* sent into the peer's queue (acceleration) */
-	__u32 in_sockmap; /* had acceleration state (see tele_event) */
-};
-
-static __always_inline void tele_emit(struct bpf_sock_ops *skops, const struct tele_what *w)
+/* The netns a socket lives in, by the cookie km_manage is keyed by. */
+static __always_inline __u64 tele_netns_cookie(const struct sock *sk)
 {
+	struct net *net = sk->__sk_common.skc_net.net;
+	if (!net)
+		return 0;
+	if (bpf_core_field_exists(struct net___old, net_cookie))
+		return ((struct net___old *)(void *)net)->net_cookie.counter;
+	return net->net_cookie;
+}
+
+/*
+ * Whether the state change is one telemetry reports: an end established
+ * (from SYN_SENT: the client; from SYN_RECV: the accepting end), or
+ * closed. A socket reaches TCP_CLOSE again when closed after it ended, or
+ * after a disconnect: only the first counts. A listener's close is no
+ * connection's.
+ */
+static __always_inline bool tele_reported(int old, int new)
+{
+	if (new == BPF_TCP_ESTABLISHED)
+		return old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV;
+	return new == BPF_TCP_CLOSE && old != BPF_TCP_CLOSE && old != BPF_TCP_LISTEN;
+}
+
+/*
+ * How a connection that reached TCP_CLOSE from `old` ended, and which FINs
+ * the counters hold (each takes one sequence number, as the SYN does):
+ * LAST_ACK, FIN_WAIT2 (on to TIME_WAIT) and CLOSING mean both FINs went
+ * and ours was acknowledged; CLOSE_WAIT, that the peer's came in before a
+ * reset; ESTABLISHED and FIN_WAIT1, a reset or a timeout.
+ */
+static __always_inline __u32 tele_close_reason(const struct sock *sk, int old, __u32 *fin_out,
+					       __u32 *fin_in)
+{
+	__u32 reason = KMESH_TELE_NORMAL;
+	*fin_out = 0;
+	*fin_in = 0;
+	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV)
+		return KMESH_TELE_CONNECT_FAILED;
+	if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1) {
+		reason = KMESH_TELE_RESET;
+	} else if (old == BPF_TCP_CLOSE_WAIT) {
+		reason = KMESH_TELE_RESET;
+		*fin_in = 1;
+	} else {
+		*fin_out = 1;
+		*fin_in = 1;
+	}
+	if (reason != KMESH_TELE_NORMAL && sk->sk_err == ETIMEDOUT)
+		reason = KMESH_TELE_TIMEOUT;
+	/*
+	 * The state says whether the peer's FIN came in only roughly:
+	 * FIN_WAIT2 also ends before it where the application closed first
+	 * (the rest of the wait goes on in a timewait socket, which gets the
+	 * FIN). SOCK_DONE is set exactly when it came in, and so is in
+	 * bytes_received (sk_shutdown is not: close() sets it whole).
+	 */
+	unsigned long flags;
+	if (bpf_core_field_exists(struct sock_common, skc_flags))
+		flags = sk->__sk_common.skc_flags;
+	else
+		flags = ((struct sock___old *)(void *)sk)->sk_flags;
+	*fin_in = !!(flags & (1UL << SOCK_DONE));
+	return reason;
+}
+
+/*
+ * inet_sock_set_state, for every TCP socket on the host: an enrolled
+ * workload's socket (its netns is in km_manage) reports its open and its
+ * close. A tracepoint rather than sockops: with sockops, each socket would
+ * run the program at each of its state changes (about sixteen runs a
+ * connection, with the callbacks sockops makes anyway), several times
+ * what a tracepoint costs; and nothing needs marking on the socket.
+ *
+ * The kernel tells which end a socket is only at its open (from SYN_SENT:
+ * the client). A close says so where it never opened, else leaves it to
+ * the reader (src/telemetry/mod.rs), which joins it to the open by the
+ * socket's addresses; the reader also takes the client's SYN out of its
+ * bytes_acked (the accepting end's counters start past the handshake).
+ */
+static __always_inline void tele_state(struct sock *sk, int old, int new, const bool accel)
+{
+	if (!km_feat_telemetry || !tele_reported(old, new))
+		return;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	__u16 family = sk->__sk_common.skc_family;
+	if (family != AF_INET && family != AF_INET6)
+		return;
+	__u64 netns = tele_netns_cookie(sk);
+	if (!bpf_map_lookup_elem(&km_manage, &netns))
+		return;
 	struct tele_event *e = bpf_ringbuf_reserve(&km_tele_events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(KMESH_STAT_TELE_LOST);
 		return;
 	}
-	struct sock_key k = {};
-	FILL_KEY(&k, skops, 0);
-	e->local = k.local;
-	e->remote = k.remote;
-	e->local_port = k.local_port;
-	e->remote_port = k.remote_port;
-	e->kind = w->kind;
-	e->reason = w->reason;
-	e->passive = w->passive;
-	e->in_sockmap = w->in_sockmap;
+	if (family == AF_INET) {
+		e->local.ip6[0] = 0;
+		e->local.ip6[1] = 0;
+		e->local.ip6[2] = bpf_htonl(0x0000ffff);
+		e->local.ip6[3] = sk->__sk_common.skc_rcv_saddr;
+		e->remote.ip6[0] = 0;
+		e->remote.ip6[1] = 0;
+		e->remote.ip6[2] = bpf_htonl(0x0000ffff);
+		e->remote.ip6[3] = sk->__sk_common.skc_daddr;
+	} else {
+		for (int i = 0; i < 4; i++) {
+			e->local.ip6[i] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[i];
+			e->remote.ip6[i] = sk->__sk_common.skc_v6_daddr.in6_u.u6_addr32[i];
+		}
+	}
+	e->local_port = bpf_ntohs(tp->inet_conn.icsk_inet.inet_sport);
+	e->remote_port = bpf_ntohs(sk->__sk_common.skc_dport);
+	e->cookie = sk->__sk_common.skc_cookie.counter;
 	/*
-	 * Only a client's events are joined by cookie (to its connect). An
-	 * accepted socket has none yet, and making one is an atomic on a
-	 * counter every CPU shares.
+	 * The socket's own clock (CLOCK_MONOTONIC in microseconds, as
+	 * bpf_ktime_get_ns in nanoseconds), refreshed by the packet or the
+	 * send that changes the state: a clock read less per event. Where
+	 * close() resets a connection, the last packet's time.
 	 */
-	e->cookie = w->passive ? 0 : bpf_get_socket_cookie(skops);
-	e->ts_ns = bpf_ktime_get_ns();
+	e->ts_ns = tp->tcp_mstamp * 1000;
+	e->in_sockmap = 0;
 	e->sent = 0;
 	e->received = 0;
-	if (w->kind == KMESH_TELE_CLOSE && w->opened) {
-		__u64 acked = skops->bytes_acked, received = skops->bytes_received;
-		__u64 base_a = w->base_a + w->fin_out, base_r = w->fin_in;
-		e->sent = (acked > base_a ? acked - base_a : 0) + w->redirected;
-		e->received = received > base_r ? received - base_r : 0;
-	}
-	e->redirected = w->redirected;
-	tele_submit(e);
-}
-
-/*
- * A socket of an enrolled workload, as sockops can tell: by its netns
- * where sockops can ask for the cookie (5.15); before that, by its own
- * address being a workload's (a socket on this node with a workload's
- * address is that workload's).
- */
-static __always_inline bool tele_enrolled(struct bpf_sock_ops *skops)
-{
-	if (km_feat_netns_helper) {
-		__u64 cookie = bpf_get_netns_cookie(skops);
-		return bpf_map_lookup_elem(&km_manage, &cookie) != NULL;
-	}
-	struct addr_key key = {};
-	if (CTX_U32(skops->family) == AF_INET) {
-		key.addr.ip6[2] = bpf_htonl(0x0000ffff);
-		key.addr.ip6[3] = CTX_U32(skops->local_ip4);
-	} else {
-		key.addr.ip6[0] = CTX_U32(skops->local_ip6[0]);
-		key.addr.ip6[1] = CTX_U32(skops->local_ip6[1]);
-		key.addr.ip6[2] = CTX_U32(skops->local_ip6[2]);
-		key.addr.ip6[3] = CTX_U32(skops->local_ip6[3]);
-	}
-	if (addr_is_loopback(&key.addr))
-		return false;
-	return bpf_map_lookup_elem(&km_workload, &key) != NULL;
-}
-
-/*
- * The bases of the counters, so that no end keeps them on its socket: an
- * accepting end's count neither the peer's SYN nor the ACK of its own
- * (the child socket starts past both), so everything there is data and
- * FINs; data in a fast-open SYN is counted, as it should be. A connecting
- * end's bytes_acked holds its SYN (one sequence number) and then data;
- * its bytes_received starts past the peer's SYN.
- */
-#define KMESH_TELE_SERVER_BASE 0
-#define KMESH_TELE_CLIENT_BASE 1
-
-/*
- * A client's SYN goes out: whether telemetry reports it (it was enrolled
- * at its connect, whose event names it).
- */
-static __always_inline bool tele_connecting(struct bpf_sock_ops *skops)
-{
-	if (!km_feat_telemetry)
-		return false;
-	if (skops->family != AF_INET && skops->family != AF_INET6)
-		return false;
-	return tele_enrolled(skops);
-}
-
-/*
- * Either end established. A client is reported when it was marked at its
- * SYN (see connecting() in kmesh.bpf.c): by KMESH_TELE_MARK, or, where the
- * breaker keeps a note on it, by the note's KMESH_NOTE_TELE.
- */
-static __always_inline void tele_established(struct bpf_sock_ops *skops)
-{
-	struct bpf_sock *sk = skops->sk;
-	if (!km_feat_telemetry || !sk)
-		return;
-	if (skops->family != AF_INET && skops->family != AF_INET6)
-		return;
-	struct tele_what w = { .kind = KMESH_TELE_OPEN };
-	__u32 flags = skops->bpf_sock_ops_cb_flags;
-	if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
-		if (!tele_enrolled(skops))
-			return;
-		w.passive = 1;
-		tele_emit(skops, &w);
-		bpf_sock_ops_cb_flags_set(skops,
-					  flags | BPF_SOCK_OPS_STATE_CB_FLAG | KMESH_TELE_MARK);
+	e->redirected = 0;
+	if (new == BPF_TCP_ESTABLISHED) {
+		e->kind = KMESH_TELE_OPEN;
+		e->reason = 0;
+		e->end = old == BPF_TCP_SYN_RECV ? KMESH_TELE_PASSIVE : KMESH_TELE_ACTIVE;
+		tele_submit(e);
 		return;
 	}
-	if (!(flags & KMESH_CLIENT_MARK))
-		return;
-	if (!(flags & KMESH_TELE_MARK)) {
-		struct conn_note *n = note_get(skops);
-		if (!n || !(n->flags & KMESH_NOTE_TELE))
-			return;
-	}
-	tele_emit(skops, &w);
-}
-
-/*
- * TCP_CLOSE of a socket telemetry reports: the state it came from tells
- * how the connection ended, and which FINs the counters hold (each takes
- * one sequence number, as the SYN does): LAST_ACK, FIN_WAIT2 (on to
- * TIME_WAIT) and CLOSING mean both FINs went and ours was acknowledged;
- * CLOSE_WAIT, that the peer's came in before a reset; ESTABLISHED and
- * FIN_WAIT1, a reset or a timeout.
- */
-static __always_inline void tele_closed(struct bpf_sock_ops *skops, bool passive)
-{
-	struct bpf_sock *sk = skops->sk;
-	if (!km_feat_telemetry || !sk)
-		return;
-	struct tele_what w = { .kind = KMESH_TELE_CLOSE, .passive = passive };
-	__u32 old = skops->args[0];
-	/* A connect that failed was never opened. */
-	w.opened = old != BPF_TCP_SYN_SENT && old != BPF_TCP_SYN_RECV;
-	w.base_a = passive ? KMESH_TELE_SERVER_BASE : KMESH_TELE_CLIENT_BASE;
-	/*
-	 * Accelerated bytes bypass TCP's counters: this end's are added to
-	 * what it sent; those its peer sent into it come with the peer's
-	 * close, and the reader adds them to this end's report
-	 * (src/telemetry/mod.rs).
-	 */
-	struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
-	if (st) {
-		w.redirected = st->redirected;
-		w.in_sockmap = 1;
-	}
-	w.reason = KMESH_TELE_NORMAL;
-	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV) {
-		w.reason = KMESH_TELE_CONNECT_FAILED;
-	} else if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1) {
-		w.reason = KMESH_TELE_RESET;
-	} else if (old == BPF_TCP_CLOSE_WAIT) {
-		w.reason = KMESH_TELE_RESET;
-		w.fin_in = 1;
-	} else {
-		w.fin_out = 1;
-		w.fin_in = 1;
-	}
-	struct sock *ks = NULL;
-	if (km_feat_probe_read &&
-	    !bpf_core_read(&ks, sizeof(ks), &((struct bpf_sock_ops_kern *)(void *)skops)->sk) &&
-	    ks) {
-		int err = 0;
-		if (w.reason != KMESH_TELE_NORMAL && !bpf_core_read(&err, sizeof(err), &ks->sk_err) &&
-		    err == ETIMEDOUT)
-			w.reason = KMESH_TELE_TIMEOUT;
+	e->kind = KMESH_TELE_CLOSE;
+	e->end = old == BPF_TCP_SYN_SENT   ? KMESH_TELE_ACTIVE
+		 : old == BPF_TCP_SYN_RECV ? KMESH_TELE_PASSIVE
+					   : KMESH_TELE_END_UNKNOWN;
+	__u32 fin_out, fin_in;
+	e->reason = tele_close_reason(sk, old, &fin_out, &fin_in);
+	if (e->reason != KMESH_TELE_CONNECT_FAILED) {
 		/*
-		 * The state says whether the peer's FIN came in only
-		 * roughly: FIN_WAIT2 also ends before it where the
-		 * application closed first (the rest of the wait goes on in
-		 * a timewait socket, which gets the FIN). SOCK_DONE is set
-		 * exactly when it came in, and so is in bytes_received
-		 * (sk_shutdown is not: close() sets it whole).
+		 * Accelerated bytes bypass TCP's counters: this end's are
+		 * added to what it sent; those its peer sent into it come
+		 * with the peer's close, and the reader adds them to this
+		 * end's report.
 		 */
-		unsigned long sflags = 0;
-		long rerr = -1;
-		if (bpf_core_field_exists(struct sock_common, skc_flags))
-			rerr = bpf_core_read(&sflags, sizeof(sflags), &ks->__sk_common.skc_flags);
-		else if (bpf_core_field_exists(struct sock___old, sk_flags))
-			rerr = bpf_core_read(&sflags, sizeof(sflags),
-					     &((struct sock___old *)(void *)ks)->sk_flags);
-		if (!rerr)
-			w.fin_in = !!(sflags & (1UL << SOCK_DONE));
+		if (accel && km_feat_accel) {
+			struct sock_state *st = bpf_sk_storage_get(&km_sock_state, sk, 0, 0);
+			if (st) {
+				e->redirected = st->redirected;
+				e->in_sockmap = 1;
+			}
+		}
+		__u64 acked = tp->bytes_acked, received = tp->bytes_received;
+		e->sent = (acked > fin_out ? acked - fin_out : 0) + e->redirected;
+		e->received = received > fin_in ? received - fin_in : 0;
 	}
-	tele_emit(skops, &w);
+	tele_submit(e);
 }
 
 #endif

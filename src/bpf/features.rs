@@ -25,8 +25,9 @@ pub struct Features {
     /// `sk_psock.msg_tot_len` in the kernel's BTF: the bytes a stalled
     /// reader holds, which bounds an accelerated sender (push-back).
     pub psock_queue_length: bool,
-    /// bpf_ringbuf_reserve in sockops programs (5.8): connection telemetry.
-    pub ringbuf_in_sockops: bool,
+    /// Ring buffers (5.8) and the inet_sock_set_state tracepoint in the
+    /// kernel's BTF (tp_btf, 5.5): connection telemetry.
+    pub telemetry_tracepoint: bool,
 }
 
 impl Features {
@@ -44,10 +45,7 @@ impl Features {
             sk_storage_in_sk_msg: helper(BPF_PROG_TYPE_SK_MSG, BPF_FUNC_sk_storage_get),
             atomic_fetch: atomic_fetch_loads(),
             psock_queue_length: kernel_counts_psock_bytes(),
-            ringbuf_in_sockops: helper(
-                BPF_PROG_TYPE_SOCK_OPS,
-                libbpf_sys::BPF_FUNC_ringbuf_reserve,
-            ),
+            telemetry_tracepoint: ringbuf_maps() && state_tracepoint_in_btf(),
         }
     }
 
@@ -110,10 +108,6 @@ pub struct KernelSupport {
     /// Whether the programs report connections (--telemetry on and the
     /// kernel can).
     pub telemetry_on: bool,
-    /// How an accepted socket is found to be an enrolled workload's:
-    /// "netns" (its netns cookie, 5.15) or "address" (its local address is
-    /// a workload's).
-    pub telemetry_server_check: &'static str,
     /// How enrolled netns cookies are read: "getsockopt" (SO_NETNS_COOKIE)
     /// or "bpf" (a probe program sees a connect made inside the netns).
     pub netns_cookie: &'static str,
@@ -132,11 +126,6 @@ impl KernelSupport {
             circuit_breaker: features.waypoints_unavailable().map(str::to_string),
             telemetry: None,
             telemetry_on: false,
-            telemetry_server_check: if features.netns_cookie_in_sockops {
-                "netns"
-            } else {
-                "address"
-            },
             netns_cookie: if features.netns_cookie_sockopt {
                 "getsockopt"
             } else {
@@ -152,19 +141,21 @@ impl KernelSupport {
         self.waypoints = Some(reason);
     }
 
-    /// Decides whether telemetry runs: asked for, and the sockops program
-    /// (which reports) can load with ring buffers.
+    /// Decides whether telemetry runs: asked for, and the kernel has what
+    /// its tracepoint program needs.
     pub fn want_telemetry(&mut self, on: bool) {
-        self.telemetry = if !on {
-            None
-        } else if let Some(why) = &self.waypoints {
-            Some(format!("the sockops program cannot run here: {why}"))
-        } else if !self.features.ringbuf_in_sockops {
-            Some("bpf_ringbuf_reserve is not allowed in sockops programs (Linux 5.8)".into())
-        } else {
-            None
-        };
+        self.telemetry = (on && !self.features.telemetry_tracepoint).then(|| {
+            "no ring buffers (Linux 5.8) or no inet_sock_set_state tracepoint in the kernel's \
+             BTF"
+            .into()
+        });
         self.telemetry_on = on && self.telemetry.is_none();
+    }
+
+    /// The kernel refused or could not attach the telemetry program.
+    pub fn without_telemetry(&mut self, reason: String) {
+        self.telemetry = Some(reason);
+        self.telemetry_on = false;
     }
 
     /// Whether the sockops and sk_msg programs are loaded.
@@ -213,6 +204,24 @@ pub fn kernel_counts_psock_bytes() -> bool {
     };
     btf.type_by_name::<Composite>("sk_psock")
         .is_some_and(|s| s.iter().any(|m| m.name.is_some_and(|n| n == "msg_tot_len")))
+}
+
+fn ringbuf_maps() -> bool {
+    // SAFETY: plain probe; a null opts pointer is allowed.
+    unsafe {
+        libbpf_sys::libbpf_probe_bpf_map_type(libbpf_sys::BPF_MAP_TYPE_RINGBUF, std::ptr::null())
+            == 1
+    }
+}
+
+/// A tp_btf program attaches to a tracepoint through its `btf_trace_*`
+/// typedef in the kernel's BTF.
+fn state_tracepoint_in_btf() -> bool {
+    use libbpf_rs::btf::{types::Typedef, Btf};
+    Btf::from_vmlinux().is_ok_and(|btf| {
+        btf.type_by_name::<Typedef>("btf_trace_inet_sock_set_state")
+            .is_some()
+    })
 }
 
 /// Whether libbpf finds `func` allowed in programs of `prog_type`.

@@ -90,6 +90,8 @@ pub enum BpfError {
 pub struct Datapath {
     skel: skel::KmeshSkel<'static>,
     links: Vec<(&'static str, Link)>,
+    /// Telemetry's tracepoint program, where it runs.
+    tele_link: Option<Link>,
     pin_dir: Option<PathBuf>,
     /// Where `attach` put the programs, kept open so sockops can follow.
     cgroup: Option<(PathBuf, fs::File)>,
@@ -146,6 +148,24 @@ fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport)
     p.kmesh_sendmsg.set_autoload(accel);
     p.kmesh_sockops_tlv.set_autoload(socket && !accel);
     p.kmesh_sendmsg_tlv.set_autoload(socket && !accel);
+    // Tracing programs may read socket storage (the accelerated bytes)
+    // from 5.11; acceleration needs 5.12.
+    p.kmesh_tele_state
+        .set_autoload(kernel.telemetry_on && accel);
+    p.kmesh_tele_state_plain
+        .set_autoload(kernel.telemetry_on && !accel);
+}
+
+/// Telemetry's tracepoint program: the variant set_features loaded.
+fn tele_prog<'a>(
+    skel: &'a skel::KmeshSkel<'static>,
+    kernel: &KernelSupport,
+) -> &'a libbpf_rs::ProgramMut<'static> {
+    if kernel.acceleration.is_none() {
+        &skel.progs.kmesh_tele_state
+    } else {
+        &skel.progs.kmesh_tele_state_plain
+    }
 }
 
 impl Datapath {
@@ -173,37 +193,58 @@ impl Datapath {
     ) -> Result<Self, BpfError> {
         libbpf_rs::set_print(Some((PrintLevel::Debug, libbpf_print)));
         LOG_TAIL.lock().unwrap_or_else(|e| e.into_inner()).clear();
-        // The skeleton borrows its OpenObject for its whole life; the daemon
-        // holds one data path for the process lifetime, so the few words of
-        // storage are leaked rather than tied into a self-referential struct.
-        let storage: &'static mut MaybeUninit<OpenObject> =
-            Box::leak(Box::new(MaybeUninit::uninit()));
-        let mut open = Self::open(storage, sizes, pins, telemetry)?;
         let features = Features::probe();
         let mut kernel = KernelSupport::new(features);
         kernel.want_telemetry(telemetry.is_some());
-        set_features(&mut open, &kernel);
-        let skel = match open.load() {
-            Ok(skel) => skel,
-            // An unknown kernel may refuse sockops/sk_msg for a reason no
-            // probe asked about: connect redirect still runs without them.
-            Err(source) if kernel.waypoints.is_none() => {
-                let reason = format!("the kernel refused the sockops/sk_msg programs: {source}");
-                tracing::debug!("{reason}{}", verifier_tail());
-                kernel.without_socket_programs(reason);
-                kernel.want_telemetry(telemetry.is_some());
-                let storage: &'static mut MaybeUninit<OpenObject> =
-                    Box::leak(Box::new(MaybeUninit::uninit()));
-                let mut open = Self::open(storage, sizes, pins, telemetry)?;
-                set_features(&mut open, &kernel);
-                open.load().map_err(|source| BpfError::Load { source })?
+        // Each refusal turns off what the kernel would not run and loads
+        // again: telemetry first (its tracepoint program), then the
+        // sockops/sk_msg programs, which an unknown kernel may refuse for
+        // a reason no probe asked about (connect redirect runs without).
+        let (skel, tele_link) = loop {
+            // The skeleton borrows its OpenObject for its whole life; the
+            // daemon holds one data path for the process lifetime, so the
+            // few words of storage are leaked rather than tied into a
+            // self-referential struct.
+            let storage: &'static mut MaybeUninit<OpenObject> =
+                Box::leak(Box::new(MaybeUninit::uninit()));
+            let mut open = Self::open(storage, sizes, pins, telemetry)?;
+            set_features(&mut open, &kernel);
+            let skel = match open.load() {
+                Ok(skel) => skel,
+                Err(source) if kernel.telemetry_on => {
+                    let reason = format!("the kernel refused its tracepoint program: {source}");
+                    tracing::debug!("{reason}{}", verifier_tail());
+                    kernel.without_telemetry(reason);
+                    continue;
+                }
+                Err(source) if kernel.waypoints.is_none() => {
+                    let reason =
+                        format!("the kernel refused the sockops/sk_msg programs: {source}");
+                    tracing::debug!("{reason}{}", verifier_tail());
+                    kernel.without_socket_programs(reason);
+                    continue;
+                }
+                Err(source) => return Err(BpfError::Load { source }),
+            };
+            if !kernel.telemetry_on {
+                break (skel, None);
             }
-            Err(source) => return Err(BpfError::Load { source }),
+            // Global, unlike the cgroup programs: the tracepoint fires for
+            // every TCP socket's state changes, and the program reports
+            // only those of enrolled netns. Not pinned: without a daemon
+            // nothing would read the events.
+            match tele_prog(&skel, &kernel).attach() {
+                Ok(link) => break (skel, Some(link)),
+                Err(e) => kernel.without_telemetry(format!(
+                    "attaching its program to the inet_sock_set_state tracepoint: {e}"
+                )),
+            }
         };
         kernel.log();
         Ok(Datapath {
             skel,
             links: Vec::new(),
+            tele_link,
             pin_dir: None,
             cgroup: None,
             sockops_wanted: false,
@@ -317,6 +358,10 @@ impl Datapath {
         } else {
             &p.kmesh_sendmsg_tlv
         }
+    }
+
+    fn tele_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        tele_prog(&self.skel, &self.kernel)
     }
 
     /// The ring buffer of connection events (struct tele_event).

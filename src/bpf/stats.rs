@@ -106,6 +106,11 @@ impl Datapath {
                 .into_iter()
                 .flatten(),
         )
+        .chain(
+            self.tele_link
+                .is_some()
+                .then(|| ("tele_state", self.tele_prog().as_fd().as_raw_fd())),
+        )
         .filter_map(|(name, fd)| {
             let mut info = libbpf_sys::bpf_prog_info::default();
             let mut len = std::mem::size_of::<libbpf_sys::bpf_prog_info>() as u32;

@@ -189,11 +189,7 @@ pub async fn run(opts: Options) -> Result<(), DaemonError> {
         Some(&opts.bpffs),
         opts.telemetry,
     )?);
-    // Telemetry reports from sockops: it goes on the cgroup with connect4.
     let telemetry_on = w.datapath().kernel().telemetry_on;
-    if telemetry_on {
-        w.datapath_mut().want_sockops()?;
-    }
     let swept = w.datapath().sweep_conns();
     if swept > 0 {
         tracing::info!("km_conn: removed {swept} entries of connections gone or back on TCP");

@@ -63,11 +63,14 @@ pub struct Connect {
 }
 
 /// One end's open or close. `passive`: the accepting end
-/// (reporter=destination).
+/// (reporter=destination); the kernel says which end a close is only where
+/// it never opened (`end_known`), the reader settles the others from the
+/// open (`Telemetry::settle`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnEvent {
     pub kind: Kind,
     pub passive: bool,
+    pub end_known: bool,
     pub local: SocketAddr,
     pub remote: SocketAddr,
     /// A client's socket cookie, as in its `Connect`; 0 at the accepting
@@ -95,6 +98,10 @@ const KIND_OPEN: u8 = 0;
 const KIND_CLOSE: u8 = 1;
 const KIND_CONNECT: u8 = 2;
 
+/// enum kmesh_tele_end (bpf/include/kmesh.h); 0 is the client.
+const END_PASSIVE: u8 = 1;
+const END_UNKNOWN: u8 = 2;
+
 fn u64_at(b: &[u8], o: usize) -> u64 {
     u64::from_ne_bytes(b[o..o + 8].try_into().unwrap_or_default())
 }
@@ -119,7 +126,8 @@ impl Event {
                 } else {
                     Kind::Close(Reason::from_raw(b[1].into()))
                 },
-                passive: b[2] != 0,
+                passive: b[2] == END_PASSIVE,
+                end_known: b[2] != END_UNKNOWN,
                 in_sockmap: b[3] != 0,
                 local: SocketAddr::new(kmesh_addr::ip_at(b, 8)?, u16_at(b, 4)),
                 remote: SocketAddr::new(kmesh_addr::ip_at(b, 24)?, u16_at(b, 6)),
@@ -180,8 +188,15 @@ mod tests {
         assert_eq!((e.sent, e.received), (100, 200));
         assert_eq!((e.cookie, e.at), (99, Duration::from_micros(7)));
         assert_eq!((e.redirected, e.in_sockmap), (40, true));
-        assert!(!e.passive);
+        assert!(!e.passive && e.end_known);
         assert!(Event::parse(&b[..50]).is_none());
+        for (end, passive, known) in [(1, true, true), (2, false, false)] {
+            b[2] = end;
+            let Some(Event::Conn(e)) = Event::parse(&b) else {
+                panic!("not an open or close")
+            };
+            assert_eq!((e.passive, e.end_known), (passive, known), "end {end}");
+        }
 
         let mut c = vec![0u8; CONNECT_SIZE];
         c[0] = KIND_CONNECT;

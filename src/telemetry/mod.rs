@@ -49,8 +49,7 @@ pub type OpenConns = HashMap<(SocketAddr, SocketAddr, bool), (Option<Arc<Service
 /// Clients' connects not yet joined to their socket's open (or, for a
 /// connect that fails, its close), by socket cookie: the service
 /// addressed and when. Some never are (a connect that failed before its
-/// SYN; before Linux 5.15, a client whose address is no workload's, which
-/// sockops cannot tell as enrolled): past MAX_CONNECTING, the oldest go.
+/// SYN): past MAX_CONNECTING, the oldest go.
 type Connecting = HashMap<u64, (Option<Arc<ServiceInfo>>, Duration)>;
 
 const MAX_CONNECTING: usize = 1 << 14;
@@ -214,8 +213,35 @@ impl Telemetry {
         connecting.insert(c.cookie, (service, c.at));
     }
 
+    /// What the kernel leaves to the reader about a close: which end it is
+    /// (the socket's open said, and left its record in `open`; with no
+    /// record, as where the open's event was lost, a socket with a cookie
+    /// is taken as the client, since connect4 made it one), and a client's
+    /// SYN out of its bytes acknowledged (the accepting end's counters
+    /// start past the handshake).
+    pub fn settle(e: &ConnEvent, open: &OpenConns) -> ConnEvent {
+        let mut e = e.clone();
+        if !e.end_known {
+            e.passive = !open.contains_key(&(e.local, e.remote, false))
+                && (open.contains_key(&(e.remote, e.local, true)) || e.cookie == 0);
+            e.end_known = true;
+        }
+        let opened = matches!(e.kind, Kind::Close(r) if r != Reason::ConnectFailed);
+        if opened && !e.passive && e.sent > e.redirected {
+            e.sent -= 1;
+        }
+        e
+    }
+
     /// One open or close: metrics, and the access log line of a close.
     pub fn handle(&self, e: &ConnEvent, st: &mut ReaderState) {
+        let settled;
+        let e = if e.kind == Kind::Open || (e.end_known && e.passive) {
+            e
+        } else {
+            settled = Self::settle(e, &st.open);
+            &settled
+        };
         let ReaderState {
             connecting,
             open,
