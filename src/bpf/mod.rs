@@ -149,11 +149,12 @@ fn set_features(open: &mut skel::OpenKmeshSkel<'static>, kernel: &KernelSupport)
     p.kmesh_sockops_tlv.set_autoload(socket && !accel);
     p.kmesh_sendmsg_tlv.set_autoload(socket && !accel);
     // Tracing programs may read socket storage (the accelerated bytes)
-    // from 5.11; acceleration needs 5.12.
+    // from 5.11; acceleration needs 5.12. (As tele_prog picks.)
+    let accel_bytes = kernel.acceleration.is_none();
     p.kmesh_tele_state
-        .set_autoload(kernel.telemetry_on && accel);
+        .set_autoload(kernel.telemetry_on && accel_bytes);
     p.kmesh_tele_state_plain
-        .set_autoload(kernel.telemetry_on && !accel);
+        .set_autoload(kernel.telemetry_on && !accel_bytes);
 }
 
 /// Telemetry's tracepoint program: the variant set_features loaded.
