@@ -435,4 +435,53 @@ mod tests {
         assert!(st.connecting.len() <= MAX_CONNECTING);
         assert!(st.connecting.contains_key(&(3 * n + 1)));
     }
+
+    fn close(local: &str, remote: &str, cookie: u64, reason: Reason) -> ConnEvent {
+        ConnEvent {
+            kind: Kind::Close(reason),
+            passive: false,
+            end_known: false,
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            cookie,
+            at: Duration::ZERO,
+            sent: 101,
+            received: 50,
+            redirected: 0,
+            in_sockmap: false,
+        }
+    }
+
+    /// A close's end comes from the open's record (by either end's view of
+    /// the addresses), else from the cookie connect4 gave a client; a
+    /// client's SYN leaves its bytes acknowledged.
+    #[test]
+    fn a_close_is_settled_from_its_open() {
+        let (c, s) = ("10.0.0.1:40000", "10.0.0.2:8080");
+        let mut open = OpenConns::default();
+        let key = |a: &str, b: &str, p| (a.parse().unwrap(), b.parse().unwrap(), p);
+        open.insert(key(c, s, false), (None, Duration::ZERO));
+        let e = Telemetry::settle(&close(c, s, 0, Reason::Normal), &open);
+        assert!(!e.passive && e.end_known);
+        assert_eq!((e.sent, e.received), (100, 50));
+
+        let mut open = OpenConns::default();
+        open.insert(key(c, s, true), (None, Duration::ZERO));
+        let e = Telemetry::settle(&close(s, c, 7, Reason::Reset), &open);
+        assert!(e.passive && e.end_known);
+        assert_eq!((e.sent, e.received), (101, 50));
+
+        let none = OpenConns::default();
+        assert!(Telemetry::settle(&close(s, c, 0, Reason::Normal), &none).passive);
+        assert!(!Telemetry::settle(&close(c, s, 9, Reason::Normal), &none).passive);
+
+        // A failed connect said which end it was, and acknowledged nothing.
+        let mut failed = close(c, s, 9, Reason::ConnectFailed);
+        (failed.end_known, failed.sent, failed.received) = (true, 0, 0);
+        assert_eq!(Telemetry::settle(&failed, &none), failed);
+        // Accelerated bytes are not TCP's: nothing to take out of them.
+        let mut accel = close(c, s, 9, Reason::Normal);
+        (accel.sent, accel.redirected) = (40, 40);
+        assert_eq!(Telemetry::settle(&accel, &none).sent, 40);
+    }
 }
