@@ -17,14 +17,6 @@
 #include "common.h"
 #include "sock.h"
 
-/* bpf_ringbuf_query / bpf_ringbuf_submit flags (uapi enum values). */
-#define KMESH_RB_NO_WAKEUP 1
-#define KMESH_RB_FORCE_WAKEUP 2
-#define KMESH_RB_AVAIL_DATA 0
-#define KMESH_RB_RING_SIZE 1
-/* An event's room in the ring: its 8-byte header, rounded to 8. */
-#define KMESH_TELE_RECORD ((sizeof(struct tele_event) + 8 + 7) / 8 * 8)
-
 /* Set by the loader when telemetry is on (--telemetry). */
 const volatile __u32 km_feat_telemetry = 0;
 
@@ -38,18 +30,16 @@ struct {
 static __always_inline void tele_submit(void *e)
 {
 	/*
-	 * No wake-up per event: each is an irq_work, an IPI to this CPU and
-	 * a context switch of the reader, about a tenth of a bare connect's
-	 * cost. The reader drains the ring on its own (every 10 ms while
-	 * events come, see src/telemetry/mod.rs); it is woken only when this
-	 * event takes the ring past half full, in case it fell behind. Two
-	 * CPUs may both step over that line unseen: the next drain still
-	 * comes in time, as 10 ms of events fill a fraction of the ring.
+	 * The ring's own rule for waking the reader: only where it had read
+	 * everything before this event. The reader drains every 10 ms while
+	 * events come (src/telemetry/mod.rs), so that is about once per
+	 * drain, not per event (each wake-up is an irq_work, an IPI to this
+	 * CPU and a context switch of the reader). Asking the ring how full
+	 * it is, to wake the reader past half full, took two helper calls per
+	 * event (~30 ns) and helped nothing: between drains the reader sleeps
+	 * rather than waits on the ring.
 	 */
-	__u64 waiting = bpf_ringbuf_query(&km_tele_events, KMESH_RB_AVAIL_DATA);
-	__u64 half = bpf_ringbuf_query(&km_tele_events, KMESH_RB_RING_SIZE) / 2;
-	bool crossed = waiting >= half && waiting < half + KMESH_TELE_RECORD;
-	bpf_ringbuf_submit(e, crossed ? KMESH_RB_FORCE_WAKEUP : KMESH_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(e, 0);
 }
 
 /*

@@ -169,9 +169,10 @@ impl Telemetry {
                 };
                 // The data path does not wake this thread per event (each
                 // wake-up costs the connection's CPU an interrupt): it
-                // drains the ring every 10 ms while events come, every
-                // 50 ms when idle, and is woken early only when the ring
-                // passes half full (bpf/lib/telemetry.h).
+                // drains the ring every 10 ms while events come; idle, it
+                // waits on the ring (50 ms at most), which wakes it with
+                // the first event after it read everything
+                // (bpf/lib/telemetry.h).
                 loop {
                     let n = got.replace(0);
                     self.metrics.events_read.inc_by(n as u64);
