@@ -140,7 +140,11 @@ fn counted_exactly(accelerate: bool, breaker: bool) {
     // nothing under other labels, and their events would come first).
     let (outside, outside_server) = (env.pod(30, &[]), env.pod(31, &[]));
     let outside_addr = format!("{}:8080", outside_server.v4);
-    env.serve(&outside_server, &[outside_addr.clone()], "outside");
+    env.serve(
+        &outside_server,
+        std::slice::from_ref(&outside_addr),
+        "outside",
+    );
     let conns = env.connect_opts(&outside, &outside_addr, 3, false);
     assert!(conns.iter().all(|c| c.ok), "{conns:?}");
     const N: usize = 6;
