@@ -197,10 +197,12 @@ impl Datapath {
         let features = Features::probe();
         let mut kernel = KernelSupport::new(features);
         kernel.want_telemetry(telemetry.is_some());
-        // Each refusal turns off what the kernel would not run and loads
+        // Each refusal turns off what the kernel may not run and loads
         // again: telemetry first (its tracepoint program), then the
         // sockops/sk_msg programs, which an unknown kernel may refuse for
-        // a reason no probe asked about (connect redirect runs without).
+        // a reason no probe asked about (connect redirect runs without);
+        // telemetry gets another try without those. At most four loads.
+        let mut tele_refused = false;
         let (skel, tele_link) = loop {
             // The skeleton borrows its OpenObject for its whole life; the
             // daemon holds one data path for the process lifetime, so the
@@ -216,6 +218,7 @@ impl Datapath {
                     let reason = format!("the kernel refused its tracepoint program: {source}");
                     tracing::debug!("{reason}{}", verifier_tail());
                     kernel.without_telemetry(reason);
+                    tele_refused = true;
                     continue;
                 }
                 Err(source) if kernel.waypoints.is_none() => {
@@ -223,6 +226,9 @@ impl Datapath {
                         format!("the kernel refused the sockops/sk_msg programs: {source}");
                     tracing::debug!("{reason}{}", verifier_tail());
                     kernel.without_socket_programs(reason);
+                    if std::mem::take(&mut tele_refused) {
+                        kernel.want_telemetry(telemetry.is_some());
+                    }
                     continue;
                 }
                 Err(source) => return Err(BpfError::Load { source }),
