@@ -23,43 +23,65 @@ const HOST: &str = "web.default.svc.cluster.local";
 /// their accepted sockets report too), all enrolled and all workloads of
 /// the model; a second service whose backend port has no listener.
 fn world(env: &mut Env, extra: &[&str]) -> (Pod, Daemon, HttpPorts) {
-    world_with(env, extra, false, false)
+    world_with(env, extra, Variant::default())
 }
 
-/// `world`, with same-host acceleration on or off, and the web service's
-/// circuit breaker (which then keeps a note on each client socket).
-fn world_with(
-    env: &mut Env,
-    extra: &[&str],
+/// How `world_with` and `counted_exactly` differ from the plain case.
+#[derive(Clone, Copy, Default)]
+struct Variant {
+    /// Same-host acceleration on.
     accelerate: bool,
+    /// The web service's circuit breaker (sockops keeps a note on each
+    /// client socket).
     breaker: bool,
-) -> (Pod, Daemon, HttpPorts) {
+    /// Workloads with their IPv6 addresses too, servers on both, and the
+    /// web service's IPv6 VIP, which the client connects to.
+    v6: bool,
+}
+
+const VIP6: &str = "[fd00:96::10]:80";
+
+/// `world`, as `v` says.
+fn world_with(env: &mut Env, extra: &[&str], v: Variant) -> (Pod, Daemon, HttpPorts) {
     let client = env.pod(2, &[]);
     let pods: Vec<Pod> = (1..=2u8).map(|i| env.pod(10 + i, &[])).collect();
     for (i, p) in pods.iter().enumerate() {
-        env.serve_in_mesh(
-            p,
-            &[format!("{}:8080", p.v4)],
-            &format!("web-{}", i + 1),
-            &[],
-        );
+        let mut listen = vec![format!("{}:8080", p.v4)];
+        if v.v6 {
+            listen.push(format!("[{}]:8080", p.v6));
+        }
+        env.serve_in_mesh(p, &listen, &format!("web-{}", i + 1), &[]);
     }
     let mut cfg = web_config(
         Env::enroll_list(&[&client, &pods[0], &pods[1]]),
         &[("web-1", &pods[0]), ("web-2", &pods[1])],
     );
-    cfg["workloads"].as_array_mut().unwrap().push(json!({
-        "uid": "Kubernetes//Pod/default/client", "name": "client", "namespace": "default",
-        "addresses": [client.v4.to_string()],
-        "services": {"default/closed.default.svc.cluster.local": {}}
-    }));
     cfg["services"].as_array_mut().unwrap().push(json!({
         "name": "closed", "namespace": "default", "hostname": "closed.default.svc.cluster.local",
         "addresses": ["10.96.0.11"],
         "ports": [{"service_port": 80, "target_port": 9999}]
     }));
-    cfg["accelerate"] = json!(accelerate);
-    if breaker {
+    if v.v6 {
+        for (w, p) in cfg["workloads"]
+            .as_array_mut()
+            .unwrap()
+            .iter_mut()
+            .zip(&pods)
+        {
+            w["addresses"].as_array_mut().unwrap().push(json!(p.v6));
+        }
+        cfg["services"][0]["addresses"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("fd00:96::10"));
+    }
+    cfg["workloads"].as_array_mut().unwrap().push(json!({
+        "uid": "Kubernetes//Pod/default/client", "name": "client", "namespace": "default",
+        "addresses": if v.v6 { json!([client.v4, client.v6]) } else { json!([client.v4]) },
+        "services": {"default/closed.default.svc.cluster.local": {}}
+    }));
+    cfg["accelerate"] = json!(v.accelerate);
+    if v.breaker {
         let web = &mut cfg["services"][0];
         assert_eq!(web["hostname"], HOST);
         web["max_connections"] = json!(64);
@@ -110,14 +132,26 @@ const DST: (&str, &str) = ("reporter", "destination");
 
 #[test]
 fn connections_and_bytes_are_counted_exactly_on_both_reporters() {
-    counted_exactly(false, false);
+    counted_exactly(Variant::default());
+}
+
+/// IPv6 sockets: their addresses come from other fields of the socket.
+#[test]
+fn ipv6_connections_and_bytes_are_counted_exactly_on_both_reporters() {
+    counted_exactly(Variant {
+        v6: true,
+        ..Variant::default()
+    });
 }
 
 /// A client socket the circuit breaker counts (sockops keeps a note on
 /// it) is reported all the same, and its note goes at its close.
 #[test]
 fn connections_a_circuit_breaker_counts_are_counted_exactly_too() {
-    counted_exactly(false, true);
+    counted_exactly(Variant {
+        breaker: true,
+        ..Variant::default()
+    });
 }
 
 /// With acceleration the bytes go from socket to socket, past TCP's
@@ -129,12 +163,15 @@ fn accelerated_connections_and_bytes_are_counted_exactly_on_both_reporters() {
     ) {
         return;
     }
-    counted_exactly(true, false);
+    counted_exactly(Variant {
+        accelerate: true,
+        ..Variant::default()
+    });
 }
 
-fn counted_exactly(accelerate: bool, breaker: bool) {
+fn counted_exactly(v: Variant) {
     let mut env = Env::new();
-    let (client, d, ports) = world_with(&mut env, &[], accelerate, breaker);
+    let (client, d, ports) = world_with(&mut env, &[], v);
     // The tracepoint sees every TCP socket on the host: connections
     // between pods that are not enrolled go unreported (checked below:
     // nothing under other labels, and their events would come first).
@@ -148,7 +185,8 @@ fn counted_exactly(accelerate: bool, breaker: bool) {
     let conns = env.connect_opts(&outside, &outside_addr, 3, false);
     assert!(conns.iter().all(|c| c.ok), "{conns:?}");
     const N: usize = 6;
-    let lines = transfer(&env, &client, VIP, &["--sizes", "100,1000", "--conns", "6"]);
+    let vip = if v.v6 { VIP6 } else { VIP };
+    let lines = transfer(&env, &client, vip, &["--sizes", "100,1000", "--conns", "6"]);
     assert_eq!(lines.len(), N, "{lines:?}");
     assert!(lines.iter().all(|l| l["ok"] == true), "{lines:?}");
 
@@ -200,9 +238,15 @@ fn counted_exactly(accelerate: bool, breaker: bool) {
     assert_eq!(sum(&text, "istio_tcp_connections_failed_total", &[]), 0.0);
     // No per-connection labels: no pod address or port in any series.
     assert!(!text.contains(&client.v4.to_string()), "{text}");
+    assert!(!text.contains(&client.v6.to_string()), "{text}");
     assert_eq!(d.stat("telemetry_events_lost"), 0);
     // Bytes went the accelerated way (so past TCP's counters), or none.
-    assert_eq!(d.stat("accel_on") > 0, accelerate, "{}", d.dump()["stats"]);
+    assert_eq!(
+        d.stat("accel_on") > 0,
+        v.accelerate,
+        "{}",
+        d.dump()["stats"]
+    );
     dashboard_queries_only_exported_metrics(&text);
     // Every note went with its socket (only the breaker leaves them).
     assert_eq!(d.dump()["maps"]["km_conn_note"]["entries"], 0);
