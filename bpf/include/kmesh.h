@@ -441,7 +441,7 @@ struct tele_event {
 	struct kmesh_addr local;
 	struct kmesh_addr remote;
 	__u64 cookie;   /* the socket's (a client's connect event has it too) */
-	__u64 ts_ns;    /* bpf_ktime_get_ns() at the event */
+	__u64 ts_ns;    /* when, on CLOCK_MONOTONIC (ns; the socket's tcp_mstamp) */
 	__u64 sent;     /* bytes_acked less our FIN (a client's SYN is in it:
 			 * the reader takes it out), plus `redirected` */
 	__u64 received; /* bytes_received */

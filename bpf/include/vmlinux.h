@@ -205,15 +205,16 @@ struct sk_msg_md {
 struct sk_msg {
 	struct sock *sk_redir; /* set by bpf_msg_redirect_hash */
 } __attribute__((preserve_access_index));
+typedef struct {
+	__s64 counter;
+} atomic64_t;
 /* The netns cookie: made at the netns's creation since Linux 5.12 ... */
 struct net {
 	__u64 net_cookie;
 } __attribute__((preserve_access_index));
 /* ... and on first use before (an atomic64_t). */
 struct net___old {
-	struct {
-		__s64 counter;
-	} net_cookie;
+	atomic64_t net_cookie;
 } __attribute__((preserve_access_index));
 struct in6_addr {
 	union {
@@ -232,9 +233,7 @@ struct sock_common {
 	struct {
 		struct net *net;
 	} skc_net;
-	struct {
-		__s64 counter;
-	} skc_cookie;
+	atomic64_t skc_cookie;
 } __attribute__((preserve_access_index));
 struct sock___old {
 	unsigned long sk_flags;

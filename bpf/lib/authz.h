@@ -216,10 +216,7 @@ static __always_inline bool authz_connect(const struct manage_value *m, const st
 	if (v4) {
 		if (!m->src4)
 			return true;
-		src.ip6[0] = 0;
-		src.ip6[1] = 0;
-		src.ip6[2] = bpf_htonl(0x0000ffff);
-		src.ip6[3] = m->src4;
+		addr_set_v4(&src, m->src4);
 	} else {
 		src = m->src6;
 		if (!(src.ip6[0] | src.ip6[1] | src.ip6[2] | src.ip6[3]))

@@ -64,6 +64,15 @@ static __always_inline bool addr_is_v4(const struct kmesh_addr *a)
 	return a->ip6[0] == 0 && a->ip6[1] == 0 && a->ip6[2] == bpf_htonl(0x0000ffff);
 }
 
+/* a = ip (network order), IPv4-mapped. */
+static __always_inline void addr_set_v4(struct kmesh_addr *a, __be32 ip)
+{
+	a->ip6[0] = 0;
+	a->ip6[1] = 0;
+	a->ip6[2] = bpf_htonl(0x0000ffff);
+	a->ip6[3] = ip;
+}
+
 /* 127.0.0.0/8 (IPv4-mapped) or ::1. */
 static __always_inline bool addr_is_loopback(const struct kmesh_addr *a)
 {

@@ -127,10 +127,7 @@ static __always_inline enum verdict pick_backend(const struct service_value *svc
 			stat_inc(KMESH_STAT_FAMILY_MISMATCH);
 			return V_PASS;
 		}
-		addr->ip6[0] = 0;
-		addr->ip6[1] = 0;
-		addr->ip6[2] = bpf_htonl(0x0000ffff);
-		addr->ip6[3] = ev->addr.ip4;
+		addr_set_v4(addr, ev->addr.ip4);
 	} else {
 		if (!ev->addr.has_ip6) {
 			stat_inc(KMESH_STAT_FAMILY_MISMATCH);

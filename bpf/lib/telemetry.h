@@ -99,9 +99,9 @@ static __always_inline bool tele_reported(int old, int new)
 /*
  * How a connection that reached TCP_CLOSE from `old` ended, and which FINs
  * the counters hold (each takes one sequence number, as the SYN does):
- * LAST_ACK, FIN_WAIT2 (on to TIME_WAIT) and CLOSING mean both FINs went
- * and ours was acknowledged; CLOSE_WAIT, that the peer's came in before a
- * reset; ESTABLISHED and FIN_WAIT1, a reset or a timeout.
+ * from LAST_ACK, FIN_WAIT2 (on to TIME_WAIT) and CLOSING our FIN went and
+ * was acknowledged; from CLOSE_WAIT, ESTABLISHED and FIN_WAIT1 it ended in
+ * a reset or a timeout. Whether the peer's FIN came in, the socket says.
  */
 static __always_inline __u32 tele_close_reason(const struct sock *sk, int old, __u32 *fin_out,
 					       __u32 *fin_in)
@@ -111,22 +111,15 @@ static __always_inline __u32 tele_close_reason(const struct sock *sk, int old, _
 	*fin_in = 0;
 	if (old == BPF_TCP_SYN_SENT || old == BPF_TCP_SYN_RECV)
 		return KMESH_TELE_CONNECT_FAILED;
-	if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1) {
-		reason = KMESH_TELE_RESET;
-	} else if (old == BPF_TCP_CLOSE_WAIT) {
-		reason = KMESH_TELE_RESET;
-		*fin_in = 1;
-	} else {
+	if (old == BPF_TCP_ESTABLISHED || old == BPF_TCP_FIN_WAIT1 || old == BPF_TCP_CLOSE_WAIT)
+		reason = sk->sk_err == ETIMEDOUT ? KMESH_TELE_TIMEOUT : KMESH_TELE_RESET;
+	else
 		*fin_out = 1;
-		*fin_in = 1;
-	}
-	if (reason != KMESH_TELE_NORMAL && sk->sk_err == ETIMEDOUT)
-		reason = KMESH_TELE_TIMEOUT;
 	/*
-	 * The state says whether the peer's FIN came in only roughly:
-	 * FIN_WAIT2 also ends before it where the application closed first
-	 * (the rest of the wait goes on in a timewait socket, which gets the
-	 * FIN). SOCK_DONE is set exactly when it came in, and so is in
+	 * Not from the state, which says so only roughly: FIN_WAIT2 also
+	 * ends before the peer's FIN where the application closed first (the
+	 * rest of the wait goes on in a timewait socket, which gets the FIN).
+	 * SOCK_DONE is set exactly when it came in, and so is in
 	 * bytes_received (sk_shutdown is not: close() sets it whole).
 	 */
 	unsigned long flags;
@@ -171,14 +164,8 @@ static __always_inline void tele_state(struct sock *sk, int old, int new, const 
 		return;
 	}
 	if (family == AF_INET) {
-		e->local.ip6[0] = 0;
-		e->local.ip6[1] = 0;
-		e->local.ip6[2] = bpf_htonl(0x0000ffff);
-		e->local.ip6[3] = sk->__sk_common.skc_rcv_saddr;
-		e->remote.ip6[0] = 0;
-		e->remote.ip6[1] = 0;
-		e->remote.ip6[2] = bpf_htonl(0x0000ffff);
-		e->remote.ip6[3] = sk->__sk_common.skc_daddr;
+		addr_set_v4(&e->local, sk->__sk_common.skc_rcv_saddr);
+		addr_set_v4(&e->remote, sk->__sk_common.skc_daddr);
 	} else {
 		for (int i = 0; i < 4; i++) {
 			e->local.ip6[i] = sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32[i];
