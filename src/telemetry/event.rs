@@ -66,7 +66,7 @@ pub struct Connect {
 /// (reporter=destination); the kernel says which end a close is only where
 /// it never opened (`end_known`), the reader settles the others from the
 /// open (`Telemetry::settle`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnEvent {
     pub kind: Kind,
     pub passive: bool,

@@ -219,9 +219,8 @@ impl Telemetry {
     /// record, as where the open's event was lost, a socket with a cookie
     /// is taken as the client, since connect4 made it one), and a client's
     /// SYN out of its bytes acknowledged (the accepting end's counters
-    /// start past the handshake).
-    pub fn settle(e: &ConnEvent, open: &OpenConns) -> ConnEvent {
-        let mut e = e.clone();
+    /// start past the handshake). Nothing to do for an open.
+    pub fn settle(e: &mut ConnEvent, open: &OpenConns) {
         if !e.end_known {
             e.passive = !open.contains_key(&(e.local, e.remote, false))
                 && (open.contains_key(&(e.remote, e.local, true)) || e.cookie == 0);
@@ -231,18 +230,13 @@ impl Telemetry {
         if opened && !e.passive && e.sent > e.redirected {
             e.sent -= 1;
         }
-        e
     }
 
     /// One open or close: metrics, and the access log line of a close.
     pub fn handle(&self, e: &ConnEvent, st: &mut ReaderState) {
-        let settled;
-        let e = if e.kind == Kind::Open || (e.end_known && e.passive) {
-            e
-        } else {
-            settled = Self::settle(e, &st.open);
-            &settled
-        };
+        let mut e = *e;
+        Self::settle(&mut e, &st.open);
+        let e = &e;
         let ReaderState {
             connecting,
             open,
@@ -453,6 +447,11 @@ mod tests {
         }
     }
 
+    fn settled(mut e: ConnEvent, open: &OpenConns) -> ConnEvent {
+        Telemetry::settle(&mut e, open);
+        e
+    }
+
     /// A close's end comes from the open's record (by either end's view of
     /// the addresses), else from the cookie connect4 gave a client; a
     /// client's SYN leaves its bytes acknowledged.
@@ -462,27 +461,27 @@ mod tests {
         let mut open = OpenConns::default();
         let key = |a: &str, b: &str, p| (a.parse().unwrap(), b.parse().unwrap(), p);
         open.insert(key(c, s, false), (None, Duration::ZERO));
-        let e = Telemetry::settle(&close(c, s, 0, Reason::Normal), &open);
+        let e = settled(close(c, s, 0, Reason::Normal), &open);
         assert!(!e.passive && e.end_known);
         assert_eq!((e.sent, e.received), (100, 50));
 
         let mut open = OpenConns::default();
         open.insert(key(c, s, true), (None, Duration::ZERO));
-        let e = Telemetry::settle(&close(s, c, 7, Reason::Reset), &open);
+        let e = settled(close(s, c, 7, Reason::Reset), &open);
         assert!(e.passive && e.end_known);
         assert_eq!((e.sent, e.received), (101, 50));
 
         let none = OpenConns::default();
-        assert!(Telemetry::settle(&close(s, c, 0, Reason::Normal), &none).passive);
-        assert!(!Telemetry::settle(&close(c, s, 9, Reason::Normal), &none).passive);
+        assert!(settled(close(s, c, 0, Reason::Normal), &none).passive);
+        assert!(!settled(close(c, s, 9, Reason::Normal), &none).passive);
 
         // A failed connect said which end it was, and acknowledged nothing.
         let mut failed = close(c, s, 9, Reason::ConnectFailed);
         (failed.end_known, failed.sent, failed.received) = (true, 0, 0);
-        assert_eq!(Telemetry::settle(&failed, &none), failed);
+        assert_eq!(settled(failed, &none), failed);
         // Accelerated bytes are not TCP's: nothing to take out of them.
         let mut accel = close(c, s, 9, Reason::Normal);
         (accel.sent, accel.redirected) = (40, 40);
-        assert_eq!(Telemetry::settle(&accel, &none).sent, 40);
+        assert_eq!(settled(accel, &none).sent, 40);
     }
 }
